@@ -1,0 +1,250 @@
+"""Configuration: ``imagen.yaml`` plus ``IMAGEN_*`` environment overrides.
+
+Precedence, highest first: explicit overrides (CLI flags) > environment > file > defaults.
+The file is ``--config PATH``, else ``$IMAGEN_CONFIG``, else ``~/.config/imagen.yaml``; a
+missing file means defaults. Secrets never live in the file: a block names the environment
+variable that holds them (``api_key_env: REPLICATE_API_TOKEN``) and inline secret-looking keys
+are refused, so a config file can be committed or shown without leaking anything.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from imagen_worker.errors import ConfigError
+
+DEFAULT_PATH = Path("~/.config/imagen.yaml")
+CloudSync = Literal["auto", "on", "off"]
+
+_SECRET_KEY = re.compile(
+    r"^(api[_-]?key|apikey|token|access[_-]?token|auth[_-]?token|password|passwd|secret|"
+    r"client[_-]?secret|service[_-]?key|private[_-]?key|key)$",
+    re.IGNORECASE,
+)
+
+
+def data_dir() -> Path:
+    """Per-user data directory (embedded database, default images)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "imagen"
+
+
+class _Block(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OutputConfig(_Block):
+    directory: Path = Field(default_factory=lambda: data_dir() / "images")
+    naming: str = "{date}-{slug}-{seed}.{ext}"
+    write_metadata_json: bool = True
+    cloud_sync: CloudSync = "auto"
+
+    @field_validator("directory")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("naming")
+    @classmethod
+    def _known_placeholders(cls, value: str) -> str:
+        from imagen_worker.output import check_naming
+
+        check_naming(value)
+        return value
+
+
+class WorkerConfig(_Block):
+    concurrency: int = Field(default=4, ge=1, le=256)
+    poll_interval: float = Field(default=5.0, gt=0, le=3600)
+    lease_seconds: float = Field(default=30.0, ge=3, le=3600)
+    max_attempts: int = Field(default=3, ge=1, le=50)
+    shutdown_grace: float = Field(default=60.0, ge=0, le=86400)
+    backends: list[str] | None = None
+    retry_base_seconds: float = Field(default=2.0, gt=0)
+    retry_max_seconds: float = Field(default=300.0, gt=0)
+
+
+class DatabaseConfig(_Block):
+    url: str | None = None
+
+
+class MetricsConfig(_Block):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=9464, ge=0, le=65535)
+
+
+_file_data: ContextVar[dict[str, Any]] = ContextVar("imagen_config_file_data")
+
+
+class _FileSource(InitSettingsSource):
+    """The YAML file's contents, ranked below the environment."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls, init_kwargs=_file_data.get({}))
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="IMAGEN_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        nested_model_default_partial_update=True,
+    )
+
+    default_backend: str | None = None
+    owner_user_id: str | None = None
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    backends: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    storage: dict[str, Any] = Field(default_factory=lambda: {"type": "supabase"})
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    source_path: Path | None = Field(default=None, exclude=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _FileSource(settings_cls))
+
+    @field_validator("owner_user_id")
+    @classmethod
+    def _uuid(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        from uuid import UUID
+
+        try:
+            return str(UUID(value))
+        except ValueError:
+            raise ValueError(f"not a UUID: {value!r}") from None
+
+    @field_validator("backends")
+    @classmethod
+    def _typed_blocks(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, block in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+                raise ValueError(f"backend name {name!r}: use letters, digits, '_', '-', '.'")
+            if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+                raise ValueError(f'backend "{name}": missing "type"')
+        return value
+
+    # --- derived values -------------------------------------------------------------
+
+    def backend_blocks(self) -> dict[str, dict[str, Any]]:
+        """Configured backends, or a mock backend so a fresh install works out of the box."""
+        return self.backends or {"mock": {"type": "mock"}}
+
+    def default_backend_name(self) -> str:
+        blocks = self.backend_blocks()
+        if self.default_backend:
+            return self.default_backend
+        return next(iter(blocks))
+
+    def served_backends(self) -> list[str]:
+        return self.worker.backends or list(self.backend_blocks())
+
+    def database_url(self) -> str | None:
+        """``IMAGEN_DATABASE_URL`` > ``database.url`` > ``DATABASE_URL``; None means embedded."""
+        return self.database.url or os.environ.get("DATABASE_URL") or None
+
+
+def resolve_path(path: str | Path | None) -> Path:
+    if path:
+        return Path(path).expanduser()
+    env = os.environ.get("IMAGEN_CONFIG")
+    return Path(env).expanduser() if env else DEFAULT_PATH.expanduser()
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return data
+
+
+def inline_secrets(data: Any, path: str = "") -> Iterator[str]:
+    """Key paths in ``data`` that hold a secret-looking literal instead of an env-var name."""
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            here = f"{path}.{key}" if path else str(key)
+            if isinstance(value, str) and value and _SECRET_KEY.match(str(key)):
+                yield here
+            else:
+                yield from inline_secrets(value, here)
+    elif isinstance(data, list):
+        for index, item in enumerate(data):
+            yield from inline_secrets(item, f"{path}[{index}]")
+
+
+def _secret_problems(data: dict[str, Any]) -> list[str]:
+    return [
+        f"{key}: secrets must not be written in the config file; "
+        f"use {key.rsplit('.', 1)[-1]}_env: NAME_OF_ENV_VAR and export the secret there"
+        for key in inline_secrets(data)
+    ]
+
+
+def _format_validation(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{loc}: {msg}")
+    return problems
+
+
+def collect_problems(path: str | Path | None = None, **overrides: Any) -> tuple[Config | None, list[str]]:
+    """Load the config and return every problem found, instead of stopping at the first."""
+    file = resolve_path(path)
+    try:
+        data = _read_yaml(file)
+    except ConfigError as exc:
+        return None, [str(exc)]
+    problems = _secret_problems(data)
+    token = _file_data.set(data)
+    try:
+        config = Config(**overrides)
+    except ValidationError as exc:
+        return None, problems + _format_validation(exc)
+    finally:
+        _file_data.reset(token)
+    config.source_path = file if file.exists() else None
+    if (url := os.environ.get("IMAGEN_DATABASE_URL")) and not overrides.get("database"):
+        config.database.url = url
+    return (None if problems else config), problems
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
+    config, problems = collect_problems(path, **overrides)
+    if problems or config is None:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    return config

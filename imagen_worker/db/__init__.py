@@ -1,0 +1,1 @@
+"""Database access: connection settings, the embedded default server, migrations."""

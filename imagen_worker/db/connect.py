@@ -1,0 +1,53 @@
+"""Connections: a configured DSN, or an embedded PostgreSQL so a fresh install just works.
+
+With no database configured, ``imagen-worker run`` and ``imagen`` share one embedded server
+(pgserver) in the user data directory; the first caller starts it, later ones reuse it, and
+it keeps running after they exit so a worker and a CLI in another terminal see the same queue.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from imagen_worker.config import Config, data_dir
+from imagen_worker.errors import ConfigError
+
+
+def embedded_dsn(directory: Path | None = None) -> str:
+    """Start (or reuse) the embedded server and return its DSN."""
+    try:
+        import pgserver
+    except ImportError:
+        raise ConfigError(
+            "no database configured and the embedded server is not installed: set "
+            "IMAGEN_DATABASE_URL, or install the extra: pip install 'imagen-worker[embedded]'"
+        ) from None
+    path = directory or data_dir() / "pgdata"
+    path.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(path, cleanup_mode=None)
+    return str(server.get_uri())
+
+
+def resolve_dsn(config: Config) -> str:
+    return config.database_url() or embedded_dsn()
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for kind in ("json", "jsonb"):
+        await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
+    conn: asyncpg.Connection = await asyncpg.connect(dsn, **kwargs)
+    await _init_connection(conn)
+    return conn
+
+
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection)
+    assert pool is not None
+    return pool

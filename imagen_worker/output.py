@@ -1,0 +1,142 @@
+"""Local output: file names from ``output.naming``, the image file and its JSON sidecar.
+
+The name is built from placeholders only, and every placeholder value is reduced to safe
+characters, so nothing a prompt contains can leave the output directory. The same date is
+used for the local file and the storage path, so the two never drift apart across midnight
+or time zones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import string
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from imagen_worker.errors import ConfigError
+
+PLACEHOLDERS = frozenset({"date", "time", "slug", "seed", "backend", "ext", "id"})
+_EXTENSIONS = {
+    "image/png": "png",
+    "image/jpeg": "jpg",
+    "image/webp": "webp",
+    "image/gif": "gif",
+    "video/mp4": "mp4",
+    "video/webm": "webm",
+}
+
+
+def check_naming(template: str) -> None:
+    """Refuse templates that use unknown placeholders or could leave the directory."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise ValueError(f"output.naming {template!r}: {exc}") from None
+    unknown = fields - PLACEHOLDERS
+    if unknown:
+        raise ValueError(
+            f"output.naming: unknown placeholder(s) {sorted(unknown)}; use {sorted(PLACEHOLDERS)}"
+        )
+    if "{ext}" not in template:
+        raise ValueError("output.naming must end with the {ext} placeholder")
+    if template.startswith("/") or ".." in template.split("/") or "\\" in template:
+        raise ValueError("output.naming must be a relative path inside output.directory")
+
+
+def slugify(text: str, limit: int = 40) -> str:
+    """Lowercase ASCII letters, digits and single dashes; never empty."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    slug = slug[:limit].rstrip("-")
+    return slug or "image"
+
+
+def extension_for(mime_type: str) -> str:
+    return _EXTENSIONS.get(mime_type.split(";")[0].strip().lower(), "bin")
+
+
+@dataclass(frozen=True)
+class Naming:
+    """Where one job's files go, locally and in storage."""
+
+    relative: Path
+    storage_key: str
+
+
+def plan_names(
+    template: str,
+    *,
+    prompt: str,
+    seed: int,
+    backend: str,
+    mime_type: str,
+    job_id: UUID,
+    when: datetime,
+) -> Naming:
+    ext = extension_for(mime_type)
+    slug = slugify(prompt)
+    date = when.strftime("%Y-%m-%d")
+    values = {
+        "date": date,
+        "time": when.strftime("%H%M%S"),
+        "slug": slug,
+        "seed": str(seed),
+        "backend": slugify(backend, 64),
+        "ext": ext,
+        "id": job_id.hex[:8],
+    }
+    relative = Path(template.format(**values))
+    if relative.is_absolute() or ".." in relative.parts:
+        raise ConfigError(f"output.naming produced an unsafe path: {relative}")
+    # Storage keys use only [a-z0-9._-] segments; the job-unique suffix keeps two jobs with
+    # the same slug and seed from overwriting each other's object.
+    storage_key = f"{date}/{slug}-{seed}-{job_id.hex[:8]}.{ext}"
+    return Naming(relative=relative, storage_key=storage_key)
+
+
+def sidecar_path(image_path: Path) -> Path:
+    return image_path.with_suffix(image_path.suffix + ".json")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def claim_path(directory: Path, relative: Path, job_id: UUID) -> Path:
+    """The final local path; a file of another job at that name gets a job suffix instead."""
+    path = directory / relative
+    side = sidecar_path(path)
+    if path.exists() and side.exists():
+        try:
+            owner = json.loads(side.read_text(encoding="utf-8")).get("job_id")
+        except (OSError, ValueError):
+            owner = None
+        if owner != str(job_id):
+            path = path.with_name(f"{path.stem}-{job_id.hex[:8]}{path.suffix}")
+    elif path.exists():
+        path = path.with_name(f"{path.stem}-{job_id.hex[:8]}{path.suffix}")
+    return path
+
+
+def write_image(path: Path, data: bytes) -> None:
+    _atomic_write(path, data)
+
+
+def write_sidecar(image_path: Path, sidecar: Mapping[str, Any]) -> Path:
+    target = sidecar_path(image_path)
+    body = json.dumps(sidecar, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+    _atomic_write(target, body.encode("utf-8") + b"\n")
+    return target

@@ -1,0 +1,47 @@
+"""The storage sink contract: where a finished image goes after it is written locally.
+
+The pipeline always writes the image to the local output directory first; a sink then
+copies that file somewhere durable. ``put`` must be an idempotent upsert on ``key`` so a
+retried job overwrites its own object instead of creating a second one.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    location: str
+
+
+class StorageSink(abc.ABC):
+    type_name: ClassVar[str]
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, block: Mapping[str, Any], *, output_directory: Path) -> Self:
+        """Validate the sink's own block; raise ``ConfigError('storage: reason')``."""
+
+    @property
+    def is_cloud(self) -> bool:
+        return False
+
+    @abc.abstractmethod
+    async def put(self, key: str, source: Path, mime_type: str) -> StoredObject:
+        """Upload ``source`` under ``key`` (streamed, upsert); raise ``RetryableError`` on blips."""
+
+    async def sign(self, key: str, ttl_seconds: int) -> str:
+        """A URL that lets someone without credentials read ``key`` for ``ttl_seconds``."""
+        raise NotImplementedError(f"storage type {self.type_name!r} cannot sign URLs")
+
+    async def check(self) -> None:
+        """Raise ``ConfigError`` when credentials or the bucket do not work."""
+
+    async def aclose(self) -> None:
+        """Release connections."""
