@@ -20,6 +20,11 @@ ConfigOption = Annotated[
 ]
 
 
+@app.callback()
+def _root() -> None:
+    """imagen-worker: the queue daemon and its admin commands."""
+
+
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"imagen-worker: {message}", err=True)
     return typer.Exit(1)
