@@ -217,7 +217,8 @@ def _format_validation(exc: ValidationError) -> list[str]:
     problems = []
     for err in exc.errors():
         loc = ".".join(str(part) for part in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
+        # Validators that already name their key ("output.naming: ...") are not prefixed twice.
+        msg = err["msg"].removeprefix("Value error, ").removeprefix(f"{loc}: ")
         problems.append(f"{loc}: {msg}")
     return problems
 

@@ -58,7 +58,10 @@ CREATE TABLE imagen.jobs (
     updated_at       timestamptz NOT NULL DEFAULT now(),
 
     CONSTRAINT jobs_status_valid CHECK (status IN ('pending', 'running', 'done', 'failed', 'cancelled')),
-    CONSTRAINT jobs_prompt_not_blank CHECK (btrim(prompt) <> ''),
+    -- Not btrim(prompt) <> '': btrim strips spaces only, so a prompt of tabs, newlines or
+    -- no-break spaces would pass. \s plus the Unicode spaces, independent of the locale.
+    CONSTRAINT jobs_prompt_not_blank CHECK (
+        prompt ~ '[^\s\u00a0\u1680\u2000-\u200b\u2028\u2029\u202f\u205f\u3000\ufeff]'),
     CONSTRAINT jobs_prompt_length CHECK (char_length(prompt) <= 8000),
     CONSTRAINT jobs_negative_prompt_length CHECK (char_length(negative_prompt) <= 8000),
     CONSTRAINT jobs_width_valid CHECK (width BETWEEN 64 AND 4096 AND width % 8 = 0),
@@ -83,6 +86,8 @@ ALTER TABLE imagen.images
 
 -- The claim: runnable pending rows in priority order, then age.
 CREATE INDEX jobs_claim_pending ON imagen.jobs (priority DESC, run_at, id) WHERE status = 'pending';
+-- The safety poll: when does the next delayed job become runnable?
+CREATE INDEX jobs_pending_run_at ON imagen.jobs (run_at) WHERE status = 'pending';
 -- Lease recovery: the claim re-takes running rows whose lease expired.
 CREATE INDEX jobs_claim_expired ON imagen.jobs (lease_expires_at) WHERE status = 'running';
 -- Heartbeats and graceful release: one worker's running rows.
@@ -122,7 +127,9 @@ CREATE TRIGGER jobs_notify_inserted
     EXECUTE FUNCTION imagen.notify_job_inserted();
 
 -- Job events for watchers (imagen submit --wait, the web UI): id and status only; clients
--- re-read the row.
+-- re-read the row. Deliberately not `UPDATE OF status, progress`: a column list fires only
+-- for columns named in the UPDATE's SET list, and the cancel trigger below changes status
+-- from a BEFORE trigger while the SET list names only cancel_requested.
 CREATE FUNCTION imagen.notify_job_event() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -132,7 +139,7 @@ BEGIN
 END $$;
 
 CREATE TRIGGER jobs_notify_event
-    AFTER UPDATE OF status, progress ON imagen.jobs
+    AFTER UPDATE ON imagen.jobs
     FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status OR OLD.progress IS DISTINCT FROM NEW.progress)
     EXECUTE FUNCTION imagen.notify_job_event();
 

@@ -20,15 +20,15 @@ BEGIN
     END LOOP;
 END $$;
 
--- The caller's user id, read exactly as Supabase's auth.uid() reads it.
+-- The caller's user id, read exactly as Supabase's auth.uid() reads it. Each setting is
+-- nullif(..., '')'d on its own: once a connection has set a claim with set_config(..., true),
+-- the setting reads '' (not NULL) in later transactions, and a stale empty legacy claim must
+-- neither hide the current request.jwt.claims nor feed '' to the jsonb cast.
 CREATE FUNCTION imagen.uid() RETURNS uuid
 LANGUAGE sql STABLE AS $$
-    SELECT nullif(
-        coalesce(
-            current_setting('request.jwt.claim.sub', true),
-            current_setting('request.jwt.claims', true)::jsonb ->> 'sub'
-        ),
-        ''
+    SELECT coalesce(
+        nullif(current_setting('request.jwt.claim.sub', true), ''),
+        nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub'
     )::uuid
 $$;
 

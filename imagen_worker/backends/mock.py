@@ -1,0 +1,103 @@
+"""The ``mock`` backend: a real PNG that depends only on prompt, seed and size.
+
+It makes the whole product runnable without a GPU (``make demo``, tests, benchmarks) and can
+simulate latency and failures. Like any adapter it rejects parameters it does not know.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import struct
+import zlib
+from collections.abc import Mapping
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from imagen_worker.backends.base import Backend, GenerateRequest, GenerateResult, JobContext, Output
+from imagen_worker.errors import ConfigError, RetryableError, TerminalError
+
+_KNOWN_PARAMS = {"mock_fail"}
+
+
+class MockConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = "mock"
+    latency_ms: float = Field(default=0.0, ge=0)
+    fail_rate: float = Field(default=0.0, ge=0, le=1)
+    capacity: int = Field(default=4, ge=1, le=1024)
+
+
+def render_png(prompt: str, seed: int, width: int, height: int) -> bytes:
+    """A deterministic gradient PNG; identical inputs give identical bytes."""
+    digest = hashlib.sha256(f"{prompt}\0{seed}\0{width}x{height}".encode()).digest()
+    r0, g0, b0, dr, dg, db = digest[:6]
+    rows = []
+    for y in range(height):
+        shade = y * 255 // max(height - 1, 1)
+        pixel = bytes(((r0 + shade * dr // 255) % 256, (g0 + shade * dg // 255) % 256, (b0 + shade) % 256))
+        rows.append(b"\x00" + pixel * width)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"".join(rows), 1))
+        + chunk(b"IEND", b"")
+    )
+
+
+class MockBackend(Backend):
+    type_name = "mock"
+
+    def __init__(self, name: str, config: MockConfig) -> None:
+        super().__init__(name)
+        self.config = config
+        self._random = random.Random()
+
+    @classmethod
+    def from_config(cls, name: str, block: Mapping[str, Any]) -> Self:
+        try:
+            return cls(name, MockConfig.model_validate(dict(block)))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            )
+            raise ConfigError(f'backend "{name}": {problems}') from None
+
+    @property
+    def capacity(self) -> int:
+        return self.config.capacity
+
+    async def generate(self, request: GenerateRequest, ctx: JobContext) -> GenerateResult:
+        unknown = sorted(set(request.params) - _KNOWN_PARAMS)
+        if unknown:
+            raise TerminalError(
+                f'backend "{self.name}" does not accept parameter(s) {", ".join(unknown)} '
+                f"(accepted: {', '.join(sorted(_KNOWN_PARAMS))})",
+                detail={"unknown_params": unknown},
+            )
+        steps = request.steps or 4
+        for step in range(1, steps + 1):
+            if self.config.latency_ms:
+                await asyncio.sleep(self.config.latency_ms / 1000 / steps)
+            ctx.report_progress(step, steps)
+        forced = request.params.get("mock_fail")
+        if forced == "terminal":
+            raise TerminalError(f'backend "{self.name}": simulated bad request (mock_fail=terminal)')
+        if forced == "retryable" or self._random.random() < self.config.fail_rate:
+            raise RetryableError(f'backend "{self.name}": simulated outage, try again later')
+        data = await asyncio.to_thread(
+            render_png, request.prompt, request.seed, request.width, request.height
+        )
+        return GenerateResult(
+            image=Output(data=data, mime_type="image/png", name="mock.png"),
+            metadata={"renderer": "mock-gradient"},
+            model="mock-gradient-v1",
+        )

@@ -1,0 +1,193 @@
+"""The one generate path, shared by the worker and ``imagen generate``.
+
+resolve backend -> style -> ``backend.generate`` -> image + sidecar on local disk -> storage
+sink. The local files are written before any upload and never deleted on failure. A small
+per-job journal in the output directory remembers them, so a retry after an upload failure
+uploads the same file to the same key instead of generating a new image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from imagen_worker import output, styles
+from imagen_worker.backends.base import Backend, GenerateRequest, JobContext
+from imagen_worker.config import OutputConfig
+from imagen_worker.errors import JobError, TerminalError
+from imagen_worker.queue.jobs import JobSpec
+from imagen_worker.storage.base import StorageSink
+
+_MAX_SEED = 2**32 - 1
+
+
+def derived_seed(job_id: UUID) -> int:
+    """A job without a seed gets one derived from its id: random per job, stable across retries."""
+    return int.from_bytes(hashlib.sha256(job_id.bytes).digest()[:4], "big") & _MAX_SEED
+
+
+@dataclass
+class Artifact:
+    """What the pipeline produced for one job."""
+
+    image_path: Path
+    sidecar_path: Path | None
+    storage_key: str
+    mime_type: str
+    bytes: int
+    sha256: str
+    seed: int
+    backend: str
+    model: str | None
+    latency_ms: int
+    sidecar: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    upload_error: JobError | None = None
+    reused: bool = False
+
+
+def _journal_path(directory: Path, job_id: UUID) -> Path:
+    return directory / ".imagen-journal" / f"{job_id}.json"
+
+
+def _read_journal(directory: Path, job_id: UUID) -> Artifact | None:
+    path = _journal_path(directory, job_id)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        artifact = Artifact(
+            **{**raw, "image_path": Path(raw["image_path"]), "sidecar_path": raw["sidecar_path"] and Path(raw["sidecar_path"])}
+        )
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if not artifact.image_path.exists():
+        return None
+    if hashlib.sha256(artifact.image_path.read_bytes()).hexdigest() != artifact.sha256:
+        return None
+    artifact.reused = True
+    return artifact
+
+
+def _write_journal(directory: Path, job_id: UUID, artifact: Artifact) -> None:
+    raw = asdict(artifact)
+    raw.pop("upload_error")
+    raw["image_path"] = str(artifact.image_path)
+    raw["sidecar_path"] = str(artifact.sidecar_path) if artifact.sidecar_path else None
+    output.write_image(_journal_path(directory, job_id), json.dumps(raw, default=str).encode())
+
+
+def forget(directory: Path, job_id: UUID) -> None:
+    """Drop the journal once the job's result is recorded durably."""
+    _journal_path(directory, job_id).unlink(missing_ok=True)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        backends: Mapping[str, Backend],
+        default_backend: str,
+        sink: StorageSink,
+        output_config: OutputConfig,
+    ) -> None:
+        self.backends = backends
+        self.default_backend = default_backend
+        self.sink = sink
+        self.output = output_config
+
+    def resolve(self, name: str | None) -> Backend:
+        backend = self.backends.get(name or self.default_backend)
+        if backend is None:
+            served = ", ".join(sorted(self.backends)) or "none"
+            raise TerminalError(
+                f"unknown backend {name!r}: no worker serves it (this worker serves: {served})",
+                detail={"backend": name},
+            )
+        return backend
+
+    async def run(
+        self, job_id: UUID, spec: JobSpec, ctx: JobContext, *, strict_upload: bool = True
+    ) -> Artifact:
+        """Generate (or reuse a journaled result), write locally, then store.
+
+        With ``strict_upload`` an upload failure raises (the worker retries the job); without
+        it the error is returned on the artifact (the CLI reports it and exits 0).
+        """
+        directory = self.output.directory
+        artifact = _read_journal(directory, job_id)
+        if artifact is None:
+            artifact = await self._generate(job_id, spec, ctx)
+            _write_journal(directory, job_id, artifact)
+        started = time.perf_counter()
+        try:
+            await self.sink.put(artifact.storage_key, artifact.image_path, artifact.mime_type)
+        except JobError as exc:
+            if strict_upload:
+                raise
+            artifact.upload_error = exc
+        artifact.timings["upload"] = time.perf_counter() - started
+        return artifact
+
+    async def _generate(self, job_id: UUID, spec: JobSpec, ctx: JobContext) -> Artifact:
+        backend = self.resolve(spec.backend)
+        prompt, negative = styles.apply(spec.style, spec.prompt, spec.negative_prompt)
+        seed = spec.seed if spec.seed is not None else derived_seed(job_id)
+        request = GenerateRequest(
+            job_id=job_id, prompt=prompt, negative_prompt=negative, width=spec.width,
+            height=spec.height, steps=spec.steps, seed=seed, params=dict(spec.params), style=spec.style,
+        )  # fmt: skip
+        started = time.perf_counter()
+        result = await backend.generate(request, ctx)
+        generated = time.perf_counter()
+
+        when = datetime.now().astimezone()
+        names = output.plan_names(
+            self.output.naming, prompt=spec.prompt, seed=seed, backend=backend.name,
+            mime_type=result.image.mime_type, job_id=job_id, when=when,
+        )  # fmt: skip
+        image_path = output.claim_path(self.output.directory, names.relative, job_id)
+        data = result.image.data
+        output.write_image(image_path, data)
+        extra_paths = []
+        for index, extra in enumerate(result.extra_outputs, start=1):
+            ext = output.extension_for(extra.mime_type)
+            extra_path = image_path.with_name(f"{image_path.stem}-{index}.{ext}")
+            output.write_image(extra_path, extra.data)
+            extra_paths.append(extra_path.name)
+        sha256 = hashlib.sha256(data).hexdigest()
+        latency_ms = int((generated - started) * 1000)
+        sidecar: dict[str, Any] = {
+            "job_id": str(job_id),
+            "prompt": spec.prompt,
+            "styled_prompt": prompt,
+            "negative_prompt": negative,
+            "style": spec.style,
+            "backend": backend.name,
+            "backend_type": backend.type_name,
+            "model": result.model,
+            "seed": seed,
+            "steps": spec.steps,
+            "width": spec.width,
+            "height": spec.height,
+            "params": dict(spec.params),
+            "mime_type": result.image.mime_type,
+            "bytes": len(data),
+            "sha256": sha256,
+            "storage_path": names.storage_key,
+            "created_at": when.isoformat(),
+            "latency_ms": latency_ms,
+            "extra_outputs": extra_paths,
+            "backend_metadata": result.metadata,
+        }
+        sidecar_path = output.write_sidecar(image_path, sidecar) if self.output.write_metadata_json else None
+        return Artifact(
+            image_path=image_path, sidecar_path=sidecar_path, storage_key=names.storage_key,
+            mime_type=result.image.mime_type, bytes=len(data), sha256=sha256, seed=seed,
+            backend=backend.name, model=result.model, latency_ms=latency_ms, sidecar=sidecar,
+            timings={"generate": generated - started, "write": time.perf_counter() - generated},
+        )  # fmt: skip

@@ -1,0 +1,258 @@
+"""The job state machine, and nothing else.
+
+    pending --claim--> running --complete--> done
+                         |  \\--fail--------> failed
+                         |   \\--retry-------> pending (run_at = now + backoff)
+                         |    \\--cancel-----> cancelled
+                         \\--release / lease expiry--> pending
+    pending --cancel requested--> cancelled      failed|cancelled --retry (operator)--> pending
+
+Every transition out of ``running`` is fenced on (id, worker_id, attempts, status): when it
+matches no row, another worker owns the job now, ``LeaseLost`` is raised and nothing is
+written. The statements live in ``queries.sql``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from imagen_worker.errors import JobError, LeaseLost
+from imagen_worker.queue.queries import sql
+
+Executor = asyncpg.Pool | asyncpg.Connection
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a client asks for; every field maps to a column the web UI may also write."""
+
+    owner_user_id: UUID
+    prompt: str
+    negative_prompt: str | None = None
+    backend: str | None = None
+    style: str | None = None
+    width: int = 1024
+    height: int = 1024
+    steps: int | None = None
+    seed: int | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    priority: int = 0
+    run_at: datetime | None = None
+    max_attempts: int = 3
+    dedupe_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    """A claimed row. ``attempts`` is the fence value for every later transition."""
+
+    id: UUID
+    owner_user_id: UUID
+    prompt: str
+    negative_prompt: str | None
+    backend: str | None
+    style: str | None
+    width: int
+    height: int
+    steps: int | None
+    seed: int | None
+    params: Mapping[str, Any]
+    attempts: int
+    max_attempts: int
+    backend_ref: str | None
+    cancel_requested: bool
+    created_at: datetime
+    waited_seconds: float
+
+    @classmethod
+    def from_record(cls, row: Mapping[str, Any]) -> Job:
+        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """The ``imagen.images`` row written together with the job's completion."""
+
+    storage_path: str
+    mime_type: str
+    bytes: int
+    sha256: str
+    backend: str
+    seed: int
+    latency_ms: int
+    sidecar: Mapping[str, Any]
+    model: str | None = None
+    cost_usd_estimate: float | None = None
+
+
+def prompt_hash(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
+def backoff_seconds(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with full-range jitter in [d/2, d], capped (pg-boss's formula)."""
+    delay = min(cap, base * 2 ** max(attempt - 1, 0))
+    return delay * random.uniform(0.5, 1.0)
+
+
+class Queue:
+    """The queue as seen by one worker process (``worker_id``) or by a client (no id)."""
+
+    def __init__(self, db: Executor, worker_id: UUID | None = None) -> None:
+        self.db = db
+        self.worker_id = worker_id
+
+    # --- clients -------------------------------------------------------------------
+
+    async def enqueue(self, spec: JobSpec) -> tuple[UUID, bool]:
+        """Insert a job; with a live duplicate ``dedupe_key`` return that job instead."""
+        args = (
+            spec.owner_user_id, spec.prompt, spec.negative_prompt, spec.backend, spec.style,
+            spec.width, spec.height, spec.steps, spec.seed, dict(spec.params), spec.priority,
+            spec.run_at, spec.max_attempts, spec.dedupe_key,
+        )  # fmt: skip
+        for _ in range(3):
+            new_id = await self.db.fetchval(sql("enqueue"), *args)
+            if new_id is not None:
+                return new_id, True
+            existing = await self.db.fetchval(sql("find_live_dedupe"), spec.dedupe_key)
+            if existing is not None:
+                return existing, False
+        raise RuntimeError(f"dedupe_key {spec.dedupe_key!r} kept changing state; try again")
+
+    async def request_cancel(self, job_id: UUID) -> str | None:
+        """Cancel: pending jobs end at once, running ones are told to stop. None = not live."""
+        status: str | None = await self.db.fetchval(sql("request_cancel"), job_id)
+        return status
+
+    async def retry(self, job_id: UUID) -> bool:
+        """Put a failed or cancelled job back in the queue with a fresh set of attempts."""
+        return await self.db.fetchrow(sql("retry_job"), job_id) is not None
+
+    async def get(self, job_id: UUID) -> asyncpg.Record | None:
+        return await self.db.fetchrow(sql("get_job"), job_id)
+
+    async def list(self, status: str | None = None, limit: int = 20) -> list[asyncpg.Record]:
+        return list(await self.db.fetch(sql("list_jobs"), status, limit))
+
+    async def depth(self) -> dict[str, int]:
+        return {row["status"]: row["jobs"] for row in await self.db.fetch(sql("queue_depth"))}
+
+    async def seconds_until_next_run(self) -> float | None:
+        value: float | None = await self.db.fetchval(sql("next_run_at"))
+        return value
+
+    # --- workers ---------------------------------------------------------------------
+
+    @property
+    def _me(self) -> UUID:
+        if self.worker_id is None:
+            raise RuntimeError("this Queue has no worker id")
+        return self.worker_id
+
+    async def register(self, hostname: str, pid: int, backends: Sequence[str], ttl: float) -> None:
+        await self.db.execute(sql("register_worker"), self._me, hostname, pid, list(backends), ttl)
+
+    async def unregister(self) -> None:
+        await self.db.execute(sql("unregister_worker"), self._me)
+
+    async def claim(
+        self, backend: str, *, is_default: bool, orphans: bool, limit: int, lease_seconds: float
+    ) -> list[Job]:
+        if limit <= 0:
+            return []
+        rows = await self.db.fetch(
+            sql("claim"), self._me, backend, is_default, orphans, limit, float(lease_seconds)
+        )
+        return [Job.from_record(row) for row in rows]
+
+    async def heartbeat(self, job_ids: Sequence[UUID], lease_seconds: float) -> dict[UUID, bool]:
+        """Renew all leases in one statement; returns renewed id -> cancel_requested."""
+        if not job_ids:
+            return {}
+        rows = await self.db.fetch(sql("heartbeat"), self._me, float(lease_seconds), list(job_ids))
+        return {row["id"]: row["cancel_requested"] for row in rows}
+
+    async def requeue_expired(self) -> int:
+        count: int = await self.db.fetchval(sql("requeue_expired"))
+        return count
+
+    async def release(self, job_ids: Sequence[UUID]) -> int:
+        if not job_ids:
+            return 0
+        row = await self.db.fetchrow(sql("release"), self._me, list(job_ids))
+        return int(row["released"]) if row else 0
+
+    async def _fenced(self, db: Executor, name: str, job: Job, *args: Any) -> None:
+        result = await db.execute(sql(name), job.id, self._me, job.attempts, *args)
+        if result.endswith(" 0"):
+            raise LeaseLost(f"job {job.id}: lease lost before {name}")
+
+    async def set_backend_ref(self, job: Job, ref: str) -> None:
+        await self._fenced(self.db, "set_backend_ref", job, ref)
+
+    async def set_progress(self, job: Job, progress: Mapping[str, Any]) -> None:
+        await self._fenced(self.db, "set_progress", job, dict(progress))
+
+    async def complete(self, job: Job, image: ImageRecord) -> UUID:
+        """Insert the image row and mark the job done, atomically: never one without the other."""
+        async with self._connection() as conn, conn.transaction():
+            try:
+                image_id: UUID = await conn.fetchval(
+                sql("insert_image"),
+                    job.owner_user_id, job.id, job.prompt, prompt_hash(job.prompt), image.backend,
+                    image.model, image.seed, job.steps, job.width, job.height, image.latency_ms,
+                    image.cost_usd_estimate, image.storage_path, image.mime_type, image.bytes,
+                    image.sha256, dict(image.sidecar),
+                )  # fmt: skip
+            except asyncpg.UniqueViolationError:
+                # The path and job id are job-unique: another attempt already finished it.
+                raise LeaseLost(f"job {job.id}: already completed by another attempt") from None
+            await self._fenced(conn, "complete", job, image_id, image.seed)
+        return image_id
+
+    async def fail(self, job: Job, message: str, detail: Mapping[str, Any] | None = None) -> None:
+        await self._fenced(self.db, "fail", job, message, dict(detail or {}))
+
+    async def cancelled(self, job: Job, message: str = "cancelled by its owner") -> None:
+        await self._fenced(self.db, "mark_cancelled", job, message)
+
+    async def record_error(self, job: Job, error: JobError, *, base: float, cap: float) -> str:
+        """Retry a retryable error with backoff while attempts remain, else fail. Returns the outcome."""
+        detail = {"type": type(error).__name__, "attempt": job.attempts, **error.detail}
+        if error.retryable and job.attempts < job.max_attempts:
+            delay = backoff_seconds(job.attempts, base, cap)
+            detail["retry_in_seconds"] = round(delay, 3)
+            await self._fenced(self.db, "retry_later", job, error.message, detail, delay)
+            return "retried"
+        message = error.message
+        if error.retryable:
+            message = f"{message} (gave up after {job.attempts} attempts)"
+        await self.fail(job, message, detail)
+        return "failed"
+
+    def _connection(self) -> Any:
+        if isinstance(self.db, asyncpg.Pool):
+            return self.db.acquire()
+        return _Borrowed(self.db)
+
+
+class _Borrowed:
+    """Lets a plain connection stand where a pool's ``acquire()`` context is expected."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        return self.conn
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None

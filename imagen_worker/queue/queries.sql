@@ -1,0 +1,181 @@
+-- Every statement of the job state machine, in one file. Loaded by queue/queries.py;
+-- each block starts with "-- name: <name>". Transitions out of 'running' are fenced on
+-- (id, worker_id, attempts, status): zero rows means the lease was lost.
+
+-- name: enqueue
+-- Idempotent on dedupe_key among live jobs: a conflict inserts nothing.
+INSERT INTO imagen.jobs (owner_user_id, prompt, negative_prompt, backend, style, width, height,
+                         steps, seed, params, priority, run_at, max_attempts, dedupe_key)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, coalesce($12, now()), $13, $14)
+ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('pending', 'running')
+DO NOTHING
+RETURNING id;
+
+-- name: find_live_dedupe
+SELECT id FROM imagen.jobs
+WHERE dedupe_key = $1 AND status IN ('pending', 'running');
+
+-- name: claim
+-- One statement, planner-fenced: runnable pending rows in priority order plus running rows
+-- whose lease expired (a dead worker's jobs come back without a sweeper). $2 is the backend
+-- this claim is for; $3 true when it is the worker's default (NULL backend = default);
+-- $4 true to also take jobs naming a backend no live worker serves, so they fail clearly.
+WITH ready AS MATERIALIZED (
+    SELECT j.id FROM imagen.jobs j
+    WHERE j.status = 'pending' AND j.run_at <= now()
+      AND (j.backend = $2 OR ($3 AND j.backend IS NULL) OR ($4 AND j.backend IS NOT NULL AND NOT EXISTS (
+               SELECT 1 FROM imagen.workers w WHERE w.expires_at > now() AND j.backend = ANY (w.backends))))
+    ORDER BY j.priority DESC, j.run_at, j.id
+    LIMIT $5
+    FOR UPDATE SKIP LOCKED
+),
+stale AS MATERIALIZED (
+    SELECT j.id FROM imagen.jobs j
+    WHERE j.status = 'running' AND j.lease_expires_at < now()
+      AND (j.backend = $2 OR ($3 AND j.backend IS NULL) OR ($4 AND j.backend IS NOT NULL AND NOT EXISTS (
+               SELECT 1 FROM imagen.workers w WHERE w.expires_at > now() AND j.backend = ANY (w.backends))))
+    ORDER BY j.lease_expires_at
+    LIMIT $5
+    FOR UPDATE SKIP LOCKED
+),
+picked AS (
+    SELECT id FROM (SELECT id, 0 AS rank FROM stale UNION ALL SELECT id, 1 FROM ready) both_kinds
+    ORDER BY rank
+    LIMIT $5
+)
+UPDATE imagen.jobs j
+SET status = 'running',
+    worker_id = $1,
+    attempts = j.attempts + 1,
+    lease_expires_at = now() + make_interval(secs => $6),
+    started_at = coalesce(j.started_at, now()),
+    updated_at = now()
+FROM picked
+WHERE j.id = picked.id
+RETURNING j.*, extract(epoch FROM (now() - j.run_at))::float8 AS waited_seconds;
+
+-- name: heartbeat
+-- Renews every lease this worker holds in one statement; also the poll fallback for cancel.
+UPDATE imagen.jobs
+SET lease_expires_at = now() + make_interval(secs => $2), updated_at = now()
+WHERE worker_id = $1 AND status = 'running' AND id = ANY ($3::uuid[])
+RETURNING id, cancel_requested;
+
+-- name: set_backend_ref
+UPDATE imagen.jobs SET backend_ref = $4, updated_at = now()
+WHERE id = $1 AND worker_id = $2 AND attempts = $3 AND status = 'running';
+
+-- name: set_progress
+UPDATE imagen.jobs SET progress = $4, updated_at = now()
+WHERE id = $1 AND worker_id = $2 AND attempts = $3 AND status = 'running';
+
+-- name: insert_image
+INSERT INTO imagen.images (owner_user_id, job_id, prompt, prompt_hash, backend, model, seed, steps,
+                           width, height, latency_ms, cost_usd_estimate, storage_path, mime_type,
+                           bytes, sha256, sidecar)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+RETURNING id;
+
+-- name: complete
+UPDATE imagen.jobs
+SET status = 'done', image_id = $4, finished_at = now(), lease_expires_at = NULL,
+    error = NULL, error_detail = NULL, updated_at = now(), seed = coalesce(seed, $5)
+WHERE id = $1 AND worker_id = $2 AND attempts = $3 AND status = 'running'
+RETURNING id;
+
+-- name: fail
+UPDATE imagen.jobs
+SET status = 'failed', error = $4, error_detail = $5, finished_at = now(),
+    lease_expires_at = NULL, updated_at = now()
+WHERE id = $1 AND worker_id = $2 AND attempts = $3 AND status = 'running'
+RETURNING id;
+
+-- name: retry_later
+-- Back to pending with a delay; the worker id is kept as a record of who tried last.
+UPDATE imagen.jobs
+SET status = 'pending', error = $4, error_detail = $5,
+    run_at = now() + make_interval(secs => $6), lease_expires_at = NULL, updated_at = now()
+WHERE id = $1 AND worker_id = $2 AND attempts = $3 AND status = 'running'
+RETURNING id;
+
+-- name: mark_cancelled
+UPDATE imagen.jobs
+SET status = 'cancelled', error = $4, finished_at = now(), lease_expires_at = NULL, updated_at = now()
+WHERE id = $1 AND worker_id = $2 AND attempts = $3 AND status = 'running'
+RETURNING id;
+
+-- name: release
+-- Graceful shutdown: unfinished work goes back to pending without costing an attempt, and
+-- other workers are woken at once.
+WITH released AS (
+    UPDATE imagen.jobs
+    SET status = 'pending', attempts = greatest(attempts - 1, 0), run_at = now(),
+        lease_expires_at = NULL, updated_at = now()
+    WHERE id = ANY ($2::uuid[]) AND worker_id = $1 AND status = 'running'
+    RETURNING id, backend
+)
+SELECT count(*) AS released,
+       (SELECT count(pg_notify('imagen_jobs', coalesce(backend, ''))) FROM released) AS notified
+FROM released;
+
+-- name: requeue_expired
+-- Boot-time recovery: running rows whose lease expired (their worker is gone) go back to
+-- pending. A live worker's rows have unexpired leases and are never touched.
+WITH requeued AS (
+    UPDATE imagen.jobs
+    SET status = 'pending', run_at = now(), lease_expires_at = NULL, updated_at = now()
+    WHERE status = 'running' AND lease_expires_at < now()
+    RETURNING id
+)
+SELECT count(*) FROM requeued;
+
+-- name: request_cancel
+-- The trigger imagen.on_cancel_requested does the transition (so the web UI's plain UPDATE
+-- and this command behave the same).
+UPDATE imagen.jobs SET cancel_requested = true
+WHERE id = $1 AND status IN ('pending', 'running')
+RETURNING status;
+
+-- name: retry_job
+-- An operator's retry of a failed or cancelled job: a fresh set of attempts, now.
+WITH retried AS (
+    UPDATE imagen.jobs
+    SET status = 'pending', attempts = 0, run_at = now(), error = NULL, error_detail = NULL,
+        cancel_requested = false, finished_at = NULL, worker_id = NULL, progress = NULL,
+        backend_ref = NULL, updated_at = now()
+    WHERE id = $1 AND status IN ('failed', 'cancelled')
+    RETURNING id, backend
+)
+SELECT id, pg_notify('imagen_jobs', coalesce(backend, '')) FROM retried;
+
+-- name: get_job
+SELECT * FROM imagen.jobs WHERE id = $1;
+
+-- name: list_jobs
+SELECT * FROM imagen.jobs
+WHERE ($1::text IS NULL OR status = $1)
+ORDER BY created_at DESC
+LIMIT $2;
+
+-- name: get_image
+SELECT * FROM imagen.images WHERE id = $1;
+
+-- name: next_run_at
+-- How long the safety poll may sleep: until the next delayed job becomes runnable.
+SELECT extract(epoch FROM (min(run_at) - now()))::float8
+FROM imagen.jobs WHERE status = 'pending' AND run_at > now();
+
+-- name: queue_depth
+SELECT status, count(*)::int AS jobs FROM imagen.jobs GROUP BY status;
+
+-- name: register_worker
+INSERT INTO imagen.workers (id, hostname, pid, backends, expires_at)
+VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
+ON CONFLICT (id) DO UPDATE
+SET backends = EXCLUDED.backends, heartbeat_at = now(), expires_at = EXCLUDED.expires_at;
+
+-- name: unregister_worker
+DELETE FROM imagen.workers WHERE id = $1 OR expires_at < now() - interval '1 day';
+
+-- name: ping
+SELECT 1;
