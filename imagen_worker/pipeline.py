@@ -62,7 +62,11 @@ def _read_journal(directory: Path, job_id: UUID) -> Artifact | None:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         artifact = Artifact(
-            **{**raw, "image_path": Path(raw["image_path"]), "sidecar_path": raw["sidecar_path"] and Path(raw["sidecar_path"])}
+            **{
+                **raw,
+                "image_path": Path(raw["image_path"]),
+                "sidecar_path": raw["sidecar_path"] and Path(raw["sidecar_path"]),
+            }
         )
     except (OSError, ValueError, TypeError, KeyError):
         return None
@@ -179,6 +183,7 @@ class Pipeline:
             "bytes": len(data),
             "sha256": sha256,
             "storage_path": names.storage_key,
+            "local_path": str(image_path),
             "created_at": when.isoformat(),
             "latency_ms": latency_ms,
             "extra_outputs": extra_paths,

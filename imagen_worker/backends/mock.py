@@ -34,7 +34,7 @@ class MockConfig(BaseModel):
 def render_png(prompt: str, seed: int, width: int, height: int) -> bytes:
     """A deterministic gradient PNG; identical inputs give identical bytes."""
     digest = hashlib.sha256(f"{prompt}\0{seed}\0{width}x{height}".encode()).digest()
-    r0, g0, b0, dr, dg, db = digest[:6]
+    r0, g0, b0, dr, dg, _db = digest[:6]
     rows = []
     for y in range(height):
         shade = y * 255 // max(height - 1, 1)
@@ -66,9 +66,7 @@ class MockBackend(Backend):
         try:
             return cls(name, MockConfig.model_validate(dict(block)))
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-            )
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
             raise ConfigError(f'backend "{name}": {problems}') from None
 
     @property

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from imagen_worker.config import load_config
+from imagen_worker.config import collect_problems, load_config
 from imagen_worker.db import migrate as migrations
 from imagen_worker.db.connect import connect, resolve_dsn
 from imagen_worker.errors import ConfigError
@@ -54,6 +54,62 @@ def migrate(
         asyncio.run(run())
     except ConfigError as exc:
         raise _fail(str(exc)) from None
+
+
+@app.command()
+def run(
+    config_path: ConfigOption = None,
+    no_migrate: Annotated[bool, typer.Option("--no-migrate", help="Do not apply migrations first.")] = False,
+    no_metrics: Annotated[
+        bool, typer.Option("--no-metrics", help="Do not serve /metrics, /healthz, /readyz.")
+    ] = False,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug|info|warning|error")] = "info",
+    log_format: Annotated[str, typer.Option("--log-format", help="auto|console|json")] = "auto",
+) -> None:
+    """Run the worker until SIGTERM/SIGINT (a second signal stops waiting for in-flight jobs)."""
+    from imagen_worker.observability.logging import config_secret_env_names, configure_logging
+    from imagen_worker.worker.service import Service
+
+    try:
+        config = load_config(config_path)
+        configure_logging(log_level, log_format, secret_env=config_secret_env_names(config))  # type: ignore[arg-type]
+    except (ConfigError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+
+    async def serve() -> None:
+        service = Service(
+            config, resolve_dsn(config), run_migrations=not no_migrate, serve_metrics=not no_metrics
+        )
+        await service.run()
+
+    try:
+        asyncio.run(serve())
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def check(config_path: ConfigOption = None) -> None:
+    """Check config, database and migration level, backends and storage; non-zero on problems."""
+    from rich.console import Console
+
+    from imagen_worker.check import render_table, run_checks
+
+    async def go() -> list[Any]:
+        config, problems = collect_problems(config_path)
+        if config is None:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+        return await run_checks(config, dsn=resolve_dsn(config))
+
+    try:
+        results = asyncio.run(go())
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    Console().print(render_table(results))
+    failed = [r for r in results if not r.ok]
+    for result in failed:
+        typer.echo(f"imagen-worker: {result.name}: {result.detail}", err=True)
+    raise typer.Exit(1 if failed else 0)
 
 
 def main() -> None:

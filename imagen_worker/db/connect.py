@@ -28,7 +28,7 @@ def embedded_dsn(directory: Path | None = None) -> str:
         ) from None
     path = directory or data_dir() / "pgdata"
     path.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(path, cleanup_mode=None)
+    server = pgserver.get_server(path, cleanup_mode=None)  # type: ignore[attr-defined]
     return str(server.get_uri())
 
 

@@ -56,7 +56,7 @@ def migrations_dir() -> Path:
 def discover(directory: Path | None = None) -> list[Migration]:
     found = []
     for path in sorted((directory or migrations_dir()).iterdir()):
-        if match := _NAME.match(path.name):
+        if _NAME.match(path.name):
             found.append(Migration(version=path.name.removesuffix(".sql"), path=path))
     versions = [m.version[:4] for m in found]
     if len(set(versions)) != len(versions):

@@ -19,7 +19,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeAlias
 from uuid import UUID
 
 import asyncpg
@@ -27,7 +27,7 @@ import asyncpg
 from imagen_worker.errors import JobError, LeaseLost
 from imagen_worker.queue.queries import sql
 
-Executor = asyncpg.Pool | asyncpg.Connection
+Executor: TypeAlias = asyncpg.Pool | asyncpg.Connection
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def prompt_hash(prompt: str) -> str:
 
 def backoff_seconds(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff with full-range jitter in [d/2, d], capped (pg-boss's formula)."""
-    delay = min(cap, base * 2 ** max(attempt - 1, 0))
+    delay: float = min(cap, base * 2 ** max(attempt - 1, 0))
     return delay * random.uniform(0.5, 1.0)
 
 
@@ -140,8 +140,9 @@ class Queue:
     async def get(self, job_id: UUID) -> asyncpg.Record | None:
         return await self.db.fetchrow(sql("get_job"), job_id)
 
-    async def list(self, status: str | None = None, limit: int = 20) -> list[asyncpg.Record]:
-        return list(await self.db.fetch(sql("list_jobs"), status, limit))
+    async def recent(self, status: str | None = None, limit: int = 20) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self.db.fetch(sql("list_jobs"), status, limit)
+        return rows
 
     async def depth(self) -> dict[str, int]:
         return {row["status"]: row["jobs"] for row in await self.db.fetch(sql("queue_depth"))}

@@ -1,0 +1,338 @@
+"""``imagen``: submit prompts to the queue, follow them, or generate in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from imagen_worker import backends as backend_registry
+from imagen_worker import styles as style_presets
+from imagen_worker.backends.base import Backend
+from imagen_worker.cli import common, watch
+from imagen_worker.cli.common import ConfigOption
+from imagen_worker.cli.config_cmd import app as config_app
+from imagen_worker.config import Config
+from imagen_worker.errors import ConfigError, JobError
+from imagen_worker.pipeline import Pipeline, forget
+from imagen_worker.queue.jobs import JobSpec, Queue
+from imagen_worker.queue.queries import sql
+from imagen_worker.storage import create_sink
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app.add_typer(config_app, name="config", help="Print a sample config or validate one.")
+out = Console()
+err = Console(stderr=True)
+PROGRAM = "imagen"
+
+Backend_ = Annotated[str | None, typer.Option("--backend", "-b", help="Backend instance name.")]
+Style = Annotated[str | None, typer.Option("--style", "-s", help="Style preset (see `imagen styles`).")]
+Size = Annotated[str, typer.Option("--size", help="WIDTHxHEIGHT, multiples of 8 in 64..4096.")]
+Steps = Annotated[int | None, typer.Option("--steps", help="Sampling steps, 1..200.")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Seed; chosen per job when omitted.")]
+Negative = Annotated[str | None, typer.Option("--negative", "-n", help="Negative prompt.")]
+Params = Annotated[list[str], typer.Option("--param", "-p", help="Backend parameter KEY=VALUE (repeatable).")]
+
+
+def _spec(
+    config: Config, prompt: str, backend: str | None, style: str | None, size: str, steps: int | None,
+    seed: int | None, negative: str | None, params: list[str], priority: int = 0,
+    owner: str | None = None, dedupe_key: str | None = None,
+) -> JobSpec:  # fmt: skip
+    width, height = common.parse_size(size)
+    return JobSpec(
+        owner_user_id=common.owner_of(config, owner), prompt=prompt, negative_prompt=negative,
+        backend=backend, style=style, width=width, height=height, steps=steps, seed=seed,
+        params=common.parse_params(params), priority=priority, max_attempts=config.worker.max_attempts,
+        dedupe_key=dedupe_key,
+    )  # fmt: skip
+
+
+@app.command()
+def submit(
+    prompt: str,
+    backend: Backend_ = None,
+    style: Style = None,
+    size: Size = "1024x1024",
+    steps: Steps = None,
+    seed: Seed = None,
+    negative: Negative = None,
+    param: Params = [],  # noqa: B006 - typer needs a literal default
+    priority: Annotated[int, typer.Option("--priority", help="-100..100; higher runs first.")] = 0,
+    owner: Annotated[str | None, typer.Option("--owner", help="Owner user id (UUID).")] = None,
+    dedupe_key: Annotated[
+        str | None, typer.Option("--dedupe-key", help="Reuse a live job with this key.")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", "-w", help="Follow the job and print the image path.")
+    ] = False,
+    config_path: ConfigOption = None,
+) -> None:
+    """Enqueue a prompt; prints the job id (or, with --wait, the image path)."""
+
+    async def go() -> int:
+        config = common.load(config_path)
+        spec = _spec(
+            config, prompt, backend, style, size, steps, seed, negative, param, priority, owner, dedupe_key
+        )
+        async with common.database(config) as conn:
+            job_id, created = await Queue(conn).enqueue(spec)
+            err.print(f"job {job_id} {'queued' if created else 'already queued (same dedupe key)'}")
+            if not wait:
+                out.print(str(job_id), highlight=False)
+                return 0
+            row = await watch.follow(conn, job_id, err)
+            if row["status"] == "done":
+                out.print(await watch.image_path(conn, row["image_id"]), highlight=False, soft_wrap=True)
+                return 0
+            err.print(f"[red]job {row['status']}[/red]: {row['error'] or 'no reason recorded'}")
+            return 1 if row["status"] == "failed" else 2
+
+    raise typer.Exit(common.run(PROGRAM, go))
+
+
+def _parse_id(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ConfigError(f"not a job id: {value!r}") from None
+
+
+@app.command()
+def status(job_id: str, config_path: ConfigOption = None) -> None:
+    """Show one job."""
+
+    async def go() -> int:
+        config = common.load(config_path)
+        async with common.database(config) as conn:
+            row = await Queue(conn).get(_parse_id(job_id))
+            if row is None:
+                err.print(f"no job {job_id}")
+                return 1
+            table = Table(show_header=False, box=None)
+            for key in ("id", "status", "prompt", "backend", "style", "width", "height", "seed", "attempts",
+                        "max_attempts", "priority", "run_at", "progress", "error", "image_id", "created_at",
+                        "started_at", "finished_at"):  # fmt: skip
+                table.add_row(key, "" if row[key] is None else str(row[key]))
+            out.print(table)
+            return 0
+
+    raise typer.Exit(common.run(PROGRAM, go))
+
+
+@app.command("list")
+def list_jobs(
+    status: Annotated[
+        str | None, typer.Option("--status", help="pending|running|done|failed|cancelled")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000)] = 20,
+    config_path: ConfigOption = None,
+) -> None:
+    """The newest jobs, as a table."""
+
+    async def go() -> None:
+        config = common.load(config_path)
+        async with common.database(config) as conn:
+            rows = await Queue(conn).recent(status, limit)
+        table = Table("id", "status", "backend", "prompt", "attempts", "created", "error")
+        for row in rows:
+            created = row["created_at"].strftime("%Y-%m-%d %H:%M:%S")
+            table.add_row(
+                str(row["id"]), row["status"], row["backend"] or "(default)", row["prompt"][:40],
+                str(row["attempts"]), created, (row["error"] or "")[:60],
+            )  # fmt: skip
+        out.print(table)
+
+    common.run(PROGRAM, go)
+
+
+@app.command()
+def cancel(job_id: str, config_path: ConfigOption = None) -> None:
+    """Cancel a job: pending ones at once, running ones as soon as their worker hears it."""
+
+    async def go() -> int:
+        config = common.load(config_path)
+        async with common.database(config) as conn:
+            new_status = await Queue(conn).request_cancel(_parse_id(job_id))
+        if new_status is None:
+            err.print(f"job {job_id} is not pending or running; nothing to cancel")
+            return 1
+        out.print("cancelled" if new_status == "cancelled" else "cancel requested (the job is running)")
+        return 0
+
+    raise typer.Exit(common.run(PROGRAM, go))
+
+
+@app.command()
+def retry(job_id: str, config_path: ConfigOption = None) -> None:
+    """Queue a failed or cancelled job again, with a fresh set of attempts."""
+
+    async def go() -> int:
+        config = common.load(config_path)
+        async with common.database(config) as conn:
+            ok = await Queue(conn).retry(_parse_id(job_id))
+        if not ok:
+            err.print(f"job {job_id} is not failed or cancelled; nothing to retry")
+            return 1
+        out.print("queued again")
+        return 0
+
+    raise typer.Exit(common.run(PROGRAM, go))
+
+
+class _TerminalProgress:
+    """JobContext for in-process generation: progress goes to stderr, nothing is stored."""
+
+    backend_ref: str | None = None
+
+    async def set_backend_ref(self, ref: str) -> None:
+        self.backend_ref = ref
+
+    def report_progress(self, value: float, maximum: float, **extra: Any) -> None:
+        if sys.stderr.isatty():
+            err.print(f"  {value:g}/{maximum:g}", end="\r")
+
+
+async def _start_backends(config: Config, only: str | None = None) -> dict[str, Backend]:
+    started: dict[str, Backend] = {}
+    for name, block in config.backend_blocks().items():
+        if only is not None and name != only:
+            continue
+        backend = backend_registry.create(name, block)
+        await backend.start()
+        started[name] = backend
+    return started
+
+
+@app.command()
+def generate(
+    prompt: str,
+    backend: Backend_ = None,
+    style: Style = None,
+    size: Size = "1024x1024",
+    steps: Steps = None,
+    seed: Seed = None,
+    negative: Negative = None,
+    param: Params = [],  # noqa: B006 - typer needs a literal default
+    no_cloud: Annotated[
+        bool, typer.Option("--no-cloud", help="Do not upload, whatever the config says.")
+    ] = False,
+    config_path: ConfigOption = None,
+) -> None:
+    """Run the pipeline here, without the queue; prints only the image path on stdout."""
+
+    async def go() -> int:
+        config = common.load(config_path)
+        spec = _spec(config, prompt, backend, style, size, steps, seed, negative, param)
+        name = backend or config.default_backend_name()
+        if name not in config.backend_blocks():
+            raise ConfigError(f"unknown backend {name!r} (configured: {', '.join(config.backend_blocks())})")
+        backends = await _start_backends(config, only=name)
+        sink = create_sink(config, no_cloud=no_cloud)
+        job_id = uuid.uuid4()
+        try:
+            pipeline = Pipeline(backends, name, sink, config.output)
+            artifact = await pipeline.run(job_id, spec, _TerminalProgress(), strict_upload=False)
+        except JobError as exc:
+            err.print(f"imagen: {exc.message}", highlight=False)
+            return 1
+        finally:
+            for started in backends.values():
+                await started.aclose()
+            await sink.aclose()
+        forget(config.output.directory, job_id)
+        if artifact.upload_error is not None:
+            err.print(f"imagen: cloud sync: {artifact.upload_error.message}", highlight=False)
+        print(artifact.image_path)
+        return 0
+
+    raise typer.Exit(common.run(PROGRAM, go))
+
+
+@app.command("backends")
+def list_backends(config_path: ConfigOption = None) -> None:
+    """Configured backend instances and their health."""
+
+    async def go() -> int:
+        config = common.load(config_path)
+        table = Table("name", "type", "default", "healthy", "detail")
+        unhealthy = 0
+        for name, block in config.backend_blocks().items():
+            try:
+                backend = backend_registry.create(name, block)
+                await backend.start()
+                try:
+                    health = await asyncio.wait_for(backend.health(), timeout=10)
+                finally:
+                    await backend.aclose()
+                ok, detail = health.ok, health.detail
+            except (ConfigError, JobError, OSError, TimeoutError) as exc:
+                ok, detail = False, str(exc)
+            unhealthy += not ok
+            table.add_row(
+                name, str(block.get("type")), "yes" if name == config.default_backend_name() else "",
+                "[green]yes[/green]" if ok else "[red]no[/red]", detail,
+            )  # fmt: skip
+        out.print(table)
+        return 1 if unhealthy else 0
+
+    raise typer.Exit(common.run(PROGRAM, go))
+
+
+@app.command("styles")
+def list_styles() -> None:
+    """Style presets a job's `style` may name."""
+    table = Table("style", "description", "prompt template")
+    for preset in style_presets.all_styles().values():
+        table.add_row(preset.name, preset.description, preset.prompt)
+    out.print(table)
+
+
+@app.command()
+def sign(
+    reference: Annotated[str, typer.Argument(help="An image id, or a storage path.")],
+    ttl: Annotated[int, typer.Option("--ttl", min=1, help="Seconds the URL stays valid.")] = 3600,
+    config_path: ConfigOption = None,
+) -> None:
+    """Print a signed URL that lets anyone holding it download the image for --ttl seconds."""
+
+    async def go() -> None:
+        config = common.load(config_path)
+        key = reference
+        try:
+            image_id = uuid.UUID(reference)
+        except ValueError:
+            image_id = None
+        if image_id is not None:
+            async with common.database(config) as conn:
+                row = await conn.fetchrow(sql("get_image"), image_id)
+            if row is None:
+                raise ConfigError(f"no image {reference}")
+            key = row["storage_path"]
+        sink = create_sink(config)
+        try:
+            if not sink.is_cloud:
+                raise ConfigError(
+                    "cloud storage is not configured (set SUPABASE_URL and SUPABASE_SERVICE_KEY)"
+                )
+            print(await sink.sign(key, ttl))
+        finally:
+            await sink.aclose()
+
+    try:
+        common.run(PROGRAM, go)
+    except JobError as exc:
+        raise common.fail(PROGRAM, exc.message) from None
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

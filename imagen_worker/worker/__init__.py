@@ -1,0 +1,1 @@
+"""The long-running worker: listener, claim loop, heartbeats, job execution, shutdown."""

@@ -1,0 +1,117 @@
+"""The dedicated LISTEN connection: a wake-up hint, never the source of truth.
+
+It lives outside the pool and never runs a transaction (a listener inside a transaction gets
+nothing until it ends). Notifications only set events; the claim loop re-reads the table. A
+lost connection is reconnected with backoff and then reported as a wake-up, so the loop runs
+a catch-up claim: LISTEN first, then claim, so nothing falls into the gap. A notification that
+arrived while disconnected is gone forever, which is why the safety poll exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from imagen_worker.db.connect import connect
+from imagen_worker.queue.queries import sql
+
+JOBS_CHANNEL = "imagen_jobs"
+CONTROL_CHANNEL = "imagen_control"
+
+log = structlog.get_logger("imagen.listener")
+
+
+class Listener:
+    def __init__(
+        self,
+        dsn: str,
+        on_wake: Callable[[], None],
+        on_cancel: Callable[[UUID], None],
+        *,
+        health_interval: float = 5.0,
+    ) -> None:
+        self.dsn = dsn
+        self.on_wake = on_wake
+        self.on_cancel = on_cancel
+        self.health_interval = health_interval
+        self.connected = False
+        self.reconnects = 0
+        self.backend_pid: int | None = None
+        self._conn: asyncpg.Connection | None = None
+        self._lost = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._connect()
+        self._task = asyncio.create_task(self._supervise(), name="imagen-listener")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._conn is not None and not self._conn.is_closed():
+            await self._conn.close(timeout=2)
+        self.connected = False
+
+    async def _connect(self) -> None:
+        conn = await connect(self.dsn, timeout=10)
+        conn.add_termination_listener(self._terminated)
+        await conn.add_listener(JOBS_CHANNEL, self._notified)
+        await conn.add_listener(CONTROL_CHANNEL, self._notified)
+        self._conn = conn
+        self.backend_pid = conn.get_server_pid()
+        self._lost.clear()
+        self.connected = True
+
+    def _terminated(self, _conn: Any) -> None:
+        self.connected = False
+        self._lost.set()
+
+    def _notified(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
+        if channel == CONTROL_CHANNEL:
+            try:
+                self.on_cancel(UUID(json.loads(payload)["cancel"]))
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring malformed control message", payload=payload[:200])
+            return
+        self.on_wake()
+
+    async def _healthy(self) -> bool:
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            return False
+        try:
+            await conn.fetchval(sql("ping"), timeout=self.health_interval)
+            return True
+        except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError):
+            return False
+
+    async def _supervise(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._lost.wait(), timeout=self.health_interval)
+            except TimeoutError:
+                if await self._healthy():
+                    continue
+            self.connected = False
+            log.warning("listener connection lost; reconnecting")
+            if self._conn is not None:
+                self._conn.terminate()
+            async for attempt in AsyncRetrying(
+                wait=wait_exponential_jitter(initial=0.2, max=10),
+                retry=retry_if_exception_type(
+                    (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+                ),
+            ):
+                with attempt:
+                    await self._connect()
+            self.reconnects += 1
+            log.info("listener reconnected", reconnects=self.reconnects)
+            self.on_wake()
