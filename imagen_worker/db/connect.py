@@ -8,6 +8,8 @@ it keeps running after they exit so a worker and a CLI in another terminal see t
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,10 @@ from imagen_worker.errors import ConfigError
 
 def embedded_dsn(directory: Path | None = None) -> str:
     """Start (or reuse) the embedded server and return its DSN."""
+    # pgserver narrates every start and stop at INFO, and platformdirs warns about a missing
+    # XDG_RUNTIME_DIR on servers; neither helps the user.
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     try:
         import pgserver
     except ImportError:

@@ -179,3 +179,6 @@ DELETE FROM imagen.workers WHERE id = $1 OR expires_at < now() - interval '1 day
 
 -- name: ping
 SELECT 1;
+
+-- name: worker_alive
+SELECT count(*) > 0 FROM imagen.workers WHERE pid = $1 AND expires_at > now();

@@ -1,0 +1,135 @@
+"""``make demo``: the whole product end to end on the embedded default.
+
+Starts ``imagen-worker run`` with no configuration (embedded PostgreSQL, mock backend, local
+storage), enqueues one job with ``imagen submit --wait`` and one with a plain SQL INSERT the
+way the web UI does, prints the image paths and rows, and stops the worker with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from imagen_worker.config import data_dir
+from imagen_worker.cli.watch import TERMINAL
+from imagen_worker.db.connect import connect, embedded_dsn
+from imagen_worker.queue.jobs import Queue
+from imagen_worker.queue.queries import sql
+
+console = Console()
+BIN = Path(sys.executable).parent
+WEB_UI_INSERT = """INSERT INTO imagen.jobs (owner_user_id, prompt, style, width, height)
+VALUES ($1, 'a lighthouse on a cliff at dawn', 'watercolor', 768, 512)
+RETURNING id"""
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    for name in ("IMAGEN_DATABASE_URL", "DATABASE_URL", "IMAGEN_CONFIG"):
+        env.pop(name, None)
+    env["IMAGEN_CONFIG"] = str(data_dir() / "demo-no-config.yaml")  # deliberately absent
+    env["IMAGEN_CLOUD_SYNC"] = "off"
+    return env
+
+
+async def _wait_for_worker(dsn: str, worker: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker.poll() is not None:
+            raise SystemExit(f"demo: the worker exited early with code {worker.returncode}")
+        try:
+            conn = await connect(dsn)
+            try:
+                ready = await conn.fetchval(sql("worker_alive"), worker.pid)
+            finally:
+                await conn.close()
+            if ready:
+                return
+        except Exception:
+            pass
+        await asyncio.sleep(0.2)
+    raise SystemExit("demo: the worker did not start within a minute")
+
+
+async def _show_when_done(dsn: str, job_id: uuid.UUID, timeout: float = 30) -> bool:
+    """Wait for the job, then print its row and its image row; True when it is done."""
+    conn = await connect(dsn)
+    try:
+        deadline = time.monotonic() + timeout
+        job = await Queue(conn).get(job_id)
+        while job is not None and job["status"] not in TERMINAL and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            job = await Queue(conn).get(job_id)
+        if job is None or job["status"] not in TERMINAL:
+            raise SystemExit(f"demo: job {job_id} did not finish")
+        image = await conn.fetchrow(sql("get_image"), job["image_id"]) if job["image_id"] else None
+    finally:
+        await conn.close()
+    job_keys = ("id", "status", "prompt", "style", "width", "height", "seed", "attempts", "error", "image_id")
+    image_keys = ("id", "storage_path", "mime_type", "bytes", "sha256", "latency_ms", "backend", "model")
+    for title, row, keys in (("imagen.jobs", job, job_keys), ("imagen.images", image, image_keys)):
+        if row is None:
+            continue
+        table = Table(title=title, show_header=False, title_justify="left")
+        for key in keys:
+            table.add_row(key, str(row[key]))
+        console.print(table)
+    console.print("pickup (created_at -> started_at):", str(job["started_at"] - job["created_at"]))
+    if image is not None:
+        console.print("local file:", image["sidecar"].get("local_path"), soft_wrap=True)
+    else:
+        console.print(f"[red]job {job['status']}: {job['error']}")
+    return bool(job["status"] == "done")
+
+
+async def main() -> int:
+    console.rule("[bold]imagen-worker demo")
+    console.print("Starting the embedded PostgreSQL (first run takes a few seconds)...")
+    dsn = embedded_dsn()
+    env = _env()
+    worker = subprocess.Popen(
+        [str(BIN / "imagen-worker"), "run", "--no-metrics", "--log-format", "console"], env=env
+    )
+    try:
+        await _wait_for_worker(dsn, worker)
+        console.rule("1. imagen submit --wait")
+        submitted = subprocess.run(
+            [str(BIN / "imagen"), "submit", "a red fox in fresh snow", "--style", "photo",
+             "--size", "512x512", "--wait"],
+            env=env, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        sys.stderr.write(submitted.stderr)
+        if submitted.returncode != 0:
+            console.print(f"[red]imagen submit failed ({submitted.returncode})")
+            return 1
+        console.print("image:", submitted.stdout.strip(), soft_wrap=True)
+
+        console.rule("2. a plain SQL INSERT, as the web UI does")
+        console.print(WEB_UI_INSERT)
+        conn = await connect(dsn)
+        try:
+            job_id = await conn.fetchval(WEB_UI_INSERT, uuid.uuid4())
+        finally:
+            await conn.close()
+        if not await _show_when_done(dsn, job_id):
+            return 1
+    finally:
+        console.rule("3. SIGTERM: the worker drains and exits")
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(timeout=90)
+        console.print(f"worker exited with code {code}")
+    console.print("[bold green]demo complete.[/] Images live in", str(data_dir() / "images"))
+    return 0 if code == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(main()))
