@@ -19,8 +19,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from imagen_worker.config import data_dir
 from imagen_worker.cli.watch import TERMINAL
+from imagen_worker.config import data_dir
 from imagen_worker.db.connect import connect, embedded_dsn
 from imagen_worker.queue.jobs import Queue
 from imagen_worker.queue.queries import sql
@@ -41,8 +41,8 @@ def _env() -> dict[str, str]:
     return env
 
 
-async def _wait_for_worker(dsn: str, worker: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
+async def _wait_for_worker(dsn: str, worker: subprocess.Popen[bytes], within: float = 60) -> None:
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if worker.poll() is not None:
             raise SystemExit(f"demo: the worker exited early with code {worker.returncode}")
@@ -60,11 +60,11 @@ async def _wait_for_worker(dsn: str, worker: subprocess.Popen[bytes], timeout: f
     raise SystemExit("demo: the worker did not start within a minute")
 
 
-async def _show_when_done(dsn: str, job_id: uuid.UUID, timeout: float = 30) -> bool:
+async def _show_when_done(dsn: str, job_id: uuid.UUID, within: float = 30) -> bool:
     """Wait for the job, then print its row and its image row; True when it is done."""
     conn = await connect(dsn)
     try:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         job = await Queue(conn).get(job_id)
         while job is not None and job["status"] not in TERMINAL and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -91,7 +91,16 @@ async def _show_when_done(dsn: str, job_id: uuid.UUID, timeout: float = 30) -> b
     return bool(job["status"] == "done")
 
 
-async def main() -> int:
+async def _insert_like_the_web_ui(dsn: str) -> uuid.UUID:
+    conn = await connect(dsn)
+    try:
+        job_id: uuid.UUID = await conn.fetchval(WEB_UI_INSERT, uuid.uuid4())
+        return job_id
+    finally:
+        await conn.close()
+
+
+def main() -> int:
     console.rule("[bold]imagen-worker demo")
     console.print("Starting the embedded PostgreSQL (first run takes a few seconds)...")
     dsn = embedded_dsn()
@@ -100,7 +109,7 @@ async def main() -> int:
         [str(BIN / "imagen-worker"), "run", "--no-metrics", "--log-format", "console"], env=env
     )
     try:
-        await _wait_for_worker(dsn, worker)
+        asyncio.run(_wait_for_worker(dsn, worker))
         console.rule("1. imagen submit --wait")
         submitted = subprocess.run(
             [str(BIN / "imagen"), "submit", "a red fox in fresh snow", "--style", "photo",
@@ -115,12 +124,8 @@ async def main() -> int:
 
         console.rule("2. a plain SQL INSERT, as the web UI does")
         console.print(WEB_UI_INSERT)
-        conn = await connect(dsn)
-        try:
-            job_id = await conn.fetchval(WEB_UI_INSERT, uuid.uuid4())
-        finally:
-            await conn.close()
-        if not await _show_when_done(dsn, job_id):
+        job_id = asyncio.run(_insert_like_the_web_ui(dsn))
+        if not asyncio.run(_show_when_done(dsn, job_id)):
             return 1
     finally:
         console.rule("3. SIGTERM: the worker drains and exits")
@@ -132,4 +137,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(asyncio.run(main()))
+    raise SystemExit(main())
