@@ -17,7 +17,7 @@ from uuid import UUID
 
 import asyncpg
 import structlog
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
 from imagen_worker.db.connect import connect
 from imagen_worker.queue.queries import sql
@@ -105,7 +105,7 @@ class Listener:
             if self._conn is not None:
                 self._conn.terminate()
             async for attempt in AsyncRetrying(
-                wait=wait_exponential_jitter(initial=0.2, max=10),
+                wait=wait_exponential(multiplier=0.2, max=10) + wait_random(0, 0.2),
                 retry=retry_if_exception_type(
                     (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
                 ),

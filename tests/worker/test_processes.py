@@ -1,0 +1,124 @@
+"""Real ``imagen-worker run`` processes: several at once, killed, and stopped by signals."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from pathlib import Path
+
+import asyncpg
+
+from tests.workers import eventually, wait_registered, worker_processes, write_config
+
+OWNER = uuid.UUID("00000000-0000-4000-8000-000000000002")
+
+
+async def insert_many(db: asyncpg.Pool, count: int, **columns: object) -> list[uuid.UUID]:
+    rows = await db.fetch(
+        "INSERT INTO imagen.jobs (owner_user_id, prompt, steps) "
+        "SELECT $1, 'job ' || n, $2 FROM generate_series(1, $3) AS n RETURNING id",
+        OWNER,
+        columns.get("steps", 1),
+        count,
+    )
+    return [row["id"] for row in rows]
+
+
+async def counts(db: asyncpg.Pool) -> dict[str, int]:
+    rows = await db.fetch("SELECT status, count(*)::int AS n FROM imagen.jobs GROUP BY status")
+    return {row["status"]: row["n"] for row in rows}
+
+
+async def test_three_workers_do_300_jobs_each_exactly_once(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, worker={"concurrency": 4})
+    with worker_processes(database_url, config, 3, tmp_path) as procs:
+        await wait_registered(db, *procs)
+        jobs = await insert_many(db, 300)
+        await eventually(lambda: _all_done(db, 300), within=90, every=0.25)
+
+    images_per_job = await db.fetch(
+        "SELECT j.id, count(i.id) AS images FROM imagen.jobs j LEFT JOIN imagen.images i ON i.job_id = j.id "
+        "GROUP BY j.id"
+    )
+    assert len(images_per_job) == len(jobs)
+    assert all(row["images"] == 1 for row in images_per_job)
+    workers_used = await db.fetchval("SELECT count(DISTINCT worker_id) FROM imagen.jobs")
+    assert workers_used == 3, "the load spreads over every worker"
+    assert await db.fetchval("SELECT max(attempts) FROM imagen.jobs") == 1
+
+
+async def _all_done(db: asyncpg.Pool, expected: int) -> bool:
+    return (await counts(db)).get("done", 0) == expected
+
+
+async def test_a_job_of_a_kill_9_worker_is_finished_by_another_after_its_lease_expires(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        backends={"mock": {"type": "mock", "latency_ms": 1500}},
+        worker={"lease_seconds": 3, "concurrency": 1},
+    )
+    with worker_processes(database_url, config, 1, tmp_path) as (victim,):
+        await wait_registered(db, victim)
+        (job_id,) = await insert_many(db, 1, steps=10)
+        await eventually(lambda: _running_on(db, job_id), within=10)
+        victim.kill()
+    with worker_processes(database_url, config, 1, tmp_path) as (rescuer,):
+        await wait_registered(db, rescuer)
+        await eventually(lambda: _all_done(db, 1), within=20, every=0.2)
+
+    job = await db.fetchrow("SELECT * FROM imagen.jobs WHERE id = $1", job_id)
+    assert job["attempts"] == 2
+    assert await db.fetchval("SELECT count(*) FROM imagen.images WHERE job_id = $1", job_id) == 1
+
+
+async def _running_on(db: asyncpg.Pool, job_id: uuid.UUID) -> bool:
+    status = await db.fetchval("SELECT status FROM imagen.jobs WHERE id = $1", job_id)
+    return bool(status == "running")
+
+
+async def test_sigterm_lets_running_jobs_finish_within_the_grace(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        backends={"mock": {"type": "mock", "latency_ms": 1000}},
+        worker={"shutdown_grace": 20, "concurrency": 2},
+    )
+    with worker_processes(database_url, config, 1, tmp_path) as (proc,):
+        await wait_registered(db, proc)
+        await insert_many(db, 2, steps=5)
+        await eventually(lambda: _running_count(db, 2), within=10)
+        proc.signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 30)
+    assert code == 0
+    assert await counts(db) == {"done": 2}
+
+
+async def test_sigterm_past_the_grace_releases_unfinished_jobs_to_pending(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        backends={"mock": {"type": "mock", "latency_ms": 60000}},
+        worker={"shutdown_grace": 0.5, "concurrency": 2},
+    )
+    with worker_processes(database_url, config, 1, tmp_path) as (proc,):
+        await wait_registered(db, proc)
+        await insert_many(db, 2, steps=100)
+        await eventually(lambda: _running_count(db, 2), within=10)
+        proc.signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 30)
+    assert code == 0
+    rows = await db.fetch("SELECT status, attempts, worker_id, lease_expires_at FROM imagen.jobs")
+    assert [row["status"] for row in rows] == ["pending", "pending"]
+    assert all(row["attempts"] == 0 for row in rows), "a released job does not lose an attempt"
+    assert all(row["lease_expires_at"] is None for row in rows)
+
+
+async def _running_count(db: asyncpg.Pool, expected: int) -> bool:
+    return (await counts(db)).get("running", 0) == expected

@@ -1,0 +1,162 @@
+"""Test helpers: configs, in-process workers and real ``imagen-worker run`` processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import yaml
+
+from imagen_worker.config import Config, load_config
+from imagen_worker.worker.daemon import Worker
+
+BIN = Path(sys.executable).parent
+
+
+def write_config(
+    directory: Path,
+    *,
+    backends: dict[str, dict[str, Any]] | None = None,
+    worker: dict[str, Any] | None = None,
+    storage: dict[str, Any] | None = None,
+    **top: Any,
+) -> Path:
+    """An ``imagen.yaml`` for a test: local output under ``directory``, no cloud sync."""
+    body: dict[str, Any] = {
+        "output": {"directory": str(directory / "images"), "cloud_sync": "off"},
+        "backends": backends or {"mock": {"type": "mock"}},
+        "worker": {"poll_interval": 0.5, "lease_seconds": 5, "retry_base_seconds": 0.05, **(worker or {})},
+        "metrics": {"enabled": False},
+        **top,
+    }
+    if storage is not None:
+        body["storage"] = storage
+        body["output"]["cloud_sync"] = "on"
+    path = directory / "imagen.yaml"
+    path.write_text(yaml.safe_dump(body), encoding="utf-8")
+    return path
+
+
+def make_config(directory: Path, **kwargs: Any) -> Config:
+    return load_config(write_config(directory, **kwargs))
+
+
+@asynccontextmanager
+async def running_worker(config: Config, dsn: str) -> AsyncIterator[Worker]:
+    """A worker running in this event loop; stopped (drained) on exit."""
+    worker = Worker(config, dsn, run_migrations=False)
+    task = asyncio.create_task(worker.run())
+    ready = asyncio.create_task(worker.ready.wait())
+    done, _ = await asyncio.wait({task, ready}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()  # raises the start-up error
+    assert worker.ready.is_set(), "worker did not start"
+    try:
+        yield worker
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, timeout=30)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[Any]], *, within: float = 10.0, every: float = 0.02
+) -> Any:
+    """Poll ``check`` until it returns something truthy; fail with its last value."""
+    deadline = time.monotonic() + within
+    value = None
+    while time.monotonic() < deadline:
+        value = await check()
+        if value:
+            return value
+        await asyncio.sleep(every)
+    raise AssertionError(f"condition not met within {within}s (last value: {value!r})")
+
+
+async def job_row(db: asyncpg.Pool, job_id: Any) -> asyncpg.Record:
+    row = await db.fetchrow("SELECT * FROM imagen.jobs WHERE id = $1", job_id)
+    assert row is not None
+    return row
+
+
+async def terminal(db: asyncpg.Pool, job_id: Any, *, within: float = 10.0) -> asyncpg.Record:
+    async def check() -> asyncpg.Record | None:
+        row = await job_row(db, job_id)
+        return row if row["status"] in ("done", "failed", "cancelled") else None
+
+    result: asyncpg.Record = await eventually(check, within=within)
+    return result
+
+
+def worker_env(dsn: str, config_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEN_")}
+    env.update(IMAGEN_DATABASE_URL=dsn, IMAGEN_CONFIG=str(config_path))
+    return env
+
+
+class WorkerProcess:
+    """A real ``imagen-worker run`` subprocess."""
+
+    def __init__(self, dsn: str, config_path: Path, log_path: Path) -> None:
+        self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [str(BIN / "imagen-worker"), "run", "--no-migrate", "--no-metrics", "--log-format", "json"],
+            env=worker_env(dsn, config_path),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+async def wait_registered(db: asyncpg.Pool, *procs: WorkerProcess, within: float = 30) -> None:
+    pids = [p.pid for p in procs]
+
+    async def check() -> bool:
+        for p in procs:
+            if p.proc.poll() is not None:
+                raise AssertionError(f"worker {p.pid} exited early with {p.proc.returncode}")
+        n = await db.fetchval("SELECT count(*) FROM imagen.workers WHERE pid = ANY($1)", pids)
+        return bool(n == len(pids))
+
+    await eventually(check, within=within, every=0.1)
+
+
+@contextmanager
+def worker_processes(dsn: str, config_path: Path, count: int, logs: Path) -> Iterator[list[WorkerProcess]]:
+    procs = [WorkerProcess(dsn, config_path, logs / f"worker-{i}.log") for i in range(count)]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.stop()
