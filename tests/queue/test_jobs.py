@@ -1,0 +1,207 @@
+"""The job state machine: claims, leases, fenced transitions."""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+import pytest
+
+from imagen_worker.errors import LeaseLost, RetryableError, TerminalError
+from imagen_worker.queue.jobs import ImageRecord, Job, JobSpec, Queue, backoff_seconds
+
+OWNER = uuid.UUID("00000000-0000-4000-8000-000000000003")
+
+
+def worker(db: asyncpg.Pool) -> Queue:
+    return Queue(db, uuid.uuid4())
+
+
+async def enqueue(db: asyncpg.Pool, **fields: object) -> uuid.UUID:
+    job_id, _ = await Queue(db).enqueue(JobSpec(owner_user_id=OWNER, prompt="p", **fields))  # type: ignore[arg-type]
+    return job_id
+
+
+async def claim(queue: Queue, backend: str = "mock", limit: int = 10, **kw: object) -> list[Job]:
+    opts = {"is_default": True, "orphans": False, "lease_seconds": 30.0, **kw}
+    return await queue.claim(backend, limit=limit, **opts)  # type: ignore[arg-type]
+
+
+def image(job: Job) -> ImageRecord:
+    return ImageRecord(
+        storage_path=f"x/{job.id}.png", mime_type="image/png", bytes=1, sha256="0" * 64,
+        backend="mock", seed=1, latency_ms=1, sidecar={},
+    )  # fmt: skip
+
+
+async def expire_leases(db: asyncpg.Pool) -> None:
+    await db.execute(
+        "UPDATE imagen.jobs SET lease_expires_at = now() - interval '1 second' WHERE status = 'running'"
+    )
+
+
+async def test_claim_takes_at_most_the_free_capacity(db: asyncpg.Pool) -> None:
+    for _ in range(5):
+        await enqueue(db)
+    jobs = await claim(worker(db), limit=3)
+    assert len(jobs) == 3
+    assert all(job.attempts == 1 for job in jobs)
+    assert await db.fetchval("SELECT count(*) FROM imagen.jobs WHERE status = 'pending'") == 2
+
+
+async def test_two_workers_never_claim_the_same_job(db: asyncpg.Pool) -> None:
+    for _ in range(20):
+        await enqueue(db)
+    a, b = worker(db), worker(db)
+    first, second = await claim(a, limit=12), await claim(b, limit=12)
+    assert len(first) == 12 and len(second) == 8
+    assert not {j.id for j in first} & {j.id for j in second}
+
+
+async def test_claim_serves_only_its_backend_and_null_means_the_default(db: asyncpg.Pool) -> None:
+    mine = await enqueue(db, backend="gpu-a")
+    default = await enqueue(db)
+    other = await enqueue(db, backend="gpu-b")
+    as_default = {j.id for j in await claim(worker(db), "gpu-a", is_default=True)}
+    assert as_default == {mine, default}
+    assert await db.fetchval("SELECT status FROM imagen.jobs WHERE id = $1", other) == "pending"
+
+
+async def test_a_backend_no_live_worker_serves_is_claimed_as_an_orphan_to_fail_it(db: asyncpg.Pool) -> None:
+    served_elsewhere = await enqueue(db, backend="gpu-b")
+    orphan = await enqueue(db, backend="typo")
+    elsewhere = Queue(db, uuid.uuid4())
+    await elsewhere.register("host-b", 1, ["gpu-b"], ttl=60)
+    claimed = {j.id for j in await claim(worker(db), "mock", orphans=True)}
+    assert claimed == {orphan}
+    assert await db.fetchval("SELECT status FROM imagen.jobs WHERE id = $1", served_elsewhere) == "pending"
+
+
+async def test_claim_retakes_a_running_job_whose_lease_expired(db: asyncpg.Pool) -> None:
+    await enqueue(db)
+    (first,) = await claim(worker(db))
+    assert await claim(worker(db)) == [], "a live lease is never taken"
+    await expire_leases(db)
+    (again,) = await claim(worker(db))
+    assert again.id == first.id and again.attempts == 2
+
+
+async def test_the_old_owner_of_a_retaken_job_can_write_nothing(db: asyncpg.Pool) -> None:
+    await enqueue(db)
+    old = worker(db)
+    (stale,) = await claim(old)
+    await expire_leases(db)
+    new = worker(db)
+    (fresh,) = await claim(new)
+
+    with pytest.raises(LeaseLost):
+        await old.complete(stale, image(stale))
+    with pytest.raises(LeaseLost):
+        await old.fail(stale, "late failure")
+    with pytest.raises(LeaseLost):
+        await old.record_error(stale, RetryableError("late blip"), base=1, cap=1)
+    with pytest.raises(LeaseLost):
+        await old.set_backend_ref(stale, "ref")
+    assert await db.fetchval("SELECT count(*) FROM imagen.images") == 0
+
+    await new.complete(fresh, image(fresh))
+    row = await db.fetchrow("SELECT status, image_id, error FROM imagen.jobs WHERE id = $1", fresh.id)
+    assert row["status"] == "done" and row["image_id"] is not None and row["error"] is None
+
+
+async def test_completing_twice_creates_no_second_image(db: asyncpg.Pool) -> None:
+    await enqueue(db)
+    queue = worker(db)
+    (job,) = await claim(queue)
+    await queue.complete(job, image(job))
+    with pytest.raises(LeaseLost):
+        await queue.complete(job, image(job))
+    assert await db.fetchval("SELECT count(*) FROM imagen.images") == 1
+
+
+async def test_heartbeat_renews_own_leases_and_reports_cancel_requests(db: asyncpg.Pool) -> None:
+    await enqueue(db)
+    await enqueue(db)
+    mine, theirs = worker(db), worker(db)
+    (a,) = await claim(mine, limit=1)
+    (b,) = await claim(theirs, limit=1)
+    await db.execute("UPDATE imagen.jobs SET cancel_requested = true WHERE id = $1", a.id)
+    renewed = await mine.heartbeat([a.id, b.id], lease_seconds=120)
+    assert renewed == {a.id: True}, "only own jobs are renewed; the cancel flag rides along"
+    remaining = await db.fetchval(
+        "SELECT extract(epoch FROM lease_expires_at - now()) FROM imagen.jobs WHERE id = $1", a.id
+    )
+    assert 100 < remaining <= 120
+
+
+async def test_retryable_errors_go_back_to_pending_with_backoff(db: asyncpg.Pool) -> None:
+    await enqueue(db, max_attempts=3)
+    queue = worker(db)
+    (job,) = await claim(queue)
+    outcome = await queue.record_error(job, RetryableError("blip", detail={"code": 503}), base=10, cap=60)
+    row = await db.fetchrow(
+        "SELECT status, error, error_detail, extract(epoch FROM run_at - now()) AS delay FROM imagen.jobs"
+    )
+    assert outcome == "retried" and row["status"] == "pending" and row["error"] == "blip"
+    assert 5 <= row["delay"] <= 10
+    assert row["error_detail"]["code"] == 503 and row["error_detail"]["attempt"] == 1
+
+
+async def test_terminal_errors_fail_at_once(db: asyncpg.Pool) -> None:
+    await enqueue(db, max_attempts=5)
+    queue = worker(db)
+    (job,) = await claim(queue)
+    assert await queue.record_error(job, TerminalError("width must be 64..4096"), base=1, cap=1) == "failed"
+    row = await db.fetchrow("SELECT status, error, finished_at FROM imagen.jobs")
+    assert row["status"] == "failed" and row["error"] == "width must be 64..4096" and row["finished_at"]
+
+
+async def test_release_returns_jobs_without_spending_an_attempt_and_wakes_workers(
+    db: asyncpg.Pool, database_url: str
+) -> None:
+    await enqueue(db)
+    queue = worker(db)
+    (job,) = await claim(queue)
+    listener = await asyncpg.connect(database_url)
+    heard: list[str] = []
+    await listener.add_listener("imagen_jobs", lambda *args: heard.append(args[3]))
+    try:
+        assert await queue.release([job.id]) == 1
+        await listener.execute("SELECT 1")
+    finally:
+        await listener.close()
+    row = await db.fetchrow("SELECT status, attempts FROM imagen.jobs")
+    assert row["status"] == "pending" and row["attempts"] == 0
+    assert heard, "released jobs are announced so another worker takes them at once"
+
+
+async def test_boot_recovery_requeues_only_expired_leases(db: asyncpg.Pool) -> None:
+    await enqueue(db)
+    await enqueue(db)
+    queue = worker(db)
+    jobs = await claim(queue, limit=2)
+    await db.execute(
+        "UPDATE imagen.jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1", jobs[0].id
+    )
+    assert await worker(db).requeue_expired() == 1
+    statuses = dict(await db.fetch("SELECT id, status FROM imagen.jobs"))
+    assert statuses == {jobs[0].id: "pending", jobs[1].id: "running"}
+
+
+async def test_an_operator_retry_gives_a_failed_job_fresh_attempts(db: asyncpg.Pool) -> None:
+    job_id = await enqueue(db)
+    queue = worker(db)
+    (job,) = await claim(queue)
+    await queue.fail(job, "boom")
+    assert await Queue(db).retry(job_id)
+    row = await db.fetchrow("SELECT status, attempts, error FROM imagen.jobs")
+    assert (row["status"], row["attempts"], row["error"]) == ("pending", 0, None)
+    assert not await Queue(db).retry(job_id), "only failed or cancelled jobs can be retried"
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 5, 20])
+def test_backoff_grows_exponentially_with_jitter_and_a_cap(attempt: int) -> None:
+    delays = [backoff_seconds(attempt, base=2, cap=60) for _ in range(200)]
+    nominal = min(60, 2 * 2 ** (attempt - 1))
+    assert all(nominal / 2 <= d <= nominal for d in delays)
+    assert len(set(delays)) > 1, "jitter spreads retries of a failed batch"
