@@ -1,0 +1,78 @@
+"""Local file names: safe, readable, and the same date locally and in storage."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from imagen_worker.output import check_naming, claim_path, plan_names, slugify
+
+JOB = uuid.UUID("12345678-1234-4234-8234-123456789abc")
+
+
+@pytest.mark.parametrize(
+    ("prompt", "slug"),
+    [
+        ("A Red Fox, in the Snow!", "a-red-fox-in-the-snow"),
+        ("Café crème brûlée", "cafe-creme-brulee"),
+        ("画像", "image"),
+        ("../../etc/passwd", "etc-passwd"),
+        ("x" * 100, "x" * 40),
+        ("   ", "image"),
+    ],
+)
+def test_slugs_are_lowercase_ascii_and_at_most_40_chars(prompt: str, slug: str) -> None:
+    assert slugify(prompt) == slug
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["../../../../etc/cron.d/evil", "/absolute/path", "a\\b\\c", "con\x00trol", "." * 50, "画像/" * 30],
+)
+def test_nothing_a_prompt_contains_leaves_the_output_directory(prompt: str, tmp_path: Path) -> None:
+    names = plan_names(
+        "{date}-{slug}-{seed}.{ext}", prompt=prompt, seed=7, backend="mock", mime_type="image/png",
+        job_id=JOB, when=datetime(2026, 5, 11, 23, 59),
+    )  # fmt: skip
+    target = (tmp_path / names.relative).resolve()
+    assert target.parent == tmp_path.resolve()
+    assert re.fullmatch(r"2026-05-11/[a-z0-9-]+-7-12345678\.png", names.storage_key)
+
+
+def test_local_file_and_storage_key_share_one_date_whatever_the_time_zone() -> None:
+    late_evening_west = datetime(2026, 5, 11, 23, 30, tzinfo=timezone(timedelta(hours=-7)))
+    names = plan_names(
+        "{date}/{slug}-{seed}.{ext}", prompt="owl", seed=1, backend="mock", mime_type="image/webp",
+        job_id=JOB, when=late_evening_west,
+    )  # fmt: skip
+    assert str(names.relative) == "2026-05-11/owl-1.webp"
+    assert names.storage_key == "2026-05-11/owl-1-12345678.webp"
+
+
+@pytest.mark.parametrize(
+    ("template", "problem"),
+    [
+        ("{date}-{user}.{ext}", "unknown placeholder"),
+        ("{date}-{slug}.png", "{ext}"),
+        ("/etc/{slug}.{ext}", "relative path"),
+        ("../{slug}.{ext}", "relative path"),
+    ],
+)
+def test_naming_templates_are_checked(template: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        check_naming(template)
+
+
+def test_a_name_taken_by_another_job_gets_a_job_suffix_but_a_retry_reuses_its_own(tmp_path: Path) -> None:
+    relative = Path("fox-1.png")
+    (tmp_path / "fox-1.png").write_bytes(b"other")
+    (tmp_path / "fox-1.png.json").write_text(json.dumps({"job_id": str(uuid.uuid4())}))
+    assert claim_path(tmp_path, relative, JOB).name == "fox-1-12345678.png"
+
+    (tmp_path / "fox-1.png.json").write_text(json.dumps({"job_id": str(JOB)}))
+    assert claim_path(tmp_path, relative, JOB).name == "fox-1.png"

@@ -1,0 +1,116 @@
+"""The one pipeline: local files first, then storage; a failed upload never loses the image."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imagen_worker.backends.mock import MockBackend
+from imagen_worker.config import OutputConfig
+from imagen_worker.errors import RetryableError, TerminalError
+from imagen_worker.pipeline import Pipeline, derived_seed, forget
+from imagen_worker.queue.jobs import JobSpec
+from imagen_worker.storage.base import StorageSink, StoredObject
+
+OWNER = uuid.UUID("00000000-0000-4000-8000-000000000004")
+
+
+class FlakyStore(StorageSink):
+    """Storage that is down for the first ``outages`` uploads."""
+
+    type_name = "flaky"
+
+    def __init__(self, outages: int) -> None:
+        self.outages = outages
+        self.objects: dict[str, bytes] = {}
+
+    @classmethod
+    def from_config(cls, block: Any, *, output_directory: Path) -> FlakyStore:
+        return cls(0)
+
+    async def put(self, key: str, source: Path, mime_type: str) -> StoredObject:
+        if self.outages:
+            self.outages -= 1
+            raise RetryableError("storage unavailable (503)")
+        self.objects[key] = source.read_bytes()
+        return StoredObject(key=key, location=f"flaky://{key}")
+
+
+class CountingContext:
+    backend_ref: str | None = None
+
+    def __init__(self) -> None:
+        self.progress: list[tuple[float, float]] = []
+
+    async def set_backend_ref(self, ref: str) -> None:
+        self.backend_ref = ref
+
+    def report_progress(self, value: float, maximum: float, **extra: Any) -> None:
+        self.progress.append((value, maximum))
+
+
+class CountingMock(MockBackend):
+    calls = 0
+
+    async def generate(self, request: Any, ctx: Any) -> Any:
+        CountingMock.calls += 1
+        return await super().generate(request, ctx)
+
+
+def pipeline(tmp_path: Path, store: StorageSink) -> Pipeline:
+    backend = CountingMock.from_config("mock", {"type": "mock"})
+    return Pipeline({"mock": backend}, "mock", store, OutputConfig(directory=tmp_path))
+
+
+SPEC = JobSpec(owner_user_id=OWNER, prompt="a heron", width=64, height=64, steps=3)
+
+
+async def test_a_failed_upload_keeps_the_image_and_the_retry_uploads_the_same_file(tmp_path: Path) -> None:
+    store = FlakyStore(outages=1)
+    job_id = uuid.uuid4()
+    CountingMock.calls = 0
+    with pytest.raises(RetryableError):
+        await pipeline(tmp_path, store).run(job_id, SPEC, CountingContext())
+    images = list(tmp_path.glob("*.png"))
+    assert len(images) == 1, "the image is on disk although the upload failed"
+
+    artifact = await pipeline(tmp_path, store).run(job_id, SPEC, CountingContext())
+    assert artifact.reused and CountingMock.calls == 1, "the retry does not generate again"
+    assert artifact.image_path == images[0]
+    assert store.objects == {artifact.storage_key: images[0].read_bytes()}
+    assert hashlib.sha256(images[0].read_bytes()).hexdigest() == artifact.sha256
+
+
+async def test_without_strict_upload_the_error_is_reported_not_raised(tmp_path: Path) -> None:
+    artifact = await pipeline(tmp_path, FlakyStore(outages=1)).run(
+        uuid.uuid4(), SPEC, CountingContext(), strict_upload=False
+    )
+    assert isinstance(artifact.upload_error, RetryableError)
+    assert artifact.image_path.is_file() and artifact.sidecar_path and artifact.sidecar_path.is_file()
+
+
+async def test_a_job_without_a_seed_gets_one_that_is_stable_across_retries(tmp_path: Path) -> None:
+    job_id = uuid.uuid4()
+    first = await pipeline(tmp_path, FlakyStore(0)).run(job_id, SPEC, CountingContext())
+    forget(tmp_path, job_id)
+    second = await pipeline(tmp_path / "again", FlakyStore(0)).run(job_id, SPEC, CountingContext())
+    assert first.seed == second.seed == derived_seed(job_id)
+    assert first.sha256 == second.sha256, "same prompt, seed and size: same mock image"
+
+
+async def test_styles_wrap_the_prompt_and_progress_reaches_the_context(tmp_path: Path) -> None:
+    ctx = CountingContext()
+    spec = JobSpec(owner_user_id=OWNER, prompt="a heron", style="watercolor", width=64, height=64, steps=3)
+    artifact = await pipeline(tmp_path, FlakyStore(0)).run(uuid.uuid4(), spec, ctx)
+    assert artifact.sidecar["styled_prompt"].startswith("watercolor painting of a heron")
+    assert ctx.progress == [(1, 3), (2, 3), (3, 3)]
+
+
+async def test_an_unknown_backend_is_a_terminal_error_that_names_what_is_served(tmp_path: Path) -> None:
+    spec = JobSpec(owner_user_id=OWNER, prompt="x", backend="sdxl-box")
+    with pytest.raises(TerminalError, match=r"unknown backend 'sdxl-box'.*serves: mock"):
+        await pipeline(tmp_path, FlakyStore(0)).run(uuid.uuid4(), spec, CountingContext())
