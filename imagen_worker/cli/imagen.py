@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from imagen_worker import backends as backend_registry
 from imagen_worker import styles as style_presets
@@ -26,8 +26,8 @@ from imagen_worker.storage import create_sink
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(config_app, name="config", help="Print a sample config or validate one.")
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 PROGRAM = "imagen"
 
 Backend_ = Annotated[str | None, typer.Option("--backend", "-b", help="Backend instance name.")]
@@ -139,7 +139,9 @@ def list_jobs(
         config = common.load(config_path)
         async with common.database(config) as conn:
             rows = await Queue(conn).recent(status, limit)
-        table = Table("id", "status", "backend", "prompt", "attempts", "created", "error")
+        table = Table("status", "backend", "prompt", "tries", "created", "error")
+        # Ids are what users copy into `status`/`cancel`: never shorten them.
+        table.columns.insert(0, Column("id", no_wrap=True, min_width=36))
         for row in rows:
             created = row["created_at"].strftime("%Y-%m-%d %H:%M:%S")
             table.add_row(

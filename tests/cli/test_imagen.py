@@ -1,0 +1,113 @@
+"""The ``imagen`` CLI, run as a user runs it, against the real database and a real worker."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import uuid
+from pathlib import Path
+
+import asyncpg
+
+from tests.workers import BIN, wait_registered, worker_env, worker_processes, write_config
+
+
+def imagen(*args: str, dsn: str, config: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "imagen"), *args], env=worker_env(dsn, config), capture_output=True, text=True,
+        timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+async def run_imagen(*args: str, dsn: str, config: Path) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(imagen, *args, dsn=dsn, config=config)
+
+
+async def test_submit_prints_the_job_id_and_status_list_cancel_retry_manage_it(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path)
+    submitted = await run_imagen(
+        "submit", "a quiet harbour", "--size", "512x384", "--param", "mock_fail=terminal", "--priority", "5",
+        dsn=database_url, config=config,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = uuid.UUID(submitted.stdout.strip())
+    row = await db.fetchrow("SELECT * FROM imagen.jobs WHERE id = $1", job_id)
+    assert (row["width"], row["height"], row["priority"]) == (512, 384, 5)
+    assert row["params"] == {"mock_fail": "terminal"}
+
+    status = await run_imagen("status", str(job_id), dsn=database_url, config=config)
+    assert status.returncode == 0 and "pending" in status.stdout and "a quiet harbour" in status.stdout
+    listed = await run_imagen("list", "--status", "pending", dsn=database_url, config=config)
+    assert str(job_id) in listed.stdout
+
+    cancelled = await run_imagen("cancel", str(job_id), dsn=database_url, config=config)
+    assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
+    again = await run_imagen("cancel", str(job_id), dsn=database_url, config=config)
+    assert again.returncode == 1 and "nothing to cancel" in again.stderr
+    retried = await run_imagen("retry", str(job_id), dsn=database_url, config=config)
+    assert retried.returncode == 0
+    assert await db.fetchval("SELECT status FROM imagen.jobs WHERE id = $1", job_id) == "pending"
+
+
+async def test_submit_wait_ends_with_the_image_path_or_the_jobs_error(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, backends={"mock": {"type": "mock", "latency_ms": 1500}})
+    with worker_processes(database_url, config, 1, tmp_path) as procs:
+        await wait_registered(db, *procs)
+        ok, bad = await asyncio.gather(
+            run_imagen("submit", "a lantern", "--size", "256x256", "--steps", "6", "--wait",
+                       dsn=database_url, config=config),
+            run_imagen("submit", "doomed", "--param", "mock_fail=terminal", "--wait",
+                       dsn=database_url, config=config),
+        )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    image = Path(ok.stdout.strip())
+    assert image.is_file() and image.read_bytes().startswith(b"\x89PNG")
+    assert bad.returncode == 1
+    assert "failed" in bad.stderr and "simulated bad request" in bad.stderr
+
+
+async def test_progress_of_a_running_job_reaches_the_row(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, backends={"mock": {"type": "mock", "latency_ms": 3000}})
+    with worker_processes(database_url, config, 1, tmp_path) as procs:
+        await wait_registered(db, *procs)
+        submitted = await run_imagen("submit", "slow", "--steps", "30", dsn=database_url, config=config)
+        job_id = uuid.UUID(submitted.stdout.strip())
+        seen: list[float] = []
+        for _ in range(60):
+            progress = await db.fetchval("SELECT progress FROM imagen.jobs WHERE id = $1", job_id)
+            if progress:
+                seen.append(progress["fraction"])
+            await asyncio.sleep(0.1)
+    assert seen, "progress was written while the job ran"
+    assert seen == sorted(seen) and 0 < seen[0] < 1
+    assert len(set(seen)) <= 6, "progress writes are throttled to about one per second"
+
+
+def test_generate_runs_in_process_and_prints_only_the_image_path(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    result = imagen("generate", "a paper boat", "--size", "128x128", "--seed", "5", dsn="", config=config)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].endswith("-a-paper-boat-5.png")
+    assert Path(lines[0]).is_file() and Path(lines[0] + ".json").is_file()
+
+
+def test_generate_with_bad_input_fails_in_words(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    result = imagen("generate", "x", "--size", "banana", dsn="", config=config)
+    assert result.returncode == 1
+    assert "--size 'banana': expected WIDTHxHEIGHT" in result.stderr
+
+
+def test_styles_and_backends_are_listed(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    styles = imagen("styles", dsn="", config=config)
+    assert styles.returncode == 0 and "watercolor" in styles.stdout
+    backends = imagen("backends", dsn="", config=config)
+    assert backends.returncode == 0 and "mock" in backends.stdout and "yes" in backends.stdout
