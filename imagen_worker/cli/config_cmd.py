@@ -1,0 +1,175 @@
+"""``imagen config``: print a sample ``imagen.yaml`` and check one.
+
+``validate`` reports every problem it can find in one run, each with its key path
+(``worker.concurrency: ...``, ``backends.comfyui: ...``): the file and environment through
+:func:`imagen_worker.config.collect_problems`, then every backend block through its adapter's
+own ``from_config``, then cross-references between blocks. Warnings (storage ownership, a
+password in ``database.url``) are printed but do not fail the check.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import typer
+import yaml
+
+from imagen_worker import backends
+from imagen_worker.config import Config, collect_problems, resolve_path
+from imagen_worker.errors import ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Write and check imagen.yaml.")
+
+SAMPLE_RESOURCE = "sample-config.yaml"
+
+
+@dataclass
+class Report:
+    """The outcome of checking one configuration."""
+
+    path: Path
+    exists: bool
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def sample_text() -> str:
+    """The commented sample configuration shipped with the package."""
+    return resources.files("imagen_worker").joinpath(SAMPLE_RESOURCE).read_text(encoding="utf-8")
+
+
+def _raw_file(path: Path) -> dict[str, Any]:
+    """The file's top-level mapping, or {} when it is missing or unreadable (already reported)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _backend_blocks(config: Config | None, raw: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """The blocks the worker would build; from the raw file when the config itself is invalid."""
+    if config is not None:
+        return dict(config.backend_blocks())
+    blocks = raw.get("backends")
+    if not isinstance(blocks, Mapping):
+        return {}
+    # Blocks without a usable ``type`` were already reported by the config validation.
+    return {
+        str(name): block
+        for name, block in blocks.items()
+        if isinstance(block, Mapping) and isinstance(block.get("type"), str)
+    }
+
+
+def _check_backends(blocks: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    problems = []
+    for name, block in blocks.items():
+        try:
+            backends.create(name, block)
+        except ConfigError as exc:
+            problems.append(f"backends.{name}: {exc}")
+        except ImportError as exc:
+            problems.append(
+                f"backends.{name}: the adapter for type {block.get('type')!r} cannot be loaded: {exc}"
+            )
+    return problems
+
+
+def _check_references(config: Config) -> list[str]:
+    names = config.backend_blocks()
+    configured = f"(configured: {', '.join(names)})"
+    problems = []
+    if config.default_backend and config.default_backend not in names:
+        problems.append(
+            f"default_backend: {config.default_backend!r} is not a configured backend {configured}"
+        )
+    for index, name in enumerate(config.worker.backends or []):
+        if name not in names:
+            problems.append(f"worker.backends[{index}]: {name!r} is not a configured backend {configured}")
+    return problems
+
+
+def _check_storage(config: Config, report: Report) -> None:
+    """``imagen_worker.storage.owner_warning(config)`` when the storage package provides it.
+
+    Building the sink to answer may itself find the storage block unusable; that is an error.
+    """
+    try:
+        storage = importlib.import_module("imagen_worker.storage")
+    except ImportError:
+        return
+    owner_warning = getattr(storage, "owner_warning", None)
+    if not callable(owner_warning):
+        return
+    try:
+        warning = owner_warning(config)
+    except ConfigError as exc:
+        report.errors.append(str(exc))
+        return
+    if isinstance(warning, str) and warning:
+        report.warnings.append(warning)
+    elif warning:
+        report.warnings.extend(str(item) for item in warning)
+
+
+def _file_url_warnings(raw: Mapping[str, Any]) -> list[str]:
+    database = raw.get("database")
+    url = database.get("url") if isinstance(database, Mapping) else None
+    if isinstance(url, str) and urlsplit(url).password:
+        return [
+            "database.url: the URL carries a password; put the whole URL in IMAGEN_DATABASE_URL "
+            "instead of the config file"
+        ]
+    return []
+
+
+def check(path: Path | None = None) -> Report:
+    """Every problem with the effective configuration (file at ``path`` plus environment)."""
+    file = resolve_path(path)
+    report = Report(path=file, exists=file.is_file())
+    if path is not None and not report.exists:
+        report.errors.append(f"{file}: no such file")
+        return report
+    config, problems = collect_problems(file)
+    report.errors.extend(problems)
+    raw = _raw_file(file) if report.exists else {}
+    report.errors.extend(_check_backends(_backend_blocks(config, raw)))
+    report.warnings.extend(_file_url_warnings(raw))
+    if config is not None:
+        report.errors.extend(_check_references(config))
+        _check_storage(config, report)
+    return report
+
+
+@app.command()
+def sample() -> None:
+    """Print a commented sample imagen.yaml (valid as printed)."""
+    typer.echo(sample_text(), nl=False)
+
+
+@app.command()
+def validate(
+    path: Annotated[
+        Path | None,
+        typer.Argument(help="The file to check (default: $IMAGEN_CONFIG, else ~/.config/imagen.yaml)."),
+    ] = None,
+) -> None:
+    """Check a configuration and print every problem with its key path."""
+    report = check(path)
+    for warning in report.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    if report.errors:
+        for problem in report.errors:
+            typer.echo(f"error: {problem}", err=True)
+        count = len(report.errors)
+        typer.echo(f"{report.path}: {count} problem{'s' if count != 1 else ''}", err=True)
+        raise typer.Exit(1)
+    suffix = "" if report.exists else " (no file: defaults and environment)"
+    typer.echo(f"ok: {report.path}{suffix}")
