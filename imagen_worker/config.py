@@ -140,6 +140,12 @@ class Config(BaseSettings):
         except ValueError:
             raise ValueError(f"not a UUID: {value!r}") from None
 
+    @field_validator("storage")
+    @classmethod
+    def _storage_type(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """A block given only by env (``IMAGEN_STORAGE__BUCKET``) keeps the default type."""
+        return {"type": "supabase", **value}
+
     @field_validator("backends")
     @classmethod
     def _typed_blocks(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -95,8 +95,9 @@ CREATE INDEX jobs_worker ON imagen.jobs (worker_id) WHERE status = 'running';
 -- The web UI: a user's jobs, newest first.
 CREATE INDEX jobs_owner_created ON imagen.jobs (owner_user_id, created_at DESC);
 CREATE INDEX images_owner_created ON imagen.images (owner_user_id, created_at DESC);
--- Idempotent enqueue: one live job per key.
-CREATE UNIQUE INDEX jobs_dedupe_live ON imagen.jobs (dedupe_key)
+-- Idempotent enqueue: one live job per key and owner (per owner, so one user cannot probe
+-- another user's keys through unique violations).
+CREATE UNIQUE INDEX jobs_dedupe_live ON imagen.jobs (owner_user_id, dedupe_key)
     WHERE dedupe_key IS NOT NULL AND status IN ('pending', 'running');
 
 -- Fleet registry: which backends each live worker serves, so a job naming a backend no
@@ -149,6 +150,11 @@ CREATE TRIGGER jobs_notify_event
 CREATE FUNCTION imagen.on_cancel_requested() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    -- A cancel cannot be taken back while the job is live: the worker may already be stopping it.
+    IF OLD.cancel_requested AND NOT NEW.cancel_requested AND NEW.status = OLD.status
+       AND OLD.status IN ('pending', 'running') THEN
+        NEW.cancel_requested := true;
+    END IF;
     IF NEW.cancel_requested AND NOT OLD.cancel_requested THEN
         IF OLD.status = 'pending' THEN
             NEW.status := 'cancelled';

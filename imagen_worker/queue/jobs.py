@@ -24,7 +24,7 @@ from uuid import UUID
 
 import asyncpg
 
-from imagen_worker.errors import JobError, LeaseLost
+from imagen_worker.errors import ConfigError, JobError, LeaseLost
 from imagen_worker.queue.queries import sql
 
 Executor: TypeAlias = asyncpg.Pool | asyncpg.Connection
@@ -123,7 +123,7 @@ class Queue:
             new_id = await self.db.fetchval(sql("enqueue"), *args)
             if new_id is not None:
                 return new_id, True
-            existing = await self.db.fetchval(sql("find_live_dedupe"), spec.dedupe_key)
+            existing = await self.db.fetchval(sql("find_live_dedupe"), spec.owner_user_id, spec.dedupe_key)
             if existing is not None:
                 return existing, False
         raise RuntimeError(f"dedupe_key {spec.dedupe_key!r} kept changing state; try again")
@@ -135,7 +135,12 @@ class Queue:
 
     async def retry(self, job_id: UUID) -> bool:
         """Put a failed or cancelled job back in the queue with a fresh set of attempts."""
-        return await self.db.fetchrow(sql("retry_job"), job_id) is not None
+        try:
+            return await self.db.fetchrow(sql("retry_job"), job_id) is not None
+        except asyncpg.UniqueViolationError:
+            raise ConfigError(
+                f"job {job_id} cannot be retried: another live job of the same owner holds its dedupe_key"
+            ) from None
 
     async def get(self, job_id: UUID) -> asyncpg.Record | None:
         return await self.db.fetchrow(sql("get_job"), job_id)

@@ -3,17 +3,17 @@
 -- (id, worker_id, attempts, status): zero rows means the lease was lost.
 
 -- name: enqueue
--- Idempotent on dedupe_key among live jobs: a conflict inserts nothing.
+-- Idempotent on (owner, dedupe_key) among live jobs: a conflict inserts nothing.
 INSERT INTO imagen.jobs (owner_user_id, prompt, negative_prompt, backend, style, width, height,
                          steps, seed, params, priority, run_at, max_attempts, dedupe_key)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, coalesce($12, now()), $13, $14)
-ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('pending', 'running')
+ON CONFLICT (owner_user_id, dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('pending', 'running')
 DO NOTHING
 RETURNING id;
 
 -- name: find_live_dedupe
 SELECT id FROM imagen.jobs
-WHERE dedupe_key = $1 AND status IN ('pending', 'running');
+WHERE owner_user_id = $1 AND dedupe_key = $2 AND status IN ('pending', 'running');
 
 -- name: claim
 -- One statement, planner-fenced: runnable pending rows in priority order plus running rows

@@ -201,3 +201,14 @@ async def test_requesting_cancel_of_a_finished_job_changes_nothing(
     assert row is not None
     assert tuple(row) == (final_status, False)
     assert control == events == []
+
+
+async def test_a_cancel_request_on_a_live_job_cannot_be_taken_back(db: asyncpg.Pool) -> None:
+    job_id = await db.fetchval(
+        "INSERT INTO imagen.jobs (owner_user_id, prompt, status, worker_id, lease_expires_at) "
+        "VALUES (gen_random_uuid(), 'p', 'running', gen_random_uuid(), now() + interval '1 minute') "
+        "RETURNING id"
+    )
+    await db.execute("UPDATE imagen.jobs SET cancel_requested = true WHERE id = $1", job_id)
+    await db.execute("UPDATE imagen.jobs SET cancel_requested = false WHERE id = $1", job_id)
+    assert await db.fetchval("SELECT cancel_requested FROM imagen.jobs WHERE id = $1", job_id) is True

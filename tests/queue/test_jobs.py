@@ -7,7 +7,7 @@ import uuid
 import asyncpg
 import pytest
 
-from imagen_worker.errors import LeaseLost, RetryableError, TerminalError
+from imagen_worker.errors import ConfigError, LeaseLost, RetryableError, TerminalError
 from imagen_worker.queue.jobs import ImageRecord, Job, JobSpec, Queue, backoff_seconds
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-000000000003")
@@ -205,3 +205,20 @@ def test_backoff_grows_exponentially_with_jitter_and_a_cap(attempt: int) -> None
     nominal = min(60, 2 * 2 ** (attempt - 1))
     assert all(nominal / 2 <= d <= nominal for d in delays)
     assert len(set(delays)) > 1, "jitter spreads retries of a failed batch"
+
+
+async def test_dedupe_keys_belong_to_their_owner(db: asyncpg.Pool) -> None:
+    queue = Queue(db)
+    mine, _ = await queue.enqueue(JobSpec(owner_user_id=OWNER, prompt="a", dedupe_key="k"))
+    theirs, created = await queue.enqueue(JobSpec(owner_user_id=uuid.uuid4(), prompt="b", dedupe_key="k"))
+    assert created and theirs != mine
+
+
+async def test_an_operator_retry_that_would_clash_with_a_live_dedupe_key_says_so(db: asyncpg.Pool) -> None:
+    queue = worker(db)
+    first = await enqueue(db, dedupe_key="nightly")
+    (job,) = await claim(queue)
+    await queue.fail(job, "boom")
+    await enqueue(db, dedupe_key="nightly")
+    with pytest.raises(ConfigError, match="holds its dedupe_key"):
+        await Queue(db).retry(first)
