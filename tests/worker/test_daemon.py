@@ -186,3 +186,19 @@ def _in(seconds: float) -> object:
     from datetime import UTC, datetime, timedelta
 
     return datetime.now(UTC) + timedelta(seconds=seconds)
+
+
+async def test_a_job_whose_workers_keep_dying_fails_after_max_attempts(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    job_id = await db.fetchval(
+        "INSERT INTO imagen.jobs (owner_user_id, prompt, status, attempts, max_attempts, worker_id, "
+        "lease_expires_at) VALUES ($1, 'poison', 'running', 3, 3, gen_random_uuid(), now() - interval '1 s') "
+        "RETURNING id",
+        OWNER,
+    )
+    config = make_config(tmp_path)
+    async with running_worker(config, database_url):
+        job = await terminal(db, job_id)
+    assert job["status"] == "failed"
+    assert "stopped responding" in job["error"] and "3 attempts" in job["error"]
