@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sys
 import uuid
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Column, Table
+from rich.table import Table
 
 from imagen_worker import backends as backend_registry
 from imagen_worker import styles as style_presets
@@ -139,16 +140,18 @@ def list_jobs(
         config = common.load(config_path)
         async with common.database(config) as conn:
             rows = await Queue(conn).recent(status, limit)
-        table = Table("status", "backend", "prompt", "tries", "created", "error")
-        # Ids are what users copy into `status`/`cancel`: never shorten them.
-        table.columns.insert(0, Column("id", no_wrap=True, min_width=36))
+        # One line per job; ids are what users copy into `status`/`cancel`, so never shortened.
+        # Plain aligned lines: full ids (users copy them into status/cancel), greppable, and
+        # the prompt/error column is cut to the terminal instead of wrapping.
+        width = shutil.get_terminal_size((120, 24)).columns
+        print(f"{'id':36}  {'status':9}  {'created':14}  prompt / error")
         for row in rows:
-            created = row["created_at"].strftime("%Y-%m-%d %H:%M:%S")
-            table.add_row(
-                str(row["id"]), row["status"], row["backend"] or "(default)", row["prompt"][:40],
-                str(row["attempts"]), created, (row["error"] or "")[:60],
-            )  # fmt: skip
-        out.print(table)
+            created = row["created_at"].strftime("%m-%d %H:%M:%S")
+            text = row["prompt"].replace("\n", " ")
+            if row["error"]:
+                text = f"{text} -- {row['error']}"
+            line = f"{row['id']!s:36}  {row['status']:9}  {created:14}  {text}"
+            print(line if len(line) <= width else line[: width - 1] + "…")
 
     common.run(PROGRAM, go)
 
