@@ -25,7 +25,11 @@ from imagen_worker.queue.jobs import JobSpec, Queue
 from imagen_worker.queue.queries import sql
 from imagen_worker.storage import create_sink
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Submit prompts to the imagen queue, follow them, or generate in-process.",
+)
 app.add_typer(config_app, name="config", help="Print a sample config or validate one.")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)

@@ -13,7 +13,11 @@ from imagen_worker.db import migrate as migrations
 from imagen_worker.db.connect import connect, resolve_dsn
 from imagen_worker.errors import ConfigError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="The imagen queue worker (run) and its admin commands.",
+)
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="imagen.yaml (default: $IMAGEN_CONFIG or ~/.config)")
