@@ -42,6 +42,7 @@ class FlakyStore(StorageSink):
 
 class CountingContext:
     backend_ref: str | None = None
+    cancel_requested = False
 
     def __init__(self) -> None:
         self.progress: list[tuple[float, float]] = []

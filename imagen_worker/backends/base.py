@@ -67,9 +67,19 @@ class JobContext(Protocol):
     def report_progress(self, value: float, maximum: float, **extra: Any) -> None:
         """Record progress; cheap to call often (the caller throttles database writes)."""
 
+    @property
+    def cancel_requested(self) -> bool:
+        """Why ``generate`` was cancelled: True when the job's owner cancelled it, so remote work
+        must stop; False when the worker only lets go (lease lost, shutdown), so remote work
+        should go on for the next owner, who adopts it through ``backend_ref``."""
+
 
 class Backend(abc.ABC):
-    """Base class for adapters. Cancellation arrives as ``asyncio.CancelledError`` in ``generate``."""
+    """Base class for adapters.
+
+    Cancellation arrives as ``asyncio.CancelledError`` in ``generate``; ``ctx.cancel_requested``
+    says whether to stop the remote work too.
+    """
 
     type_name: ClassVar[str]
 

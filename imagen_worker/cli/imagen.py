@@ -198,6 +198,7 @@ class _TerminalProgress:
     """JobContext for in-process generation: progress goes to stderr, nothing is stored."""
 
     backend_ref: str | None = None
+    cancel_requested = True  # Ctrl-C here means: stop the remote work too
 
     async def set_backend_ref(self, ref: str) -> None:
         self.backend_ref = ref

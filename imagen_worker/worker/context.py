@@ -23,6 +23,7 @@ class WorkerJobContext:
         self.job = job
         self.min_interval = min_interval
         self._ref = job.backend_ref
+        self.cancel_requested = False
         self._latest: dict[str, Any] | None = None
         self._last_write = 0.0
         self._flush: asyncio.Task[None] | None = None

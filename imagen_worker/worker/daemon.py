@@ -47,8 +47,8 @@ CANCEL, LEASE_LOST, SHUTDOWN = "cancel", "lease_lost", "shutdown"
 class InFlight:
     job: Job
     backend: str
+    ctx: WorkerJobContext
     task: asyncio.Task[None]
-    claimed_at: float
 
 
 def spec_of(job: Job) -> JobSpec:
@@ -228,8 +228,9 @@ class Worker:
                     break
 
     def _spawn(self, job: Job, backend: str) -> None:
-        task = asyncio.create_task(self._run_job(job, backend), name=f"imagen-job-{job.id}")
-        self.inflight[job.id] = InFlight(job, backend, task, time.monotonic())
+        ctx = WorkerJobContext(self.queue, job)
+        task = asyncio.create_task(self._run_job(job, backend, ctx), name=f"imagen-job-{job.id}")
+        self.inflight[job.id] = InFlight(job, backend, ctx, task)
         self._emit("claimed", job=job, backend=backend)
 
         def finished(_: asyncio.Task[None]) -> None:
@@ -273,18 +274,20 @@ class Worker:
         if flight is None or flight.task.done() or job_id in self._cancel_reasons:
             return
         self._cancel_reasons[job_id] = reason
+        flight.ctx.cancel_requested = reason == CANCEL
         flight.task.cancel()
 
     # --- one job -------------------------------------------------------------------------
 
-    async def _run_job(self, job: Job, backend: str) -> None:
+    async def _run_job(self, job: Job, backend: str, ctx: WorkerJobContext) -> None:
         jlog = log.bind(job_id=str(job.id), backend=job.backend or backend, attempt=job.attempts)
         jlog.info("job claimed", waited_seconds=round(job.waited_seconds, 4))
         try:
-            await self._execute(job, jlog)
+            await self._execute(job, ctx, jlog)
         except LeaseLost as exc:
             jlog.warning("lease lost; another worker owns the job now", detail=str(exc))
         except asyncio.CancelledError:
+            await ctx.close()
             reason = self._cancel_reasons.get(job.id)
             if reason is None:
                 raise
@@ -299,7 +302,7 @@ class Worker:
             error = RetryableError(f"internal error: {type(exc).__name__}: {exc}")
             await self._record_error(job, backend, error, jlog)
 
-    async def _execute(self, job: Job, jlog: Any) -> None:
+    async def _execute(self, job: Job, ctx: WorkerJobContext, jlog: Any) -> None:
         if job.attempts > job.max_attempts:
             message = (
                 f"gave up after {job.max_attempts} attempts: the worker running this job "
@@ -313,7 +316,6 @@ class Worker:
             await self.queue.cancelled(job)
             self._emit("cancelled", job=job, backend=job.backend or self.default_backend)
             return
-        ctx = WorkerJobContext(self.queue, job)
         try:
             artifact = await self.pipeline.run(job.id, spec_of(job), ctx)
         except JobError as error:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import asyncpg
 
+from imagen_worker.backends.base import GenerateRequest, GenerateResult, JobContext
+from imagen_worker.backends.mock import MockBackend
 from imagen_worker.queue.jobs import JobSpec, Queue
 from tests.workers import eventually, job_row, make_config, running_worker, terminal
 
@@ -202,3 +204,35 @@ async def test_a_job_whose_workers_keep_dying_fails_after_max_attempts(
         job = await terminal(db, job_id)
     assert job["status"] == "failed"
     assert "stopped responding" in job["error"] and "3 attempts" in job["error"]
+
+
+class RecordsWhyItWasStopped(MockBackend):
+    """Blocks until cancelled and remembers whether remote work was to be stopped."""
+
+    seen: list[bool]
+
+    async def generate(self, request: GenerateRequest, ctx: JobContext) -> GenerateResult:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            self.seen.append(ctx.cancel_requested)
+            raise
+        raise AssertionError("unreachable")
+
+
+async def test_the_backend_is_told_to_stop_remote_work_only_when_the_owner_cancels(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    backend = RecordsWhyItWasStopped.from_config("mock", {"type": "mock"})
+    backend.seen = []
+    config = make_config(tmp_path, worker={"shutdown_grace": 0.2})
+    async with running_worker(config, database_url) as worker:
+        worker.backends["mock"] = backend
+        cancelled = await insert(db, "cancel me")
+        await eventually(lambda: _status_is(db, cancelled, "running"))
+        await Queue(db).request_cancel(cancelled)
+        await terminal(db, cancelled)
+        released = await insert(db, "let go of me")
+        await eventually(lambda: _status_is(db, released, "running"))
+    assert backend.seen == [True, False], "owner cancel stops remote work; shutdown lets it run on"
+    assert (await job_row(db, released))["status"] == "pending"
