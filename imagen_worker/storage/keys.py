@@ -1,0 +1,62 @@
+"""Storage keys: refused before any HTTP client or file system sees them.
+
+Keys come from ``output.plan_names`` and use only ``[a-z0-9._-]`` segments, but a sink must
+not trust that: httpx silently collapses ``..`` segments (the object lands somewhere else),
+the Storage server refuses non-ASCII keys, and a local sink must never write outside its
+directory. Refusing early turns all of that into one terminal job error with a clear reason.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import quote
+
+from imagen_worker.errors import ConfigError, TerminalError
+
+# Supabase Storage's own validator (src/storage/limits.ts isValidKey), one segment at a time.
+_SEGMENT = re.compile(r"[A-Za-z0-9_!.*'() &$=@;:+,?-]+")
+MAX_SEGMENT_CHARS = 200
+MAX_KEY_BYTES = 900
+
+
+class InvalidStorageKey(TerminalError, ValueError):
+    """A key no sink may use; a ``TerminalError`` for the queue, a ``ValueError`` for callers."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(
+            f"refusing storage key {key!r}: {reason}",
+            detail={"operation": "validate_key", "key": key, "reason": reason},
+        )
+        self.key = key
+        self.reason = reason
+
+
+class MissingCredentials(ConfigError):
+    """A cloud sink's credentials are not in the environment (``auto`` then falls back to local)."""
+
+
+def check_key(key: str) -> list[str]:
+    """Return the key's segments, or raise ``InvalidStorageKey`` saying what is wrong."""
+    if not isinstance(key, str) or not key:
+        raise InvalidStorageKey(str(key), "the key is empty")
+    if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        raise InvalidStorageKey(key, f"longer than {MAX_KEY_BYTES} bytes")
+    segments = key.split("/")
+    for segment in segments:
+        if segment == "":
+            raise InvalidStorageKey(key, "empty path segment (leading, trailing or double '/')")
+        if segment in (".", ".."):
+            raise InvalidStorageKey(key, f"{segment!r} path segment")
+        if len(segment) > MAX_SEGMENT_CHARS:
+            raise InvalidStorageKey(key, f"a path segment is longer than {MAX_SEGMENT_CHARS} characters")
+        if not _SEGMENT.fullmatch(segment):
+            bad = sorted({ch for ch in segment if not _SEGMENT.fullmatch(ch)})
+            raise InvalidStorageKey(
+                key, f"characters outside ASCII letters, digits and _/!.*'() &$=@;:+,?- : {''.join(bad)!r}"
+            )
+    return segments
+
+
+def encode_key(key: str) -> str:
+    """The key as a URL path: every segment checked, then percent-encoded on its own."""
+    return "/".join(quote(segment, safe="") for segment in check_key(key))

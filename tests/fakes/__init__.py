@@ -1,0 +1,1 @@
+"""In-process fakes of the services the worker talks to, faithful to their protocols."""
