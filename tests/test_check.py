@@ -1,0 +1,184 @@
+"""``run_checks``: green against the real test database, one clear red line per real problem."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Self
+
+import pytest
+from rich.console import Console
+
+from imagen_worker import backends
+from imagen_worker.backends.base import Backend, GenerateRequest, GenerateResult, Health, JobContext
+from imagen_worker.check import CheckResult, describe_dsn, render_table, run_checks
+from imagen_worker.config import Config, load_config
+from imagen_worker.db import migrate as migrations
+
+
+def _by_name(results: list[CheckResult]) -> dict[str, CheckResult]:
+    return {r.name: r for r in results}
+
+
+def _config(tmp_path: Path, **overrides: Any) -> Config:
+    return load_config(output={"directory": str(tmp_path / "images")}, **overrides)
+
+
+async def test_all_green_with_the_mock_backend(database_url: str, tmp_path: Path) -> None:
+    results = await run_checks(_config(tmp_path), dsn=database_url)
+    by_name = _by_name(results)
+    assert list(by_name) == [
+        "config",
+        "output directory",
+        "database",
+        "migrations",
+        "listen/notify",
+        "backend mock",
+        "storage",
+    ]
+    assert all(r.ok for r in results), results
+    assert "PostgreSQL" in by_name["database"].detail
+    latest = migrations.discover()[-1].version
+    assert by_name["migrations"].detail == f"up to date ({latest})"
+    assert by_name["backend mock"].detail == "mock: healthy"
+    assert by_name["storage"].detail.startswith("local: images stay on this machine")
+    assert "(will be created)" in by_name["output directory"].detail
+
+
+async def test_bad_dsn_is_one_clear_failing_line(tmp_path: Path) -> None:
+    dsn = "postgresql://imagen:hunter2-pw@127.0.0.1:1/imagen"
+    results = await run_checks(_config(tmp_path), dsn=dsn, check_timeout=3)
+    failed = [r for r in results if not r.ok]
+    assert [r.name for r in failed] == ["database"]
+    assert failed[0].detail.startswith("cannot connect to 127.0.0.1:1/imagen: ")
+    assert "hunter2" not in failed[0].detail
+    assert "migrations" not in _by_name(results)
+
+
+async def test_pending_newer_and_edited_migrations(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shipped = migrations.discover()
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    monkeypatch.setattr(migrations, "migrations_dir", lambda: folder)
+
+    for m in shipped:
+        shutil.copy(m.path, folder / m.path.name)
+    (folder / "9999_future.sql").write_text("SELECT 1;\n")
+    row = _by_name(await run_checks(_config(tmp_path), dsn=database_url))["migrations"]
+    assert not row.ok and row.detail == "1 pending (9999_future): run `imagen-worker migrate`"
+
+    (folder / "9999_future.sql").unlink()
+    (folder / shipped[-1].path.name).unlink()
+    row = _by_name(await run_checks(_config(tmp_path), dsn=database_url))["migrations"]
+    assert row.ok and f"the database also has newer {shipped[-1].version}" in row.detail
+
+    (folder / shipped[0].path.name).write_text("-- edited after it was applied\n")
+    row = _by_name(await run_checks(_config(tmp_path), dsn=database_url))["migrations"]
+    assert not row.ok and "was changed after it was applied" in row.detail
+
+
+class _FakeBackend(Backend):
+    type_name = "fake"
+    closed: list[str] = []
+
+    def __init__(self, name: str, block: Mapping[str, Any]) -> None:
+        super().__init__(name)
+        self.block = block
+
+    @classmethod
+    def from_config(cls, name: str, block: Mapping[str, Any]) -> Self:
+        return cls(name, block)
+
+    async def health(self) -> Health:
+        await asyncio.sleep(self.block.get("delay", 0))
+        return Health(ok=self.block.get("ok", True), detail=self.block.get("detail", ""))
+
+    async def aclose(self) -> None:
+        _FakeBackend.closed.append(self.name)
+
+    async def generate(self, request: GenerateRequest, ctx: JobContext) -> GenerateResult:
+        raise NotImplementedError
+
+
+async def test_backend_health_failures_and_timeouts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_create = backends.create
+
+    def create(name: str, block: Mapping[str, Any]) -> Backend:
+        return _FakeBackend.from_config(name, block) if block["type"] == "fake" else real_create(name, block)
+
+    monkeypatch.setattr(backends, "create", create)
+    _FakeBackend.closed.clear()
+    config = _config(
+        tmp_path,
+        backends={
+            "gpu": {
+                "type": "fake",
+                "ok": False,
+                "detail": "ComfyUI at http://gpu:8188 refused the connection",
+            },
+            "slow": {"type": "fake", "delay": 5},
+            "typo": {"type": "comfyuii"},
+        },
+    )
+    by_name = _by_name(await run_checks(config, dsn=None, check_timeout=0.2))
+    assert by_name["backend gpu"] == CheckResult(
+        "backend gpu", False, "fake: ComfyUI at http://gpu:8188 refused the connection"
+    )
+    assert by_name["backend slow"] == CheckResult("backend slow", False, "fake: no answer within 0.2s")
+    assert (
+        not by_name["backend typo"].ok and "unknown backend type 'comfyuii'" in by_name["backend typo"].detail
+    )
+    assert sorted(_FakeBackend.closed) == ["gpu", "slow"]
+    assert by_name["database"].skipped and by_name["database"].ok
+
+
+async def test_storage_on_without_credentials_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGEN_CLOUD_SYNC", "on")
+    row = _by_name(await run_checks(_config(tmp_path), dsn=None))["storage"]
+    assert not row.ok and "SUPABASE_URL" in row.detail
+
+
+async def test_invalid_config_file_is_reported_and_database_still_checked(
+    database_url: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "imagen.yaml"
+    path.write_text("worker:\n  concurrency: 0\nstorage:\n  type: supabase\n  key: inline-secret\n")
+    results = await run_checks(None, dsn=database_url, config_path=path)
+    by_name = _by_name(results)
+    assert list(by_name) == ["config", "database", "migrations", "listen/notify"]
+    assert not by_name["config"].ok
+    assert "worker.concurrency" in by_name["config"].detail
+    assert "storage.key: secrets must not be written in the config file" in by_name["config"].detail
+    assert by_name["database"].ok
+
+
+async def test_unwritable_output_directory(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    row = _by_name(await run_checks(load_config(output={"directory": str(blocker / "x")}), dsn=None))
+    assert not row["output directory"].ok and "is not a directory" in row["output directory"].detail
+
+
+def test_render_table_keeps_bracketed_text() -> None:
+    console = Console(record=True, width=160, color_system=None)
+    console.print(
+        render_table(
+            [
+                CheckResult("database", False, "cannot connect: [Errno 111] Connect call failed"),
+                CheckResult("storage", True, "local", skipped=True),
+                CheckResult("config", True, "valid"),
+            ]
+        )
+    )
+    text = console.export_text()
+    assert "[Errno 111]" in text
+    assert "FAIL" in text and "skip" in text and "ok" in text
+
+
+def test_describe_dsn_never_shows_the_password() -> None:
+    assert describe_dsn("postgresql://u:pw@db.internal:6432/imagen") == "db.internal:6432/imagen"
+    assert describe_dsn("host=/run/postgresql dbname=imagen password=x") == "the configured database"
