@@ -341,7 +341,11 @@ class SupabaseSink(StorageSink):
         return self.api + _encode_signed_path(signed)
 
     async def check(self) -> None:
-        """Fail at startup, in one line, on an anon key, a foreign key or a missing bucket."""
+        """Fail at startup, in one line, on an anon key, a foreign key or a missing bucket.
+
+        An unreachable server is a ``RetryableError``, not a ``ConfigError``: the worker starts
+        anyway and its jobs retry their uploads once storage is back.
+        """
         role = _jwt_role(self._key)
         if role in ("anon", "authenticated"):
             raise ConfigError(
@@ -356,7 +360,7 @@ class SupabaseSink(StorageSink):
         try:
             response = await self._with_retries("check", None, attempt_once)
         except RetryableError as exc:
-            raise ConfigError(f"storage: cannot reach {self.url}: {exc.message}") from None
+            raise RetryableError(f"storage: cannot reach {self.url}: {exc.message}") from None
         if response.is_success:
             return
         error = StorageApiError.from_response(response)

@@ -116,6 +116,10 @@ class Worker:
         if self.default_backend not in self.backends:
             self.default_backend = next(iter(self.backends))
         self.sink = create_sink(self.config)
+        try:
+            await self.sink.check()  # a wrong key or a missing bucket stops the worker here
+        except RetryableError as exc:
+            log.warning("storage unreachable at start; uploads will retry", error=exc.message)
         self.pipeline = Pipeline(self.backends, self.default_backend, self.sink, self.config.output)
         self.queue = Queue(self.pool, self.id)
         await self._register()
@@ -323,7 +327,13 @@ class Worker:
             await self._record_error(job, job.backend or self.default_backend, error, jlog)
             return
         await ctx.close()
-        image_id = await self.queue.complete(job, image_record(artifact))
+        try:
+            image_id = await self.queue.complete(job, image_record(artifact))
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            # The image is on disk and in storage; the journal makes the retry reuse both.
+            error = RetryableError(f"could not record the result in the database: {exc}")
+            await self._record_error(job, artifact.backend, error, jlog)
+            return
         pipeline_module.forget(self.config.output.directory, job.id)
         self._emit("done", job=job, backend=artifact.backend, artifact=artifact)
         jlog.info(

@@ -391,12 +391,12 @@ async def test_check_names_a_foreign_key_and_a_missing_bucket(
         await make_sink(bucket="missing").check()
 
 
-async def test_check_reports_an_unreachable_server_as_a_config_error(make_sink: Make) -> None:
+async def test_check_reports_an_unreachable_server_as_retryable_not_misconfigured(make_sink: Make) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
 
-    with pytest.raises(ConfigError, match="cannot reach"):
+    with pytest.raises(RetryableError, match="cannot reach"):
         await make_sink(url=f"http://127.0.0.1:{port}", max_retries=0).check()
 
 

@@ -1,0 +1,133 @@
+"""Cloud sync through the worker: nothing lost when storage or the database blips."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.fakes.storage import FakeStorage
+from tests.workers import BIN, make_config, running_worker, terminal, worker_env, write_config
+
+OWNER = uuid.UUID("00000000-0000-4000-8000-000000000005")
+STORAGE = {"type": "supabase", "max_retries": 0}
+
+
+@pytest.fixture
+async def storage(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeStorage]:
+    async with FakeStorage() as fake:
+        monkeypatch.setenv("SUPABASE_URL", fake.url)
+        monkeypatch.setenv("SUPABASE_SERVICE_KEY", fake.service_key)
+        yield fake
+    assert fake.errors == []
+
+
+async def insert(db: asyncpg.Pool, prompt: str) -> uuid.UUID:
+    job_id: uuid.UUID = await db.fetchval(
+        "INSERT INTO imagen.jobs (owner_user_id, prompt, width, height) VALUES ($1, $2, 128, 128) "
+        "RETURNING id",
+        OWNER,
+        prompt,
+    )
+    return job_id
+
+
+async def test_a_done_job_has_its_image_in_storage_and_a_signed_url_serves_it(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, storage: FakeStorage
+) -> None:
+    config = make_config(tmp_path, storage=STORAGE)
+    async with running_worker(config, database_url):
+        job = await terminal(db, await insert(db, "a kite over dunes"))
+    assert job["status"] == "done", job["error"]
+    image = await db.fetchrow("SELECT * FROM imagen.images WHERE id = $1", job["image_id"])
+    stored = storage.get(image["storage_path"])
+    local = Path(image["sidecar"]["local_path"]).read_bytes()
+    assert stored is not None and stored.data == local and stored.content_type == "image/png"
+
+    signed = await asyncio.to_thread(
+        subprocess.run,
+        [str(BIN / "imagen"), "sign", str(image["id"]), "--ttl", "60"],
+        env={**worker_env(database_url, write_config(tmp_path, storage=STORAGE)),
+             "SUPABASE_URL": storage.url, "SUPABASE_SERVICE_KEY": storage.service_key},
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert signed.returncode == 0, signed.stderr
+    url = signed.stdout.strip()
+    assert url.startswith(f"{storage.url}/storage/v1/object/sign/")
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(url)).content == local
+
+
+async def test_a_storage_outage_sends_the_job_back_and_the_retry_uploads_the_same_image(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, storage: FakeStorage
+) -> None:
+    storage.fail_next(2, status=503, methods=["PUT"])
+    config = make_config(tmp_path, storage=STORAGE)
+    async with running_worker(config, database_url):
+        job = await terminal(db, await insert(db, "a glass whale"), within=15)
+    assert job["status"] == "done" and job["attempts"] == 3
+    image = await db.fetchrow("SELECT * FROM imagen.images WHERE job_id = $1", job["id"])
+    put_statuses = [r.status for r in storage.requests if r.method == "PUT"]
+    assert put_statuses == [503, 503, 200]
+    assert storage.object_count() == 1 and storage.put_count(image["storage_path"]) == 1
+    assert len(list((tmp_path / "images").glob("*.png"))) == 1, "the image was generated once"
+
+
+async def test_upload_landed_but_the_database_transaction_failed_yields_one_object_and_one_row(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, storage: FakeStorage
+) -> None:
+    await db.execute(
+        """
+        CREATE SEQUENCE public.image_inserts;  -- sequences survive the rollback
+        CREATE FUNCTION public.fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF nextval('public.image_inserts') = 1 THEN
+                RAISE EXCEPTION 'simulated database failure after the upload';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER fail_once BEFORE INSERT ON imagen.images
+            FOR EACH ROW EXECUTE FUNCTION public.fail_once();
+        """
+    )
+    try:
+        config = make_config(tmp_path, storage=STORAGE)
+        async with running_worker(config, database_url):
+            job = await terminal(db, await insert(db, "a moth at a lamp"), within=15)
+    finally:
+        await db.execute(
+            "DROP TRIGGER fail_once ON imagen.images; DROP FUNCTION public.fail_once(); "
+            "DROP SEQUENCE public.image_inserts;"
+        )
+    assert job["status"] == "done" and job["attempts"] == 2
+    rows = await db.fetch("SELECT storage_path FROM imagen.images WHERE job_id = $1", job["id"])
+    assert len(rows) == 1
+    assert storage.object_count() == 1, "the retry overwrote its own object"
+    assert storage.put_count(rows[0]["storage_path"]) == 2, "uploaded by both attempts, to the same key"
+
+
+async def test_generate_reports_a_failed_sync_on_stderr_and_still_exits_0(
+    tmp_path: Path, storage: FakeStorage
+) -> None:
+    storage.fail_next(100, status=503)
+    config = write_config(tmp_path, storage=STORAGE)
+    env = {**worker_env("", config), "SUPABASE_URL": storage.url, "SUPABASE_SERVICE_KEY": storage.service_key}
+    result = await asyncio.to_thread(
+        subprocess.run, [str(BIN / "imagen"), "generate", "a snail", "--size", "64x64"],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0
+    assert "imagen: cloud sync:" in result.stderr and "503" in result.stderr
+    assert Path(result.stdout.strip()).is_file(), "the image exists although the upload failed"
+
+    skipped = await asyncio.to_thread(
+        subprocess.run, [str(BIN / "imagen"), "generate", "a snail", "--size", "64x64", "--no-cloud"],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert skipped.returncode == 0 and "cloud sync" not in skipped.stderr
