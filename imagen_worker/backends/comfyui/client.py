@@ -1,0 +1,303 @@
+"""The ComfyUI wire protocol for one instance: the HTTP calls and one long-lived websocket.
+
+This is the one place that knows how ComfyUI talks (reference: comfyui-api.md, §15 above all):
+
+- One socket per instance with a stable ``clientId``, opened before any POST, and every POST
+  carries that ``client_id``: without it ComfyUI sends no execution events at all (§4).
+- Events are routed by ``data.prompt_id``. Unknown types (custom nodes broadcast their own),
+  binary preview frames and ``executing`` without a prompt id (sent on reconnect) are ignored.
+- ComfyUI never pings and replays nothing. We ping, and after a drop we reconnect with backoff,
+  always closing the old socket first: a second socket with the same clientId takes over the
+  routing, and closing the old one afterwards would silently unroute the new one (§3).
+- ``/history/{id}`` answers ``{}`` for unknown, pending, deleted and pre-restart ids alike, so
+  "gone" is only decided together with ``/queue``; see ``backend.py``.
+- ``/queue``, ``/interrupt`` and ``/history`` POSTs answer 200 with an empty body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import structlog
+from websockets.asyncio.client import connect
+from websockets.exceptions import WebSocketException
+
+from imagen_worker.backends.comfyui import failures
+from imagen_worker.errors import RetryableError, TerminalError
+
+log = structlog.get_logger(__name__)
+
+MAX_FRAME_BYTES = 64 * 2**20  # a 2048² SaveImageWebsocket frame is 8 MB; the library default is 1 MiB
+PING_INTERVAL = 20.0
+RECONNECT_DELAYS = (0.05, 0.25, 1.0, 2.0, 5.0)  # the last one repeats
+
+# Synthetic events a watch receives besides ComfyUI's own messages.
+SOCKET_CONNECTED = "socket_connected"  # also after a reconnect: events may have been missed
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """One file an output node wrote, as listed in ``history.outputs`` (fetched via ``/view``)."""
+
+    node_id: str
+    kind: str  # the output key: images, gifs, videos, audio, ...
+    filename: str
+    subfolder: str
+    type: str  # output | temp | input
+
+
+@dataclass(frozen=True)
+class QueueState:
+    running: frozenset[str]
+    pending: frozenset[str]
+
+    def __contains__(self, prompt_id: object) -> bool:
+        return prompt_id in self.running or prompt_id in self.pending
+
+
+class PromptWatch:
+    """The socket events for one prompt id, in arrival order."""
+
+    def __init__(self) -> None:
+        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    def put(self, event: dict[str, Any]) -> None:
+        self._events.put_nowait(event)
+
+    async def get(self, within: float) -> dict[str, Any] | None:
+        """The next event, or None when ``within`` seconds pass without one."""
+        # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that arrives
+        # just as the event does, and a cancelled job would then carry on.
+        try:
+            async with asyncio.timeout(max(within, 0.0)):
+                return await self._events.get()
+        except TimeoutError:
+            return None
+
+
+class ComfyUIClient:
+    """HTTP + websocket to one ComfyUI instance at ``base_url``."""
+
+    def __init__(self, base_url: str, *, headers: Mapping[str, str], connect_timeout: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.client_id = f"imagen-worker-{uuid.uuid4().hex}"
+        self.version: str | None = None
+        self._headers = dict(headers)
+        self._connect_timeout = connect_timeout
+        self._http: httpx.AsyncClient | None = None
+        self._socket_task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._watches: dict[str, PromptWatch] = {}
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._http is None:
+            timeout = httpx.Timeout(60.0, connect=self._connect_timeout)
+            self._http = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=timeout)
+        if self._socket_task is None:
+            self._socket_task = asyncio.create_task(self._run_socket(), name=f"comfyui-ws {self.base_url}")
+
+    async def aclose(self) -> None:
+        if self._socket_task is not None:
+            self._socket_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._socket_task
+            self._socket_task = None
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self, within: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self._connected.wait()
+        return self.connected
+
+    @contextlib.contextmanager
+    def watch(self, prompt_id: str) -> Iterator[PromptWatch]:
+        """Receive ``prompt_id``'s events; register before the POST so none is missed."""
+        watch = PromptWatch()
+        self._watches[prompt_id] = watch
+        try:
+            yield watch
+        finally:
+            self._watches.pop(prompt_id, None)
+
+    # --- HTTP -------------------------------------------------------------------------
+
+    async def submit(self, graph: Mapping[str, Any], prompt_id: str) -> dict[str, Any]:
+        """``POST /prompt``; 400 raises the rejection, the 200 answer may still carry node_errors."""
+        body = {"prompt": graph, "client_id": self.client_id, "prompt_id": prompt_id}
+        response = await self._request("POST", "/prompt", json=body)
+        if response.status_code == 400:
+            raise failures.rejection(_json(response))
+        return _as_dict(_json(self._check(response)))
+
+    async def history(self, prompt_id: str) -> dict[str, Any] | None:
+        """The history entry, or None (unknown, pending, deleted or forgotten: ComfyUI can't tell)."""
+        data = _json(self._check(await self._request("GET", f"/history/{prompt_id}")))
+        entry = data.get(prompt_id) if isinstance(data, dict) else None
+        return entry if isinstance(entry, dict) else None
+
+    async def queue(self) -> QueueState:
+        data = _as_dict(_json(self._check(await self._request("GET", "/queue"))))
+
+        def ids(items: Any) -> frozenset[str]:
+            return frozenset(str(item[1]) for item in items or [] if isinstance(item, list) and len(item) > 1)
+
+        return QueueState(running=ids(data.get("queue_running")), pending=ids(data.get("queue_pending")))
+
+    async def delete_pending(self, prompt_id: str) -> None:
+        """Remove a pending prompt. Silent: no event will ever come for it (§10.2)."""
+        self._check(await self._request("POST", "/queue", json={"delete": [prompt_id]}))
+
+    async def interrupt(self, prompt_id: str) -> None:
+        """Interrupt our prompt only if it is the running one (0.3.56+). Never a bare interrupt."""
+        self._check(await self._request("POST", "/interrupt", json={"prompt_id": prompt_id}))
+
+    async def system_stats(self) -> dict[str, Any]:
+        stats = _as_dict(_json(self._check(await self._request("GET", "/system_stats"))))
+        system = stats.get("system")
+        if isinstance(system, dict) and isinstance(system.get("comfyui_version"), str):
+            self.version = system["comfyui_version"]
+        return stats
+
+    async def queue_remaining(self) -> int:
+        data = _as_dict(_json(self._check(await self._request("GET", "/prompt"))))
+        return int(_as_dict(data.get("exec_info")).get("queue_remaining", 0))
+
+    async def download(self, ref: FileRef) -> tuple[bytes, str]:
+        """Stream one output file from ``/view``; returns the bytes and the content type."""
+        params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
+        http = self._client()
+        try:
+            async with http.stream("GET", "/view", params=params) as response:
+                if response.status_code != 200:
+                    raise RetryableError(
+                        f"ComfyUI at {self.base_url} answered {response.status_code} for output file "
+                        f"{ref.subfolder}/{ref.filename} ({ref.type})",
+                        detail={"instance": self.base_url, "file": ref.__dict__},
+                    )
+                chunks = bytearray()
+                async for chunk in response.aiter_bytes():
+                    chunks.extend(chunk)
+                mime = response.headers.get("content-type", "application/octet-stream").split(";")[0]
+                return bytes(chunks), mime.strip()
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from exc
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return await self._client().request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from exc
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            raise RuntimeError("ComfyUIClient.start() was not called")
+        return self._http
+
+    def _unreachable(self, exc: Exception) -> RetryableError:
+        return RetryableError(
+            f"ComfyUI at {self.base_url} is unreachable: {type(exc).__name__}: {exc}".rstrip(": "),
+            detail={"instance": self.base_url, "exception_type": type(exc).__name__},
+        )
+
+    def _check(self, response: httpx.Response) -> httpx.Response:
+        status = response.status_code
+        if status < 400:
+            return response
+        where = f"{response.request.method} {response.request.url.path}"
+        detail = {"instance": self.base_url, "status": status, "body": response.text[:500]}
+        if status >= 500:
+            raise RetryableError(f"ComfyUI at {self.base_url} answered {status} to {where}", detail=detail)
+        if status in (401, 403, 404, 407):
+            # A proxy refusing us, a wrong base_url or ComfyUI's Origin check: the instance
+            # setup is wrong, not the job. Retry with backoff until someone fixes it.
+            raise RetryableError(
+                f"ComfyUI at {self.base_url} answered {status} to {where}; check base_url, headers and any "
+                "proxy in front of ComfyUI",
+                detail=detail,
+            )
+        raise TerminalError(f"ComfyUI at {self.base_url} answered {status} to {where}", detail=detail)
+
+    # --- websocket --------------------------------------------------------------------
+
+    def _socket_url(self) -> str:
+        scheme, _, rest = self.base_url.partition("://")
+        ws_scheme = "wss" if scheme == "https" else "ws"
+        return f"{ws_scheme}://{rest}/ws?clientId={self.client_id}"
+
+    async def _run_socket(self) -> None:
+        """Keep one socket open for the client's lifetime; reconnect with backoff after a drop."""
+        failures_in_a_row = 0
+        while True:
+            try:
+                async with connect(
+                    self._socket_url(),
+                    additional_headers=self._headers,
+                    max_size=MAX_FRAME_BYTES,
+                    ping_interval=PING_INTERVAL,
+                    ping_timeout=PING_INTERVAL,
+                    open_timeout=self._connect_timeout,
+                    close_timeout=2.0,
+                ) as socket:
+                    failures_in_a_row = 0
+                    self._connected.set()
+                    self.version = None  # a reconnect may mean a restarted (upgraded) server
+                    log.info("comfyui socket connected", instance=self.base_url)
+                    self._notify_all({"type": SOCKET_CONNECTED, "data": {}})
+                    async for frame in socket:
+                        if isinstance(frame, str):
+                            self._dispatch(frame)
+            except (OSError, TimeoutError, WebSocketException) as exc:
+                if failures_in_a_row == 0:
+                    log.warning(
+                        "comfyui socket lost", instance=self.base_url, error=f"{type(exc).__name__}: {exc}"
+                    )
+            finally:
+                self._connected.clear()
+            delay = RECONNECT_DELAYS[min(failures_in_a_row, len(RECONNECT_DELAYS) - 1)]
+            failures_in_a_row += 1
+            await asyncio.sleep(delay)
+
+    def _dispatch(self, frame: str) -> None:
+        try:
+            message = json.loads(frame)
+        except ValueError:
+            return
+        if not isinstance(message, dict) or not isinstance(message.get("data"), dict):
+            return
+        prompt_id = message["data"].get("prompt_id")
+        watch = self._watches.get(prompt_id) if isinstance(prompt_id, str) else None
+        if watch is not None:
+            watch.put(message)
+
+    def _notify_all(self, event: dict[str, Any]) -> None:
+        for watch in self._watches.values():
+            watch.put(event)
+
+
+def _json(response: httpx.Response) -> Any:
+    if not response.content:
+        return {}
+    try:
+        return response.json()
+    except ValueError:
+        return {}
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}

@@ -1,0 +1,112 @@
+"""Turn ComfyUI's error payloads into the sentence a user reads and the retry decision.
+
+Rejections (400, or 200 with ``node_errors``) are terminal: the same graph is rejected again.
+Execution errors are terminal too unless the cause is transient: out of memory (another job
+may have held the VRAM), a CUDA/driver fault (the instance needs a restart) or a network error
+inside an API node. The graph and seed are deterministic, so any other exception would recur.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from imagen_worker.errors import JobError, RetryableError, TerminalError
+
+MAX_DETAIL_CHARS = 2000
+MAX_TRACEBACK_FRAMES = 5
+
+_TRANSIENT_TYPES = ("OutOfMemoryError", "ConnectionError", "TimeoutError", "ConnectTimeout", "ReadTimeout")
+_TRANSIENT_TEXT = ("out of memory", "cuda error", "cudnn", "device-side assert", "cublas")
+
+
+def rejection(body: Any, *, queued: bool = False) -> TerminalError:
+    """A ``POST /prompt`` answer that refused the graph (or, ``queued``, dropped outputs)."""
+    body = body if isinstance(body, Mapping) else {}
+    error = body.get("error") if isinstance(body.get("error"), Mapping) else {}
+    node_errors = body.get("node_errors") if isinstance(body.get("node_errors"), Mapping) else {}
+    reasons = [_node_reason(node_id, entry) for node_id, entry in node_errors.items()]
+    if not reasons:
+        text = str(error.get("message") or "unknown reason")
+        details = error.get("details")
+        reasons = [f"{text.rstrip('.')} ({details})" if details else text.rstrip(".")]
+    if queued:
+        lead = "ComfyUI accepted the workflow but dropped outputs that failed validation"
+    else:
+        lead = "ComfyUI rejected the workflow"
+    detail = {"comfyui_error": _clip(dict(error)), "node_errors": _clip(dict(node_errors))}
+    return TerminalError(f"{lead}: {'; '.join(reasons)}", detail=detail)
+
+
+def execution_error(data: Mapping[str, Any], instance: str) -> JobError:
+    """The ``execution_error`` message (from the socket or the history entry) as a job error."""
+    node_id, node_type = data.get("node_id"), data.get("node_type")
+    exc_type = str(data.get("exception_type") or "Exception")
+    exc_message = str(data.get("exception_message") or "").strip()
+    first_line = exc_message.splitlines()[0].strip() if exc_message else "no message"
+    detail = {
+        "instance": instance,
+        "prompt_id": data.get("prompt_id"),
+        "node_id": node_id,
+        "node_type": node_type,
+        "exception_type": exc_type,
+        "exception_message": exc_message[:MAX_DETAIL_CHARS],
+        "traceback": [str(frame)[:MAX_DETAIL_CHARS] for frame in (data.get("traceback") or [])][
+            -MAX_TRACEBACK_FRAMES:
+        ],
+        "current_inputs": _clip(data.get("current_inputs") or {}, 200),
+        "executed": data.get("executed") or [],
+    }
+    where = f"node {node_id} ({node_type})" if node_id else "a node"
+    if _transient(exc_type, exc_message):
+        hint = " (out of GPU memory; will retry)" if "memory" in (exc_type + exc_message).lower() else ""
+        return RetryableError(f"ComfyUI failed in {where}: {exc_type}: {first_line}{hint}", detail=detail)
+    return TerminalError(f"ComfyUI failed in {where}: {exc_type}: {first_line}", detail=detail)
+
+
+def interrupted(data: Mapping[str, Any], instance: str) -> RetryableError:
+    """Someone else interrupted our prompt (the ComfyUI UI's cancel, a bare ``/interrupt``)."""
+    node = f" in node {data.get('node_id')} ({data.get('node_type')})" if data.get("node_id") else ""
+    return RetryableError(
+        f"ComfyUI at {instance} interrupted the prompt{node}; it was cancelled on the ComfyUI side",
+        detail={"instance": instance, "prompt_id": data.get("prompt_id"), "node_id": data.get("node_id")},
+    )
+
+
+def _node_reason(node_id: str, entry: Any) -> str:
+    """``node 4 (CheckpointLoaderSimple) input ckpt_name: value not in list: 'x' not in [...]``."""
+    entry = entry if isinstance(entry, Mapping) else {}
+    parts = []
+    for err in entry.get("errors") or []:
+        if not isinstance(err, Mapping):
+            continue
+        message = str(err.get("message") or err.get("type") or "invalid").rstrip(".")
+        message = message[:1].lower() + message[1:]
+        extra = err.get("extra_info")
+        extra = extra if isinstance(extra, Mapping) else {}
+        input_name = str(extra.get("input_name") or "")
+        details = str(err.get("details") or "")
+        for sep in (": ", ", "):
+            if input_name and details.startswith(input_name + sep):
+                details = details[len(input_name) + len(sep) :]
+        if details == input_name:
+            details = ""
+        text = f"input {input_name}: {message}" if input_name else message
+        parts.append(f"{text}: {_clip(details, 300)}" if details else text)
+    return f"node {node_id} ({entry.get('class_type', '?')}) {'; '.join(parts) or 'is invalid'}"
+
+
+def _transient(exc_type: str, message: str) -> bool:
+    text = message.lower()
+    return any(name in exc_type for name in _TRANSIENT_TYPES) or any(t in text for t in _TRANSIENT_TEXT)
+
+
+def _clip(value: Any, limit: int = MAX_DETAIL_CHARS) -> Any:
+    """Shorten long strings anywhere in a JSON value (tensor reprs run to kilobytes)."""
+    if isinstance(value, str):
+        return value if len(value) <= limit else value[:limit] + f"... [{len(value) - limit} more chars]"
+    if isinstance(value, Mapping):
+        return {str(k): _clip(v, limit) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clip(v, limit) for v in value]
+    return value

@@ -1,0 +1,107 @@
+"""Stopping a prompt: user cancel (running or pending) and the per-job deadline."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from imagen_worker.errors import RetryableError
+from tests.backends.comfyui.conftest import BackendFactory
+from tests.backends.comfyui.support import RecordingContext, make_request
+from tests.fakes.comfyui import FakeComfyUI
+
+
+async def test_cancelling_a_running_prompt_interrupts_exactly_that_prompt(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    backend = await make_backend(fake)
+    job = asyncio.create_task(
+        backend.generate(make_request("slow [fake:duration=5]", steps=50), RecordingContext())
+    )
+    prompt_id = await fake.wait_running()
+
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+
+    assert [(i.prompt_id, i.running) for i in fake.interrupts] == [(prompt_id, prompt_id)]
+    await fake.wait_until(lambda: fake.history_entry(prompt_id) is not None)
+    entry = fake.history_entry(prompt_id)
+    assert entry is not None and entry["status"]["messages"][-1][0] == "execution_interrupted"
+
+
+async def test_cancelling_a_pending_prompt_deletes_it_and_returns_at_once(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    backend = await make_backend(fake)
+    fake.pause()
+    job = asyncio.create_task(backend.generate(make_request(), RecordingContext()))
+    await fake.wait_until(lambda: len(fake.pending_prompts) == 1)
+    prompt_id = fake.pending_prompts[0]
+    loop = asyncio.get_running_loop()
+
+    started = loop.time()
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+
+    assert loop.time() - started < 0.5  # no waiting for an event that never comes (§10.2)
+    assert [r.body for r in fake.calls("POST", "/queue")] == [{"delete": [prompt_id]}]
+    assert fake.pending_prompts == []
+    assert fake.interrupts == []
+
+
+async def test_the_slot_of_an_interrupted_prompt_frees_once_comfyui_stopped(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    backend = await make_backend(fake, lookahead=0)
+    job = asyncio.create_task(
+        backend.generate(make_request("slow [fake:duration=5]", steps=50), RecordingContext())
+    )
+    await fake.wait_running()
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+
+    result = await asyncio.wait_for(backend.generate(make_request(), RecordingContext()), 5)
+
+    assert result.image.data
+    assert len(fake.executions) == 2
+    assert fake.executions[0].outcome == "interrupted"
+    assert fake.executions[1].start >= fake.executions[0].end  # never two of ours at once with lookahead 0
+
+
+async def test_a_prompt_over_its_deadline_is_interrupted_and_retried(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    backend = await make_backend(fake, timeout=0.3)
+
+    with pytest.raises(RetryableError) as caught:
+        await backend.generate(make_request("slow [fake:duration=5]", steps=50), RecordingContext())
+
+    prompt_id = fake.calls("POST", "/prompt")[0].body["prompt_id"]
+    assert caught.value.message == (
+        f"ComfyUI did not finish within 0.3 s (prompt {prompt_id} on {fake.url}); it was interrupted"
+    )
+    assert [i.prompt_id for i in fake.interrupts] == [prompt_id]
+    assert fake.executions[0].outcome == "interrupted"
+
+
+async def test_a_prompt_that_ignores_the_interrupt_is_reported_as_stuck(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 3, "sigma": 1.0}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}},
+    }
+    fake.default_duration = 3.0  # one long node without progress ticks: the interrupt waits for it
+    backend = await make_backend(fake, timeout=0.2, interrupt_grace=0.3, allow_job_workflows=True)
+
+    with pytest.raises(RetryableError) as caught:
+        await backend.generate(make_request(params={"workflow": graph}), RecordingContext())
+
+    assert caught.value.message.endswith(
+        "it was interrupted but did not stop within 0.3 s; the instance may need a restart"
+    )

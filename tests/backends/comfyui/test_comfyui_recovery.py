@@ -1,0 +1,90 @@
+"""A job that already has a backend ref (a retry, or a takeover after a crashed worker)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import httpx
+
+from imagen_worker.backends.comfyui.backend import make_ref
+from tests.backends.comfyui.conftest import BackendFactory
+from tests.backends.comfyui.support import RecordingContext, make_request
+from tests.fakes.comfyui import FakeComfyUI
+
+GRAPH = {
+    "1": {
+        "class_type": "EmptyImage",
+        "inputs": {"width": 8, "height": 8, "batch_size": 2, "color": 0x123456},
+    },
+    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "imagen/earlier/out"}},
+}
+
+
+async def _post_elsewhere(fake: FakeComfyUI, prompt_id: str) -> None:
+    """Submit as a previous worker process would have: another client_id, our prompt id."""
+    async with httpx.AsyncClient(base_url=fake.url) as http:
+        answer = await http.post(
+            "/prompt", json={"prompt": GRAPH, "prompt_id": prompt_id, "client_id": "dead-worker"}
+        )
+        assert answer.status_code == 200
+
+
+async def test_a_finished_prompt_is_collected_without_resubmitting(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    prompt_id = str(uuid.uuid4())
+    await _post_elsewhere(fake, prompt_id)
+    await fake.wait_until(lambda: fake.history_entry(prompt_id) is not None)
+    backend = await make_backend(fake)
+    ctx = RecordingContext(backend_ref=make_ref(prompt_id, fake.url))
+
+    result = await backend.generate(make_request(), ctx)
+
+    assert len(fake.calls("POST", "/prompt")) == 1  # only the earlier one
+    assert ctx.refs == []
+    assert result.metadata["prompt_id"] == prompt_id
+    assert [o["filename"] for o in result.metadata["outputs"]] == ["out_00001_.png", "out_00002_.png"]
+    assert len(result.extra_outputs) == 1  # a batch of two: the first is the image, the rest ride along
+
+
+async def test_a_prompt_still_running_is_waited_for(fake: FakeComfyUI, make_backend: BackendFactory) -> None:
+    fake.default_duration = 0.3
+    prompt_id = str(uuid.uuid4())
+    await _post_elsewhere(fake, prompt_id)
+    await fake.wait_running()
+    backend = await make_backend(fake, poll_interval=0.05)
+
+    result = await asyncio.wait_for(
+        backend.generate(make_request(), RecordingContext(make_ref(prompt_id, fake.url))), 5
+    )
+
+    assert len(fake.calls("POST", "/prompt")) == 1
+    assert result.metadata["prompt_id"] == prompt_id
+
+
+async def test_an_unknown_prompt_is_submitted_again_under_a_new_ref(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    backend = await make_backend(fake)
+    forgotten = str(uuid.uuid4())
+    ctx = RecordingContext(backend_ref=make_ref(forgotten, fake.url), fake=fake)
+
+    result = await backend.generate(make_request(), ctx)
+
+    assert fake.calls("GET", "/history/")[0].path == f"/history/{forgotten}"
+    assert len(fake.calls("POST", "/prompt")) == 1
+    assert result.metadata["prompt_id"] != forgotten
+    assert ctx.refs == [make_ref(result.metadata["prompt_id"], fake.url)]
+    assert ctx.posts_before_ref == [0]
+
+
+async def test_a_ref_for_an_instance_no_longer_configured_is_resubmitted(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    backend = await make_backend(fake)
+    ctx = RecordingContext(backend_ref=make_ref(str(uuid.uuid4()), "http://retired-gpu:8188"))
+
+    result = await backend.generate(make_request(), ctx)
+
+    assert ctx.refs == [make_ref(result.metadata["prompt_id"], fake.url)]

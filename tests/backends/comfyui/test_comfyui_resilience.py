@@ -1,0 +1,128 @@
+"""The traps of comfyui-api.md: history race, dead or silent sockets, restarts, cached reruns."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from imagen_worker.errors import RetryableError
+from tests.backends.comfyui.conftest import BackendFactory
+from tests.backends.comfyui.support import RecordingContext, make_request
+from tests.fakes.comfyui import FakeComfyUI
+
+
+async def test_history_written_late_after_success_is_still_read_correctly(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    fake.history_delay = 0.3  # execution_success is out, GET /history still answers {} (§5.3)
+    backend = await make_backend(fake)
+
+    result = await backend.generate(make_request(), RecordingContext())
+    returned = asyncio.get_running_loop().time()
+
+    assert result.image.data.startswith(b"\x89PNG")
+    assert returned >= fake.executions[0].end + 0.3  # it waited for the history write, not for nothing
+    assert fake.history_entry(result.metadata["prompt_id"]) is not None
+
+
+@pytest.mark.parametrize("trouble", ["socket dropped for good", "socket silent"])
+async def test_the_history_poll_finishes_a_job_whose_socket_failed(
+    fake: FakeComfyUI, make_backend: BackendFactory, trouble: str
+) -> None:
+    backend = await make_backend(fake, poll_interval=0.1)
+    job = asyncio.create_task(backend.generate(make_request("[fake:duration=0.3]"), RecordingContext()))
+    await fake.wait_running()
+    if trouble == "socket dropped for good":
+        fake.refuse_websockets = True
+        await fake.drop_sockets()
+    else:
+        fake.mute_events = True
+
+    result = await asyncio.wait_for(job, 5)
+
+    assert result.image.data.startswith(b"\x89PNG")
+    assert len(fake.calls("GET", "/history/")) >= 2
+
+
+async def test_a_restart_that_forgets_the_prompt_is_retryable_and_the_retry_resubmits(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    backend = await make_backend(fake)
+    ctx = RecordingContext()
+    job = asyncio.create_task(backend.generate(make_request("[fake:duration=5]", steps=20), ctx))
+    first = await fake.wait_running()
+
+    await fake.restart(down_for=0.1)
+    with pytest.raises(RetryableError) as caught:
+        await asyncio.wait_for(job, 5)
+
+    assert caught.value.message == (
+        f"ComfyUI at {fake.url} no longer knows prompt {first} (restarted, or the prompt was removed "
+        "from its queue); the job will be submitted again"
+    )
+    retry = RecordingContext(backend_ref=ctx.refs[0])
+    result = await asyncio.wait_for(backend.generate(make_request(), retry), 5)
+    assert result.metadata["prompt_id"] != first
+    assert retry.refs and retry.refs[0].startswith(result.metadata["prompt_id"])
+    assert backend._instances[0].client.connected
+
+
+async def test_the_fake_reproduces_the_cache_trap_and_the_adapter_avoids_it(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 255}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "shared"}},
+    }
+    async with httpx.AsyncClient(base_url=fake.url) as http:
+        for _ in range(2):
+            await http.post("/prompt", json={"prompt": graph})
+            await fake.wait_until(lambda: fake.running_prompt is None and not fake.pending_prompts)
+        outputs = [entry["outputs"]["2"]["images"][0]["filename"] for entry in fake._state.history.values()]
+    assert outputs == ["shared_00001_.png", "shared_00001_.png"]  # the identical rerun got the OLD file
+
+    backend = await make_backend(fake)
+    first = await backend.generate(make_request(), RecordingContext())
+    second = await backend.generate(make_request(), RecordingContext())  # same params, another job
+
+    assert first.metadata["outputs"][0]["subfolder"] != second.metadata["outputs"][0]["subfolder"]
+    assert second.metadata["cached_nodes"]  # the model and text nodes were cached...
+    assert "9" not in second.metadata["cached_nodes"]  # ...but the saver ran again for this job
+    assert len(fake.files) == 3
+
+
+async def test_a_reconnected_socket_carries_the_job_to_its_end(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    backend = await make_backend(fake, poll_interval=30)  # the poll cannot be what finishes it
+    job = asyncio.create_task(
+        backend.generate(make_request("[fake:duration=0.4]", steps=8), RecordingContext())
+    )
+    await fake.wait_running()
+    await fake.broadcast("crystools.monitor", {"cpu_utilization": 3.5})  # unknown types are ignored
+
+    await fake.drop_sockets()  # the client reconnects with the same clientId; nothing is replayed
+    result = await asyncio.wait_for(job, 5)
+
+    sockets = fake.calls("GET", "/ws")
+    assert len(sockets) == 2 and sockets[0].query == sockets[1].query
+    assert result.metadata["outputs"][0]["node_type"] == "SaveImage"
+
+
+async def test_binary_frames_and_socket_only_outputs_are_ignored(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 2, "color": 9}},
+        "2": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
+    }
+    backend = await make_backend(fake, allow_job_workflows=True)
+    ctx = RecordingContext()
+
+    result = await backend.generate(make_request(params={"workflow": graph}), ctx)
+
+    assert [o["node_id"] for o in result.metadata["outputs"]] == ["3", "3"]
+    assert (0, 2, {"node": "2"}) in ctx.progress  # SaveImageWebsocket's own progress still arrives

@@ -1,0 +1,89 @@
+"""The happy path: one prompt in, our own PNG out, everything a job row needs recorded."""
+
+from __future__ import annotations
+
+import hashlib
+
+from imagen_worker.backends.comfyui.backend import parse_ref
+from tests.backends.comfyui.conftest import BackendFactory
+from tests.backends.comfyui.support import RecordingContext, make_request
+from tests.fakes.comfyui import FakeComfyUI
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+async def test_success_returns_the_png_and_records_where_it_came_from(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    backend = await make_backend(fake)
+    ctx = RecordingContext(fake=fake)
+    request = make_request()
+
+    result = await backend.generate(request, ctx)
+
+    assert result.image.data.startswith(PNG_MAGIC)
+    assert result.image.mime_type == "image/png"
+    assert result.extra_outputs == []
+    assert result.model == "v1-5-pruned-emaonly.safetensors"
+    meta = result.metadata
+    assert meta["comfyui_version"] == "0.3.64"
+    assert meta["instance"] == fake.url
+    assert meta["outputs"][0]["node_type"] == "SaveImage"
+    assert meta["outputs"][0]["sha256"] == hashlib.sha256(result.image.data).hexdigest()
+    assert meta["outputs"][0]["subfolder"] == f"imagen/{request.job_id}"
+
+
+async def test_the_ref_is_stored_before_the_post_and_names_instance_and_prompt(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    backend = await make_backend(fake)
+    ctx = RecordingContext(fake=fake)
+
+    result = await backend.generate(make_request(), ctx)
+
+    assert ctx.posts_before_ref == [0]
+    parsed = parse_ref(ctx.refs[0])
+    assert parsed == (result.metadata["prompt_id"], fake.url)
+    post = fake.calls("POST", "/prompt")[0]
+    assert post.body["prompt_id"] == result.metadata["prompt_id"] == result.metadata["prompt_id"].lower()
+    assert post.body["client_id"] == result.metadata["client_id"]
+
+
+async def test_request_fields_are_patched_into_the_graph_verbatim(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    backend = await make_backend(fake)
+    tricky = 'a "quoted" {brace} prompt\\n with %s and ${x}'
+    request = make_request(tricky, negative_prompt="blurry", width=640, height=384, steps=3, seed=123456789)
+
+    await backend.generate(request, RecordingContext())
+
+    graph = fake.calls("POST", "/prompt")[0].body["prompt"]
+    assert graph["6"]["inputs"]["text"] == tricky
+    assert graph["7"]["inputs"]["text"] == "blurry"
+    assert graph["3"]["inputs"]["seed"] == 123456789
+    assert graph["3"]["inputs"]["steps"] == 3
+    assert (graph["5"]["inputs"]["width"], graph["5"]["inputs"]["height"]) == (640, 384)
+    assert graph["9"]["inputs"]["filename_prefix"].startswith(f"imagen/{request.job_id}/")
+
+
+async def test_progress_from_the_sampler_reaches_the_job(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    backend = await make_backend(fake)
+    ctx = RecordingContext()
+
+    await backend.generate(make_request(steps=4), ctx)
+
+    assert [(v, m) for v, m, _ in ctx.progress] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert all(extra == {"node": "3"} for _, _, extra in ctx.progress)
+
+
+async def test_health_reports_version_and_queue(fake: FakeComfyUI, make_backend: BackendFactory) -> None:
+    backend = await make_backend(fake)
+
+    health = await backend.health()
+
+    assert health.ok
+    assert health.info[fake.url]["comfyui_version"] == "0.3.64"
+    assert health.info[fake.url]["queue_remaining"] == 0

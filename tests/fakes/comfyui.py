@@ -1,0 +1,1025 @@
+"""A protocol-faithful fake of ComfyUI 0.3.64 for tests (comfyui-api.md §14 lists what it must do).
+
+It is an aiohttp server on 127.0.0.1 (ephemeral port) with the real routes (bare and under
+``/api``), the real JSON shapes (bodies copied from comfyui-transcripts.json) and the traps:
+events only reach the prompt's ``client_id`` socket, history is written *after*
+``execution_success`` (``history_delay`` widens that race), fully cached reruns hand back the old
+filename, 200 answers with ``node_errors`` drop outputs, a pending prompt deleted from the queue
+never produces an event, a reused clientId replaces the socket (and closing the old one unroutes
+the new one), nothing is replayed on reconnect, and ``restart()`` forgets queue, history and
+sockets.
+
+Control knobs: ``plan`` (per prompt: duration and outcome; by default read from markers such as
+``[fake:duration=0.5]``, ``[fake:error]``, ``[fake:oom]`` in any string input), ``default_duration``,
+``history_delay``, ``pause()``/``resume()``, ``refuse_websockets``, ``mute_events``,
+``fail_next`` (answer the next requests to a route with an HTTP status), ``drop_sockets()`` and
+``restart()``. Instrumentation: ``requests`` (every request), ``interrupts``, ``executions`` (the
+fake GPU's busy intervals, see ``idle_gaps()``) and ``max_queued_by_client``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import json
+import mimetypes
+import posixpath
+import re
+import struct
+import time
+import uuid
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import WSMsgType, web
+
+VERSION = "0.3.64"
+DEFAULT_CHECKPOINTS = (
+    "flux1-schnell-fp8.safetensors",
+    "sd_xl_base_1.0.safetensors",
+    "v1-5-pruned-emaonly.safetensors",
+)
+OOM_MESSAGE = (
+    "Allocation on device \nThis error means you ran out of memory on your GPU.\n\n"
+    "TIPS: If the workflow worked before you might have accidentally set the batch_size to a large number."
+)
+_MARKER = re.compile(r"\[fake:([a-z_]+)(?:=([^\]]+))?\]")
+_EXECUTION_ONLY = frozenset(
+    {"execution_start", "execution_cached", "execution_success", "execution_error", "executing", "executed"}
+)
+
+
+def tiny_png(rgb: tuple[int, int, int], width: int = 8, height: int = 8) -> bytes:
+    """A valid RGB PNG of one colour, built with zlib/struct only."""
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        )
+
+    rows = b"".join(b"\x00" + bytes(rgb) * width for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+# --- node catalogue: just enough of NODE_CLASS_MAPPINGS for validation -------------------
+
+_INT = "INT"
+_FLOAT = "FLOAT"
+_STRING = "STRING"
+_COMBO = "COMBO"
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    inputs: dict[str, tuple[Any, ...]]  # name -> (kind, ...); kind INT/FLOAT/STRING/COMBO or a link type
+    outputs: tuple[str, ...] = ()
+    output_node: bool = False
+
+
+def _node_catalogue(checkpoints: tuple[str, ...]) -> dict[str, NodeSpec]:
+    size = (_INT, 1, 16384, 512)
+    latent_size = (_INT, 16, 16384, 1024)
+    return {
+        "EmptyImage": NodeSpec(
+            {
+                "width": size,
+                "height": size,
+                "batch_size": (_INT, 1, 4096, 1),
+                "color": (_INT, 0, 16777215, 0),
+            },
+            ("IMAGE",),
+        ),
+        "ImageInvert": NodeSpec({"image": ("IMAGE",)}, ("IMAGE",)),
+        "ImageBlur": NodeSpec(
+            {"image": ("IMAGE",), "blur_radius": (_INT, 1, 31, 1), "sigma": (_FLOAT,)}, ("IMAGE",)
+        ),
+        "LoadImage": NodeSpec({"image": (_STRING,)}, ("IMAGE", "MASK")),
+        "SaveImage": NodeSpec({"images": ("IMAGE",), "filename_prefix": (_STRING,)}, (), True),
+        "PreviewImage": NodeSpec({"images": ("IMAGE",)}, (), True),
+        "SaveImageWebsocket": NodeSpec({"images": ("IMAGE",)}, (), True),
+        "CheckpointLoaderSimple": NodeSpec({"ckpt_name": (_COMBO, checkpoints)}, ("MODEL", "CLIP", "VAE")),
+        "CLIPTextEncode": NodeSpec({"text": (_STRING,), "clip": ("CLIP",)}, ("CONDITIONING",)),
+        "EmptyLatentImage": NodeSpec(
+            {"width": latent_size, "height": latent_size, "batch_size": (_INT, 1, 4096, 1)}, ("LATENT",)
+        ),
+        "EmptySD3LatentImage": NodeSpec(
+            {"width": latent_size, "height": latent_size, "batch_size": (_INT, 1, 4096, 1)}, ("LATENT",)
+        ),
+        "KSampler": NodeSpec(
+            {
+                "model": ("MODEL",),
+                "seed": (_INT, 0, 0xFFFFFFFFFFFFFFFF, 0),
+                "steps": (_INT, 1, 10000, 20),
+                "cfg": (_FLOAT,),
+                "sampler_name": (_COMBO, ("euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde")),
+                "scheduler": (_COMBO, ("normal", "karras", "simple", "sgm_uniform")),
+                "positive": ("CONDITIONING",),
+                "negative": ("CONDITIONING",),
+                "latent_image": ("LATENT",),
+                "denoise": (_FLOAT,),
+            },
+            ("LATENT",),
+        ),
+        "VAEDecode": NodeSpec({"samples": ("LATENT",), "vae": ("VAE",)}, ("IMAGE",)),
+    }
+
+
+# --- public records ---------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What the fake GPU does with one prompt."""
+
+    duration: float = 0.02  # seconds of work: shared by the samplers, else by all nodes that run
+    outcome: str = "success"  # success | error
+    exception_type: str = "Exception"
+    exception_message: str = "fake failure"
+    error_node: str | None = None  # default: the sampler for OOM, else the last node that runs
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    method: str
+    path: str  # without the /api prefix
+    query: dict[str, str]
+    body: Any  # parsed JSON, raw text, or None
+    headers: dict[str, str]
+    at: float  # loop.time()
+
+
+@dataclass(frozen=True)
+class RecordedInterrupt:
+    prompt_id: str | None  # None = a bare, global interrupt
+    running: str | None  # what was running when it arrived
+    at: float
+
+
+@dataclass
+class Execution:
+    """One busy interval of the fake GPU."""
+
+    prompt_id: str
+    client_id: str | None
+    start: float
+    end: float | None = None
+    outcome: str = "running"  # success | error | interrupted | lost
+
+
+@dataclass
+class _Item:
+    number: float
+    prompt_id: str
+    graph: dict[str, Any]
+    extra: dict[str, Any]
+    outputs: list[str]
+
+    def row(self) -> list[Any]:
+        return [self.number, self.prompt_id, self.graph, self.extra, self.outputs]
+
+    def __lt__(self, other: _Item) -> bool:
+        return (self.number, self.prompt_id) < (other.number, other.prompt_id)
+
+
+@dataclass
+class _State:
+    """Everything a restart forgets."""
+
+    pending: list[_Item] = field(default_factory=list)
+    running: _Item | None = None
+    current_node: str | None = None
+    history: dict[str, dict[str, Any]] = field(default_factory=dict)
+    number: int = 0
+    cache: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # signature -> ui output
+    interrupted: bool = False
+
+
+class FakeComfyUI:
+    def __init__(self, *, checkpoints: tuple[str, ...] = DEFAULT_CHECKPOINTS, default_duration: float = 0.02):
+        self.default_duration = default_duration
+        self.plan: Callable[[str, dict[str, Any]], Plan] | None = None
+        self.history_delay = 0.0
+        self.refuse_websockets = False
+        self.mute_events = False
+        self.fail_next: dict[str, list[int]] = {}
+        self.requests: list[RecordedRequest] = []
+        self.interrupts: list[RecordedInterrupt] = []
+        self.executions: list[Execution] = []
+        self.max_queued_by_client: dict[str, int] = {}
+        self.files: dict[tuple[str, str, str], bytes] = {}  # (type, subfolder, filename) -> bytes
+        self.nodes = _node_catalogue(checkpoints)
+        self.port = 0
+        self._state = _State()
+        self._sockets: dict[str, web.WebSocketResponse] = {}
+        self._all_sockets: set[web.WebSocketResponse] = set()
+        self._work = asyncio.Event()
+        self._paused = False
+        self._runner: web.AppRunner | None = None
+        self._executor: asyncio.Task[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        app = web.Application(middlewares=[self._record, self._origin_check, self._injected_failures])
+        for prefix in ("", "/api"):
+            app.router.add_get(f"{prefix}/ws", self._ws)
+            app.router.add_post(f"{prefix}/prompt", self._post_prompt)
+            app.router.add_get(f"{prefix}/prompt", self._get_prompt)
+            app.router.add_get(f"{prefix}/queue", self._get_queue)
+            app.router.add_post(f"{prefix}/queue", self._post_queue)
+            app.router.add_post(f"{prefix}/interrupt", self._post_interrupt)
+            app.router.add_get(f"{prefix}/history", self._get_history_all)
+            app.router.add_get(f"{prefix}/history/{{prompt_id}}", self._get_history)
+            app.router.add_post(f"{prefix}/history", self._post_history)
+            app.router.add_get(f"{prefix}/view", self._view)
+            app.router.add_get(f"{prefix}/system_stats", self._system_stats)
+            app.router.add_get(f"{prefix}/features", self._features)
+            app.router.add_post(f"{prefix}/free", self._free)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        self._executor = asyncio.create_task(self._execute_forever(), name="fake-comfyui-executor")
+
+    async def stop(self) -> None:
+        if self._executor is not None:
+            self._executor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._executor
+            self._executor = None
+        await self.drop_sockets()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def restart(self, down_for: float = 0.0) -> None:
+        """Kill and start again on the same port: queue, history, cache and sockets are gone."""
+        await self.stop()
+        for run in self.executions:
+            if run.end is None:
+                run.end, run.outcome = asyncio.get_running_loop().time(), "lost"
+        self._state = _State()
+        self.files = {key: data for key, data in self.files.items() if key[0] != "temp"}
+        await asyncio.sleep(down_for)
+        await self.start()
+
+    async def drop_sockets(self) -> None:
+        """Close every websocket from the server side (the clients see a drop)."""
+        for ws in list(self._all_sockets):
+            await ws.close(code=1001, message=b"going away")
+        self._sockets.clear()
+
+    async def broadcast(self, event: str, data: dict[str, Any]) -> None:
+        """Send any message to every socket, as custom nodes do (e.g. ``crystools.monitor``)."""
+        for ws in list(self._sockets.values()):
+            await self._send_to(ws, event, data)
+
+    def pause(self) -> None:
+        """Stop taking new prompts from the queue (the running one finishes)."""
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self._work.set()
+
+    # --- instrumentation ------------------------------------------------------------
+
+    def calls(self, method: str, path: str) -> list[RecordedRequest]:
+        """Recorded requests with this method whose path (without ``/api``) starts with ``path``."""
+        return [r for r in self.requests if r.method == method and r.path.startswith(path)]
+
+    def busy_intervals(self) -> list[tuple[float, float]]:
+        return [(run.start, run.end) for run in self.executions if run.end is not None]
+
+    def idle_gaps(self) -> list[float]:
+        """Idle time between consecutive executions of the fake GPU (loop.time() seconds)."""
+        spans = sorted(self.busy_intervals())
+        return [max(0.0, nxt[0] - cur[1]) for cur, nxt in itertools.pairwise(spans)]
+
+    @property
+    def running_prompt(self) -> str | None:
+        return self._state.running.prompt_id if self._state.running else None
+
+    @property
+    def pending_prompts(self) -> list[str]:
+        return [item.prompt_id for item in sorted(self._state.pending)]
+
+    def history_entry(self, prompt_id: str) -> dict[str, Any] | None:
+        return self._state.history.get(prompt_id)
+
+    async def wait_until(self, predicate: Callable[[], bool], within: float = 5.0) -> None:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + within
+        while not predicate():
+            if loop.time() > give_up:
+                raise AssertionError("fake ComfyUI: condition not reached in time")
+            await asyncio.sleep(0.002)
+
+    async def wait_running(self, within: float = 5.0) -> str:
+        """The id of the running prompt, once one runs."""
+        await self.wait_until(lambda: self._state.running is not None, within)
+        assert self._state.running is not None
+        return self._state.running.prompt_id
+
+    # --- middlewares ----------------------------------------------------------------
+
+    @web.middleware
+    async def _record(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        raw = await request.read()
+        body: Any = None
+        if raw:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = raw.decode("utf-8", "replace")
+        self.requests.append(
+            RecordedRequest(
+                method=request.method,
+                path=_route(request.path),
+                query=dict(request.query),
+                body=body,
+                headers=dict(request.headers),
+                at=asyncio.get_running_loop().time(),
+            )
+        )
+        return await handler(request)
+
+    @web.middleware
+    async def _origin_check(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        host, origin = request.headers.get("Host"), request.headers.get("Origin")
+        if host and origin:
+            host_parts, origin_parts = urlsplit(f"//{host}"), urlsplit(origin)
+            loopback = host_parts.hostname in ("localhost", "127.0.0.1", "::1")
+            ports_differ = bool(
+                host_parts.port and origin_parts.port and host_parts.port != origin_parts.port
+            )
+            if loopback and (host_parts.hostname != origin_parts.hostname or ports_differ):
+                return web.Response(status=403)
+        return await handler(request)
+
+    @web.middleware
+    async def _injected_failures(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        statuses = self.fail_next.get(_route(request.path))
+        if statuses:
+            return web.Response(status=statuses.pop(0), text="injected failure")
+        return await handler(request)
+
+    # --- websocket ------------------------------------------------------------------
+
+    async def _ws(self, request: web.Request) -> web.StreamResponse:
+        if self.refuse_websockets:
+            return web.Response(status=503)
+        ws = web.WebSocketResponse()  # like ComfyUI: no heartbeat, the client must ping
+        await ws.prepare(request)
+        sid = request.query.get("clientId") or uuid.uuid4().hex
+        self._sockets[sid] = ws  # last one wins; the old socket stays open but gets nothing
+        self._all_sockets.add(ws)
+        await self._send_to(ws, "status", {"status": self._exec_info(), "sid": sid})
+        state = self._state
+        if state.running and state.running.extra.get("client_id") == sid and state.current_node:
+            await self._send_to(ws, "executing", {"node": state.current_node})  # no prompt_id (§3)
+        first = True
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT and first:
+                    with contextlib.suppress(ValueError):
+                        data = json.loads(msg.data)
+                        if isinstance(data, dict) and data.get("type") == "feature_flags":
+                            flags = {"supports_preview_metadata": True, "max_upload_size": 104857600}
+                            await self._send_to(ws, "feature_flags", flags)
+                first = False
+        finally:
+            # ComfyUI's own bug, reproduced: this removes the sid even if a newer socket took it.
+            self._sockets.pop(sid, None)
+            self._all_sockets.discard(ws)
+        return ws
+
+    async def _send_to(self, ws: web.WebSocketResponse, event: str, data: dict[str, Any]) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await ws.send_str(json.dumps({"type": event, "data": data}))
+
+    async def _send(self, event: str, data: dict[str, Any], sid: str | None) -> None:
+        """``send_sync`` routing (§4): sid None broadcasts, except events sent to nobody then."""
+        if self.mute_events:
+            return
+        if sid is None:
+            if event in _EXECUTION_ONLY:
+                return
+            for ws in list(self._sockets.values()):
+                await self._send_to(ws, event, data)
+        elif (ws := self._sockets.get(sid)) is not None:
+            await self._send_to(ws, event, data)
+
+    async def _send_binary(self, payload: bytes, sid: str | None) -> None:
+        if self.mute_events:
+            return
+        targets = (
+            list(self._sockets.values())
+            if sid is None
+            else [self._sockets[sid]]
+            if sid in self._sockets
+            else []
+        )
+        for ws in targets:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await ws.send_bytes(payload)
+
+    async def _broadcast_status(self) -> None:
+        await self._send("status", {"status": self._exec_info()}, None)
+
+    def _exec_info(self) -> dict[str, Any]:
+        remaining = len(self._state.pending) + (1 if self._state.running else 0)
+        return {"exec_info": {"queue_remaining": remaining}}
+
+    # --- HTTP handlers ----------------------------------------------------------------
+
+    async def _post_prompt(self, request: web.Request) -> web.Response:
+        data = await request.json()  # not JSON -> aiohttp's text/plain 500, like ComfyUI
+        state = self._state
+        if "number" in data:
+            number: float = float(data["number"])
+        else:
+            number = -state.number if data.get("front") else state.number
+            state.number += 1
+        if "prompt" not in data:
+            error = {"type": "no_prompt", "message": "No prompt provided", "details": "No prompt provided"}
+            return web.json_response({"error": {**error, "extra_info": {}}, "node_errors": {}}, status=400)
+        graph = data["prompt"]
+        if not isinstance(graph, dict):
+            raise web.HTTPInternalServerError(
+                text="500 Internal Server Error\n\nServer got itself in trouble"
+            )
+        prompt_id = str(data.get("prompt_id") or uuid.uuid4())
+        error, node_errors, outputs = self._validate(graph)
+        if error is not None:
+            return web.json_response({"error": error, "node_errors": node_errors}, status=400)
+        extra = dict(data.get("extra_data") or {})
+        if "client_id" in data:
+            extra["client_id"] = data["client_id"]
+        heapq.heappush(state.pending, _Item(number, prompt_id, graph, extra, outputs))
+        self._note_depth(extra.get("client_id"))
+        await self._broadcast_status()
+        self._work.set()
+        return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": node_errors})
+
+    async def _get_prompt(self, request: web.Request) -> web.Response:
+        return web.json_response(self._exec_info())
+
+    async def _get_queue(self, request: web.Request) -> web.Response:
+        running = [self._state.running.row()] if self._state.running else []
+        return web.json_response(
+            {"queue_running": running, "queue_pending": [item.row() for item in self._state.pending]}
+        )
+
+    async def _post_queue(self, request: web.Request) -> web.Response:
+        data = await request.json()
+        state = self._state
+        before = len(state.pending)
+        if data.get("clear"):
+            state.pending.clear()
+        ids = set(data.get("delete") or [])
+        if ids:
+            state.pending = [item for item in state.pending if item.prompt_id not in ids]
+            heapq.heapify(state.pending)
+        if len(state.pending) != before:
+            await self._broadcast_status()
+        return web.Response()
+
+    async def _post_interrupt(self, request: web.Request) -> web.Response:
+        try:
+            data = await request.json()
+        except ValueError:
+            data = {}
+        prompt_id = data.get("prompt_id") if isinstance(data, dict) else None
+        running = self.running_prompt
+        loop = asyncio.get_running_loop()
+        self.interrupts.append(RecordedInterrupt(prompt_id, running, loop.time()))
+        if prompt_id is None or prompt_id == running:
+            self._state.interrupted = True
+        return web.Response()
+
+    async def _get_history_all(self, request: web.Request) -> web.Response:
+        items = list(self._state.history.items())
+        if "max_items" in request.query:
+            items = items[-int(request.query["max_items"]) :]
+        return web.json_response(dict(items))
+
+    async def _get_history(self, request: web.Request) -> web.Response:
+        prompt_id = request.match_info["prompt_id"]
+        entry = self._state.history.get(prompt_id)
+        return web.json_response({prompt_id: entry} if entry is not None else {})
+
+    async def _post_history(self, request: web.Request) -> web.Response:
+        data = await request.json()
+        if data.get("clear"):
+            self._state.history.clear()
+        for prompt_id in data.get("delete") or []:
+            self._state.history.pop(prompt_id, None)
+        return web.Response()
+
+    async def _view(self, request: web.Request) -> web.Response:
+        filename = request.query.get("filename", "")
+        kind = request.query.get("type", "output")
+        if filename.endswith("]") and " [" in filename:
+            filename, _, annotation = filename[:-1].rpartition(" [")
+            kind = annotation
+        subfolder = request.query.get("subfolder", "")
+        if not filename or filename.startswith("/") or ".." in filename:
+            return web.Response(status=400)
+        if subfolder.startswith("/") or posixpath.normpath(subfolder or ".").startswith(".."):
+            return web.Response(status=403)
+        data = self.files.get((kind, posixpath.normpath(subfolder) if subfolder else "", filename))
+        if data is None:
+            return web.Response(status=404)
+        mime = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        headers = {"Content-Disposition": f'filename="{filename}"'}
+        return web.Response(body=data, content_type=mime, headers=headers)
+
+    async def _system_stats(self, request: web.Request) -> web.Response:
+        system = {
+            "os": "posix",
+            "ram_total": 25276063744,
+            "ram_free": 22746112000,
+            "comfyui_version": VERSION,
+            "python_version": "3.11.7",
+            "pytorch_version": "2.8.0+cu128",
+            "embedded_python": False,
+            "argv": ["main.py", "--listen", "127.0.0.1", "--port", str(self.port)],
+        }
+        device = {"name": "cpu", "type": "cpu", "index": None, "vram_total": 0, "vram_free": 0}
+        return web.json_response({"system": system, "devices": [device]})
+
+    async def _features(self, request: web.Request) -> web.Response:
+        return web.json_response({"supports_preview_metadata": True, "max_upload_size": 104857600})
+
+    async def _free(self, request: web.Request) -> web.Response:
+        return web.Response()
+
+    # --- validation (execution.validate_prompt) ----------------------------------------
+
+    def _validate(self, graph: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any], list[str]]:
+        """(error or None, node_errors, outputs to execute), shaped like ComfyUI's answers."""
+        for node_id, node in graph.items():
+            if not isinstance(node, dict) or "class_type" not in node:
+                message = "Cannot execute because a node is missing the class_type property."
+                return _error("invalid_prompt", message, f"Node ID '#{node_id}'"), {}, []
+            if node["class_type"] not in self.nodes:
+                message = f"Cannot execute because node {node['class_type']} does not exist."
+                return _error("invalid_prompt", message, f"Node ID '#{node_id}'"), {}, []
+        outputs = [nid for nid, node in graph.items() if self.nodes[node["class_type"]].output_node]
+        if not outputs:
+            return _error("prompt_no_outputs", "Prompt has no outputs", ""), {}, []
+        node_errors: dict[str, Any] = {}
+        good: list[str] = []
+        own_reasons: list[str] = []
+        for output in outputs:
+            failing = self._validate_node(graph, output, set())
+            if not failing:
+                good.append(output)
+                continue
+            for node_id, errors in failing.items():
+                entry = node_errors.setdefault(
+                    node_id,
+                    {"errors": errors, "dependent_outputs": [], "class_type": graph[node_id]["class_type"]},
+                )
+                entry["dependent_outputs"].append(output)
+                if node_id == output:
+                    own_reasons += [f"{e['message']}: {e['details']}" for e in errors]
+        if not good:
+            error = _error(
+                "prompt_outputs_failed_validation", "Prompt outputs failed validation", "\n".join(own_reasons)
+            )
+            return error, node_errors, []
+        return None, node_errors, good
+
+    def _validate_node(
+        self, graph: dict[str, Any], node_id: str, seen: set[str]
+    ) -> dict[str, list[dict[str, Any]]]:
+        if node_id in seen:
+            return {}
+        seen.add(node_id)
+        node = graph[node_id]
+        spec = self.nodes[node["class_type"]]
+        inputs = node.get("inputs", {})
+        errors: list[dict[str, Any]] = []
+        failing: dict[str, list[dict[str, Any]]] = {}
+        for name, kind in spec.inputs.items():
+            if name not in inputs:
+                if name == "denoise":
+                    continue
+                errors.append(_node_error("required_input_missing", "Required input is missing", name, name))
+                continue
+            value = inputs[name]
+            config = (
+                [kind[0], {"default": kind[3], "min": kind[1], "max": kind[2], "step": 1}]
+                if kind[0] == _INT
+                else None
+            )
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                if value[0] not in graph:
+                    err = _node_error(
+                        "exception_during_validation", "Exception when validating node", f"'{value[0]}'", None
+                    )
+                    err["extra_info"] = {
+                        "exception_type": "KeyError",
+                        "traceback": ['  File "execution.py", line 788\n'],
+                    }
+                    errors.append(err)
+                    continue
+                upstream = self.nodes.get(graph[value[0]].get("class_type", ""))
+                received = (
+                    upstream.outputs[value[1]] if upstream and value[1] < len(upstream.outputs) else "*"
+                )
+                if kind[0] not in (_INT, _FLOAT, _STRING, _COMBO) and received != kind[0]:
+                    details = f"{name}, received_type({received}) mismatch input_type({kind[0]})"
+                    err = _node_error(
+                        "return_type_mismatch", "Return type mismatch between linked nodes", details, name
+                    )
+                    err["extra_info"].update(received_type=received, linked_node=value)
+                    errors.append(err)
+                    continue
+                failing.update(self._validate_node(graph, value[0], seen))
+            elif kind[0] == _INT:
+                try:
+                    number = int(value)
+                except (TypeError, ValueError) as exc:
+                    details = f"{name}, {value}, {exc}"
+                    err = _node_error(
+                        "invalid_input_type",
+                        "Failed to convert an input value to a INT value",
+                        details,
+                        name,
+                    )
+                    err["extra_info"].update(
+                        input_config=config, received_value=value, exception_message=str(exc)
+                    )
+                    errors.append(err)
+                    continue
+                if number < kind[1] or number > kind[2]:
+                    smaller = number < kind[1]
+                    if smaller:
+                        err = _node_error(
+                            "value_smaller_than_min",
+                            f"Value {number} smaller than min of {kind[1]}",
+                            name,
+                            name,
+                        )
+                    else:
+                        err = _node_error(
+                            "value_bigger_than_max",
+                            f"Value {number} bigger than max of {kind[2]}",
+                            name,
+                            name,
+                        )
+                    err["extra_info"].update(input_config=config, received_value=value)
+                    errors.append(err)
+            elif kind[0] == _COMBO and value not in kind[1]:
+                details = f"{name}: '{value}' not in {list(kind[1])}"
+                err = _node_error("value_not_in_list", "Value not in list", details, name)
+                options = list(kind[1])
+                err["extra_info"].update(
+                    input_config=[options] if len(options) <= 20 else None, received_value=value
+                )
+                errors.append(err)
+        if errors:
+            failing[node_id] = errors
+        return failing
+
+    # --- the fake GPU -----------------------------------------------------------------
+
+    def _note_depth(self, client_id: str | None) -> None:
+        if client_id is None:
+            return
+        items = [*self._state.pending, *([self._state.running] if self._state.running else [])]
+        depth = sum(1 for item in items if item.extra.get("client_id") == client_id)
+        self.max_queued_by_client[client_id] = max(self.max_queued_by_client.get(client_id, 0), depth)
+
+    async def _execute_forever(self) -> None:
+        while True:
+            while self._paused or not self._state.pending:
+                self._work.clear()
+                await self._work.wait()
+            state = self._state
+            state.running = heapq.heappop(state.pending)
+            state.interrupted = False
+            await self._broadcast_status()
+            await self._execute(state, state.running)
+
+    async def _execute(self, state: _State, item: _Item) -> None:
+        loop = asyncio.get_running_loop()
+        sid = item.extra.get("client_id")
+        pid = item.prompt_id
+        run = Execution(pid, sid, start=loop.time())
+        self.executions.append(run)
+        messages: list[list[Any]] = []
+
+        async def event(kind: str, data: dict[str, Any], keep: bool = False) -> None:
+            if keep:
+                messages.append([kind, data])
+            await self._send(kind, data, sid)
+
+        await event("execution_start", {"prompt_id": pid, "timestamp": _ms()}, keep=True)
+        order = _topological(item.graph, item.outputs)
+        signatures = {nid: _signature(item.graph, nid) for nid in order}
+        cached = [nid for nid in order if signatures[nid] in state.cache]
+        await event("execution_cached", {"nodes": cached, "prompt_id": pid, "timestamp": _ms()}, keep=True)
+        plan = (
+            self.plan(pid, item.graph) if self.plan else _plan_from_markers(item.graph, self.default_duration)
+        )
+        to_run = [nid for nid in order if nid not in cached]
+        error_node = plan.error_node or _default_error_node(item.graph, to_run, plan)
+        # Sampling dominates GPU time: samplers share the duration, other nodes take 1 ms.
+        samplers = [nid for nid in to_run if item.graph[nid]["class_type"] == "KSampler"]
+        per_node = plan.duration / max(len(samplers or to_run), 1)
+        progress: dict[str, dict[str, Any]] = {}
+        outputs: dict[str, Any] = {}
+        new_cache: dict[str, dict[str, Any] | None] = {}
+        executed: list[str] = []
+        outcome = "success"
+
+        async def node_state(nid: str, value: float, maximum: float, status: str) -> None:
+            progress[nid] = {
+                "value": value,
+                "max": maximum,
+                "state": status,
+                "node_id": nid,
+                "prompt_id": pid,
+                "display_node_id": nid,
+                "parent_node_id": None,
+                "real_node_id": nid,
+            }
+            await self._send("progress_state", {"prompt_id": pid, "nodes": dict(progress)}, sid)
+
+        for nid in order:
+            node = item.graph[nid]
+            if nid in cached:
+                ui = state.cache[signatures[nid]]
+                new_cache[signatures[nid]] = ui
+                if ui is not None:
+                    outputs[nid] = ui
+                    await event(
+                        "executed", {"node": nid, "display_node": nid, "output": ui, "prompt_id": pid}
+                    )
+                    await node_state(nid, 1.0, 1.0, "finished")
+                continue
+            if state.interrupted:
+                outcome = "interrupted"
+                break
+            state.current_node = nid
+            await node_state(nid, 0.0, 1.0, "running")
+            await event("executing", {"node": nid, "display_node": nid, "prompt_id": pid})
+            steps = node.get("inputs", {}).get("steps") if node["class_type"] == "KSampler" else None
+            if isinstance(steps, int) and steps > 0:
+                for step in range(1, steps + 1):
+                    await asyncio.sleep(per_node / steps)
+                    if state.interrupted:
+                        outcome = "interrupted"
+                        break
+                    await node_state(nid, float(step), float(steps), "running")
+                    await self._send(
+                        "progress", {"value": step, "max": steps, "prompt_id": pid, "node": nid}, sid
+                    )
+                if outcome == "interrupted":
+                    break
+            else:
+                await asyncio.sleep(0.001 if samplers else per_node)
+            failure = None
+            if plan.outcome == "error" and nid == error_node:
+                failure = (plan.exception_type, plan.exception_message)
+            ui: dict[str, Any] | None = None
+            if failure is None:
+                try:
+                    ui = await self._run_output_node(item, nid, sid)
+                except _NodeFailure as exc:
+                    failure = ("Exception", str(exc))
+            if failure is not None:
+                outcome = "error"
+                await event(
+                    "execution_error",
+                    {
+                        "prompt_id": pid,
+                        "node_id": nid,
+                        "node_type": node["class_type"],
+                        "executed": executed,
+                        "exception_message": failure[1],
+                        "exception_type": failure[0],
+                        "traceback": [
+                            '  File "<comfyui-root>/execution.py", line 496, in execute\n    raise\n'
+                        ],
+                        "current_inputs": {k: [repr(v) * 50] for k, v in node.get("inputs", {}).items()},
+                        "current_outputs": order,
+                        "timestamp": _ms(),
+                    },
+                    keep=True,
+                )
+                break
+            if ui is not None:
+                outputs[nid] = ui
+                await event("executed", {"node": nid, "display_node": nid, "output": ui, "prompt_id": pid})
+            await node_state(nid, 1.0, 1.0, "finished")
+            executed.append(nid)
+            new_cache[signatures[nid]] = ui
+        state.current_node = None
+        if outcome == "interrupted":
+            stopped_at = next((nid for nid in order if nid not in cached and nid not in executed), None)
+            data = {
+                "prompt_id": pid,
+                "node_id": stopped_at,
+                "node_type": item.graph[stopped_at]["class_type"] if stopped_at else None,
+                "executed": executed,
+                "timestamp": _ms(),
+            }
+            messages.append(["execution_interrupted", data])
+            await self._send("execution_interrupted", data, sid)  # broadcast when sid is None (§4)
+        elif outcome == "success":
+            await event("execution_success", {"prompt_id": pid, "timestamp": _ms()}, keep=True)
+        run.end, run.outcome = loop.time(), outcome
+        state.cache = new_cache
+        if self.history_delay:
+            await asyncio.sleep(self.history_delay)  # the §5.3 race: success sent, history not yet written
+        state.history[pid] = {
+            "prompt": item.row(),
+            "outputs": outputs
+            if outcome == "success"
+            else {k: v for k, v in outputs.items() if k in executed},
+            "status": {
+                "status_str": "success" if outcome == "success" else "error",
+                "completed": outcome == "success",
+                "messages": messages,
+            },
+            "meta": {
+                nid: {"node_id": nid, "display_node": nid, "parent_node": None, "real_node_id": nid}
+                for nid in outputs
+            },
+        }
+        state.running = None
+        await self._broadcast_status()
+        await event("executing", {"node": None, "prompt_id": pid})
+
+    async def _run_output_node(self, item: _Item, nid: str, sid: str | None) -> dict[str, Any] | None:
+        node = item.graph[nid]
+        class_type, inputs = node["class_type"], node.get("inputs", {})
+        if class_type not in ("SaveImage", "PreviewImage", "SaveImageWebsocket"):
+            return None
+        batch = _batch_size(item.graph, nid)
+        if class_type == "SaveImageWebsocket":
+            for index in range(batch):
+                data = {"value": index, "max": batch, "prompt_id": item.prompt_id, "node": nid}
+                await self._send("progress", data, sid)
+                await self._send_binary(struct.pack(">II", 1, 2) + self._png(item, nid, index), sid)
+            return None
+        if class_type == "PreviewImage":
+            kind, subfolder = "temp", ""
+            base = f"ComfyUI_temp_{uuid.uuid4().hex[:5]}"
+        else:
+            kind = "output"
+            prefix = str(inputs.get("filename_prefix", "ComfyUI"))
+            subfolder, base = posixpath.split(prefix)
+            normal = posixpath.normpath(subfolder) if subfolder else ""
+            if prefix.startswith("/") or normal.startswith(".."):
+                raise _NodeFailure(
+                    "**** ERROR: Saving image outside the output folder is not allowed.\n"
+                    " full_output_folder: <outside-output-dir>\n         output_dir: <output-dir>\n"
+                    "         commonpath: <outside-output-dir>\n"
+                )
+            subfolder = normal
+        pattern = re.compile(re.escape(base) + r"_(\d{5})_\.png$")
+        taken = [
+            int(m.group(1))
+            for (t, sub, name) in self.files
+            if t == kind and sub == subfolder
+            for m in [pattern.match(name)]
+            if m
+        ]
+        counter = max(taken, default=0) + 1
+        images = []
+        for index in range(batch):
+            filename = f"{base}_{counter + index:05}_.png"
+            self.files[(kind, subfolder, filename)] = self._png(item, nid, index)
+            images.append({"filename": filename, "subfolder": subfolder, "type": kind})
+        return {"images": images}
+
+    def _png(self, item: _Item, nid: str, index: int) -> bytes:
+        digest = zlib.crc32(f"{item.prompt_id}/{nid}/{index}".encode())
+        color = _upstream_input(item.graph, nid, "color")
+        rgb = int(color) if isinstance(color, int) else digest & 0xFFFFFF
+        return tiny_png(((rgb >> 16) & 255, (rgb >> 8) & 255, rgb & 255))
+
+
+class _NodeFailure(Exception):
+    pass
+
+
+def _route(path: str) -> str:
+    return path[4:] if path.startswith("/api/") else path
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _error(kind: str, message: str, details: str) -> dict[str, Any]:
+    return {"type": kind, "message": message, "details": details, "extra_info": {}}
+
+
+def _node_error(kind: str, message: str, details: str, input_name: str | None) -> dict[str, Any]:
+    extra: dict[str, Any] = {"input_name": input_name} if input_name else {}
+    return {"type": kind, "message": message, "details": details, "extra_info": extra}
+
+
+def _links(node: dict[str, Any]) -> list[str]:
+    return [
+        v[0]
+        for v in node.get("inputs", {}).values()
+        if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)
+    ]
+
+
+def _topological(graph: dict[str, Any], outputs: list[str]) -> list[str]:
+    order: list[str] = []
+
+    def visit(nid: str) -> None:
+        if nid in order:
+            return
+        for upstream in _links(graph[nid]):
+            visit(upstream)
+        order.append(nid)
+
+    for output in outputs:
+        visit(output)
+    return order
+
+
+def _signature(graph: dict[str, Any], nid: str) -> str:
+    """A node's cache key: its class and inputs, with links replaced by upstream keys."""
+    node = graph[nid]
+    inputs = {
+        k: _signature(graph, v[0]) + f"#{v[1]}"
+        if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)
+        else v
+        for k, v in sorted(node.get("inputs", {}).items())
+    }
+    return json.dumps([node["class_type"], inputs], sort_keys=True, default=str)
+
+
+def _upstream_input(graph: dict[str, Any], nid: str, name: str) -> Any:
+    node = graph[nid]
+    if name in node.get("inputs", {}):
+        return node["inputs"][name]
+    for upstream in _links(node):
+        found = _upstream_input(graph, upstream, name)
+        if found is not None:
+            return found
+    return None
+
+
+def _batch_size(graph: dict[str, Any], nid: str) -> int:
+    batch = _upstream_input(graph, nid, "batch_size")
+    return batch if isinstance(batch, int) and batch > 0 else 1
+
+
+def _plan_from_markers(graph: dict[str, Any], default_duration: float) -> Plan:
+    plan = Plan(duration=default_duration)
+    for node in graph.values():
+        for value in node.get("inputs", {}).values():
+            for name, arg in _MARKER.findall(value) if isinstance(value, str) else []:
+                if name == "duration":
+                    plan.duration = float(arg)
+                elif name == "error":
+                    plan.outcome = "error"
+                    plan.exception_message = arg or "fake failure"
+                elif name == "oom":
+                    plan.outcome, plan.exception_type = "error", "torch.OutOfMemoryError"
+                    plan.exception_message = OOM_MESSAGE
+    return plan
+
+
+def _default_error_node(graph: dict[str, Any], to_run: list[str], plan: Plan) -> str | None:
+    if not to_run:
+        return None
+    samplers = [nid for nid in to_run if graph[nid]["class_type"] == "KSampler"]
+    if "OutOfMemory" in plan.exception_type and samplers:
+        return samplers[0]
+    return to_run[-1]
