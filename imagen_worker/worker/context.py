@@ -64,7 +64,8 @@ class WorkerJobContext:
             log.warning("progress write failed", job_id=str(self.job.id), error=str(exc))
 
     async def close(self) -> None:
-        """Stop pending progress writes before the job's final transition."""
+        """Write the last progress now (a throttled write may be waiting) before the final transition."""
         if self._flush is not None and not self._flush.done():
             self._flush.cancel()
             await asyncio.gather(self._flush, return_exceptions=True)
+        await self._write_after(0)

@@ -331,8 +331,8 @@ class Worker:
             image_id = await self.queue.complete(job, image_record(artifact))
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
             # The image is on disk and in storage; the journal makes the retry reuse both.
-            error = RetryableError(f"could not record the result in the database: {exc}")
-            await self._record_error(job, artifact.backend, error, jlog)
+            lost = RetryableError(f"could not record the result in the database: {exc}")
+            await self._record_error(job, artifact.backend, lost, jlog)
             return
         pipeline_module.forget(self.config.output.directory, job.id)
         self._emit("done", job=job, backend=artifact.backend, artifact=artifact)

@@ -20,7 +20,7 @@ import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
 from imagen_worker.db.connect import connect
-from imagen_worker.queue.queries import sql
+from imagen_worker.queries import sql
 
 JOBS_CHANNEL = "imagen_jobs"
 CONTROL_CHANNEL = "imagen_control"
@@ -96,7 +96,8 @@ class Listener:
     async def _supervise(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._lost.wait(), timeout=self.health_interval)
+                async with asyncio.timeout(self.health_interval):
+                    await self._lost.wait()
             except TimeoutError:
                 if await self._healthy():
                     continue

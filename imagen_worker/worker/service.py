@@ -16,7 +16,7 @@ from imagen_worker.config import Config
 from imagen_worker.observability import metrics as m
 from imagen_worker.observability.metrics import HealthServer, Readiness
 from imagen_worker.observability.sdnotify import Notifier
-from imagen_worker.queue.queries import sql
+from imagen_worker.queries import sql
 from imagen_worker.worker.daemon import Worker
 
 log = structlog.get_logger("imagen.service")
@@ -76,7 +76,8 @@ class Service:
                 seen_reconnects = listener.reconnects
             for name, backend in self.worker.backends.items():
                 try:
-                    healthy = (await asyncio.wait_for(backend.health(), timeout=5)).ok
+                    async with asyncio.timeout(5):  # not wait_for: it can swallow our cancel on 3.11
+                        healthy = (await backend.health()).ok
                 except Exception:
                     healthy = False
                 self._backend_health[name] = healthy

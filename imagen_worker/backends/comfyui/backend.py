@@ -12,8 +12,9 @@ The life of a job (comfyui-api.md §15):
    entry and decide. The slot is freed as soon as ComfyUI is done with the prompt.
 4. Download every output through ``/view``.
 
-Cancellation (the worker cancels the task): pending -> ``POST /queue {"delete"}``, running ->
-``POST /interrupt {"prompt_id"}``, shielded, then ``CancelledError`` propagates. A deadline does
+Cancellation (the worker cancels the task): when the owner cancelled (``ctx.cancel_requested``),
+pending -> ``POST /queue {"delete"}``, running -> ``POST /interrupt {"prompt_id"}``, shielded,
+then ``CancelledError`` propagates; when the worker only lets go, the prompt is left running. A deadline does
 the same interrupt, waits ``interrupt_grace`` and raises ``RetryableError``. A prompt that
 ComfyUI forgot (restart) raises ``RetryableError``; the retry's recovery step resubmits it.
 """
@@ -222,7 +223,13 @@ class ComfyUIBackend(Backend):
                         raise failures.rejection(answer, queued=True)
                 return await self._until_done(inst, prompt_id, watch, ctx)
             except asyncio.CancelledError:
-                handed_off = await asyncio.shield(self._abandon(inst, prompt_id))
+                if ctx.cancel_requested:
+                    handed_off = await asyncio.shield(self._abandon(inst, prompt_id))
+                else:
+                    # The worker only lets go (shutdown, lost lease): the prompt runs on for
+                    # whoever takes the job next, who adopts it through backend_ref.
+                    self._spawn(self._release_when_stopped(inst, prompt_id))
+                    handed_off = True
                 raise
         finally:
             if not handed_off:

@@ -15,8 +15,15 @@ FAST = {"poll_interval": 0.2, "interrupt_grace": 1.0, "connect_timeout": 1.0, "t
 class RecordingContext:
     """A JobContext double: remembers the ref, the progress and when the ref was stored."""
 
-    def __init__(self, backend_ref: str | None = None, fake: FakeComfyUI | None = None) -> None:
+    def __init__(
+        self,
+        backend_ref: str | None = None,
+        fake: FakeComfyUI | None = None,
+        *,
+        cancel_requested: bool = True,
+    ) -> None:
         self._ref = backend_ref
+        self.cancel_requested = cancel_requested  # True: cancellations are the owner's
         self._fake = fake
         self.refs: list[str] = []
         self.posts_before_ref: list[int] = []

@@ -52,6 +52,24 @@ async def test_cancelling_a_pending_prompt_deletes_it_and_returns_at_once(
     assert fake.interrupts == []
 
 
+async def test_a_worker_letting_go_leaves_the_prompt_running_for_the_next_owner(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    backend = await make_backend(fake)
+    ctx = RecordingContext(cancel_requested=False)  # shutdown or lost lease, not the owner
+    job = asyncio.create_task(backend.generate(make_request("slow [fake:duration=1]", steps=10), ctx))
+    prompt_id = await fake.wait_running()
+
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+
+    assert fake.interrupts == [] and fake.calls("POST", "/queue") == []
+    await fake.wait_until(lambda: fake.history_entry(prompt_id) is not None)
+    entry = fake.history_entry(prompt_id)
+    assert entry is not None and entry["status"]["status_str"] == "success"
+
+
 async def test_the_slot_of_an_interrupted_prompt_frees_once_comfyui_stopped(
     fake: FakeComfyUI, make_backend: BackendFactory
 ) -> None:

@@ -1,0 +1,150 @@
+"""ComfyUI jobs through the real worker: progress, cancel, pools, lookahead, takeover."""
+
+from __future__ import annotations
+
+import statistics
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from imagen_worker.queue.jobs import Queue
+from tests.fakes.comfyui import FakeComfyUI
+from tests.fakes.storage import FakeStorage
+from tests.workers import eventually, job_row, make_config, running_worker, terminal
+
+OWNER = uuid.UUID("00000000-0000-4000-8000-000000000006")
+FAST = {"poll_interval": 0.5, "interrupt_grace": 2.0, "connect_timeout": 2.0, "timeout": 30}
+
+
+@pytest.fixture
+async def comfy() -> AsyncIterator[FakeComfyUI]:
+    server = FakeComfyUI()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def comfy_backend(*servers: FakeComfyUI, **extra: Any) -> dict[str, dict[str, Any]]:
+    block = {"type": "comfyui", "urls": [s.url for s in servers], "workflow": "sd15", **FAST, **extra}
+    return {"gpu": block}
+
+
+async def insert(db: asyncpg.Pool, prompt: str, steps: int = 4) -> uuid.UUID:
+    job_id: uuid.UUID = await db.fetchval(
+        "INSERT INTO imagen.jobs (owner_user_id, prompt, steps, width, height) "
+        "VALUES ($1, $2, $3, 512, 512) RETURNING id",
+        OWNER,
+        prompt,
+        steps,
+    )
+    return job_id
+
+
+async def test_a_comfyui_job_records_its_prompt_id_and_progress_and_ends_done(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, comfy: FakeComfyUI
+) -> None:
+    comfy.default_duration = 2.5
+    config = make_config(tmp_path, backends=comfy_backend(comfy))
+    progress: list[dict[str, Any]] = []
+    async with running_worker(config, database_url):
+        job_id = await insert(db, "a koi pond", steps=10)
+
+        async def finished() -> bool:
+            row = await job_row(db, job_id)
+            if row["progress"] and (not progress or progress[-1] != row["progress"]):
+                progress.append(row["progress"])
+            return bool(row["status"] == "done")
+
+        await eventually(finished, within=15, every=0.05)
+    job = await job_row(db, job_id)
+    prompt_id = job["backend_ref"].split("@")[0]
+    assert [r.body["prompt_id"] for r in comfy.calls("POST", "/prompt")] == [prompt_id]
+    assert len(progress) >= 2, "progress was written while ComfyUI worked"
+    fractions = [p["fraction"] for p in progress]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    image = await db.fetchrow("SELECT * FROM imagen.images WHERE id = $1", job["image_id"])
+    assert image["sidecar"]["backend_metadata"]["prompt_id"] == prompt_id
+
+
+async def test_cancelling_a_running_job_interrupts_exactly_its_prompt(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, comfy: FakeComfyUI
+) -> None:
+    comfy.default_duration = 30
+    config = make_config(tmp_path, backends=comfy_backend(comfy))
+    async with running_worker(config, database_url):
+        job_id = await insert(db, "a slow render")
+        running = await comfy.wait_running(within=10)
+        assert await Queue(db).request_cancel(job_id) == "running"
+        job = await terminal(db, job_id, within=10)
+    assert job["status"] == "cancelled"
+    assert [i.prompt_id for i in comfy.interrupts] == [running], "a targeted interrupt, never a bare one"
+    assert job["backend_ref"].startswith(running)
+
+
+async def test_two_instances_share_a_backlog(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, comfy: FakeComfyUI
+) -> None:
+    second = FakeComfyUI()
+    await second.start()
+    try:
+        comfy.default_duration = second.default_duration = 0.2
+        config = make_config(tmp_path, backends=comfy_backend(comfy, second), worker={"concurrency": 8})
+        async with running_worker(config, database_url):
+            jobs = [await insert(db, f"tile {i}") for i in range(8)]
+            rows = [await terminal(db, job_id, within=20) for job_id in jobs]
+    finally:
+        await second.stop()
+    assert all(row["status"] == "done" for row in rows)
+    assert len(comfy.executions) >= 3 and len(second.executions) >= 3, "both GPUs took a share"
+
+
+async def test_lookahead_keeps_the_gpu_busy_while_uploads_are_slow(
+    db: asyncpg.Pool,
+    database_url: str,
+    tmp_path: Path,
+    comfy: FakeComfyUI,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gpu_seconds, upload_seconds = 0.2, 0.15
+    comfy.default_duration = gpu_seconds
+    async with FakeStorage() as storage:
+        storage.upload_latency = upload_seconds
+        monkeypatch.setenv("SUPABASE_URL", storage.url)
+        monkeypatch.setenv("SUPABASE_SERVICE_KEY", storage.service_key)
+        config = make_config(
+            tmp_path, backends=comfy_backend(comfy, lookahead=1), storage={"type": "supabase"}
+        )
+        async with running_worker(config, database_url):
+            jobs = [await insert(db, f"frame {i}") for i in range(10)]
+            rows = [await terminal(db, job_id, within=30) for job_id in jobs]
+    assert all(row["status"] == "done" for row in rows)
+    gaps = comfy.idle_gaps()
+    assert len(gaps) == 9
+    assert statistics.median(gaps) < upload_seconds / 3, (
+        f"the next prompt starts while the previous result uploads (gaps: {gaps})"
+    )
+    first, last = comfy.busy_intervals()[0][0], comfy.busy_intervals()[-1][1]
+    busy = sum(end - start for start, end in comfy.busy_intervals())
+    assert busy / (last - first) > 0.8
+
+
+async def test_a_taken_over_job_adopts_the_running_prompt_instead_of_resubmitting(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, comfy: FakeComfyUI
+) -> None:
+    comfy.default_duration = 3.0
+    config = make_config(tmp_path, backends=comfy_backend(comfy), worker={"lease_seconds": 3})
+    async with running_worker(config, database_url) as first:
+        job_id = await insert(db, "an adopted render")
+        await comfy.wait_running(within=10)
+        first.force.set()  # leave at once: the job is released with its backend_ref
+    job = await job_row(db, job_id)
+    assert job["status"] == "pending" and job["backend_ref"]
+    async with running_worker(config, database_url):
+        job = await terminal(db, job_id, within=15)
+    assert job["status"] == "done"
+    assert len(comfy.calls("POST", "/prompt")) == 1, "the second worker collected the same prompt"
+    assert comfy.interrupts == [], "releasing a job does not interrupt its prompt"
