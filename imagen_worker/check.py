@@ -28,6 +28,7 @@ from imagen_worker.db import migrate as migrations
 from imagen_worker.db.connect import connect
 from imagen_worker.errors import ConfigError
 from imagen_worker.observability.logging import Redactor
+from imagen_worker.queries import sql
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ async def _listen_result(conn: asyncpg.Connection, seconds: float) -> CheckResul
     try:
         await conn.add_listener(channel, on_notify)
         try:
-            await conn.execute("SELECT pg_notify($1, 'ping')", channel)
+            await conn.execute(sql("notify_probe"), channel)
             await asyncio.wait_for(received, timeout=min(seconds, 5.0))
         finally:
             await conn.remove_listener(channel, on_notify)

@@ -22,8 +22,8 @@ from rich.table import Table
 from imagen_worker.cli.watch import TERMINAL
 from imagen_worker.config import data_dir
 from imagen_worker.db.connect import connect, embedded_dsn
+from imagen_worker.queries import sql
 from imagen_worker.queue.jobs import Queue
-from imagen_worker.queue.queries import sql
 
 console = Console()
 BIN = Path(sys.executable).parent

@@ -1,6 +1,6 @@
--- Every statement of the job state machine, in one file. Loaded by queue/queries.py;
--- each block starts with "-- name: <name>". Transitions out of 'running' are fenced on
--- (id, worker_id, attempts, status): zero rows means the lease was lost.
+-- Every statement the code runs, in one file, loaded by queries.py; each block starts with
+-- "-- name: <name>". The job state machine comes first: transitions out of 'running' are
+-- fenced on (id, worker_id, attempts, status), and zero rows means the lease was lost.
 
 -- name: enqueue
 -- Idempotent on (owner, dedupe_key) among live jobs: a conflict inserts nothing.
@@ -182,3 +182,36 @@ SELECT 1;
 
 -- name: worker_alive
 SELECT count(*) > 0 FROM imagen.workers WHERE pid = $1 AND expires_at > now();
+
+-- name: live_queue_depth
+-- For the imagen_queue_depth gauge: only live statuses, both served by partial indexes.
+SELECT status, count(*) AS n FROM imagen.jobs WHERE status = ANY ($1::text[]) GROUP BY status;
+
+-- name: notify_probe
+-- imagen-worker check: a NOTIFY that must come back on our own LISTEN (fails on poolers).
+SELECT pg_notify($1, 'ping');
+
+-- Schema migrations (db/migrate.py) ------------------------------------------------------
+
+-- name: migrations_table_exists
+SELECT to_regclass('imagen.schema_migrations') IS NOT NULL;
+
+-- name: migrations_applied
+SELECT version, checksum FROM imagen.schema_migrations;
+
+-- name: migrations_bootstrap
+CREATE SCHEMA IF NOT EXISTS imagen;
+CREATE TABLE IF NOT EXISTS imagen.schema_migrations (
+    version    text PRIMARY KEY,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: migrations_record
+INSERT INTO imagen.schema_migrations (version, checksum) VALUES ($1, $2);
+
+-- name: migrations_lock
+SELECT pg_advisory_lock($1);
+
+-- name: migrations_unlock
+SELECT pg_advisory_unlock($1);

@@ -37,7 +37,8 @@ def adapter_class(type_name: str) -> type[Backend]:
         raise ConfigError(f"unknown backend type {type_name!r} (known: {', '.join(available_types())})")
     module, _, attr = target.partition(":")
     cls = getattr(importlib.import_module(module), attr)
-    return cls  # type: ignore[no-any-return]
+    loaded: type[Backend] = cls
+    return loaded
 
 
 def create(name: str, block: Mapping[str, Any]) -> Backend:

@@ -21,8 +21,8 @@ from imagen_worker.cli.config_cmd import app as config_app
 from imagen_worker.config import Config
 from imagen_worker.errors import ConfigError, JobError
 from imagen_worker.pipeline import Pipeline, forget
+from imagen_worker.queries import sql
 from imagen_worker.queue.jobs import JobSpec, Queue
-from imagen_worker.queue.queries import sql
 from imagen_worker.storage import create_sink
 
 app = typer.Typer(

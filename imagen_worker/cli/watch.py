@@ -15,8 +15,8 @@ import asyncpg
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
+from imagen_worker.queries import sql
 from imagen_worker.queue.jobs import Queue
-from imagen_worker.queue.queries import sql
 
 TERMINAL = {"done", "failed", "cancelled"}
 EVENTS_CHANNEL = "imagen_job_events"

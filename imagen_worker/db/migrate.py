@@ -16,18 +16,10 @@ from pathlib import Path
 import asyncpg
 
 from imagen_worker.errors import ConfigError
+from imagen_worker.queries import sql
 
 _LOCK_KEY = 0x1A6E_0001  # arbitrary, stable: "imagen migrations"
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
-
-_BOOTSTRAP = """
-CREATE SCHEMA IF NOT EXISTS imagen;
-CREATE TABLE IF NOT EXISTS imagen.schema_migrations (
-    version    text PRIMARY KEY,
-    checksum   text NOT NULL,
-    applied_at timestamptz NOT NULL DEFAULT now()
-);
-"""
 
 
 @dataclass(frozen=True)
@@ -65,10 +57,10 @@ def discover(directory: Path | None = None) -> list[Migration]:
 
 
 async def applied(conn: asyncpg.Connection) -> dict[str, str]:
-    exists = await conn.fetchval("SELECT to_regclass('imagen.schema_migrations') IS NOT NULL")
+    exists = await conn.fetchval(sql("migrations_table_exists"))
     if not exists:
         return {}
-    rows = await conn.fetch("SELECT version, checksum FROM imagen.schema_migrations")
+    rows = await conn.fetch(sql("migrations_applied"))
     return {row["version"]: row["checksum"] for row in rows}
 
 
@@ -92,21 +84,17 @@ async def pending(conn: asyncpg.Connection, directory: Path | None = None) -> li
 
 async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> list[str]:
     """Apply what is pending; returns the versions this call applied."""
-    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+    await conn.execute(sql("migrations_lock"), _LOCK_KEY)
     try:
-        await conn.execute(_BOOTSTRAP)
+        await conn.execute(sql("migrations_bootstrap"))
         todo = await pending(conn, directory)
         for migration in todo:
             async with conn.transaction():
                 await conn.execute(migration.sql)
-                await conn.execute(
-                    "INSERT INTO imagen.schema_migrations (version, checksum) VALUES ($1, $2)",
-                    migration.version,
-                    migration.checksum,
-                )
+                await conn.execute(sql("migrations_record"), migration.version, migration.checksum)
         return [m.version for m in todo]
     finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+        await conn.execute(sql("migrations_unlock"), _LOCK_KEY)
 
 
 async def dry_run(conn: asyncpg.Connection, directory: Path | None = None) -> str:

@@ -23,6 +23,8 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
+from imagen_worker.queries import sql
+
 log = structlog.get_logger(__name__)
 
 OUTCOMES: Final = ("done", "failed", "retried", "cancelled", "released")
@@ -105,7 +107,7 @@ class Metrics:
         however many finished jobs the table holds.
         """
         rows = await conn.fetch(
-            "SELECT status, count(*) AS n FROM imagen.jobs WHERE status = ANY($1::text[]) GROUP BY status",
+            sql("live_queue_depth"),
             list(QUEUE_STATUSES),
         )
         counts = {row["status"]: row["n"] for row in rows}

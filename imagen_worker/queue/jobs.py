@@ -25,7 +25,7 @@ from uuid import UUID
 import asyncpg
 
 from imagen_worker.errors import ConfigError, JobError, LeaseLost
-from imagen_worker.queue.queries import sql
+from imagen_worker.queries import sql
 
 Executor: TypeAlias = asyncpg.Pool | asyncpg.Connection
 
