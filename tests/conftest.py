@@ -18,6 +18,7 @@ import pytest
 
 from imagen_worker.db.connect import connect, create_pool
 from imagen_worker.db.migrate import migrate
+from tests.fakes.comfyui import FakeComfyUI
 
 
 def _docker_engine_answers() -> bool:
@@ -83,6 +84,30 @@ def database_url(server_dsn: str) -> Iterator[str]:
     asyncio.run(create())
     yield _with_database(server_dsn, name)
     asyncio.run(drop())
+
+
+@pytest.fixture
+async def scratch_dsn(server_dsn: str) -> AsyncIterator[str]:
+    """A brand-new, unmigrated database, dropped (even with connections left open) afterwards."""
+    name = f"imagen_scratch_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield _with_database(server_dsn, name)
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def fake_comfyui() -> AsyncIterator[FakeComfyUI]:
+    """A protocol-faithful ComfyUI on a loopback port."""
+    async with FakeComfyUI() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -79,6 +80,20 @@ async def eventually(
             return value
         await asyncio.sleep(every)
     raise AssertionError(f"condition not met within {within}s (last value: {value!r})")
+
+
+TEST_OWNER = uuid.UUID("00000000-0000-4000-8000-00000000000a")
+
+
+async def insert_job(db: asyncpg.Pool, prompt: str = "a red fox", **columns: Any) -> uuid.UUID:
+    """INSERT a job the way the web UI does: only the columns given, defaults for the rest."""
+    columns.setdefault("owner_user_id", TEST_OWNER)
+    names = ["prompt", *columns]
+    values = [prompt, *columns.values()]
+    placeholders = ", ".join(f"${i}" for i in range(1, len(values) + 1))
+    statement = f"INSERT INTO imagen.jobs ({', '.join(names)}) VALUES ({placeholders}) RETURNING id"
+    job_id: uuid.UUID = await db.fetchval(statement, *values)
+    return job_id
 
 
 async def job_row(db: asyncpg.Pool, job_id: Any) -> asyncpg.Record:

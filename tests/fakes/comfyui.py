@@ -257,6 +257,13 @@ class FakeComfyUI:
         self.port = self._runner.addresses[0][1]
         self._executor = asyncio.create_task(self._execute_forever(), name="fake-comfyui-executor")
 
+    async def __aenter__(self) -> FakeComfyUI:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
     async def stop(self) -> None:
         if self._executor is not None:
             self._executor.cancel()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -40,23 +39,12 @@ POLICY = "imagen_generated_select_own"
 
 
 @pytest.fixture
-async def scratch(server_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    name = f"imagen_storage_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(server_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    conn = await connect(urlunsplit(urlsplit(server_dsn)._replace(path=f"/{name}")))
+async def scratch(scratch_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await connect(scratch_dsn)
     try:
         yield conn
     finally:
         await conn.close()
-        admin = await asyncpg.connect(server_dsn)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 async def _policies(conn: asyncpg.Connection) -> list[asyncpg.Record]:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.fakes.storage import FakeStorage
-from tests.workers import BIN, make_config, running_worker, terminal, worker_env, write_config
+from tests.workers import BIN, insert_job, make_config, running_worker, terminal, worker_env, write_config
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-000000000005")
 STORAGE = {"type": "supabase", "max_retries": 0}
@@ -29,13 +29,7 @@ async def storage(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeStorage]
 
 
 async def insert(db: asyncpg.Pool, prompt: str) -> uuid.UUID:
-    job_id: uuid.UUID = await db.fetchval(
-        "INSERT INTO imagen.jobs (owner_user_id, prompt, width, height) VALUES ($1, $2, 128, 128) "
-        "RETURNING id",
-        OWNER,
-        prompt,
-    )
-    return job_id
+    return await insert_job(db, prompt, owner_user_id=OWNER, width=128, height=128)
 
 
 async def test_a_done_job_has_its_image_in_storage_and_a_signed_url_serves_it(

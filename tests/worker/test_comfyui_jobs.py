@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import statistics
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +13,15 @@ import pytest
 from imagen_worker.queue.jobs import Queue
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.storage import FakeStorage
-from tests.workers import eventually, job_row, make_config, running_worker, terminal
+from tests.workers import eventually, insert_job, job_row, make_config, running_worker, terminal
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-000000000006")
 FAST = {"poll_interval": 0.5, "interrupt_grace": 2.0, "connect_timeout": 2.0, "timeout": 30}
 
 
 @pytest.fixture
-async def comfy() -> AsyncIterator[FakeComfyUI]:
-    server = FakeComfyUI()
-    await server.start()
-    yield server
-    await server.stop()
+def comfy(fake_comfyui: FakeComfyUI) -> FakeComfyUI:
+    return fake_comfyui
 
 
 def comfy_backend(*servers: FakeComfyUI, **extra: Any) -> dict[str, dict[str, Any]]:
@@ -34,14 +30,7 @@ def comfy_backend(*servers: FakeComfyUI, **extra: Any) -> dict[str, dict[str, An
 
 
 async def insert(db: asyncpg.Pool, prompt: str, steps: int = 4) -> uuid.UUID:
-    job_id: uuid.UUID = await db.fetchval(
-        "INSERT INTO imagen.jobs (owner_user_id, prompt, steps, width, height) "
-        "VALUES ($1, $2, $3, 512, 512) RETURNING id",
-        OWNER,
-        prompt,
-        steps,
-    )
-    return job_id
+    return await insert_job(db, prompt, owner_user_id=OWNER, steps=steps, width=512, height=512)
 
 
 async def test_a_comfyui_job_records_its_prompt_id_and_progress_and_ends_done(
@@ -88,16 +77,12 @@ async def test_cancelling_a_running_job_interrupts_exactly_its_prompt(
 async def test_two_instances_share_a_backlog(
     db: asyncpg.Pool, database_url: str, tmp_path: Path, comfy: FakeComfyUI
 ) -> None:
-    second = FakeComfyUI()
-    await second.start()
-    try:
+    async with FakeComfyUI() as second:
         comfy.default_duration = second.default_duration = 0.2
         config = make_config(tmp_path, backends=comfy_backend(comfy, second), worker={"concurrency": 8})
         async with running_worker(config, database_url):
             jobs = [await insert(db, f"tile {i}") for i in range(8)]
             rows = [await terminal(db, job_id, within=20) for job_id in jobs]
-    finally:
-        await second.stop()
     assert all(row["status"] == "done" for row in rows)
     assert len(comfy.executions) >= 3 and len(second.executions) >= 3, "both GPUs took a share"
 

@@ -13,18 +13,13 @@ import asyncpg
 from imagen_worker.backends.base import GenerateRequest, GenerateResult, JobContext
 from imagen_worker.backends.mock import MockBackend
 from imagen_worker.queue.jobs import JobSpec, Queue
-from tests.workers import eventually, job_row, make_config, running_worker, terminal
+from tests.workers import eventually, insert_job, job_row, make_config, running_worker, terminal
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-000000000001")
 
 
 async def insert(db: asyncpg.Pool, prompt: str = "a red fox", **columns: object) -> uuid.UUID:
-    names = ["owner_user_id", "prompt", *columns]
-    values = [OWNER, prompt, *columns.values()]
-    placeholders = ", ".join(f"${i}" for i in range(1, len(values) + 1))
-    sql = f"INSERT INTO imagen.jobs ({', '.join(names)}) VALUES ({placeholders}) RETURNING id"
-    job_id: uuid.UUID = await db.fetchval(sql, *values)
-    return job_id
+    return await insert_job(db, prompt, owner_user_id=OWNER, **columns)
 
 
 async def test_a_plain_sql_insert_becomes_an_image_file_sidecar_and_linked_row(

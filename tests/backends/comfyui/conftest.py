@@ -13,11 +13,8 @@ from tests.fakes.comfyui import FakeComfyUI
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeComfyUI]:
-    server = FakeComfyUI()
-    await server.start()
-    yield server
-    await server.stop()
+def fake(fake_comfyui: FakeComfyUI) -> FakeComfyUI:
+    return fake_comfyui
 
 
 BackendFactory = Callable[..., Awaitable[ComfyUIBackend]]

@@ -15,10 +15,8 @@ from tests.fakes.comfyui import FakeComfyUI
 
 @pytest.fixture
 async def second_fake() -> AsyncIterator[FakeComfyUI]:
-    server = FakeComfyUI()
-    await server.start()
-    yield server
-    await server.stop()
+    async with FakeComfyUI() as server:
+        yield server
 
 
 async def _worker_loop(backend: ComfyUIBackend, jobs: asyncio.Queue[int], post_processing: float) -> None:
