@@ -26,14 +26,16 @@ import contextlib
 import hashlib
 import uuid
 from collections.abc import Mapping
-from typing import Any, Self, TypeGuard
+from typing import Any, Self
 
 import structlog
 
 from imagen_worker.backends.base import Backend, GenerateRequest, GenerateResult, Health, JobContext, Output
 from imagen_worker.backends.comfyui import failures
-from imagen_worker.backends.comfyui.client import SOCKET_CONNECTED, ComfyUIClient, FileRef, PromptWatch
+from imagen_worker.backends.comfyui.client import SOCKET_CONNECTED, ComfyUIClient, PromptWatch
 from imagen_worker.backends.comfyui.config import ComfyUIConfig, parse_config
+from imagen_worker.backends.comfyui.history import class_type, finished, output_files, raise_for_outcome
+from imagen_worker.backends.comfyui.pool import Instance, Pool, make_ref, parse_ref
 from imagen_worker.backends.comfyui.workflows import Workflow, WorkflowError, job_workflow, model_name
 from imagen_worker.errors import RetryableError, TerminalError
 
@@ -45,70 +47,12 @@ HISTORY_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8)
 MAX_POLL_FAILURES = 3
 
 
-def make_ref(prompt_id: str, base_url: str) -> str:
-    """The job's backend ref: ``<prompt_id>@<base_url>`` (a uuid4 has no ``@``)."""
-    return f"{prompt_id}@{base_url}"
-
-
-def parse_ref(ref: str) -> tuple[str, str] | None:
-    prompt_id, at, base_url = ref.partition("@")
-    try:
-        uuid.UUID(prompt_id)
-    except ValueError:
-        return None
-    return (prompt_id, base_url) if at and base_url else None
-
-
 class _DeadlineExceeded(Exception):
     pass
 
 
 class _PromptLost(RetryableError):
     """ComfyUI has neither history nor a queue entry for the prompt: it restarted or dropped it."""
-
-
-class _Instance:
-    """One ComfyUI process and how many of our prompts it holds right now."""
-
-    def __init__(self, client: ComfyUIClient) -> None:
-        self.client = client
-        self.active = 0
-        self.served = 0
-
-
-class _Pool:
-    """Hands out instances, least busy first, never more than ``limit`` of our prompts each."""
-
-    def __init__(self, instances: list[_Instance], limit: int) -> None:
-        self.instances = instances
-        self.limit = limit
-        self._changed = asyncio.Event()
-
-    async def acquire(self) -> _Instance:
-        """Wait for a slot. While any instance is connected, unconnected ones are not used."""
-        while True:
-            free = [inst for inst in self.instances if inst.active < self.limit]
-            if any(inst.client.connected for inst in self.instances):
-                free = [inst for inst in free if inst.client.connected]
-            if free:
-                best = min(free, key=lambda inst: (inst.active, inst.served))
-                self.occupy(best)
-                return best
-            changed = self._changed
-            # A release wakes us; the timeout notices an instance that (re)connected.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.5):
-                    await changed.wait()
-
-    def occupy(self, instance: _Instance) -> None:
-        """Count a prompt against ``instance`` (recovery: it is already there, limit or not)."""
-        instance.active += 1
-        instance.served += 1
-
-    def release(self, instance: _Instance) -> None:
-        instance.active -= 1
-        self._changed.set()
-        self._changed = asyncio.Event()
 
 
 class ComfyUIBackend(Backend):
@@ -120,10 +64,10 @@ class ComfyUIBackend(Backend):
         super().__init__(name)
         self.config = config
         self._instances = [
-            _Instance(ComfyUIClient(url, headers=config.headers, connect_timeout=config.connect_timeout))
+            Instance(ComfyUIClient(url, headers=config.headers, connect_timeout=config.connect_timeout))
             for url in config.urls
         ]
-        self._pool = _Pool(self._instances, limit=1 + config.lookahead)
+        self._pool = Pool(self._instances, limit=1 + config.lookahead)
         self._background: set[asyncio.Task[None]] = set()
         self._started = False
 
@@ -206,7 +150,7 @@ class ComfyUIBackend(Backend):
 
     async def _run_in_slot(
         self,
-        inst: _Instance,
+        inst: Instance,
         prompt_id: str,
         watch: PromptWatch,
         ctx: JobContext,
@@ -258,7 +202,7 @@ class ComfyUIBackend(Backend):
             raise TerminalError(str(exc)) from None
 
     async def _until_done(
-        self, inst: _Instance, prompt_id: str, watch: PromptWatch, ctx: JobContext
+        self, inst: Instance, prompt_id: str, watch: PromptWatch, ctx: JobContext
     ) -> dict[str, Any]:
         """Follow the prompt to its end; past the deadline stop it and raise ``RetryableError``."""
         client = inst.client
@@ -271,7 +215,7 @@ class ComfyUIBackend(Backend):
         if state == "absent":  # it ended just as the deadline passed
             with contextlib.suppress(RetryableError):
                 entry = await client.history(prompt_id)
-                if _finished(entry) and entry["status"]["status_str"] == "success":
+                if finished(entry) and entry["status"]["status_str"] == "success":
                     return entry
             outcome = "it is no longer in ComfyUI's queue"
         elif state == "unreachable":
@@ -341,12 +285,12 @@ class ComfyUIBackend(Backend):
     async def _poll(self, client: ComfyUIClient, prompt_id: str) -> dict[str, Any] | None:
         """The finished entry, None while queued or running; raise if ComfyUI forgot the prompt."""
         entry = await client.history(prompt_id)
-        if _finished(entry):
+        if finished(entry):
             return entry
         if prompt_id in await client.queue():
             return None
         entry = await client.history(prompt_id)  # it may have finished between the two reads
-        if _finished(entry):
+        if finished(entry):
             return entry
         raise _PromptLost(
             f"ComfyUI at {client.base_url} no longer knows prompt {prompt_id} (restarted, or the prompt "
@@ -361,7 +305,7 @@ class ComfyUIBackend(Backend):
         for delay in (0.0, *HISTORY_RETRY_DELAYS):
             await asyncio.sleep(delay)
             entry = await client.history(prompt_id)
-            if _finished(entry):
+            if finished(entry):
                 return entry
         if last_failure is not None:
             messages = [[last_failure["type"], last_failure["data"]]]
@@ -374,7 +318,7 @@ class ComfyUIBackend(Backend):
             detail={"instance": client.base_url, "prompt_id": prompt_id},
         )
 
-    async def _withdraw(self, inst: _Instance, prompt_id: str) -> str:
+    async def _withdraw(self, inst: Instance, prompt_id: str) -> str:
         """Take our prompt out of ComfyUI: delete it while pending, targeted interrupt if running.
 
         Returns ``deleted``, ``interrupted``, ``absent`` (already finished or never arrived) or
@@ -399,7 +343,7 @@ class ComfyUIBackend(Backend):
         log.info("comfyui prompt interrupted", instance=client.base_url, prompt_id=prompt_id)
         return "interrupted"
 
-    async def _abandon(self, inst: _Instance, prompt_id: str) -> bool:
+    async def _abandon(self, inst: Instance, prompt_id: str) -> bool:
         """Withdraw without waiting; True when a background task now owns the slot.
 
         An interrupt lands only at the next node boundary (§10.3), so the slot stays taken until
@@ -410,7 +354,7 @@ class ComfyUIBackend(Backend):
         self._spawn(self._release_when_stopped(inst, prompt_id))
         return True
 
-    async def _release_when_stopped(self, inst: _Instance, prompt_id: str) -> None:
+    async def _release_when_stopped(self, inst: Instance, prompt_id: str) -> None:
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.config.interrupt_grace
         try:
@@ -442,14 +386,14 @@ class ComfyUIBackend(Backend):
         with client.watch(prompt_id) as watch:
             try:
                 entry = await client.history(prompt_id)
-                waiting = not _finished(entry) and prompt_id in await client.queue()
+                waiting = not finished(entry) and prompt_id in await client.queue()
             except RetryableError as exc:
                 log.info("comfyui instance unreachable during recovery", ref=ref, error=exc.message)
                 return None
             if waiting:
                 self._pool.occupy(inst)  # it is in ComfyUI already, whatever the limit says
                 entry = await self._run_in_slot(inst, prompt_id, watch, ctx, submit=None)
-        if not _finished(entry) or entry.get("status", {}).get("status_str") != "success":
+        if not finished(entry) or entry.get("status", {}).get("status_str") != "success":
             # Unknown (restart, deleted) or failed: the queue asked for a retry, so run it again.
             log.info("comfyui earlier prompt unknown or failed; submitting again", ref=ref)
             return None
@@ -463,14 +407,14 @@ class ComfyUIBackend(Backend):
 
     async def _collect(
         self,
-        inst: _Instance,
+        inst: Instance,
         prompt_id: str,
         entry: dict[str, Any],
         graph: Mapping[str, Any],
         request: GenerateRequest,
     ) -> GenerateResult:
         client = inst.client
-        _raise_for_outcome(entry, client.base_url)
+        raise_for_outcome(entry, client.base_url)
         files = output_files(entry)
         if not any(ref.kind == "images" for ref in files):
             raise TerminalError(
@@ -486,7 +430,7 @@ class ComfyUIBackend(Backend):
             described.append(
                 {
                     "node_id": ref.node_id,
-                    "node_type": _class_type(graph, ref.node_id),
+                    "node_type": class_type(graph, ref.node_id),
                     "kind": ref.kind,
                     "filename": ref.filename,
                     "subfolder": ref.subfolder,
@@ -519,56 +463,3 @@ class ComfyUIBackend(Backend):
         return GenerateResult(
             image=outputs[0], metadata=metadata, model=model_name(graph), extra_outputs=outputs[1:]
         )
-
-
-def output_files(entry: Mapping[str, Any]) -> list[FileRef]:
-    """Every file in ``history.outputs``, images first; ``temp`` files only if nothing else (§15.9)."""
-    refs: list[FileRef] = []
-    for node_id, node_outputs in (entry.get("outputs") or {}).items():
-        if not isinstance(node_outputs, Mapping):
-            continue
-        for kind, items in node_outputs.items():
-            for item in items if isinstance(items, list) else []:
-                if isinstance(item, Mapping) and isinstance(item.get("filename"), str):
-                    refs.append(
-                        FileRef(
-                            node_id=str(node_id),
-                            kind=str(kind),
-                            filename=item["filename"],
-                            subfolder=str(item.get("subfolder") or ""),
-                            type=str(item.get("type") or "output"),
-                        )
-                    )
-    kept = [ref for ref in refs if ref.type != "temp"]
-    if not any(ref.kind == "images" for ref in kept):
-        kept = refs
-    return sorted(kept, key=lambda ref: (ref.kind != "images", ref.type == "temp"))
-
-
-def _finished(entry: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
-    if not entry:
-        return False
-    status = entry.get("status")
-    return isinstance(status, Mapping) and status.get("status_str") in ("success", "error")
-
-
-def _raise_for_outcome(entry: Mapping[str, Any], instance: str) -> None:
-    status = entry.get("status") or {}
-    if status.get("status_str") == "success":
-        return
-    for kind, data in reversed(
-        [m for m in status.get("messages") or [] if isinstance(m, list) and len(m) == 2]
-    ):
-        if kind == "execution_error":
-            raise failures.execution_error(data, instance)
-        if kind == "execution_interrupted":
-            raise failures.interrupted(data, instance)
-    raise RetryableError(
-        f"ComfyUI at {instance} ended the prompt with status {status.get('status_str')!r}",
-        detail={"instance": instance, "status": status},
-    )
-
-
-def _class_type(graph: Mapping[str, Any], node_id: str) -> str | None:
-    node = graph.get(node_id)
-    return node.get("class_type") if isinstance(node, Mapping) else None

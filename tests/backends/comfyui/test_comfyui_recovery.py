@@ -7,7 +7,7 @@ import uuid
 
 import httpx
 
-from imagen_worker.backends.comfyui.backend import make_ref
+from imagen_worker.backends.comfyui.pool import make_ref
 from tests.backends.comfyui.conftest import BackendFactory
 from tests.backends.comfyui.support import RecordingContext, make_request
 from tests.fakes.comfyui import FakeComfyUI

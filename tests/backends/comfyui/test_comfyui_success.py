@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from imagen_worker.backends.comfyui.backend import parse_ref
+from imagen_worker.backends.comfyui.pool import parse_ref
 from tests.backends.comfyui.conftest import BackendFactory
 from tests.backends.comfyui.support import RecordingContext, make_request
 from tests.fakes.comfyui import FakeComfyUI
