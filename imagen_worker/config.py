@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
@@ -98,6 +99,40 @@ class _FileSource(InitSettingsSource):
         super().__init__(settings_cls, init_kwargs=_file_data.get({}))
 
 
+_INT = re.compile(r"-?\d+")
+_FLOAT = re.compile(r"-?\d+\.\d*|-?\.\d+")
+_BOOL = {"true": True, "false": False}
+
+
+def _scalar(value: Any) -> Any:
+    """An environment string as the YAML scalar it spells (``"600"`` -> 600, ``"true"`` -> True)."""
+    if isinstance(value, dict):
+        return {key: _scalar(item) for key, item in value.items()}
+    if not isinstance(value, str):
+        return value
+    if _INT.fullmatch(value):
+        return int(value)
+    if _FLOAT.fullmatch(value):
+        return float(value)
+    return _BOOL.get(value.lower(), value)
+
+
+class _TypedEnvSource(EnvSettingsSource):
+    """Environment overrides, with adapter blocks typed like YAML.
+
+    The framework does not know the keys of a backend or storage block, so pydantic cannot
+    coerce ``IMAGEN_BACKENDS__GPU__TIMEOUT=900`` for the adapter; decoding plain scalars here
+    lets the adapter validate a number as it would from the file.
+    """
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        for block in ("backends", "storage"):
+            if isinstance(data.get(block), dict):
+                data[block] = _scalar(data[block])
+        return data
+
+
 class Config(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="IMAGEN_",
@@ -126,7 +161,7 @@ class Config(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _FileSource(settings_cls))
+        return (init_settings, _TypedEnvSource(settings_cls), _FileSource(settings_cls))
 
     @field_validator("owner_user_id")
     @classmethod

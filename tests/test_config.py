@@ -14,7 +14,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from imagen_worker import storage
+from imagen_worker import backends, storage
 from imagen_worker.cli import config_cmd
 from imagen_worker.config import (
     Config,
@@ -432,3 +432,20 @@ def test_validate_reports_a_storage_block_the_sink_refuses(
 
     assert result.exit_code == 1
     assert "error: storage: bucket must be a bucket name" in result.stderr
+
+
+def test_adapter_values_from_the_environment_are_typed_like_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGEN_BACKENDS__GPU__TYPE", "comfyui")
+    monkeypatch.setenv("IMAGEN_BACKENDS__GPU__BASE_URL", "http://127.0.0.1:8188")
+    monkeypatch.setenv("IMAGEN_BACKENDS__GPU__WORKFLOW", "sdxl")
+    monkeypatch.setenv("IMAGEN_BACKENDS__GPU__TIMEOUT", "900")
+    monkeypatch.setenv("IMAGEN_BACKENDS__GPU__LOOKAHEAD", "2")
+    monkeypatch.setenv("IMAGEN_BACKENDS__GPU__ALLOW_JOB_WORKFLOWS", "true")
+    monkeypatch.setenv("IMAGEN_STORAGE__TIMEOUT", "12.5")
+    config = load_config()
+    block = config.backends["gpu"]
+    assert (block["timeout"], block["lookahead"], block["allow_job_workflows"]) == (900, 2, True)
+    assert block["base_url"] == "http://127.0.0.1:8188" and block["workflow"] == "sdxl"
+    assert config.storage["timeout"] == 12.5
+    backend = backends.create("gpu", block)
+    assert backend.capacity == 4, "1 instance x (2 + lookahead 2)"
