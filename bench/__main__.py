@@ -1,0 +1,40 @@
+"""``python -m bench`` (``make bench``): every benchmark in sequence, about 10 minutes here.
+
+Each prints its table and writes ``bench/results/<name>.json``. ``--only NAME ...`` runs a
+subset. The chaos run is separate: ``python -m bench.chaos`` (``make chaos``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from bench import backlog_scale, gpu_utilisation, memory, pickup_latency, throughput
+
+BENCHMARKS: dict[str, Callable[[], Awaitable[Any]]] = {
+    "pickup_latency": lambda: pickup_latency.run(jobs=1000, backlog_rows=10_000),
+    "throughput": lambda: throughput.run(jobs=4000),
+    "memory": lambda: memory.run(jobs=10_000),
+    "backlog_scale": lambda: backlog_scale.run((0, 100_000, 1_000_000)),
+    "gpu_utilisation": lambda: gpu_utilisation.run(jobs=200, gpu_ms=200, upload_ms=150),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run the imagen-worker benchmarks.")
+    parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run only these")
+    args = parser.parse_args()
+    started = time.monotonic()
+    for name in args.only or BENCHMARKS:
+        t0 = time.monotonic()
+        print(f"\n=== {name} ===", flush=True)
+        asyncio.run(BENCHMARKS[name]())
+        print(f"  ({name}: {time.monotonic() - t0:.0f} s)", flush=True)
+    print(f"\nall benchmarks: {time.monotonic() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

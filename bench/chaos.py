@@ -1,0 +1,428 @@
+"""Chaos run: worker processes killed with SIGKILL, listener connections terminated and
+PostgreSQL restarted while several hundred jobs with random failures go through the queue.
+
+Three ``imagen-worker run`` subprocesses serve a mock backend with latency and a random
+retryable failure rate, lease 3 s. Jobs are inserted in bursts during the first half of the
+run. Meanwhile: every few seconds a random worker gets SIGKILL and is started again; listener
+connections (the ones whose last statement was ``LISTEN`` or the listener's health ping) are
+ended with ``pg_terminate_backend``; once, PostgreSQL itself is restarted with
+``pg_ctlcluster`` where this process has the rights (skipped otherwise, and said so). Then
+every job must reach a terminal state and the invariants below must hold:
+
+* none lost: every inserted job is still there, and every one is terminal;
+* none completed twice: at most one ``imagen.images`` row per job, exactly one for every done
+  job (and ``jobs.image_id`` points at it), none for a job that is not done;
+* images rows == done jobs;
+* storage holds exactly the images rows: the local storage directory's files are the
+  ``storage_path`` of the images rows, no more, no fewer.
+
+``make chaos`` runs ``python -m bench.chaos``; ``tests/chaos/test_chaos_short.py`` runs a short
+variant of the same code in ``make test``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from bench.common import (
+    kill_worker,
+    scratch_database,
+    server_dsn,
+    spawn_worker,
+    stop_worker,
+    with_query,
+    worker_env,
+    write_result,
+    write_worker_config,
+)
+
+APP_NAME = "imagen-chaos"
+LISTENER_CONNECTIONS = f"""
+SELECT pid FROM pg_stat_activity
+WHERE datname = current_database() AND application_name = '{APP_NAME}' AND pid <> pg_backend_pid()
+  AND state = 'idle' AND (query ILIKE 'LISTEN%' OR query = 'SELECT 1;')
+"""
+
+
+@dataclass
+class ChaosOptions:
+    jobs: int = 400
+    workers: int = 3
+    duration: float = 60.0
+    kill_every: float = 4.0
+    listener_kills: int = 3
+    restart_postgres: bool = True
+    fail_rate: float = 0.15
+    terminal_share: float = 0.03
+    latency_ms: float = 150.0
+    lease_seconds: float = 3.0
+    max_attempts: int = 6
+    settle_timeout: float = 180.0
+    seed: int | None = None
+
+
+@dataclass
+class ChaosReport:
+    options: dict[str, Any]
+    kills: int = 0
+    restarts: int = 0
+    listener_terminations: int = 0
+    listener_reconnects_logged: int = 0
+    postgres_restarted: bool = False
+    postgres_restart_note: str = ""
+    jobs_inserted: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    images: int = 0
+    storage_files: int = 0
+    storage_temp_files: int = 0
+    attempts: dict[str, int] = field(default_factory=dict)
+    failure_reasons: dict[str, int] = field(default_factory=dict)
+    lease_lost_logged: int = 0
+    seconds: float = 0.0
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+# --- PostgreSQL restart ------------------------------------------------------------------------
+
+
+async def postgres_restart_command(dsn: str) -> tuple[list[str] | None, str]:
+    """The pg_ctlcluster command that restarts this server, or None and why not."""
+    if os.name != "posix" or os.geteuid() != 0:
+        return None, "not root: cannot restart PostgreSQL"
+    tool = shutil.which("pg_ctlcluster")
+    if tool is None:
+        return None, "pg_ctlcluster not found (not a Debian-style PostgreSQL)"
+    conn = await asyncpg.connect(dsn)
+    try:
+        cluster = await conn.fetchval("SHOW cluster_name")
+        data_dir = await conn.fetchval("SELECT setting FROM pg_settings WHERE name = 'data_directory'")
+    finally:
+        await conn.close()
+    if not cluster or "/" not in cluster or not Path(data_dir).is_dir():
+        return None, f"server is not a local pg_ctlcluster cluster (cluster_name={cluster!r})"
+    version, name = cluster.split("/", 1)
+    return [tool, "--skip-systemctl-redirect", version, name, "restart", "-m", "fast"], f"cluster {cluster}"
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+class Chaos:
+    def __init__(self, options: ChaosOptions, dsn: str, workdir: Path) -> None:
+        self.options = options
+        self.dsn = dsn
+        self.workdir = workdir
+        self.rng = random.Random(options.seed)
+        self.storage_dir = workdir / "storage"
+        self.logs = workdir / "logs"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.inserted: list[uuid.UUID] = []
+        self.report = ChaosReport(options=asdict(options))
+        config = write_worker_config(
+            workdir,
+            backends={
+                "mock": {
+                    "type": "mock",
+                    "latency_ms": options.latency_ms,
+                    "fail_rate": options.fail_rate,
+                    "capacity": 4,
+                }
+            },
+            storage={"type": "local", "directory": str(self.storage_dir)},
+            worker={
+                "concurrency": 4,
+                "lease_seconds": options.lease_seconds,
+                "poll_interval": 1.0,
+                "retry_base_seconds": 0.2,
+                "retry_max_seconds": 1.0,
+                "shutdown_grace": 5.0,
+            },
+        )
+        self.env = worker_env(with_query(dsn, application_name=APP_NAME), config)
+
+    async def connect(self, *, timeout: float = 60.0) -> asyncpg.Connection:
+        """A fresh connection, retried while PostgreSQL restarts."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                conn: asyncpg.Connection = await asyncpg.connect(self.dsn, timeout=5)
+                return conn
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.3)
+
+    async def query(self, statement: str, *args: Any) -> list[asyncpg.Record]:
+        for attempt in range(20):
+            conn = await self.connect()
+            try:
+                rows: list[asyncpg.Record] = await conn.fetch(statement, *args)
+                return rows
+            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                    asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError):  # fmt: skip
+                if attempt == 19:
+                    raise
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+        raise AssertionError("unreachable")
+
+    def _spawn(self, index: int) -> subprocess.Popen[bytes]:
+        return spawn_worker(self.env, self.logs / f"worker-{index}.log")
+
+    async def insert_batch(self, count: int) -> None:
+        owner = uuid.uuid4()
+        rows = []
+        for i in range(count):
+            terminal = self.rng.random() < self.options.terminal_share
+            params = {"mock_fail": "terminal"} if terminal else {}
+            rows.append((uuid.uuid4(), owner, f"chaos job {len(self.inserted) + i}", json.dumps(params)))
+        for attempt in range(20):
+            conn = await self.connect()
+            try:
+                await conn.executemany(
+                    """INSERT INTO imagen.jobs
+                           (id, owner_user_id, prompt, width, height, params, max_attempts)
+                       VALUES ($1, $2, $3, 64, 64, $4::jsonb, $5)
+                       ON CONFLICT (id) DO NOTHING""",
+                    [(*row, self.options.max_attempts) for row in rows],
+                )
+                break
+            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                    asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError):  # fmt: skip
+                if attempt == 19:
+                    raise
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+        self.inserted.extend(row[0] for row in rows)
+
+    async def terminate_listeners(self) -> int:
+        rows = await self.query(
+            f"SELECT pid, pg_terminate_backend(pid) AS ok FROM ({LISTENER_CONNECTIONS}) l"
+        )
+        return sum(1 for row in rows if row["ok"])
+
+    async def restart_postgres(self) -> None:
+        command, note = await postgres_restart_command(server_dsn())
+        self.report.postgres_restart_note = note
+        if command is None:
+            print(f"  skipping the PostgreSQL restart: {note}", flush=True)
+            return
+        result = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            self.report.postgres_restart_note = f"{note}: restart failed: {result.stderr.strip()[:300]}"
+            print(f"  PostgreSQL restart failed: {result.stderr.strip()[:300]}", flush=True)
+            return
+        self.report.postgres_restarted = True
+        print(f"  restarted PostgreSQL ({note})", flush=True)
+
+    async def run(self) -> ChaosReport:
+        opts = self.options
+        started = time.monotonic()
+        self.storage_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.procs = [self._spawn(i) for i in range(opts.workers)]
+            await self._wait_registered(opts.workers)
+            batches = 8
+            insert_at = [opts.duration * 0.5 * i / batches for i in range(batches)]
+            per_batch = [opts.jobs // batches + (1 if i < opts.jobs % batches else 0) for i in range(batches)]
+            listener_at = sorted(
+                self.rng.uniform(0.15, 0.85) * opts.duration for _ in range(opts.listener_kills)
+            )
+            restart_at = opts.duration * 0.55 if opts.restart_postgres else None
+            next_kill = opts.kill_every * self.rng.uniform(0.7, 1.3)
+            while (now := time.monotonic() - started) < opts.duration:
+                while insert_at and now >= insert_at[0]:
+                    insert_at.pop(0)
+                    await self.insert_batch(per_batch.pop(0))
+                if now >= next_kill:
+                    victim = self.rng.randrange(len(self.procs))
+                    kill_worker(self.procs[victim])
+                    self.report.kills += 1
+                    await asyncio.sleep(self.rng.uniform(0.1, 1.0))
+                    self.procs[victim] = self._spawn(victim)
+                    self.report.restarts += 1
+                    next_kill = now + opts.kill_every * self.rng.uniform(0.7, 1.3)
+                if listener_at and now >= listener_at[0]:
+                    listener_at.pop(0)
+                    self.report.listener_terminations += await self.terminate_listeners()
+                if restart_at is not None and now >= restart_at:
+                    restart_at = None
+                    await self.restart_postgres()
+                await asyncio.sleep(0.1)
+            for batch in per_batch:  # a duration too short for all bursts: insert the rest now
+                await self.insert_batch(batch)
+            for index, proc in enumerate(self.procs):
+                if proc.poll() is not None:
+                    self.procs[index] = self._spawn(index)
+            await self._wait_terminal(opts.settle_timeout)
+        finally:
+            for proc in self.procs:
+                stop_worker(proc, timeout=15)
+        self.report.seconds = round(time.monotonic() - started, 1)
+        await self.check()
+        return self.report
+
+    async def _wait_registered(self, count: int) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            rows = await self.query("SELECT count(*) AS n FROM imagen.workers WHERE expires_at > now()")
+            if rows[0]["n"] >= count:
+                return
+            await asyncio.sleep(0.1)
+        raise TimeoutError("the workers did not register within 60 s")
+
+    async def _wait_terminal(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = await self.query(
+                "SELECT count(*) AS n FROM imagen.jobs WHERE status NOT IN ('done', 'failed', 'cancelled')"
+            )
+            if rows[0]["n"] == 0:
+                return
+            await asyncio.sleep(0.25)
+
+    async def check(self) -> None:
+        report = self.report
+        violations = report.violations
+        report.jobs_inserted = len(self.inserted)
+        jobs = await self.query("SELECT id, status, attempts, error, image_id FROM imagen.jobs")
+        images = await self.query("SELECT id, job_id, storage_path FROM imagen.images")
+        report.statuses = dict(Counter(row["status"] for row in jobs))
+        report.images = len(images)
+        report.attempts = {str(k): v for k, v in sorted(Counter(row["attempts"] for row in jobs).items())}
+        report.failure_reasons = dict(
+            Counter((row["error"] or "")[:80] for row in jobs if row["status"] == "failed").most_common(8)
+        )
+        ids = {row["id"] for row in jobs}
+        lost = set(self.inserted) - ids
+        if lost:
+            violations.append(f"{len(lost)} inserted jobs are missing, e.g. {sorted(map(str, lost))[:3]}")
+        if len(jobs) != len(self.inserted):
+            violations.append(f"{len(jobs)} job rows for {len(self.inserted)} inserted jobs")
+        open_jobs = [row for row in jobs if row["status"] not in ("done", "failed", "cancelled")]
+        if open_jobs:
+            violations.append(
+                f"{len(open_jobs)} jobs are not terminal: {dict(Counter(r['status'] for r in open_jobs))}"
+            )
+        per_job = Counter(row["job_id"] for row in images)
+        twice = {job_id: n for job_id, n in per_job.items() if n > 1}
+        if twice:
+            violations.append(f"{len(twice)} jobs have more than one images row")
+        if None in per_job:
+            violations.append(f"{per_job[None]} images rows belong to no job")
+        image_by_id = {row["id"]: row for row in images}
+        done = [row for row in jobs if row["status"] == "done"]
+        for row in done:
+            image = image_by_id.get(row["image_id"])
+            if per_job.get(row["id"], 0) != 1 or image is None or image["job_id"] != row["id"]:
+                violations.append(f"done job {row['id']} does not have exactly one images row pointing back")
+        not_done = {row["id"] for row in jobs if row["status"] != "done"}
+        orphans = [row for row in images if row["job_id"] in not_done]
+        if orphans:
+            violations.append(f"{len(orphans)} images rows belong to jobs that are not done")
+        if len(images) != len(done):
+            violations.append(f"{len(images)} images rows but {len(done)} done jobs")
+        files = {
+            p.relative_to(self.storage_dir).as_posix() for p in self.storage_dir.rglob("*") if p.is_file()
+        }
+        temp = {f for f in files if Path(f).name.startswith(".")}
+        objects = files - temp
+        report.storage_files = len(objects)
+        report.storage_temp_files = len(temp)
+        paths = {row["storage_path"] for row in images}
+        if objects != paths:
+            stray, missing = objects - paths, paths - objects
+            violations.append(
+                f"storage has {len(objects)} objects for {len(paths)} images rows: "
+                f"{len(stray)} stray (e.g. {sorted(stray)[:3]}), "
+                f"{len(missing)} missing (e.g. {sorted(missing)[:3]})"
+            )
+        for log in self.logs.glob("*.log"):
+            text = log.read_text(encoding="utf-8", errors="replace")
+            report.listener_reconnects_logged += text.count("listener connection lost")
+            report.lease_lost_logged += text.count("lease lost")
+
+
+async def run_chaos(options: ChaosOptions, workdir: Path | None = None) -> ChaosReport:
+    """One chaos run in a scratch database (dropped afterwards); returns the report."""
+    async with scratch_database("chaos") as dsn:
+        if workdir is not None:
+            return await Chaos(options, dsn, workdir).run()
+        with tempfile.TemporaryDirectory(prefix="imagen-chaos-") as tmp:
+            return await Chaos(options, dsn, Path(tmp)).run()
+
+
+def print_report(report: ChaosReport) -> None:
+    print("\nChaos run")
+    for key in ("seconds", "jobs_inserted", "kills", "restarts", "listener_terminations",
+                "listener_reconnects_logged", "postgres_restarted", "postgres_restart_note", "statuses",
+                "images", "storage_files", "storage_temp_files", "attempts", "lease_lost_logged",
+                "failure_reasons"):  # fmt: skip
+        print(f"  {key:28s} {getattr(report, key)}")
+    checks = [
+        "every job terminal",
+        "no job lost",
+        "no job completed twice (<= 1 images row per job; exactly 1 per done job)",
+        "images rows == done jobs",
+        "storage objects == images rows",
+    ]
+    if report.ok:
+        for check in checks:
+            print(f"  PASS {check}")
+    else:
+        for violation in report.violations:
+            print(f"  FAIL {violation}")
+    sys.stdout.flush()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=400)
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of chaos (then settle)")
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--kill-every", type=float, default=4.0)
+    parser.add_argument("--listener-kills", type=int, default=3)
+    parser.add_argument("--no-postgres-restart", action="store_true")
+    parser.add_argument("--fail-rate", type=float, default=0.15)
+    parser.add_argument("--latency-ms", type=float, default=150.0)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--keep", type=Path, help="keep logs and storage in this directory")
+    args = parser.parse_args()
+    options = ChaosOptions(
+        jobs=args.jobs, workers=args.workers, duration=args.duration, kill_every=args.kill_every,
+        listener_kills=args.listener_kills, restart_postgres=not args.no_postgres_restart,
+        fail_rate=args.fail_rate, latency_ms=args.latency_ms, seed=args.seed,
+    )  # fmt: skip
+    report = asyncio.run(run_chaos(options, args.keep))
+    print_report(report)
+    write_result("chaos", {**asdict(report), "ok": report.ok})
+    raise SystemExit(0 if report.ok else 1)
+
+
+if __name__ == "__main__":
+    main()

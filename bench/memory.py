@@ -1,0 +1,103 @@
+"""Memory: resident set size of one ``imagen-worker run`` process, idle and after 10,000 jobs.
+
+One real worker subprocess (mock backend, 0 ms latency, 64x64 images, local storage,
+concurrency 16). RSS (psutil) is read after the worker has been idle for a few seconds, then
+sampled every 0.25 s while it works through N jobs enqueued in one batch, then read again
+once all are done and after a short settle. Growth that stays after the run would show a leak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psutil
+
+from bench.common import (
+    insert_jobs,
+    machine_info,
+    print_table,
+    scratch_database,
+    spawn_worker,
+    stop_worker,
+    wait_for_workers,
+    worker_env,
+    write_result,
+    write_worker_config,
+)
+
+NAME = "memory"
+
+
+def _mb(value: int) -> float:
+    return round(value / 2**20, 1)
+
+
+async def run(jobs: int = 10_000) -> dict[str, Any]:
+    info = await machine_info()
+    async with scratch_database("bench_memory") as dsn:
+        conn = await asyncpg.connect(dsn)
+        with tempfile.TemporaryDirectory(prefix="imagen-bench-mem-") as tmp:
+            config = write_worker_config(
+                Path(tmp),
+                backends={"mock": {"type": "mock", "latency_ms": 0, "capacity": 16}},
+                worker={"concurrency": 16},
+            )
+            proc = spawn_worker(worker_env(dsn, config), Path(tmp) / "worker.log")
+            try:
+                await wait_for_workers(conn, 1, timeout=60)
+                ps = psutil.Process(proc.pid)
+                await asyncio.sleep(3)
+                idle = ps.memory_info().rss
+                await insert_jobs(conn, jobs)
+                started = time.monotonic()
+                peak = idle
+                samples = []
+                while True:
+                    rss = ps.memory_info().rss
+                    peak = max(peak, rss)
+                    done = await conn.fetchval("SELECT count(*) FROM imagen.jobs WHERE status = 'done'")
+                    samples.append((round(time.monotonic() - started, 2), done, _mb(rss)))
+                    if done >= jobs:
+                        break
+                    if time.monotonic() - started > 900:
+                        raise TimeoutError(f"only {done} of {jobs} jobs done")
+                    await asyncio.sleep(0.25)
+                elapsed = time.monotonic() - started
+                after = ps.memory_info().rss
+                await asyncio.sleep(5)
+                settled = ps.memory_info().rss
+            finally:
+                stop_worker(proc)
+                await conn.close()
+    rows = [
+        ("idle (3 s after start)", _mb(idle)),
+        (f"peak while running {jobs:,} jobs", _mb(peak)),
+        (f"right after {jobs:,} jobs", _mb(after)),
+        ("5 s later", _mb(settled)),
+    ]
+    print_table(f"Worker RSS ({jobs:,} jobs in {elapsed:.1f} s)", ["moment", "RSS MiB"], rows)
+    result = {
+        "machine": info,
+        "parameters": {"jobs": jobs, "concurrency": 16},
+        "rss_mib": {"idle": _mb(idle), "peak": _mb(peak), "after": _mb(after), "settled": _mb(settled)},
+        "seconds": round(elapsed, 2),
+        "samples": samples[:: max(1, len(samples) // 60)],
+    }
+    write_result(NAME, result)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=10_000)
+    asyncio.run(run(parser.parse_args().jobs))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""A short chaos run in ``make test``: the code of ``bench/chaos.py`` with smaller numbers.
+
+Three real ``imagen-worker run`` processes, ~150 jobs with random retryable failures and some
+terminal ones, at least two SIGKILLs of a worker (restarted each time) and one round of
+``pg_terminate_backend`` on the listener connections; no PostgreSQL restart (other tests share
+the server). Afterwards every invariant of the full run must hold: all jobs terminal, none
+lost, none completed twice, images rows == done jobs, storage objects == images rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.chaos import ChaosOptions, print_report, run_chaos
+
+pytestmark = pytest.mark.slow
+
+
+async def test_short_chaos_run_keeps_every_invariant(
+    server_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IMAGEN_BENCH_DATABASE_URL", server_dsn)
+    options = ChaosOptions(
+        jobs=150,
+        workers=3,
+        duration=24.0,
+        kill_every=7.0,
+        listener_kills=1,
+        restart_postgres=False,
+        fail_rate=0.15,
+        latency_ms=100.0,
+        settle_timeout=30.0,
+        seed=7,
+    )
+    report = await run_chaos(options, tmp_path)
+    print_report(report)
+
+    assert report.violations == []
+    assert report.jobs_inserted == 150
+    assert sum(report.statuses.values()) == 150
+    assert report.statuses.get("done", 0) == report.images == report.storage_files
+    # The chaos really happened: workers died and came back, listeners were cut and reconnected.
+    assert report.kills >= 2
+    assert report.restarts == report.kills
+    assert report.listener_terminations >= 1
+    assert report.listener_reconnects_logged >= 1
