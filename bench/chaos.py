@@ -47,17 +47,14 @@ from bench.common import (
     server_dsn,
     spawn_worker,
     stop_worker,
-    with_query,
     worker_env,
     write_result,
     write_worker_config,
 )
 
-APP_NAME = "imagen-chaos"
-LISTENER_CONNECTIONS = f"""
+LISTENER_CONNECTIONS = """
 SELECT pid FROM pg_stat_activity
-WHERE datname = current_database() AND application_name = '{APP_NAME}' AND pid <> pg_backend_pid()
-  AND state = 'idle' AND (query ILIKE 'LISTEN%' OR query = 'SELECT 1;')
+WHERE datname = current_database() AND application_name = 'imagen-worker listener'
 """
 
 
@@ -159,7 +156,7 @@ class Chaos:
                 "shutdown_grace": 5.0,
             },
         )
-        self.env = worker_env(with_query(dsn, application_name=APP_NAME), config)
+        self.env = worker_env(dsn, config)
 
     async def connect(self, *, timeout: float = 60.0) -> asyncpg.Connection:
         """A fresh connection, retried while PostgreSQL restarts."""

@@ -41,13 +41,6 @@ def with_database(dsn: str, name: str) -> str:
     return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
 
 
-def with_query(dsn: str, **params: str) -> str:
-    parts = urlsplit(dsn)
-    extra = "&".join(f"{key}={value}" for key, value in params.items())
-    query = f"{parts.query}&{extra}" if parts.query else extra
-    return urlunsplit(parts._replace(query=query))
-
-
 @contextlib.asynccontextmanager
 async def scratch_database(
     prefix: str, *, migrated: bool = True, dsn: str | None = None

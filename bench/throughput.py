@@ -82,11 +82,7 @@ async def _imagen_queue_worker(dsn: str) -> None:
     print("READY", flush=True)
     while True:
         free = CONCURRENCY - len(inflight)
-        jobs = (
-            await queue.claim("mock", is_default=True, orphans=True, limit=free, lease_seconds=30)
-            if free
-            else []
-        )
+        jobs = await queue.claim("mock", is_default=True, limit=free, lease_seconds=30) if free else []
         for job in jobs:
             task = asyncio.create_task(finish(job))
             inflight.add(task)

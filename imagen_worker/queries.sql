@@ -16,31 +16,49 @@ SELECT id FROM imagen.jobs
 WHERE owner_user_id = $1 AND dedupe_key = $2 AND status IN ('pending', 'running');
 
 -- name: claim
--- One statement, planner-fenced: runnable pending rows in priority order plus running rows
--- whose lease expired (a dead worker's jobs come back without a sweeper). $2 is the backend
--- this claim is for; $3 true when it is the worker's default (NULL backend = default);
--- $4 true to also take jobs naming a backend no live worker serves, so they fail clearly.
-WITH ready AS MATERIALIZED (
-    SELECT j.id FROM imagen.jobs j
-    WHERE j.status = 'pending' AND j.run_at <= now()
-      AND (j.backend = $2 OR ($3 AND j.backend IS NULL) OR ($4 AND j.backend IS NOT NULL AND NOT EXISTS (
-               SELECT 1 FROM imagen.workers w WHERE w.expires_at > now() AND j.backend = ANY (w.backends))))
-    ORDER BY j.priority DESC, j.run_at, j.id
+-- One statement, planner-fenced. $2 is the backend this claim serves; $3 true when it is the
+-- worker's default (a NULL backend means "the default"); $4 lists backends no live worker
+-- serves (see orphan_backends), claimed only so they fail with a clear error. Each branch is an
+-- ordered index scan (jobs_claim_named, jobs_claim_default), so other backends' backlogs are
+-- never read. Running rows
+-- whose lease expired are re-taken first: a dead worker's jobs come back without a sweeper.
+WITH mine AS MATERIALIZED (
+    SELECT id, priority, run_at FROM imagen.jobs
+    WHERE status = 'pending' AND backend IS NOT NULL AND backend = $2 AND run_at <= now()
+    ORDER BY priority DESC, run_at, id
+    LIMIT $5
+    FOR UPDATE SKIP LOCKED
+),
+defaults AS MATERIALIZED (
+    SELECT id, priority, run_at FROM imagen.jobs
+    WHERE $3 AND status = 'pending' AND backend IS NULL AND run_at <= now()
+    ORDER BY priority DESC, run_at, id
+    LIMIT $5
+    FOR UPDATE SKIP LOCKED
+),
+orphans AS MATERIALIZED (
+    SELECT id, priority, run_at FROM imagen.jobs
+    WHERE status = 'pending' AND backend IS NOT NULL AND backend = ANY ($4::text[]) AND run_at <= now()
+    ORDER BY priority DESC, run_at, id
     LIMIT $5
     FOR UPDATE SKIP LOCKED
 ),
 stale AS MATERIALIZED (
-    SELECT j.id FROM imagen.jobs j
-    WHERE j.status = 'running' AND j.lease_expires_at < now()
-      AND (j.backend = $2 OR ($3 AND j.backend IS NULL) OR ($4 AND j.backend IS NOT NULL AND NOT EXISTS (
-               SELECT 1 FROM imagen.workers w WHERE w.expires_at > now() AND j.backend = ANY (w.backends))))
-    ORDER BY j.lease_expires_at
+    SELECT id FROM imagen.jobs
+    WHERE status = 'running' AND lease_expires_at < now()
+      AND (backend = $2 OR ($3 AND backend IS NULL) OR backend = ANY ($4::text[]))
+    ORDER BY lease_expires_at
     LIMIT $5
     FOR UPDATE SKIP LOCKED
 ),
 picked AS (
-    SELECT id FROM (SELECT id, 0 AS rank FROM stale UNION ALL SELECT id, 1 FROM ready) both_kinds
-    ORDER BY rank
+    SELECT id FROM (
+        SELECT id, 0 AS rank, 0 AS priority, NULL::timestamptz AS run_at FROM stale
+        UNION ALL SELECT id, 1, priority, run_at FROM mine
+        UNION ALL SELECT id, 1, priority, run_at FROM defaults
+        UNION ALL SELECT id, 1, priority, run_at FROM orphans
+    ) candidates
+    ORDER BY rank, priority DESC, run_at
     LIMIT $5
 )
 UPDATE imagen.jobs j
@@ -53,6 +71,10 @@ SET status = 'running',
 FROM picked
 WHERE j.id = picked.id
 RETURNING j.*, extract(epoch FROM (now() - j.run_at))::float8 AS waited_seconds;
+
+-- name: orphan_backends
+-- Pending jobs' backends that no live worker serves (imagen.orphan_backends() in 0001).
+SELECT imagen.orphan_backends();
 
 -- name: heartbeat
 -- Renews every lease this worker holds in one statement; also the poll fallback for cancel.

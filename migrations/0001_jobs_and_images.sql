@@ -84,8 +84,15 @@ CREATE TABLE imagen.jobs (
 ALTER TABLE imagen.images
     ADD CONSTRAINT images_job_fk FOREIGN KEY (job_id) REFERENCES imagen.jobs (id) ON DELETE SET NULL;
 
--- The claim: runnable pending rows in priority order, then age.
-CREATE INDEX jobs_claim_pending ON imagen.jobs (priority DESC, run_at, id) WHERE status = 'pending';
+-- The claim: runnable pending rows in priority order, then age, one backend at a time, so
+-- another backend's backlog is never scanned. Jobs without a backend (the workers' default)
+-- get their own index: `backend IS NULL` is no equality, so it could not use the ordering of
+-- an index that leads with backend. The named index also serves the orphan check's loose scan
+-- over distinct pending backends.
+CREATE INDEX jobs_claim_default ON imagen.jobs (priority DESC, run_at, id)
+    WHERE status = 'pending' AND backend IS NULL;
+CREATE INDEX jobs_claim_named ON imagen.jobs (backend, priority DESC, run_at, id)
+    WHERE status = 'pending' AND backend IS NOT NULL;
 -- The safety poll: when does the next delayed job become runnable?
 CREATE INDEX jobs_pending_run_at ON imagen.jobs (run_at) WHERE status = 'pending';
 -- Lease recovery: the claim re-takes running rows whose lease expired.
@@ -111,6 +118,28 @@ CREATE TABLE imagen.workers (
     heartbeat_at timestamptz NOT NULL DEFAULT now(),
     expires_at   timestamptz NOT NULL
 );
+
+-- Backends named by pending jobs that no live worker serves: a loose index scan over distinct
+-- backends (one probe of jobs_claim_named per backend, however long the backlog), minus the
+-- live ones. JIT is off because the recursive query's inflated cost estimate would otherwise
+-- spend milliseconds compiling a sub-millisecond query.
+CREATE FUNCTION imagen.orphan_backends() RETURNS text[]
+LANGUAGE sql STABLE SET jit = off AS $$
+    WITH RECURSIVE pending_backends AS (
+        (SELECT backend FROM imagen.jobs
+         WHERE status = 'pending' AND backend IS NOT NULL ORDER BY backend LIMIT 1)
+        UNION ALL
+        SELECT (SELECT j.backend FROM imagen.jobs j
+                WHERE j.status = 'pending' AND j.backend IS NOT NULL AND j.backend > p.backend
+                ORDER BY j.backend LIMIT 1)
+        FROM pending_backends p
+        WHERE p.backend IS NOT NULL
+    )
+    SELECT coalesce(array_agg(backend), '{}') FROM pending_backends p
+    WHERE backend IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM imagen.workers w
+                      WHERE w.expires_at > now() AND p.backend = ANY (w.backends))
+$$;
 
 -- Wake-ups: NOTIFY imagen_jobs for runnable pending inserts only. The payload is the backend
 -- name (empty = default); identical payloads in one transaction collapse, which is fine

@@ -43,6 +43,7 @@ GRANT EXECUTE ON FUNCTION imagen.uid() TO authenticated, service_role;
 GRANT EXECUTE ON FUNCTION imagen.notify_job_inserted(), imagen.notify_job_event(),
     imagen.on_cancel_requested() TO authenticated, service_role;
 GRANT ALL ON ALL TABLES IN SCHEMA imagen TO service_role;
+GRANT EXECUTE ON FUNCTION imagen.orphan_backends() TO service_role;
 
 -- Users submit: only the request columns; everything the worker owns keeps its default.
 GRANT INSERT (id, owner_user_id, prompt, negative_prompt, backend, style, width, height, steps,

@@ -47,13 +47,23 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
-async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
-    conn: asyncpg.Connection = await asyncpg.connect(dsn, **kwargs)
+async def connect(dsn: str, *, application_name: str = "imagen", **kwargs: Any) -> asyncpg.Connection:
+    """A connection named in ``pg_stat_activity``, so operators can tell ours apart."""
+    settings = {"application_name": application_name, **kwargs.pop("server_settings", {})}
+    conn: asyncpg.Connection = await asyncpg.connect(dsn, server_settings=settings, **kwargs)
     await _init_connection(conn)
     return conn
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection)
+async def create_pool(
+    dsn: str, *, min_size: int = 1, max_size: int = 10, application_name: str = "imagen-worker"
+) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        server_settings={"application_name": application_name},
+    )
     assert pool is not None
     return pool

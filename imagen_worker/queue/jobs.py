@@ -171,14 +171,26 @@ class Queue:
         await self.db.execute(sql("unregister_worker"), self._me)
 
     async def claim(
-        self, backend: str, *, is_default: bool, orphans: bool, limit: int, lease_seconds: float
+        self,
+        backend: str,
+        *,
+        is_default: bool,
+        limit: int,
+        lease_seconds: float,
+        orphans: Sequence[str] = (),
     ) -> list[Job]:
+        """Claim up to ``limit`` jobs for ``backend``; ``orphans`` are backends nobody serves."""
         if limit <= 0:
             return []
         rows = await self.db.fetch(
-            sql("claim"), self._me, backend, is_default, orphans, limit, float(lease_seconds)
+            sql("claim"), self._me, backend, is_default, list(orphans), limit, float(lease_seconds)
         )
         return [Job.from_record(row) for row in rows]
+
+    async def orphan_backends(self) -> list[str]:
+        """Backends named by pending jobs that no live worker serves."""
+        names: list[str] = await self.db.fetchval(sql("orphan_backends"))
+        return names
 
     async def heartbeat(self, job_ids: Sequence[UUID], lease_seconds: float) -> dict[UUID, bool]:
         """Renew all leases in one statement; returns renewed id -> cancel_requested."""

@@ -83,6 +83,8 @@ class Worker:
         self.ready = asyncio.Event()
         self.hooks: list[Callable[[str, dict[str, Any]], None]] = []
         self._cancel_reasons: dict[UUID, str] = {}
+        self._orphans: list[str] = []
+        self._orphans_checked = float("-inf")
         self._tasks: list[asyncio.Task[None]] = []
         self.pool: asyncpg.Pool
         self.queue: Queue
@@ -217,14 +219,25 @@ class Worker:
         total_free = self.settings.concurrency - len(self.inflight)
         return max(0, min(self.backends[backend].capacity - busy, total_free))
 
+    async def _orphan_backends(self) -> list[str]:
+        """Backends no live worker serves, refreshed at most once per poll interval.
+
+        The default backend's claims take their jobs so they fail with a clear error.
+        """
+        now = time.monotonic()
+        if now - self._orphans_checked >= self.settings.poll_interval:
+            self._orphans = await self.queue.orphan_backends()
+            self._orphans_checked = now
+        return self._orphans
+
     async def _drain(self) -> None:
         """Claim until every backend is full or the backlog is empty."""
         for name in self.backends:
             while not self.stopping and (free := self._free_slots(name)) > 0:
                 is_default = name == self.default_backend
                 jobs = await self.queue.claim(
-                    name, is_default=is_default, orphans=is_default, limit=free,
-                    lease_seconds=self.settings.lease_seconds,
+                    name, is_default=is_default, limit=free, lease_seconds=self.settings.lease_seconds,
+                    orphans=await self._orphan_backends() if is_default else (),
                 )  # fmt: skip
                 for job in jobs:
                     self._spawn(job, name)

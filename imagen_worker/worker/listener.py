@@ -61,7 +61,7 @@ class Listener:
         self.connected = False
 
     async def _connect(self) -> None:
-        conn = await connect(self.dsn, timeout=10)
+        conn = await connect(self.dsn, application_name="imagen-worker listener", timeout=10)
         conn.add_termination_listener(self._terminated)
         await conn.add_listener(JOBS_CHANNEL, self._notified)
         await conn.add_listener(CONTROL_CHANNEL, self._notified)

@@ -23,7 +23,7 @@ async def enqueue(db: asyncpg.Pool, **fields: object) -> uuid.UUID:
 
 
 async def claim(queue: Queue, backend: str = "mock", limit: int = 10, **kw: object) -> list[Job]:
-    opts = {"is_default": True, "orphans": False, "lease_seconds": 30.0, **kw}
+    opts = {"is_default": True, "lease_seconds": 30.0, **kw}
     return await queue.claim(backend, limit=limit, **opts)  # type: ignore[arg-type]
 
 
@@ -72,7 +72,10 @@ async def test_a_backend_no_live_worker_serves_is_claimed_as_an_orphan_to_fail_i
     orphan = await enqueue(db, backend="typo")
     elsewhere = Queue(db, uuid.uuid4())
     await elsewhere.register("host-b", 1, ["gpu-b"], ttl=60)
-    claimed = {j.id for j in await claim(worker(db), "mock", orphans=True)}
+    me = worker(db)
+    orphans = await me.orphan_backends()
+    assert orphans == ["typo"]
+    claimed = {j.id for j in await claim(me, "mock", orphans=orphans)}
     assert claimed == {orphan}
     assert await db.fetchval("SELECT status FROM imagen.jobs WHERE id = $1", served_elsewhere) == "pending"
 
