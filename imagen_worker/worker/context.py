@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -27,6 +28,7 @@ class WorkerJobContext:
         self._latest: dict[str, Any] | None = None
         self._last_write = 0.0
         self._flush: asyncio.Task[None] | None = None
+        self._flush_now = asyncio.Event()
 
     @property
     def backend_ref(self) -> str | None:
@@ -51,7 +53,9 @@ class WorkerJobContext:
 
     async def _write_after(self, delay: float) -> None:
         if delay:
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._flush_now.wait()
         latest, self._latest = self._latest, None
         if latest is None:
             return
@@ -64,8 +68,12 @@ class WorkerJobContext:
             log.warning("progress write failed", job_id=str(self.job.id), error=str(exc))
 
     async def close(self) -> None:
-        """Write the last progress now (a throttled write may be waiting) before the final transition."""
+        """Write the last progress now, before the final transition.
+
+        A waiting throttled write is woken, not cancelled: cancelling it mid-write could leave
+        a half-opened pool connection behind.
+        """
+        self._flush_now.set()
         if self._flush is not None and not self._flush.done():
-            self._flush.cancel()
-            await asyncio.gather(self._flush, return_exceptions=True)
+            await asyncio.shield(self._flush)
         await self._write_after(0)
