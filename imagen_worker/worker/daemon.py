@@ -297,7 +297,12 @@ class Worker:
     # --- one job -------------------------------------------------------------------------
 
     async def _run_job(self, job: Job, backend: str, ctx: WorkerJobContext) -> None:
-        jlog = log.bind(job_id=str(job.id), backend=job.backend or backend, attempt=job.attempts)
+        # Bound in this job's own task context, so every line logged while it runs (the
+        # backend's and the storage sink's too) carries the job's id, backend and attempt.
+        structlog.contextvars.bind_contextvars(
+            job_id=str(job.id), backend=job.backend or backend, attempt=job.attempts
+        )
+        jlog = log
         jlog.info("job claimed", waited_seconds=round(job.waited_seconds, 4))
         try:
             await self._execute(job, ctx, jlog)

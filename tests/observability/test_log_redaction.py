@@ -6,6 +6,8 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 import pytest
@@ -13,6 +15,7 @@ import structlog
 
 from imagen_worker.config import Config
 from imagen_worker.observability.logging import MASK, Redactor, config_secret_env_names, configure_logging
+from tests.workers import insert_job, make_config, running_worker, terminal
 
 SERVICE_KEY = "sb-service-key-5f0e1c2d9a8b7c6d"
 SIGNED_TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJ1cmwiOiJpbWFnZXMvYS5wbmcifQ.c2lnbmF0dXJl"
@@ -137,3 +140,22 @@ def test_config_secret_env_names_collects_env_references() -> None:
         storage={"type": "supabase", "key_env": "MY_SERVICE_KEY"},
     )
     assert config_secret_env_names(config) == {"COMFY_KEY", "HDR", "MY_SERVICE_KEY"}
+
+
+async def test_lines_logged_inside_a_job_carry_its_id_backend_and_attempt(
+    db: Any, database_url: str, tmp_path: Path
+) -> None:
+    stream = io.StringIO()
+    configure_logging("info", "json", stream=stream)
+    try:
+        async with running_worker(make_config(tmp_path), database_url):
+            job_id = await insert_job(db, "a tagged job", params={"mock_fail": "terminal"})
+            await terminal(db, job_id)
+    finally:
+        configure_logging("info", "console")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
+    about_job = [line for line in lines if line.get("job_id") == str(job_id)]
+    assert {line["event"] for line in about_job} >= {"job claimed", "job failed"}
+    assert all(line["backend"] == "mock" and line["attempt"] == 1 for line in about_job)
+    unrelated = [line for line in lines if line["event"] in ("worker started", "worker stopped")]
+    assert unrelated and all("job_id" not in line for line in unrelated), "job fields stay in the job's task"
