@@ -39,6 +39,9 @@ class FlakyStore(StorageSink):
         self.objects[key] = source.read_bytes()
         return StoredObject(key=key, location=f"flaky://{key}")
 
+    async def sign(self, key: str, ttl_seconds: int) -> str:
+        return f"flaky://{key}?ttl={ttl_seconds}"
+
 
 class CountingContext:
     backend_ref: str | None = None

@@ -36,9 +36,9 @@ class StorageSink(abc.ABC):
     async def put(self, key: str, source: Path, mime_type: str) -> StoredObject:
         """Upload ``source`` under ``key`` (streamed, upsert); raise ``RetryableError`` on blips."""
 
+    @abc.abstractmethod
     async def sign(self, key: str, ttl_seconds: int) -> str:
         """A URL that lets someone without credentials read ``key`` for ``ttl_seconds``."""
-        raise NotImplementedError(f"storage type {self.type_name!r} cannot sign URLs")
 
     async def check(self) -> None:
         """Raise ``ConfigError`` when credentials or the bucket do not work."""
