@@ -35,9 +35,10 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -51,6 +52,8 @@ from bench.common import (
     write_result,
     write_worker_config,
 )
+
+T = TypeVar("T")
 
 LISTENER_CONNECTIONS = """
 SELECT pid FROM pg_stat_activity
@@ -170,12 +173,12 @@ class Chaos:
                     raise
                 await asyncio.sleep(0.3)
 
-    async def query(self, statement: str, *args: Any) -> list[asyncpg.Record]:
+    async def _retried(self, operation: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run ``operation`` on a fresh connection, again while PostgreSQL restarts."""
         for attempt in range(20):
             conn = await self.connect()
             try:
-                rows: list[asyncpg.Record] = await conn.fetch(statement, *args)
-                return rows
+                return await operation(conn)
             except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                     asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError):  # fmt: skip
                 if attempt == 19:
@@ -185,6 +188,13 @@ class Chaos:
                 with contextlib.suppress(Exception):
                     await conn.close()
         raise AssertionError("unreachable")
+
+    async def query(self, statement: str, *args: Any) -> list[asyncpg.Record]:
+        async def fetch(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            rows: list[asyncpg.Record] = await conn.fetch(statement, *args)
+            return rows
+
+        return await self._retried(fetch)
 
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         return spawn_worker(self.env, self.logs / f"worker-{index}.log")
@@ -196,25 +206,17 @@ class Chaos:
             terminal = self.rng.random() < self.options.terminal_share
             params = {"mock_fail": "terminal"} if terminal else {}
             rows.append((uuid.uuid4(), owner, f"chaos job {len(self.inserted) + i}", json.dumps(params)))
-        for attempt in range(20):
-            conn = await self.connect()
-            try:
-                await conn.executemany(
-                    """INSERT INTO imagen.jobs
-                           (id, owner_user_id, prompt, width, height, params, max_attempts)
-                       VALUES ($1, $2, $3, 64, 64, $4::jsonb, $5)
-                       ON CONFLICT (id) DO NOTHING""",
-                    [(*row, self.options.max_attempts) for row in rows],
-                )
-                break
-            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                    asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError):  # fmt: skip
-                if attempt == 19:
-                    raise
-                await asyncio.sleep(0.5)
-            finally:
-                with contextlib.suppress(Exception):
-                    await conn.close()
+
+        async def insert(conn: asyncpg.Connection) -> None:
+            await conn.executemany(
+                """INSERT INTO imagen.jobs
+                       (id, owner_user_id, prompt, width, height, params, max_attempts)
+                   VALUES ($1, $2, $3, 64, 64, $4::jsonb, $5)
+                   ON CONFLICT (id) DO NOTHING""",
+                [(*row, self.options.max_attempts) for row in rows],
+            )
+
+        await self._retried(insert)
         self.inserted.extend(row[0] for row in rows)
 
     async def terminate_listeners(self) -> int:

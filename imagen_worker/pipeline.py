@@ -8,6 +8,7 @@ uploads the same file to the same key instead of generating a new image.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -19,7 +20,7 @@ from typing import Any
 from uuid import UUID
 
 from imagen_worker import output, styles
-from imagen_worker.backends.base import Backend, GenerateRequest, JobContext
+from imagen_worker.backends.base import Backend, GenerateRequest, GenerateResult, JobContext
 from imagen_worker.config import OutputConfig
 from imagen_worker.errors import JobError, TerminalError
 from imagen_worker.queue.jobs import JobSpec
@@ -122,11 +123,12 @@ class Pipeline:
         With ``strict_upload`` an upload failure raises (the worker retries the job); without
         it the error is returned on the artifact (the CLI reports it and exits 0).
         """
+        # File work (fsync, hashing) runs in a thread: heartbeats share this event loop.
         directory = self.output.directory
-        artifact = _read_journal(directory, job_id)
+        artifact = await asyncio.to_thread(_read_journal, directory, job_id)
         if artifact is None:
             artifact = await self._generate(job_id, spec, ctx)
-            _write_journal(directory, job_id, artifact)
+            await asyncio.to_thread(_write_journal, directory, job_id, artifact)
         started = time.perf_counter()
         try:
             await self.sink.put(artifact.storage_key, artifact.image_path, artifact.mime_type)
@@ -149,6 +151,22 @@ class Pipeline:
         result = await backend.generate(request, ctx)
         generated = time.perf_counter()
 
+        artifact = await asyncio.to_thread(
+            self._write_files, spec, backend, request, result, generated - started
+        )
+        artifact.timings["write"] = time.perf_counter() - generated
+        return artifact
+
+    def _write_files(
+        self,
+        spec: JobSpec,
+        backend: Backend,
+        request: GenerateRequest,
+        result: GenerateResult,
+        generate_seconds: float,
+    ) -> Artifact:
+        """The image, its extra outputs and the sidecar on local disk, before any upload."""
+        job_id, seed = request.job_id, request.seed
         when = datetime.now().astimezone()
         names = output.plan_names(
             self.output.naming, prompt=spec.prompt, seed=seed, backend=backend.name,
@@ -164,12 +182,12 @@ class Pipeline:
             output.write_image(extra_path, extra.data)
             extra_paths.append(extra_path.name)
         sha256 = hashlib.sha256(data).hexdigest()
-        latency_ms = int((generated - started) * 1000)
+        latency_ms = int(generate_seconds * 1000)
         sidecar: dict[str, Any] = {
             "job_id": str(job_id),
             "prompt": spec.prompt,
-            "styled_prompt": prompt,
-            "negative_prompt": negative,
+            "styled_prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
             "style": spec.style,
             "backend": backend.name,
             "backend_type": backend.type_name,
@@ -194,5 +212,5 @@ class Pipeline:
             image_path=image_path, sidecar_path=sidecar_path, storage_key=names.storage_key,
             mime_type=result.image.mime_type, bytes=len(data), sha256=sha256, seed=seed,
             backend=backend.name, model=result.model, latency_ms=latency_ms, sidecar=sidecar,
-            timings={"generate": generated - started, "write": time.perf_counter() - generated},
+            timings={"generate": generate_seconds},
         )  # fmt: skip
