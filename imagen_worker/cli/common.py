@@ -65,6 +65,21 @@ def load(config_path: Path | None) -> Config:
     return load_config(config_path)
 
 
+def with_database(
+    program: str,
+    config_path: Path | None,
+    action: Callable[[asyncpg.Connection, Config], Awaitable[int | None]],
+) -> int:
+    """Run a command against the queue database; returns its exit code."""
+
+    async def go() -> int | None:
+        config = load(config_path)
+        async with database(config) as conn:
+            return await action(conn, config)
+
+    return run(program, go) or 0
+
+
 @asynccontextmanager
 async def database(config: Config) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the queue; an embedded database is migrated on first use."""

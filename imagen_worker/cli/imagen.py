@@ -8,6 +8,7 @@ import sys
 import uuid
 from typing import Annotated, Any
 
+import asyncpg
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -112,22 +113,20 @@ def _parse_id(value: str) -> uuid.UUID:
 def status(job_id: str, config_path: ConfigOption = None) -> None:
     """Show one job."""
 
-    async def go() -> int:
-        config = common.load(config_path)
-        async with common.database(config) as conn:
-            row = await Queue(conn).get(_parse_id(job_id))
-            if row is None:
-                err.print(f"no job {job_id}")
-                return 1
-            table = Table(show_header=False, box=None)
-            for key in ("id", "status", "prompt", "backend", "style", "width", "height", "seed", "attempts",
-                        "max_attempts", "priority", "run_at", "progress", "error", "image_id", "created_at",
-                        "started_at", "finished_at"):  # fmt: skip
-                table.add_row(key, "" if row[key] is None else str(row[key]))
-            out.print(table)
-            return 0
+    async def go(conn: asyncpg.Connection, _: Config) -> int:
+        row = await Queue(conn).get(_parse_id(job_id))
+        if row is None:
+            err.print(f"no job {job_id}")
+            return 1
+        table = Table(show_header=False, box=None)
+        for key in ("id", "status", "prompt", "backend", "style", "width", "height", "seed", "attempts",
+                    "max_attempts", "priority", "run_at", "progress", "error", "image_id", "created_at",
+                    "started_at", "finished_at"):  # fmt: skip
+            table.add_row(key, "" if row[key] is None else str(row[key]))
+        out.print(table)
+        return 0
 
-    raise typer.Exit(common.run(PROGRAM, go))
+    raise typer.Exit(common.with_database(PROGRAM, config_path, go))
 
 
 @app.command("list")
@@ -138,13 +137,10 @@ def list_jobs(
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000)] = 20,
     config_path: ConfigOption = None,
 ) -> None:
-    """The newest jobs, as a table."""
+    """The newest jobs, one line each."""
 
-    async def go() -> None:
-        config = common.load(config_path)
-        async with common.database(config) as conn:
-            rows = await Queue(conn).recent(status, limit)
-        # One line per job; ids are what users copy into `status`/`cancel`, so never shortened.
+    async def go(conn: asyncpg.Connection, _: Config) -> None:
+        rows = await Queue(conn).recent(status, limit)
         # Plain aligned lines: full ids (users copy them into status/cancel), greppable, and
         # the prompt/error column is cut to the terminal instead of wrapping.
         width = shutil.get_terminal_size((120, 24)).columns
@@ -157,41 +153,37 @@ def list_jobs(
             line = f"{row['id']!s:36}  {row['status']:9}  {created:14}  {text}"
             print(line if len(line) <= width else line[: width - 1] + "…")
 
-    common.run(PROGRAM, go)
+    common.with_database(PROGRAM, config_path, go)
 
 
 @app.command()
 def cancel(job_id: str, config_path: ConfigOption = None) -> None:
     """Cancel a job: pending ones at once, running ones as soon as their worker hears it."""
 
-    async def go() -> int:
-        config = common.load(config_path)
-        async with common.database(config) as conn:
-            new_status = await Queue(conn).request_cancel(_parse_id(job_id))
+    async def go(conn: asyncpg.Connection, _: Config) -> int:
+        new_status = await Queue(conn).request_cancel(_parse_id(job_id))
         if new_status is None:
             err.print(f"job {job_id} is not pending or running; nothing to cancel")
             return 1
         out.print("cancelled" if new_status == "cancelled" else "cancel requested (the job is running)")
         return 0
 
-    raise typer.Exit(common.run(PROGRAM, go))
+    raise typer.Exit(common.with_database(PROGRAM, config_path, go))
 
 
 @app.command()
 def retry(job_id: str, config_path: ConfigOption = None) -> None:
     """Queue a failed or cancelled job again, with a fresh set of attempts."""
 
-    async def go() -> int:
-        config = common.load(config_path)
-        async with common.database(config) as conn:
-            ok = await Queue(conn).retry(_parse_id(job_id))
+    async def go(conn: asyncpg.Connection, _: Config) -> int:
+        ok = await Queue(conn).retry(_parse_id(job_id))
         if not ok:
             err.print(f"job {job_id} is not failed or cancelled; nothing to retry")
             return 1
         out.print("queued again")
         return 0
 
-    raise typer.Exit(common.run(PROGRAM, go))
+    raise typer.Exit(common.with_database(PROGRAM, config_path, go))
 
 
 class _TerminalProgress:
