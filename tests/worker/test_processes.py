@@ -81,20 +81,27 @@ async def _running_on(db: asyncpg.Pool, job_id: uuid.UUID) -> bool:
     return bool(status == "running")
 
 
-async def test_sigterm_lets_running_jobs_finish_within_the_grace(
-    db: asyncpg.Pool, database_url: str, tmp_path: Path
-) -> None:
+async def sigterm_with_two_jobs_running(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, *, job_seconds: float, grace: float
+) -> int:
+    """Start a worker, let it pick up two jobs, send SIGTERM; returns the exit code."""
     config = write_config(
         tmp_path,
-        backends={"mock": {"type": "mock", "latency_ms": 1000}},
-        worker={"shutdown_grace": 20, "concurrency": 2},
+        backends={"mock": {"type": "mock", "latency_ms": job_seconds * 1000}},
+        worker={"shutdown_grace": grace, "concurrency": 2},
     )
     with worker_processes(database_url, config, 1, tmp_path) as (proc,):
         await wait_registered(db, proc)
-        await insert_many(db, 2, steps=5)
+        await insert_many(db, 2, steps=10)
         await eventually(lambda: _running_count(db, 2), within=10)
         proc.signal(signal.SIGTERM)
-        code = await asyncio.to_thread(proc.wait, 30)
+        return await asyncio.to_thread(proc.wait, 30)
+
+
+async def test_sigterm_lets_running_jobs_finish_within_the_grace(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    code = await sigterm_with_two_jobs_running(db, database_url, tmp_path, job_seconds=1, grace=20)
     assert code == 0
     assert await counts(db) == {"done": 2}
 
@@ -102,17 +109,7 @@ async def test_sigterm_lets_running_jobs_finish_within_the_grace(
 async def test_sigterm_past_the_grace_releases_unfinished_jobs_to_pending(
     db: asyncpg.Pool, database_url: str, tmp_path: Path
 ) -> None:
-    config = write_config(
-        tmp_path,
-        backends={"mock": {"type": "mock", "latency_ms": 60000}},
-        worker={"shutdown_grace": 0.5, "concurrency": 2},
-    )
-    with worker_processes(database_url, config, 1, tmp_path) as (proc,):
-        await wait_registered(db, proc)
-        await insert_many(db, 2, steps=100)
-        await eventually(lambda: _running_count(db, 2), within=10)
-        proc.signal(signal.SIGTERM)
-        code = await asyncio.to_thread(proc.wait, 30)
+    code = await sigterm_with_two_jobs_running(db, database_url, tmp_path, job_seconds=60, grace=0.5)
     assert code == 0
     rows = await db.fetch("SELECT status, attempts, worker_id, lease_expires_at FROM imagen.jobs")
     assert [row["status"] for row in rows] == ["pending", "pending"]
