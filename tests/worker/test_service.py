@@ -1,0 +1,77 @@
+"""The daemon as operators see it: /readyz, /metrics and systemd notify around a real worker."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from imagen_worker.config import load_config
+from imagen_worker.worker.service import Service
+from tests.workers import eventually, insert_job, terminal, write_config
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text output (0 when absent)."""
+    wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{wanted}}} ") or (not labels and line.startswith(f"{name} ")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_a_running_service_is_ready_counts_its_jobs_and_talks_to_systemd(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(str(tmp_path / "notify.sock"))
+    systemd.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+    config = load_config(write_config(tmp_path, metrics={"enabled": True, "host": "127.0.0.1", "port": 0}))
+    service = Service(config, database_url, run_migrations=False)
+    running = asyncio.create_task(service.run())
+    try:
+        await eventually(lambda: _serving(service), within=20)
+        base = f"http://127.0.0.1:{service.health.port}"  # type: ignore[union-attr]
+        async with httpx.AsyncClient(base_url=base) as http:
+            ready = await eventually(lambda: _ready(http), within=10)
+            assert ready == {"ready": True, "database": True, "listener": True, "backends": {"mock": True}}
+
+            before = metric((await http.get("/metrics")).text, "imagen_jobs_finished_total",
+                            backend="mock", outcome="done")  # fmt: skip
+            job = await terminal(db, await insert_job(db, "a counted job"))
+            assert job["status"] == "done"
+            exposition = (await http.get("/metrics")).text
+        after = metric(exposition, "imagen_jobs_finished_total", backend="mock", outcome="done")
+        assert after == before + 1
+        assert metric(exposition, "imagen_listener_connected") == 1
+        assert metric(exposition, "imagen_pickup_latency_seconds_count", backend="mock") >= 1
+    finally:
+        service.worker.request_stop()
+        await asyncio.wait_for(running, timeout=30)
+    messages = _drain(systemd)
+    systemd.close()
+    assert "READY=1" in messages and "STOPPING=1" in messages
+    assert messages.index("READY=1") < messages.index("STOPPING=1")
+
+
+async def _serving(service: Service) -> bool:
+    return service.health is not None and service.health.port != 0
+
+
+async def _ready(http: httpx.AsyncClient) -> dict[str, object] | None:
+    answer = await http.get("/readyz")
+    return answer.json() if answer.status_code == 200 else None
+
+
+def _drain(sock: socket.socket) -> list[str]:
+    lines: list[str] = []
+    while True:
+        try:
+            lines.extend(sock.recv(4096).decode().splitlines())
+        except BlockingIOError:
+            return lines
