@@ -15,7 +15,6 @@ from rich.table import Table
 
 from imagen_worker import backends as backend_registry
 from imagen_worker import styles as style_presets
-from imagen_worker.backends.base import Backend
 from imagen_worker.cli import common, watch
 from imagen_worker.cli.common import ConfigOption
 from imagen_worker.cli.config_cmd import app as config_app
@@ -200,17 +199,6 @@ class _TerminalProgress:
             err.print(f"  {value:g}/{maximum:g}", end="\r")
 
 
-async def _start_backends(config: Config, only: str | None = None) -> dict[str, Backend]:
-    started: dict[str, Backend] = {}
-    for name, block in config.backend_blocks().items():
-        if only is not None and name != only:
-            continue
-        backend = backend_registry.create(name, block)
-        await backend.start()
-        started[name] = backend
-    return started
-
-
 @app.command()
 def generate(
     prompt: str,
@@ -234,18 +222,18 @@ def generate(
         name = backend or config.default_backend_name()
         if name not in config.backend_blocks():
             raise ConfigError(f"unknown backend {name!r} (configured: {', '.join(config.backend_blocks())})")
-        backends = await _start_backends(config, only=name)
+        chosen = backend_registry.create(name, config.backend_blocks()[name])
+        await chosen.start()
         sink = create_sink(config, no_cloud=no_cloud)
         job_id = uuid.uuid4()
         try:
-            pipeline = Pipeline(backends, name, sink, config.output)
+            pipeline = Pipeline({name: chosen}, name, sink, config.output)
             artifact = await pipeline.run(job_id, spec, _TerminalProgress(), strict_upload=False)
         except JobError as exc:
             err.print(f"imagen: {exc.message}", highlight=False)
             return 1
         finally:
-            for started in backends.values():
-                await started.aclose()
+            await chosen.aclose()
             await sink.aclose()
         forget(config.output.directory, job_id)
         if artifact.upload_error is not None:
