@@ -1,6 +1,6 @@
 """The backend contract every adapter implements.
 
-Like the Go original's ``internal/backend``: an adapter registers a ``type`` name, owns its
+An adapter registers a ``type`` name, owns its
 config block (the framework never reads below ``type``) and turns a ``GenerateRequest`` into
 image bytes. Adapters know nothing about the queue; what they may tell the job goes through
 ``JobContext``.

@@ -1,7 +1,7 @@
-"""A protocol-faithful fake of ComfyUI 0.3.64 for tests (comfyui-api.md §14 lists what it must do).
+"""A protocol-faithful fake of ComfyUI 0.3.64 for tests.
 
 It is an aiohttp server on 127.0.0.1 (ephemeral port) with the real routes (bare and under
-``/api``), the real JSON shapes (bodies copied from comfyui-transcripts.json) and the traps:
+``/api``), the real JSON shapes (bodies recorded from a real 0.3.64) and the traps:
 events only reach the prompt's ``client_id`` socket, history is written *after*
 ``execution_success`` (``history_delay`` widens that race), fully cached reruns hand back the old
 filename, 200 answers with ``node_errors`` drop outputs, a pending prompt deleted from the queue
@@ -406,7 +406,7 @@ class FakeComfyUI:
         await self._send_to(ws, "status", {"status": self._exec_info(), "sid": sid})
         state = self._state
         if state.running and state.running.extra.get("client_id") == sid and state.current_node:
-            await self._send_to(ws, "executing", {"node": state.current_node})  # no prompt_id (§3)
+            await self._send_to(ws, "executing", {"node": state.current_node})  # no prompt_id, as on reconnect
         first = True
         try:
             async for msg in ws:
@@ -428,7 +428,7 @@ class FakeComfyUI:
             await ws.send_str(json.dumps({"type": event, "data": data}))
 
     async def _send(self, event: str, data: dict[str, Any], sid: str | None) -> None:
-        """``send_sync`` routing (§4): sid None broadcasts, except events sent to nobody then."""
+        """``send_sync`` routing: sid None broadcasts, except events sent to nobody then."""
         if self.mute_events:
             return
         if sid is None:
@@ -859,13 +859,13 @@ class FakeComfyUI:
                 "timestamp": _ms(),
             }
             messages.append(["execution_interrupted", data])
-            await self._send("execution_interrupted", data, sid)  # broadcast when sid is None (§4)
+            await self._send("execution_interrupted", data, sid)  # broadcast when sid is None
         elif outcome == "success":
             await event("execution_success", {"prompt_id": pid, "timestamp": _ms()}, keep=True)
         run.end, run.outcome = loop.time(), outcome
         state.cache = new_cache
         if self.history_delay:
-            await asyncio.sleep(self.history_delay)  # the §5.3 race: success sent, history not yet written
+            await asyncio.sleep(self.history_delay)  # the real race: success sent, history not yet written
         state.history[pid] = {
             "prompt": item.row(),
             "outputs": outputs

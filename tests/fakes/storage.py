@@ -1,7 +1,7 @@
 """A fake Supabase Storage API that answers the way the real server does.
 
-Behaviour follows /work/shared/reference/supabase-storage-api.md §9 (observed on
-supabase/storage 1.11.2), not what a client might hope for:
+Behaviour follows what supabase/storage 1.11.2 was observed to do, not what a client might
+hope for:
 
 - every client error is HTTP 400 whose JSON body carries the real status as a *string*
   ``statusCode`` plus ``error``, ``code`` and ``message``; server errors are HTTP 500;

@@ -1,4 +1,4 @@
-"""The fake Storage API answers like the real one (reference §3-§7), so sink tests mean something."""
+"""The fake Storage API answers like the real one, so sink tests mean something."""
 
 from __future__ import annotations
 

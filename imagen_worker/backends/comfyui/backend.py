@@ -1,6 +1,6 @@
 """``ComfyUIBackend``: one job = one ComfyUI prompt, from submission to downloaded outputs.
 
-The life of a job (comfyui-api.md §15):
+The life of a job:
 
 1. Wait for a slot: at most ``1 + lookahead`` of our prompts are queued or running in one
    instance, on the least busy instance. The GPU starts the next prompt while the worker is
@@ -194,7 +194,7 @@ class ComfyUIBackend(Backend):
 
     def _render(self, workflow: Workflow, request: GenerateRequest, prompt_id: str) -> dict[str, Any]:
         # Unique per submission: a retry re-saves instead of being handed a cached, maybe
-        # deleted file, and no job can ever receive another job's file (§9).
+        # deleted file, and no job can ever receive another job's file.
         prefix = f"imagen/{request.job_id}/{prompt_id[:8]}"
         try:
             return workflow.render(request, prefix)
@@ -301,7 +301,7 @@ class ComfyUIBackend(Backend):
     async def _final_entry(
         self, client: ComfyUIClient, prompt_id: str, last_failure: dict[str, Any] | None
     ) -> dict[str, Any]:
-        """History after ``executing(null)``: always written by then, but be lenient (§5.3)."""
+        """History after ``executing(null)``: always written by then, but be lenient."""
         for delay in (0.0, *HISTORY_RETRY_DELAYS):
             await asyncio.sleep(delay)
             entry = await client.history(prompt_id)
@@ -322,7 +322,7 @@ class ComfyUIBackend(Backend):
         """Take our prompt out of ComfyUI: delete it while pending, targeted interrupt if running.
 
         Returns ``deleted``, ``interrupted``, ``absent`` (already finished or never arrived) or
-        ``unreachable``. Never a bare ``/interrupt``: it would stop whatever runs (§10.2).
+        ``unreachable``. Never a bare ``/interrupt``: it would stop whatever runs.
         """
         client = inst.client
         try:
@@ -346,7 +346,7 @@ class ComfyUIBackend(Backend):
     async def _abandon(self, inst: Instance, prompt_id: str) -> bool:
         """Withdraw without waiting; True when a background task now owns the slot.
 
-        An interrupt lands only at the next node boundary (§10.3), so the slot stays taken until
+        An interrupt lands only at the next node boundary, so the slot stays taken until
         ComfyUI has really stopped; the cancelled job does not wait for that.
         """
         if await self._withdraw(inst, prompt_id) != "interrupted":

@@ -1,14 +1,14 @@
 """The ComfyUI wire protocol for one instance: the HTTP calls and one long-lived websocket.
 
-This is the one place that knows how ComfyUI talks (reference: comfyui-api.md, §15 above all):
+This is the one place that knows how ComfyUI talks:
 
 - One socket per instance with a stable ``clientId``, opened before any POST, and every POST
-  carries that ``client_id``: without it ComfyUI sends no execution events at all (§4).
+  carries that ``client_id``: without it ComfyUI sends no execution events at all.
 - Events are routed by ``data.prompt_id``. Unknown types (custom nodes broadcast their own),
   binary preview frames and ``executing`` without a prompt id (sent on reconnect) are ignored.
 - ComfyUI never pings and replays nothing. We ping, and after a drop we reconnect with backoff,
   always closing the old socket first: a second socket with the same clientId takes over the
-  routing, and closing the old one afterwards would silently unroute the new one (§3).
+  routing, and closing the old one afterwards would silently unroute the new one.
 - ``/history/{id}`` answers ``{}`` for unknown, pending, deleted and pre-restart ids alike, so
   "gone" is only decided together with ``/queue``; see ``backend.py``.
 - ``/queue``, ``/interrupt`` and ``/history`` POSTs answer 200 with an empty body.
@@ -160,7 +160,7 @@ class ComfyUIClient:
         return QueueState(running=ids(data.get("queue_running")), pending=ids(data.get("queue_pending")))
 
     async def delete_pending(self, prompt_id: str) -> None:
-        """Remove a pending prompt. Silent: no event will ever come for it (§10.2)."""
+        """Remove a pending prompt. Silent: no event will ever come for it."""
         self._check(await self._request("POST", "/queue", json={"delete": [prompt_id]}))
 
     async def interrupt(self, prompt_id: str) -> None:

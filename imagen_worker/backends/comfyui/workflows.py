@@ -4,7 +4,7 @@ A workflow is an API-format graph (``{node_id: {"class_type", "inputs", "_meta"}
 *bindings*: ``param -> [(node id, input name), ...]``. Rendering deep-copies the graph and sets
 those inputs; it never substitutes strings, so a prompt full of quotes or braces cannot break
 the JSON. Every saver node gets a job-unique ``filename_prefix`` so ComfyUI's node cache can
-never hand back another job's file (comfyui-api.md §9).
+never hand back another job's file.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def _request_values(request: GenerateRequest) -> dict[str, Any]:
 
 
 def _literal(value: Any) -> Any:
-    """A JSON list in an input is read as a link; list literals must be wrapped (§2.1)."""
+    """A JSON list in an input is read as a link; list literals must be wrapped."""
     return {"__value__": value} if isinstance(value, list | tuple) else value
 
 

@@ -46,7 +46,7 @@ async def test_cancelling_a_pending_prompt_deletes_it_and_returns_at_once(
     with pytest.raises(asyncio.CancelledError):
         await job
 
-    assert loop.time() - started < 0.5  # no waiting for an event that never comes (§10.2)
+    assert loop.time() - started < 0.5  # no waiting for an event that never comes
     assert [r.body for r in fake.calls("POST", "/queue")] == [{"delete": [prompt_id]}]
     assert fake.pending_prompts == []
     assert fake.interrupts == []

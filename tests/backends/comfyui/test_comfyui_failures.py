@@ -13,7 +13,8 @@ from tests.backends.comfyui.conftest import BackendFactory
 from tests.backends.comfyui.support import RecordingContext, make_request
 from tests.fakes.comfyui import FakeComfyUI
 
-TRANSCRIPTS = Path("/work/shared/reference/comfyui-transcripts.json")
+# Answers recorded from a real ComfyUI 0.3.64.
+TRANSCRIPTS = Path(__file__).parents[2] / "fakes" / "comfyui_recorded.json"
 
 
 async def test_a_missing_checkpoint_is_a_terminal_readable_rejection(

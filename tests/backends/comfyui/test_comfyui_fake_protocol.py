@@ -1,4 +1,4 @@
-"""The fake itself answers like ComfyUI 0.3.64 (comfyui-api.md §14), so the specs above mean something."""
+"""The fake itself answers like ComfyUI 0.3.64, so the specs above mean something."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The traps of comfyui-api.md: history race, dead or silent sockets, restarts, cached reruns."""
+"""ComfyUI's traps: history race, dead or silent sockets, restarts, cached reruns."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tests.fakes.comfyui import FakeComfyUI
 async def test_history_written_late_after_success_is_still_read_correctly(
     fake: FakeComfyUI, make_backend: BackendFactory
 ) -> None:
-    fake.history_delay = 0.3  # execution_success is out, GET /history still answers {} (§5.3)
+    fake.history_delay = 0.3  # execution_success is out, GET /history still answers {}
     backend = await make_backend(fake)
 
     result = await backend.generate(make_request(), RecordingContext())
