@@ -37,6 +37,12 @@ class RetryableError(JobError):
     retryable = True
 
 
+class BackendUnavailable(RetryableError):
+    """The backend's infrastructure failed, not the job (no instance answers, the instance died
+    mid-job): the job goes back to pending without spending an attempt, up to a cap that keeps
+    a job which itself crashes the backend from looping forever."""
+
+
 class JobCancelled(Exception):
     """The job was cancelled by its owner while it ran; it ends ``cancelled``, not failed."""
 

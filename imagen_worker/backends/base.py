@@ -9,7 +9,7 @@ image bytes. Adapters know nothing about the queue; what they may tell the job g
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, Self
 from uuid import UUID
@@ -85,6 +85,7 @@ class Backend(abc.ABC):
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self._on_change: Callable[[], None] = lambda: None
 
     @classmethod
     @abc.abstractmethod
@@ -93,8 +94,29 @@ class Backend(abc.ABC):
 
     @property
     def capacity(self) -> int:
-        """How many jobs this instance can usefully hold at once (claims never exceed it)."""
+        """How many jobs this backend can usefully hold right now (claims never exceed it).
+
+        It may change at run time (instances lost, busy with others' work); call
+        ``notify_change`` when it grows so the worker claims again at once.
+        """
         return 1
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        """None while the backend can take work; else one sentence a web user may read.
+
+        While it is set the worker claims nothing for this backend and the waiting jobs' rows
+        say why; the jobs stay pending. Call ``notify_change`` when it changes.
+        """
+        return None
+
+    def watch(self, on_change: Callable[[], None]) -> None:
+        """The worker's wake-up, called by ``notify_change``."""
+        self._on_change = on_change
+
+    def notify_change(self) -> None:
+        """Capacity or availability changed: the worker re-reads both and claims again."""
+        self._on_change()
 
     async def start(self) -> None:
         """Open long-lived connections; called once before the first job."""
