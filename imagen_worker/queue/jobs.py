@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, TypeAlias
 from uuid import UUID
@@ -71,10 +71,12 @@ class Job:
     cancel_requested: bool
     created_at: datetime
     waited_seconds: float
+    # The upload an earlier attempt recorded (``ImageRecord.as_result``): link it, render nothing.
+    result: Mapping[str, Any] | None = None
 
     @classmethod
     def from_record(cls, row: Mapping[str, Any]) -> Job:
-        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+        return cls(**{name: row[name] for name in cls.__dataclass_fields__ if name in row})
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,16 @@ class ImageRecord:
     sidecar: Mapping[str, Any]
     model: str | None = None
     cost_usd_estimate: float | None = None
+    # Host-side facts (local path, backend instance and ids): imagen.image_internals only.
+    internals: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_result(self) -> dict[str, Any]:
+        """The upload record kept in ``job_runs.result`` until the job is done."""
+        return {**asdict(self), "sidecar": dict(self.sidecar), "internals": dict(self.internals)}
+
+    @classmethod
+    def from_result(cls, result: Mapping[str, Any]) -> ImageRecord:
+        return cls(**{name: result[name] for name in cls.__dataclass_fields__ if name in result})
 
 
 def prompt_hash(prompt: str) -> str:
