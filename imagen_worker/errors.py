@@ -21,7 +21,9 @@ _TAG = re.compile(r"<[^>]{0,200}>")
 # "at http://10.0.0.5:8188", "talking to https://x.supabase.co": the address goes with its preposition.
 _PLACED_URL = re.compile(r"\s+(?:at|from|to|on|talking to|via)\s+[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
 _URL = re.compile(r"[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
-_HOST_PORT = re.compile(r"\b(?:\d{1,3}(?:\.\d{1,3}){3}|[a-z0-9-]+(?:\.[a-z0-9-]+)+|localhost):\d{2,5}\b", re.I)
+_HOST_PORT = re.compile(
+    r"\b(?:\d{1,3}(?:\.\d{1,3}){3}|[a-z0-9-]+(?:\.[a-z0-9-]+)+|localhost):\d{2,5}\b", re.IGNORECASE
+)
 _IP = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}\b")
 _PATH = re.compile(r"(?<![\w.])(?:/[\w.@+-]+){2,}/?")
 _WINDOWS_PATH = re.compile(r"\b[A-Za-z]:\\\S+")

@@ -30,10 +30,11 @@ from imagen_worker.config import Config
 from imagen_worker.db import migrate as migrations
 from imagen_worker.db.connect import create_pool
 from imagen_worker.errors import ConfigError, JobError, LeaseLost, RetryableError
-from imagen_worker.pipeline import Artifact, Pipeline
-from imagen_worker.queue.jobs import ImageRecord, Job, JobSpec, Queue
+from imagen_worker.pipeline import Pipeline
+from imagen_worker.queue.jobs import Job, JobSpec, Queue
 from imagen_worker.storage import create_sink
 from imagen_worker.storage.base import StorageSink
+from imagen_worker.worker import results
 from imagen_worker.worker.context import WorkerJobContext
 from imagen_worker.worker.listener import Listener
 
@@ -56,14 +57,6 @@ def spec_of(job: Job) -> JobSpec:
         owner_user_id=job.owner_user_id, prompt=job.prompt, negative_prompt=job.negative_prompt,
         backend=job.backend, style=job.style, width=job.width, height=job.height, steps=job.steps,
         seed=job.seed, params=job.params, max_attempts=job.max_attempts,
-    )  # fmt: skip
-
-
-def image_record(artifact: Artifact) -> ImageRecord:
-    return ImageRecord(
-        storage_path=artifact.storage_key, mime_type=artifact.mime_type, bytes=artifact.bytes,
-        sha256=artifact.sha256, backend=artifact.backend, seed=artifact.seed,
-        latency_ms=artifact.latency_ms, sidecar=artifact.sidecar, model=artifact.model,
     )  # fmt: skip
 
 
@@ -239,6 +232,7 @@ class Worker:
                     name, is_default=is_default, limit=free, lease_seconds=self.settings.lease_seconds,
                     orphans=await self._orphan_backends() if is_default else (),
                     orphan_after=self.settings.orphan_after, held=list(self.inflight),
+                    max_running_per_owner=self.settings.max_running_per_owner,
                 )  # fmt: skip
                 for job in jobs:
                     self._spawn(job, name)
@@ -318,13 +312,17 @@ class Worker:
                 raise
             if reason == CANCEL:
                 await self._quietly(self.queue.cancelled(job), jlog)
+                await results.discard(self.config.output.directory, job)
                 self._emit("cancelled", job=job, backend=backend)
                 jlog.info("job cancelled by its owner")
             elif reason == LEASE_LOST:
                 jlog.warning("lease lost; stopped working on the job")
         except Exception as exc:  # a bug below us must not kill the daemon
             jlog.exception("unexpected error while running the job")
-            error = RetryableError(f"internal error: {type(exc).__name__}: {exc}")
+            error = RetryableError(
+                f"the worker hit an internal error ({type(exc).__name__})",
+                detail={"exception": type(exc).__name__, "error": str(exc)},
+            )
             await self._record_error(job, backend, error, jlog)
 
     async def _execute(self, job: Job, ctx: WorkerJobContext, jlog: Any) -> None:
@@ -342,27 +340,27 @@ class Worker:
             self._emit("cancelled", job=job, backend=job.backend or self.default_backend)
             return
         try:
-            artifact = await self.pipeline.run(job.id, spec_of(job), ctx)
+            record, artifact = await results.produce(self.pipeline, self.queue, job, spec_of(job), ctx)
+            await ctx.close()
+            image_id = await self.queue.complete(job, record)
         except JobError as error:
             await ctx.close()
             await self._record_error(job, job.backend or self.default_backend, error, jlog)
             return
-        await ctx.close()
-        try:
-            image_id = await self.queue.complete(job, image_record(artifact))
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
-            # The image is on disk and in storage; the journal makes the retry reuse both.
-            lost = RetryableError(f"could not record the result in the database: {exc}")
-            await self._record_error(job, artifact.backend, lost, jlog)
+            # The object is stored and its upload recorded: the retry links it.
+            lost = RetryableError("could not record the result in the database", detail={"error": str(exc)})
+            await self._record_error(job, record.backend, lost, jlog)
             return
         pipeline_module.forget(self.config.output.directory, job.id)
-        self._emit("done", job=job, backend=artifact.backend, artifact=artifact)
+        self._emit("done", job=job, backend=record.backend, artifact=artifact)
         jlog.info(
             "job done",
             image_id=str(image_id),
-            path=str(artifact.image_path),
-            storage_path=artifact.storage_key,
-            reused_local_image=artifact.reused,
+            path=str(artifact.image_path) if artifact else None,
+            storage_path=record.storage_path,
+            linked_earlier_upload=artifact is None,
+            reused_local_image=bool(artifact and artifact.reused),
         )
 
     async def _record_error(self, job: Job, backend: str, error: JobError, jlog: Any) -> None:
@@ -372,6 +370,8 @@ class Worker:
             ),
             jlog,
         )
+        if outcome == "failed":
+            await results.discard(self.config.output.directory, job)
         if outcome is not None:
             self._emit(outcome, job=job, backend=backend, error=error)
             log_method = jlog.warning if outcome == "retried" else jlog.error
