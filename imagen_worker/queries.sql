@@ -344,7 +344,10 @@ ORDER BY created_at DESC
 LIMIT $2;
 
 -- name: get_image
-SELECT * FROM imagen.images WHERE id = $1;
+-- The operator's view: the row and its host-side internals (the worker's local path).
+SELECT i.*, n.local_path, n.backend_metadata
+FROM imagen.images i LEFT JOIN imagen.image_internals n ON n.image_id = i.id
+WHERE i.id = $1;
 
 -- name: storage_path_of
 -- `imagen sign`: an image id, or a job id (with the job's status when it has no image yet).
