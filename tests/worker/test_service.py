@@ -39,7 +39,10 @@ async def test_a_running_service_is_ready_counts_its_jobs_and_talks_to_systemd(
         base = f"http://127.0.0.1:{service.health.port}"  # type: ignore[union-attr]
         async with httpx.AsyncClient(base_url=base) as http:
             ready = await eventually(lambda: _ready(http), within=10)
-            assert ready == {"ready": True, "database": True, "listener": True, "backends": {"mock": True}}
+            assert ready == {
+                "ready": True, "database": True, "listener": True,
+                "backends": {"mock": True}, "unavailable": {},
+            }  # fmt: skip
 
             before = metric((await http.get("/metrics")).text, "imagen_jobs_finished_total",
                             backend="mock", outcome="done")  # fmt: skip
