@@ -56,9 +56,7 @@ async def add_job(pool: asyncpg.Pool, **columns: Any) -> uuid.UUID:
 
 
 async def add_running_job(pool: asyncpg.Pool) -> uuid.UUID:
-    return await add_job(
-        pool, status="running", lease_expires_at=datetime.now(UTC) + timedelta(seconds=30)
-    )
+    return await add_job(pool, status="running", lease_expires_at=datetime.now(UTC) + timedelta(seconds=30))
 
 
 async def test_a_runnable_pending_insert_notifies_imagen_jobs_once_with_its_backend(
