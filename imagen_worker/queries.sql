@@ -109,7 +109,8 @@ runs AS (
     SET worker_id = EXCLUDED.worker_id, attempt = EXCLUDED.attempt, updated_at = now()
 )
 SELECT c.*, r.backend_ref, r.result
-FROM claimed c LEFT JOIN imagen.job_runs r ON r.job_id = c.id;
+FROM claimed c LEFT JOIN imagen.job_runs r ON r.job_id = c.id
+ORDER BY c.priority DESC, c.turn, c.run_at;
 
 -- name: unserved_backends
 -- Pending jobs' backends that no live worker serves, with seconds unserved (NULL = no registry
