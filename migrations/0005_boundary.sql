@@ -58,12 +58,12 @@ CREATE TABLE imagen.settings (
 );
 INSERT INTO imagen.settings DEFAULT VALUES;
 
--- A job's turn: its place in the claim order after priority. Owners take turns: an owner's
--- next job is placed two steps after the head of its queue (same backend and priority) per
--- job it already has pending or running, and never before its own latest job; an owner with
--- nothing live goes just before the next head turn (odd slots, first come first served). So
--- one owner's backlog of 10,000 rows delays another owner's single job by about one job.
--- Written by the insert trigger only.
+-- A job's turn: its place in the claim order after priority. Owners take turns: an owner with
+-- live jobs gets the turn after its own latest one, and at least the turn after the head of
+-- its queue (same backend and priority); an owner with nothing live goes just before the next
+-- head turn (odd slots, first come first served). So one owner's backlog of 10,000 rows
+-- delays another owner's single job by about one job. Written by the insert trigger only;
+-- it costs two index probes, however long the owner's backlog.
 ALTER TABLE imagen.jobs ADD COLUMN turn bigint NOT NULL DEFAULT 0;
 
 DROP INDEX imagen.jobs_claim_default;
@@ -91,8 +91,8 @@ CREATE FUNCTION imagen.jobs_take_turn() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     head      bigint;
-    live      bigint;
     last_turn bigint;
+    live      bigint;
     lim       integer;
 BEGIN
     IF NEW.status NOT IN ('pending', 'running') THEN
@@ -100,19 +100,25 @@ BEGIN
     END IF;
     IF coalesce(current_setting('role', true), 'none') IN ('anon', 'authenticated') THEN
         SELECT s.max_live_jobs_per_owner INTO lim FROM imagen.settings s;
-        IF lim IS NOT NULL THEN
-            -- Concurrent inserts of one owner queue here, so two cannot both take the last slot.
-            PERFORM pg_advisory_xact_lock(hashtextextended('imagen.owner:' || NEW.owner_user_id, 0));
+    END IF;
+    IF lim IS NOT NULL THEN
+        -- Concurrent inserts of one owner queue here, so two cannot both take the last slot.
+        PERFORM pg_advisory_xact_lock(hashtextextended('imagen.owner:' || NEW.owner_user_id, 0));
+        SELECT count(*) INTO live FROM (
+            SELECT 1 FROM imagen.jobs j
+            WHERE j.owner_user_id = NEW.owner_user_id AND j.status IN ('pending', 'running')
+            LIMIT lim
+        ) counted;
+        IF live >= lim THEN
+            RAISE EXCEPTION 'too many live jobs: you already have % pending or running, the limit is %',
+                            live, lim
+                USING ERRCODE = 'check_violation',
+                      HINT = 'wait for some to finish or cancel some, then submit again';
         END IF;
     END IF;
-    SELECT count(*), max(j.turn) INTO live, last_turn FROM imagen.jobs j
-    WHERE j.owner_user_id = NEW.owner_user_id AND j.status IN ('pending', 'running');
-    IF lim IS NOT NULL AND live >= lim THEN
-        RAISE EXCEPTION 'too many live jobs: you already have % pending or running, the limit is %',
-                        live, lim
-            USING ERRCODE = 'check_violation',
-                  HINT = 'wait for some to finish or cancel some, then submit again';
-    END IF;
+    SELECT j.turn INTO last_turn FROM imagen.jobs j
+    WHERE j.owner_user_id = NEW.owner_user_id AND j.status IN ('pending', 'running')
+    ORDER BY j.turn DESC LIMIT 1;
     IF NEW.backend IS NULL THEN
         SELECT j.turn INTO head FROM imagen.jobs j
         WHERE j.status = 'pending' AND j.backend IS NULL AND j.priority = NEW.priority
@@ -129,10 +135,10 @@ BEGIN
         SELECT max(j.turn) INTO head FROM imagen.jobs j WHERE j.status = 'running';
     END IF;
     head := coalesce(head, 0);
-    IF live = 0 THEN
+    IF last_turn IS NULL THEN
         NEW.turn := ((head + 1) / 2) * 2 - 1;
     ELSE
-        NEW.turn := greatest(head + 2 * live, last_turn + 2);
+        NEW.turn := greatest(head + 2, last_turn + 2);
         NEW.turn := NEW.turn + NEW.turn % 2;
     END IF;
     RETURN NEW;
