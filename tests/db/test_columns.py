@@ -93,7 +93,7 @@ async def test_select_star_as_the_owner_returns_the_whole_job_and_image_without_
     for secret in ("10.0.0.5", "/srv/imagen", "client-7f3e", "prompt-9d2a"):
         assert secret not in readable
     internals = await db.fetchrow("SELECT local_path, backend_metadata FROM imagen.image_internals")
-    assert tuple(internals) == ("/srv/imagen/out.png", {"client_id": "client-7f3e"}), "the operator keeps them"
+    assert tuple(internals) == ("/srv/imagen/out.png", {"client_id": "client-7f3e"}), "the operator has them"
 
 
 async def test_insert_returning_star_works_as_authenticated(db: asyncpg.Pool) -> None:
