@@ -136,8 +136,7 @@ class Worker:
         )
         await self._register()
         stack.push_async_callback(self._unregister)
-        requeued = await self.queue.requeue_expired()
-        log.info("recovered expired leases", requeued=requeued)
+        await self._recover_expired()
         self.listener = Listener(
             self.dsn, self.wake.set, self.control.set, server_settings=limits.session_settings()
         )
@@ -148,6 +147,15 @@ class Worker:
             default_backend=self.default_backend, storage=sink.type_name,
             concurrency=self.settings.concurrency,
         )  # fmt: skip
+
+    async def _recover_expired(self) -> None:
+        """Dead workers' jobs back to pending now; the claim would re-take them anyway."""
+        try:
+            requeued = await self.queue.requeue_expired()
+        except DB_ERRORS as exc:
+            log.warning("could not recover expired leases at start; claims will", error=str(exc))
+            return
+        log.info("recovered expired leases", requeued=requeued)
 
     def _check_default_backend(self) -> None:
         """One meaning of "no backend": this worker's default, which it must serve."""

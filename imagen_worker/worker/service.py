@@ -97,9 +97,15 @@ class Service:
             await asyncio.sleep(5)
 
     def _alive(self) -> bool:
-        """Feed the watchdog only while the claim and heartbeat loops make progress."""
+        """Feed the watchdog only while the claim and heartbeat loops make progress.
+
+        Every database wait of either loop ends within ``command_timeout`` (plus a heartbeat
+        interval), so a loop silent for longer than that and a lease is wedged, not waiting on
+        an unreachable database: then systemd may restart the worker.
+        """
         interval = self.notifier.watchdog_interval or 0.0
-        return self.worker.liveness.progressing(max(interval * 2, self.config.worker.lease_seconds))
+        bound = self.config.worker.lease_seconds + self.config.database.command_timeout
+        return self.worker.liveness.progressing(max(interval * 2, bound))
 
     async def _announce_stop(self) -> None:
         await self.worker.draining.wait()

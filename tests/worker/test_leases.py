@@ -32,13 +32,13 @@ class Stoppable(MockBackend):
     """Renders in ``seconds`` unless cancelled; remembers when and why it was cancelled."""
 
     seconds = 60.0
-    stops: list[tuple[datetime, bool]]
+    stops: list[tuple[uuid.UUID, datetime, bool]]
 
     async def generate(self, request: GenerateRequest, ctx: JobContext) -> GenerateResult:
         try:
             await asyncio.sleep(self.seconds)
         except asyncio.CancelledError:
-            self.stops.append((datetime.now(UTC), ctx.cancel_requested))
+            self.stops.append((request.job_id, datetime.now(UTC), ctx.cancel_requested))
             raise
         return await super().generate(request, ctx)
 
@@ -121,9 +121,9 @@ async def test_the_claim_never_retakes_a_job_its_own_worker_is_running(
 async def test_a_locked_row_delays_only_its_own_lease_and_that_job_stops_before_its_lease_expires(
     db: asyncpg.Pool, database_url: str, tmp_path: Path
 ) -> None:
-    config = make_config(tmp_path, worker={"lease_seconds": 3, "poll_interval": 0.2})
+    config = make_config(tmp_path, worker={"lease_seconds": 4.5, "poll_interval": 0.2})
     async with running_worker(config, database_url) as worker:
-        backend = stoppable(worker, seconds=4)
+        backend = stoppable(worker, seconds=4.5)
         locked_id = await insert_job(db, "locked by someone")
         free_id = await insert_job(db, "free")
         await eventually(lambda: _running(db, locked_id, free_id))
@@ -134,7 +134,7 @@ async def test_a_locked_row_delays_only_its_own_lease_and_that_job_stops_before_
                     "SELECT lease_expires_at FROM imagen.jobs WHERE id = $1 FOR UPDATE", locked_id
                 )
                 free_lease = (await job_row(db, free_id))["lease_expires_at"]
-                await asyncio.sleep(3.5)  # longer than the lease
+                await asyncio.sleep(4)  # longer than two thirds of the lease (3 s)
                 renewed_free_lease = (await job_row(db, free_id))["lease_expires_at"]
         finally:
             await holder.close()
@@ -142,12 +142,13 @@ async def test_a_locked_row_delays_only_its_own_lease_and_that_job_stops_before_
 
     assert renewed_free_lease > free_lease, "the other job's lease kept being renewed"
     assert rows[free_id]["status"] == "done" and rows[free_id]["attempts"] == 1
-    ((stopped_at, owner_cancel),) = backend.stops
+    ((stopped_job, stopped_at, owner_cancel),) = backend.stops
+    assert stopped_job == locked_id, "only the job whose row was locked was stopped"
     assert stopped_at < lease, "the holder gave the job up before its lease could expire"
     assert not owner_cancel, "letting go is not an owner's cancel: remote work may go on"
     assert rows[locked_id]["status"] == "done"
     assert rows[locked_id]["attempts"] == 1, "handed back once the lock went: the stall cost no attempt"
-    assert len(backend.stops) == 1 and rows[locked_id]["started_at"] < stopped_at
+    assert rows[locked_id]["started_at"] < stopped_at
     images = await db.fetchval("SELECT count(*) FROM imagen.images WHERE job_id = $1", locked_id)
     assert images == 1
 
