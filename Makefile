@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint bench chaos clean
+.PHONY: demo test lint bench chaos contract clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,20 @@ bench: $(STAMP)
 
 chaos: $(STAMP)
 	$(BIN)/python -m bench.chaos
+
+# The contract suite against the real ComfyUI and Supabase Storage as well as the fakes. The peer
+# scripts build each server once (cached in PEERS), start it and verify it; both stop afterwards.
+PEER_SCRIPTS ?= ../shared/peers
+PEERS ?= $(HOME)/.cache/imagen-peers
+contract: $(STAMP)
+	PEERS=$(PEERS) $(PEER_SCRIPTS)/comfyui.sh setup
+	PEERS=$(PEERS) $(PEER_SCRIPTS)/storage.sh setup
+	. $(PEERS)/storage/env.sh; \
+	IMAGEN_TEST_COMFYUI_URL=http://127.0.0.1:8188 IMAGEN_TEST_SUPABASE_URL="$$SUPABASE_URL" \
+	IMAGEN_TEST_SUPABASE_SERVICE_KEY="$$SUPABASE_SERVICE_KEY" $(BIN)/python -m pytest -q tests/contract; \
+	status=$$?; \
+	PEERS=$(PEERS) $(PEER_SCRIPTS)/comfyui.sh stop; PEERS=$(PEERS) $(PEER_SCRIPTS)/storage.sh stop; \
+	exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

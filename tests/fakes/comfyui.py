@@ -932,7 +932,10 @@ class FakeComfyUI:
         digest = zlib.crc32(f"{item.prompt_id}/{nid}/{index}".encode())
         color = _upstream_input(item.graph, nid, "color")
         rgb = int(color) if isinstance(color, int) else digest & 0xFFFFFF
-        return tiny_png(((rgb >> 16) & 255, (rgb >> 8) & 255, rgb & 255))
+        # The saved image has the size the graph asked for (EmptyImage or latent pixels).
+        width, height = (_upstream_input(item.graph, nid, name) for name in ("width", "height"))
+        size = (width, height) if isinstance(width, int) and isinstance(height, int) else (8, 8)
+        return tiny_png(((rgb >> 16) & 255, (rgb >> 8) & 255, rgb & 255), *size)
 
 
 class _NodeFailure(Exception):
