@@ -95,22 +95,32 @@ async def session(comfy: ComfyPeer) -> AsyncIterator[Session]:
 
 
 def _unique() -> int:
-    return uuid.uuid4().int % 0xFFFFFF  # a fresh colour busts ComfyUI's node cache
+    return uuid.uuid4().int % 0xFFFFFF
+
+
+def empty(width: int, height: int, *, batch: int = 1, color: int | None = None) -> dict[str, Any]:
+    """EmptyImage's inputs; a fresh colour by default busts ComfyUI's node cache."""
+    return {
+        "width": width,
+        "height": height,
+        "batch_size": batch,
+        "color": _unique() if color is None else color,
+    }
 
 
 def tiny(prefix: str = "contract/out", *, batch: int = 1, size: int = 64) -> dict[str, Any]:
     return {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": size, "height": size, "batch_size": batch, "color": _unique()}},
+        "1": {"class_type": "EmptyImage", "inputs": empty(size, size, batch=batch)},
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
-    }  # fmt: skip
+    }
 
 
 def slow(prefix: str = "contract/slow") -> dict[str, Any]:
     """Seconds of work on a CPU ComfyUI; the fake is told to take as long (``ComfyPeer.slow``)."""
     graph: dict[str, Any] = {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 4, "color": _unique()}},
+        "1": {"class_type": "EmptyImage", "inputs": empty(1024, 1024, batch=4)},
         "99": {"class_type": "SaveImage", "inputs": {"images": ["14", 0], "filename_prefix": prefix}},
-    }  # fmt: skip
+    }
     for index in range(10, 15):
         source = "1" if index == 10 else str(index - 1)
         graph[str(index)] = {
@@ -201,8 +211,8 @@ async def test_an_unknown_node_class_is_an_invalid_prompt(session: Session) -> N
 
 async def test_a_partially_valid_prompt_is_accepted_with_node_errors(session: Session) -> None:
     graph = tiny(f"contract/{uuid.uuid4().hex[:6]}")
-    graph["3"] = {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 99999999999}}
-    graph["4"] = {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "contract/bad"}}
+    graph["3"] = {"class_type": "EmptyImage", "inputs": empty(8, 8, color=99999999999)}
+    graph["4"] = {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "contract/x"}}
 
     prompt_id, answer = await session.submit(graph)
     entry = await session.finished(prompt_id)

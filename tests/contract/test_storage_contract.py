@@ -26,11 +26,19 @@ async def api(storage: StoragePeer) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+async def _sign(api: httpx.AsyncClient, storage: StoragePeer, key: str) -> str:
+    answer = await api.post(f"/object/sign/{storage.bucket}/{key}", json={"expiresIn": 60})
+    signed: str = answer.json()["signedURL"]
+    return signed
+
+
 def _key(name: str) -> str:
     return f"{uuid.uuid4()}/{name}"
 
 
-async def test_put_is_an_upsert_that_keeps_the_object_id(api: httpx.AsyncClient, storage: StoragePeer) -> None:
+async def test_put_is_an_upsert_that_keeps_the_object_id(
+    api: httpx.AsyncClient, storage: StoragePeer
+) -> None:
     key = _key("image.png")
 
     first = await api.put(f"/object/{storage.bucket}/{key}", content=b"one", headers={"x-upsert": "true"})
@@ -43,7 +51,9 @@ async def test_put_is_an_upsert_that_keeps_the_object_id(api: httpx.AsyncClient,
     assert stored.content == b"two"
 
 
-async def test_post_on_an_existing_key_is_a_400_carrying_409(api: httpx.AsyncClient, storage: StoragePeer) -> None:
+async def test_post_on_an_existing_key_is_a_400_carrying_409(
+    api: httpx.AsyncClient, storage: StoragePeer
+) -> None:
     key = _key("image.png")
 
     created = await api.post(f"/object/{storage.bucket}/{key}", content=b"one")
@@ -85,7 +95,7 @@ async def test_signed_urls_are_relative_and_download_without_a_key(
     key = _key("with space (1).png")
     await api.put(f"/object/{storage.bucket}/{key}", content=b"img", headers={"Content-Type": "image/png"})
 
-    signed = (await api.post(f"/object/sign/{storage.bucket}/{key}", json={"expiresIn": 60})).json()["signedURL"]
+    signed = await _sign(api, storage, key)
 
     path, _, token = signed.partition("?token=")
     assert path == f"/object/sign/{storage.bucket}/{key}"
@@ -101,7 +111,7 @@ async def test_signed_urls_are_relative_and_download_without_a_key(
 async def test_a_tampered_signed_url_is_refused(api: httpx.AsyncClient, storage: StoragePeer) -> None:
     key = _key("a.png")
     await api.put(f"/object/{storage.bucket}/{key}", content=b"img")
-    signed = (await api.post(f"/object/sign/{storage.bucket}/{key}", json={"expiresIn": 60})).json()["signedURL"]
+    signed = await _sign(api, storage, key)
 
     async with httpx.AsyncClient() as anonymous:
         response = await anonymous.get(f"{storage.url}/storage/v1{signed[:-2]}xx")

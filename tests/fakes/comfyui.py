@@ -406,7 +406,8 @@ class FakeComfyUI:
         await self._send_to(ws, "status", {"status": self._exec_info(), "sid": sid})
         state = self._state
         if state.running and state.running.extra.get("client_id") == sid and state.current_node:
-            await self._send_to(ws, "executing", {"node": state.current_node})  # no prompt_id, as on reconnect
+            # On reconnect: the current node only, no prompt_id.
+            await self._send_to(ws, "executing", {"node": state.current_node})
         first = True
         try:
             async for msg in ws:
