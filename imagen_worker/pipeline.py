@@ -173,13 +173,13 @@ class Pipeline:
         """The image, its extra outputs and the sidecar on local disk, before any upload."""
         job_id, seed = request.job_id, request.seed
         when = datetime.now().astimezone()
-        names = output.plan_names(
-            self.output.naming, prompt=spec.prompt, seed=seed, backend=backend.name,
-            mime_type=result.image.mime_type, job_id=job_id, when=when,
-        )  # fmt: skip
-        image_path = output.claim_path(self.output.directory, names.relative, job_id)
         data = result.image.data
         facts = output.image_facts(data, result.image.mime_type)
+        names = output.plan_names(
+            self.output.naming, prompt=spec.prompt, seed=seed, backend=backend.name,
+            mime_type=facts.mime_type, job_id=job_id, when=when,
+        )  # fmt: skip
+        image_path = output.claim_path(self.output.directory, names.relative, job_id)
         output.write_image(image_path, data)
         extra_paths = []
         for index, extra in enumerate(result.extra_outputs, start=1):

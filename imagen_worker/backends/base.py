@@ -65,11 +65,18 @@ def _clip(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def shown_key(part: object) -> str:
+    """A key as a message shows it: as is when plain, else quoted, so a line stays one line."""
+    text = str(part)
+    plain = text.isprintable() and text.strip() == text and 0 < len(text) <= 64
+    return text if plain else _clip(text, 64)
+
+
 def describe_errors(exc: ValidationError, prefix: str = "", limit: int = 3) -> str:
     """Pydantic's errors as one line: ``key: reason (got value)``, joined by ``; ``."""
     parts = []
     for error in exc.errors(include_url=False)[:limit]:
-        key = prefix + ".".join(str(p) for p in error["loc"]) if error["loc"] else prefix.rstrip(".")
+        key = prefix + ".".join(map(shown_key, error["loc"])) if error["loc"] else prefix.rstrip(".")
         message = str(error["msg"]).replace("\n", " ").removeprefix("Value error, ")
         message = message[:1].lower() + message[1:]
         if error["type"] == "extra_forbidden":

@@ -167,12 +167,14 @@ def load_workflow(spec: str, bindings: Any = None, checkpoint: str | None = None
 
 
 def job_workflow(spec: Mapping[str, Any]) -> Workflow:
-    """A job's own workflow, ``{"graph": <API format>, "bindings": {...}}`` (bindings optional).
+    """A job's own workflow, ``{"graph": <API format>, "bindings": {...}}`` or a bare graph.
 
     It reaches the adapter only from a trusted source: the operator-only ``jobs.workflow``
     column, or ``params.workflow`` of an owner listed in ``workflow_owners``.
     """
-    if not isinstance(spec, Mapping) or "graph" not in spec:
+    if isinstance(spec, Mapping) and "graph" not in spec:
+        spec = {"graph": spec}  # a bare API-format graph: nothing bound, it runs as written
+    if not isinstance(spec, Mapping):
         raise WorkflowError('a job workflow is {"graph": <API-format workflow>, "bindings": {...}}')
     unknown = sorted(str(key) for key in spec if key not in ("graph", "bindings"))
     if unknown:
