@@ -131,7 +131,7 @@ class ComfyUIBackend(Backend):
         await asyncio.gather(*(i.client.wait_connected(self.config.connect_timeout) for i in self._instances))
         # An instance too old for client-chosen prompt ids is refused now, in one line.
         for inst in self._instances:
-            with contextlib.suppress(RetryableError):
+            with contextlib.suppress(RetryableError, TerminalError):  # unreachable: checked later
                 problem = await inst.client.version_problem()
                 if problem is not None:
                     await self.aclose()
