@@ -93,7 +93,8 @@ async def test_imagen_submit_workflow_writes_the_column(
     )
 
     assert submitted.returncode == 0, submitted.stderr
-    row = await db.fetchrow("SELECT workflow FROM imagen.jobs WHERE id = $1", uuid.UUID(submitted.stdout.strip()))
+    job_id = uuid.UUID(submitted.stdout.strip())
+    row = await db.fetchrow("SELECT workflow FROM imagen.jobs WHERE id = $1", job_id)
     assert row["workflow"] == {"graph": GRAPH, "bindings": {"prompt": "2.filename_prefix"}}
     assert broken.returncode != 0
     assert "--workflow: cannot read" in broken.stderr and len(broken.stderr.strip().splitlines()) == 1
