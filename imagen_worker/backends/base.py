@@ -3,7 +3,8 @@
 An adapter registers a ``type`` name, owns its
 config block (the framework never reads below ``type``) and turns a ``GenerateRequest`` into
 image bytes. Adapters know nothing about the queue; what they may tell the job goes through
-``JobContext``.
+``JobContext``. What a job may ask for is the adapter's typed ``Params`` model plus its
+``Limits``; the pipeline checks every request with ``check_request`` before ``generate``.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ class GenerateRequest:
     params: Mapping[str, Any] = field(default_factory=dict)
     style: str | None = None
     owner_user_id: UUID | None = None
-    # A per-job workflow from a trusted source (the operator-only ``jobs.workflow`` column),
-    # shaped ``{"graph": {...}, "bindings": {...}}``; adapters without workflows refuse it.
+    # A per-job workflow from a trusted source (the operator-only ``jobs.workflow`` column);
+    # its shape is the adapter's business, and adapters without workflows refuse it.
     workflow: Mapping[str, Any] | None = None
 
 
