@@ -36,10 +36,18 @@ BLOCKS: dict[str, dict[str, Any]] = {
         "samplers": ["euler", "dpmpp_2m"],
         "max_batch": 2,
     },
+    "comfyui-declared": {
+        "type": "comfyui",
+        "base_url": "http://127.0.0.1:9",
+        "workflow": "sd15",
+        "bindings": {"guidance": "3.cfg", "look": "3.scheduler", "lora_strength": "3.denoise"},
+        "params": {"guidance": {"type": "float", "min": 1, "max": 5}, "look": {"choices": ["karras", 2]}},
+    },
 }
 KNOWN_KEYS = [
     *ROW_FIELDS, "mock_fail", "cfg", "sampler", "scheduler", "checkpoint", "lora", "lora_strength",
-    "denoise", "batch_size", "workflow", "bindings", "__class__", "", "cfg.x", "checkpoint\x00",
+    "denoise", "batch_size", "workflow", "bindings", "guidance", "look", "__class__", "", "cfg.x",
+    "checkpoint\x00",
 ]  # fmt: skip
 json_scalars = st.one_of(
     st.none(),
@@ -47,7 +55,9 @@ json_scalars = st.one_of(
     st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=30),
-    st.sampled_from(["euler", "dpmpp_2m", "karras", "terminal", "retryable", "sd_xl_base_1.0.safetensors"]),
+    st.sampled_from(
+        ["euler", "dpmpp_2m", "karras", "terminal", "retryable", "sd_xl_base_1.0.safetensors", 2, 3.5]
+    ),
 )
 json_values = st.recursive(
     json_scalars,
@@ -78,7 +88,7 @@ def _assert_one_sentence_naming_a_key(error: TerminalError, params: dict[str, An
 
 
 @pytest.mark.parametrize("kind", sorted(BLOCKS))
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(params=params_dicts)
 def test_random_params_are_accepted_as_declared_or_refused_naming_the_key(
     kind: str, params: dict[str, Any]
@@ -119,7 +129,7 @@ class _Ctx:
 
 
 @pytest.mark.parametrize("kind", sorted(BLOCKS))
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(params=params_dicts)
 async def test_nothing_unvalidated_reaches_the_backend_through_the_pipeline(
     kind: str, params: dict[str, Any], tmp_path: Path
@@ -145,6 +155,18 @@ async def test_nothing_unvalidated_reaches_the_backend_through_the_pipeline(
     else:
         assert spy.seen == []
         _assert_one_sentence_naming_a_key(caught.value, params)
+
+
+VALID = {
+    "mock": {"mock_fail": "retryable"},
+    "comfyui": {"cfg": 3, "sampler": "dpmpp_2m", "checkpoint": "juggernaut.safetensors", "batch_size": 2},
+    "comfyui-declared": {"guidance": 1.5, "look": 2, "lora_strength": -0.5, "scheduler": "karras"},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BLOCKS))
+def test_params_within_the_model_pass_unchanged(kind: str) -> None:
+    assert dict(_backend(kind).check_request(_request(VALID[kind])).params) == VALID[kind]
 
 
 def test_the_comfyui_model_is_what_the_docs_list() -> None:

@@ -42,7 +42,7 @@ class ParamSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    type: Literal["int", "float", "string", "bool"] = "string"
+    type: Literal["int", "float", "string", "bool"] = "string"  # with choices: their own types
     min: float | None = None
     max: float | None = None
     choices: list[str | int | float] | None = Field(default=None, min_length=1)
@@ -76,7 +76,8 @@ def _one_of(choices: tuple[Any, ...]) -> Callable[[Any], Any]:
     shown = ", ".join(map(str, choices[:12])) + (", ..." if len(choices) > 12 else "")
 
     def check(value: Any) -> Any:
-        if value not in choices:
+        # Same type as well as equal: True is not the choice 1, nor 2.0 the choice 2.
+        if not any(value == choice and type(value) is type(choice) for choice in choices):
             raise PydanticCustomError(
                 "not_allowed", "not one of the allowed values ({allowed})", {"allowed": shown}
             )
@@ -87,6 +88,8 @@ def _one_of(choices: tuple[Any, ...]) -> Callable[[Any], Any]:
 
 def _declared(spec: ParamSpec) -> Any:
     kind: Any
+    if spec.choices is not None and "type" not in spec.model_fields_set:
+        return Annotated[Any, AfterValidator(_one_of(tuple(spec.choices)))]
     if spec.type == "int":
         kind = Annotated[int, Field(ge=spec.min, le=spec.max)]
     elif spec.type == "float":

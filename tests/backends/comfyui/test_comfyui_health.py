@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from imagen_worker.backends.comfyui import ComfyUIBackend
+from imagen_worker.backends.comfyui.installed import combo_options
 from imagen_worker.check import run_checks
 from imagen_worker.config import load_config
 from imagen_worker.errors import ConfigError, RetryableError
@@ -121,3 +122,16 @@ async def test_check_fails_the_backend_line_when_the_checkpoint_is_missing(tmp_p
     assert not line.ok
     assert line.detail.startswith(f"comfyui: {fake.url}: ComfyUI 0.3.64, queue 0, socket connected; ")
     assert "there: other.safetensors" in line.detail
+
+
+def test_both_object_info_list_formats_are_read() -> None:
+    classic = {"input": {"required": {"ckpt_name": [["a.safetensors", "b.safetensors"], {"tooltip": "x"}]}}}
+    combo = {
+        "input": {"optional": {"lora_name": ["COMBO", {"options": ["l.safetensors"], "multiselect": False}]}}
+    }
+    number = {"input": {"required": {"steps": ["INT", {"default": 20, "min": 1}]}}}
+
+    assert combo_options(classic, "ckpt_name") == ["a.safetensors", "b.safetensors"]
+    assert combo_options(combo, "lora_name") == ["l.safetensors"]
+    assert combo_options(number, "steps") is None
+    assert combo_options(classic, "missing") is None
