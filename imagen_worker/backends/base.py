@@ -244,7 +244,7 @@ class Backend(abc.ABC):
         except ValidationError as exc:
             raise TerminalError(
                 f'backend "{self.name}" refused the job\'s params: {explain(exc, model)}',
-                detail={"params": [".".join(map(str, e["loc"])) for e in exc.errors()]},
+                detail={"params": [".".join(map(shown_key, e["loc"])) for e in exc.errors()[:20]]},
             ) from None
         if parsed.batch() > limits.max_batch:
             raise TerminalError(
