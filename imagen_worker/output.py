@@ -8,6 +8,7 @@ or time zones.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+from PIL import Image, UnidentifiedImageError
+
 from imagen_worker.errors import ConfigError
 
 PLACEHOLDERS = frozenset({"date", "time", "slug", "seed", "backend", "ext", "id"})
@@ -31,6 +34,34 @@ _EXTENSIONS = {
     "video/mp4": "mp4",
     "video/webm": "webm",
 }
+
+
+_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the produced file itself says: the images row records these, never the request."""
+
+    width: int | None
+    height: int | None
+    mime_type: str
+
+
+def image_facts(data: bytes, declared_mime: str) -> ImageFacts:
+    """Size and type from the file's header (PNG, JPEG, WebP, GIF); only the header is parsed.
+
+    A file Pillow does not recognise as a still image (a video, audio) keeps the MIME type the
+    backend declared and records no size.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            mime = _FORMATS.get(image.format or "")
+            if mime is not None:
+                return ImageFacts(width=image.width, height=image.height, mime_type=mime)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        pass
+    return ImageFacts(width=None, height=None, mime_type=declared_mime.split(";")[0].strip().lower())
 
 
 def check_naming(template: str) -> None:

@@ -52,6 +52,8 @@ class Artifact:
     timings: dict[str, float] = field(default_factory=dict)
     upload_error: JobError | None = None
     reused: bool = False
+    width: int | None = None  # read from the file; None when it is not a still image
+    height: int | None = None
 
 
 def _journal_path(directory: Path, job_id: UUID) -> Path:
@@ -146,7 +148,10 @@ class Pipeline:
         request = GenerateRequest(
             job_id=job_id, prompt=prompt, negative_prompt=negative, width=spec.width,
             height=spec.height, steps=spec.steps, seed=seed, params=dict(spec.params), style=spec.style,
+            owner_user_id=spec.owner_user_id, workflow=spec.workflow,
         )  # fmt: skip
+        # The adapter's params model and limits, before anything reaches the backend.
+        request = backend.check_request(request)
         started = time.perf_counter()
         result = await backend.generate(request, ctx)
         generated = time.perf_counter()
@@ -168,12 +173,13 @@ class Pipeline:
         """The image, its extra outputs and the sidecar on local disk, before any upload."""
         job_id, seed = request.job_id, request.seed
         when = datetime.now().astimezone()
+        data = result.image.data
+        facts = output.image_facts(data, result.image.mime_type)
         names = output.plan_names(
             self.output.naming, prompt=spec.prompt, seed=seed, backend=backend.name,
-            mime_type=result.image.mime_type, job_id=job_id, when=when,
+            mime_type=facts.mime_type, job_id=job_id, when=when,
         )  # fmt: skip
         image_path = output.claim_path(self.output.directory, names.relative, job_id)
-        data = result.image.data
         output.write_image(image_path, data)
         extra_paths = []
         for index, extra in enumerate(result.extra_outputs, start=1):
@@ -194,10 +200,11 @@ class Pipeline:
             "model": result.model,
             "seed": seed,
             "steps": spec.steps,
-            "width": spec.width,
-            "height": spec.height,
-            "params": dict(spec.params),
-            "mime_type": result.image.mime_type,
+            "width": facts.width,
+            "height": facts.height,
+            "requested_size": [spec.width, spec.height],
+            "params": dict(request.params),
+            "mime_type": facts.mime_type,
             "bytes": len(data),
             "sha256": sha256,
             "storage_path": names.storage_key,
@@ -210,7 +217,7 @@ class Pipeline:
         sidecar_path = output.write_sidecar(image_path, sidecar) if self.output.write_metadata_json else None
         return Artifact(
             image_path=image_path, sidecar_path=sidecar_path, storage_key=names.storage_key,
-            mime_type=result.image.mime_type, bytes=len(data), sha256=sha256, seed=seed,
+            mime_type=facts.mime_type, bytes=len(data), sha256=sha256, seed=seed,
             backend=backend.name, model=result.model, latency_ms=latency_ms, sidecar=sidecar,
-            timings={"generate": generate_seconds},
+            timings={"generate": generate_seconds}, width=facts.width, height=facts.height,
         )  # fmt: skip

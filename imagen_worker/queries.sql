@@ -5,8 +5,8 @@
 -- name: enqueue
 -- Idempotent on (owner, dedupe_key) among live jobs: a conflict inserts nothing.
 INSERT INTO imagen.jobs (owner_user_id, prompt, negative_prompt, backend, style, width, height,
-                         steps, seed, params, priority, run_at, max_attempts, dedupe_key)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, coalesce($12, now()), $13, $14)
+                         steps, seed, params, priority, run_at, max_attempts, dedupe_key, workflow)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, coalesce($12, now()), $13, $14, $15)
 ON CONFLICT (owner_user_id, dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('pending', 'running')
 DO NOTHING
 RETURNING id;

@@ -440,11 +440,11 @@ def test_adapter_values_from_the_environment_are_typed_like_yaml(monkeypatch: py
     monkeypatch.setenv("IMAGEN_BACKENDS__GPU__WORKFLOW", "sdxl")
     monkeypatch.setenv("IMAGEN_BACKENDS__GPU__TIMEOUT", "900")
     monkeypatch.setenv("IMAGEN_BACKENDS__GPU__LOOKAHEAD", "2")
-    monkeypatch.setenv("IMAGEN_BACKENDS__GPU__ALLOW_JOB_WORKFLOWS", "true")
+    monkeypatch.setenv("IMAGEN_BACKENDS__GPU__MAX_BATCH", "2")
     monkeypatch.setenv("IMAGEN_STORAGE__TIMEOUT", "12.5")
     config = load_config()
     block = config.backends["gpu"]
-    assert (block["timeout"], block["lookahead"], block["allow_job_workflows"]) == (900, 2, True)
+    assert (block["timeout"], block["lookahead"], block["max_batch"]) == (900, 2, 2)
     assert block["base_url"] == "http://127.0.0.1:8188" and block["workflow"] == "sdxl"
     assert config.storage["timeout"] == 12.5
     backend = backends.create("gpu", block)

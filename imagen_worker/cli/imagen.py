@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import shutil
 import sys
 import uuid
+from pathlib import Path
 from typing import Annotated, Any
 
 import asyncpg
@@ -76,6 +79,9 @@ def submit(
     wait: Annotated[
         bool, typer.Option("--wait", "-w", help="Follow the job and print the image path.")
     ] = False,
+    workflow: Annotated[
+        str | None, typer.Option("--workflow", help="JSON file: this job's own workflow (operator only).")
+    ] = None,
     config_path: ConfigOption = None,
 ) -> None:
     """Enqueue a prompt; prints the job id (or, with --wait, the image path)."""
@@ -85,6 +91,8 @@ def submit(
         spec = _spec(
             config, prompt, backend, style, size, steps, seed, negative, param, priority, owner, dedupe_key
         )
+        if workflow is not None:
+            spec = dataclasses.replace(spec, workflow=_read_workflow(workflow))
         async with common.database(config) as conn:
             job_id, created = await Queue(conn).enqueue(spec)
             err.print(f"job {job_id} {'queued' if created else 'already queued (same dedupe key)'}")
@@ -99,6 +107,19 @@ def submit(
             return 1 if row["status"] == "failed" else 2
 
     raise typer.Exit(common.run(PROGRAM, go))
+
+
+def _read_workflow(path: str) -> dict[str, Any]:
+    """The file for ``--workflow``: an API-format graph, or ``{"graph": ..., "bindings": ...}``."""
+    try:
+        data = json.loads(Path(path).expanduser().read_text("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"--workflow: cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"--workflow: {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"--workflow: {path} must hold a JSON object (an API-format workflow)")
+    return data
 
 
 def _parse_id(value: str) -> uuid.UUID:

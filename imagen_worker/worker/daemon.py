@@ -55,7 +55,7 @@ def spec_of(job: Job) -> JobSpec:
     return JobSpec(
         owner_user_id=job.owner_user_id, prompt=job.prompt, negative_prompt=job.negative_prompt,
         backend=job.backend, style=job.style, width=job.width, height=job.height, steps=job.steps,
-        seed=job.seed, params=job.params, max_attempts=job.max_attempts,
+        seed=job.seed, params=job.params, max_attempts=job.max_attempts, workflow=job.workflow,
     )  # fmt: skip
 
 
@@ -64,6 +64,7 @@ def image_record(artifact: Artifact) -> ImageRecord:
         storage_path=artifact.storage_key, mime_type=artifact.mime_type, bytes=artifact.bytes,
         sha256=artifact.sha256, backend=artifact.backend, seed=artifact.seed,
         latency_ms=artifact.latency_ms, sidecar=artifact.sidecar, model=artifact.model,
+        width=artifact.width, height=artifact.height,
     )  # fmt: skip
 
 

@@ -219,6 +219,8 @@ class FakeComfyUI:
         self.max_queued_by_client: dict[str, int] = {}
         self.files: dict[tuple[str, str, str], bytes] = {}  # (type, subfolder, filename) -> bytes
         self.nodes = _node_catalogue(checkpoints)
+        self.version = VERSION  # what /system_stats reports
+        self.honour_prompt_ids = True  # False: mint our own id, as servers before 0.3.56 could
         self.port = 0
         self._state = _State()
         self._sockets: dict[str, web.WebSocketResponse] = {}
@@ -248,6 +250,8 @@ class FakeComfyUI:
             app.router.add_post(f"{prefix}/history", self._post_history)
             app.router.add_get(f"{prefix}/view", self._view)
             app.router.add_get(f"{prefix}/system_stats", self._system_stats)
+            app.router.add_get(f"{prefix}/object_info", self._object_info)
+            app.router.add_get(f"{prefix}/object_info/{{node_class}}", self._object_info)
             app.router.add_get(f"{prefix}/features", self._features)
             app.router.add_post(f"{prefix}/free", self._free)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
@@ -479,7 +483,7 @@ class FakeComfyUI:
             raise web.HTTPInternalServerError(
                 text="500 Internal Server Error\n\nServer got itself in trouble"
             )
-        prompt_id = str(data.get("prompt_id") or uuid.uuid4())
+        prompt_id = str((self.honour_prompt_ids and data.get("prompt_id")) or uuid.uuid4())
         error, node_errors, outputs = self._validate(graph)
         if error is not None:
             return web.json_response({"error": error, "node_errors": node_errors}, status=400)
@@ -570,7 +574,7 @@ class FakeComfyUI:
             "os": "posix",
             "ram_total": 25276063744,
             "ram_free": 22746112000,
-            "comfyui_version": VERSION,
+            "comfyui_version": self.version,
             "python_version": "3.11.7",
             "pytorch_version": "2.8.0+cu128",
             "embedded_python": False,
@@ -578,6 +582,12 @@ class FakeComfyUI:
         }
         device = {"name": "cpu", "type": "cpu", "index": None, "vram_total": 0, "vram_free": 0}
         return web.json_response({"system": system, "devices": [device]})
+
+    async def _object_info(self, request: web.Request) -> web.Response:
+        """Node input specs as ComfyUI lists them; unknown classes answer ``{}``."""
+        wanted = request.match_info.get("node_class")
+        names = [wanted] if wanted else list(self.nodes)
+        return web.json_response({n: _object_info(n, self.nodes[n]) for n in names if n in self.nodes})
 
     async def _features(self, request: web.Request) -> web.Response:
         return web.json_response({"supports_preview_metadata": True, "max_upload_size": 104857600})
@@ -941,6 +951,24 @@ class FakeComfyUI:
 
 class _NodeFailure(Exception):
     pass
+
+
+def _object_info(name: str, spec: NodeSpec) -> dict[str, Any]:
+    required: dict[str, Any] = {}
+    for input_name, kind in spec.inputs.items():
+        if kind[0] == _COMBO:
+            required[input_name] = [list(kind[1]), {}]
+        elif kind[0] == _INT:
+            required[input_name] = [_INT, {"default": kind[3], "min": kind[1], "max": kind[2]}]
+        else:
+            required[input_name] = [kind[0], {}] if kind[0] in (_FLOAT, _STRING) else [kind[0]]
+    return {
+        "input": {"required": required},
+        "output": list(spec.outputs),
+        "name": name,
+        "display_name": name,
+        "output_node": spec.output_node,
+    }
 
 
 def _route(path: str) -> str:

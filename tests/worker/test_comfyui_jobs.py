@@ -57,6 +57,8 @@ async def test_a_comfyui_job_records_its_prompt_id_and_progress_and_ends_done(
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     image = await db.fetchrow("SELECT * FROM imagen.images WHERE id = $1", job["image_id"])
     assert image["sidecar"]["backend_metadata"]["prompt_id"] == prompt_id
+    # The fake renders 8x8 whatever the request says: the row records the file, not the request.
+    assert (image["width"], image["height"], image["mime_type"]) == (8, 8, "image/png")
 
 
 async def test_cancelling_a_running_job_interrupts_exactly_its_prompt(

@@ -132,7 +132,7 @@ async def test_cancelling_a_pending_job_ends_it_at_once(
 async def test_cancelling_a_running_job_stops_it_and_ends_it_cancelled_not_failed(
     db: asyncpg.Pool, database_url: str, tmp_path: Path
 ) -> None:
-    config = make_config(tmp_path, backends={"mock": {"type": "mock", "latency_ms": 20000}})
+    config = make_config(tmp_path, backends={"mock": {"type": "mock", "latency_ms": 20000, "max_steps": 200}})
     async with running_worker(config, database_url):
         job_id = await insert(db, steps=200)
         await eventually(lambda: _status_is(db, job_id, "running"))

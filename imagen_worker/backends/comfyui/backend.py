@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import uuid
 from collections.abc import Mapping
@@ -30,14 +31,23 @@ from typing import Any, Self
 
 import structlog
 
-from imagen_worker.backends.base import Backend, GenerateRequest, GenerateResult, Health, JobContext, Output
-from imagen_worker.backends.comfyui import failures
+from imagen_worker.backends.base import (
+    Backend,
+    GenerateRequest,
+    GenerateResult,
+    Health,
+    JobContext,
+    Limits,
+    Output,
+)
+from imagen_worker.backends.comfyui import failures, installed
 from imagen_worker.backends.comfyui.client import SOCKET_CONNECTED, ComfyUIClient, PromptWatch
 from imagen_worker.backends.comfyui.config import ComfyUIConfig, parse_config
 from imagen_worker.backends.comfyui.history import class_type, finished, output_files, raise_for_outcome
+from imagen_worker.backends.comfyui.params import closed, params_model
 from imagen_worker.backends.comfyui.pool import Instance, Pool, make_ref, parse_ref
 from imagen_worker.backends.comfyui.workflows import Workflow, WorkflowError, job_workflow, model_name
-from imagen_worker.errors import RetryableError, TerminalError
+from imagen_worker.errors import ConfigError, RetryableError, TerminalError
 
 log = structlog.get_logger(__name__)
 
@@ -80,6 +90,38 @@ class ComfyUIBackend(Backend):
         """``instances * (1 + lookahead)`` in ComfyUI plus one per instance in post-processing."""
         return len(self._instances) * (2 + self.config.lookahead)
 
+    @property
+    def limits(self) -> Limits:
+        return self.config.limits
+
+    def check_request(self, request: GenerateRequest) -> GenerateRequest:
+        """Params against the workflow's model; a per-job workflow only from a trusted source."""
+        params = dict(request.params)
+        workflow = request.workflow
+        if "workflow" in params or "bindings" in params:
+            key = "workflow" if "workflow" in params else "bindings"
+            if request.owner_user_id not in self.config.workflow_owners:
+                raise TerminalError(
+                    f'params.{key} is not allowed: backend "{self.name}" runs per-job workflows only '
+                    "from its operator or from owners listed in its workflow_owners",
+                    detail={"param": key},
+                )
+            workflow = {"graph": params.pop("workflow", None), "bindings": params.pop("bindings", None)}
+        chosen = self._workflow_for(dataclasses.replace(request, workflow=workflow))
+        model = (
+            self.config.params
+            if workflow is None
+            else params_model(chosen, self.config.vocabulary, strict=False)
+        )
+        for key in sorted(closed(chosen, self.config.vocabulary) & set(params)):
+            raise TerminalError(
+                f'params.{key} is not allowed: backend "{self.name}" lists no {key} a job may choose '
+                f"(its operator can list them under {key}s)",
+                detail={"param": key},
+            )
+        request = dataclasses.replace(request, params=params, workflow=workflow)
+        return self.validate_params(request, model)
+
     async def start(self) -> None:
         if self._started:
             return
@@ -87,6 +129,13 @@ class ComfyUIBackend(Backend):
         for inst in self._instances:
             await inst.client.start()
         await asyncio.gather(*(i.client.wait_connected(self.config.connect_timeout) for i in self._instances))
+        # An instance too old for client-chosen prompt ids is refused now, in one line.
+        for inst in self._instances:
+            with contextlib.suppress(RetryableError, TerminalError):  # unreachable: checked later
+                problem = await inst.client.version_problem()
+                if problem is not None:
+                    await self.aclose()
+                    raise ConfigError(f'backend "{self.name}": {problem}')
 
     async def aclose(self) -> None:
         for task in list(self._background):
@@ -97,28 +146,41 @@ class ComfyUIBackend(Backend):
         self._started = False
 
     async def health(self) -> Health:
+        """Each instance's version, queue, socket, and whether it has every model the workflow
+        and the allowlists name (from ``/object_info``); ok while one instance is fully usable."""
         await self.start()
         info: dict[str, Any] = {}
-        problems = []
+        lines = []
+        usable = 0
         for inst in self._instances:
             client = inst.client
             try:
                 await client.system_stats()
                 queued = await client.queue_remaining()
+                version = await client.version_problem()
+                missing = await installed.problems(client, self.config.workflow, self.config.vocabulary)
             except (RetryableError, TerminalError) as exc:
-                problems.append(exc.message)
+                lines.append(exc.message)
                 info[client.base_url] = {"ok": False, "error": exc.message}
                 continue
+            problems = [version] if version else missing
+            socket = "socket connected" if client.connected else "socket down"
+            summary = f"ComfyUI {client.version or '?'}, queue {queued}, {socket}"
+            lines.append(
+                f"{client.base_url}: {summary}; " + ("; ".join(problems) if problems else "models ok")
+            )
+            usable += not problems
             info[client.base_url] = {
-                "ok": True,
+                "ok": not problems,
                 "comfyui_version": client.version,
                 "queue_remaining": queued,
                 "socket_connected": client.connected,
                 "our_prompts": inst.active,
+                "problems": problems,
             }
-        ok = len(problems) < len(self._instances)
-        detail = "; ".join(problems) if problems else f"{len(self._instances)} ComfyUI instance(s) answering"
-        return Health(ok=ok, detail=detail, info=info)
+        # An instance that answers but lacks a model fails every job routed to it: not ok.
+        wrong = any(entry.get("problems") for entry in info.values())
+        return Health(ok=usable > 0 and not wrong, detail="; ".join(lines), info=info)
 
     # --- one job ----------------------------------------------------------------------
 
@@ -180,15 +242,11 @@ class ComfyUIBackend(Backend):
                 self._pool.release(inst)
 
     def _workflow_for(self, request: GenerateRequest) -> Workflow:
-        if "workflow" not in request.params:
+        """The configured workflow, or the job's own from a trusted source (see ``check_request``)."""
+        if request.workflow is None:
             return self.config.workflow
-        if not self.config.allow_job_workflows:
-            raise TerminalError(
-                f'backend "{self.name}" does not accept per-job workflows (params.workflow); '
-                "set allow_job_workflows: true in its config to allow them"
-            )
         try:
-            return job_workflow(request.params)
+            return job_workflow(request.workflow)
         except WorkflowError as exc:
             raise TerminalError(f"the job's workflow cannot be used: {exc}") from None
 
@@ -453,9 +511,7 @@ class ComfyUIBackend(Backend):
             "instance": client.base_url,
             "prompt_id": prompt_id,
             "client_id": client.client_id,
-            "workflow": self.config.workflow.source
-            if "workflow" not in request.params
-            else "params.workflow",
+            "workflow": self.config.workflow.source if request.workflow is None else "the job's workflow",
             "seed": request.seed,
             "outputs": described,
             "cached_nodes": cached,

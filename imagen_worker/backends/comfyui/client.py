@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -143,7 +144,10 @@ class ComfyUIClient:
         response = await self._request("POST", "/prompt", json=body)
         if response.status_code == 400:
             raise failures.rejection(_json(response))
-        return _as_dict(_json(self._check(response)))
+        answer = _as_dict(_json(self._check(response)))
+        if answer.get("prompt_id", prompt_id) != prompt_id:
+            await self._not_our_prompt(str(answer["prompt_id"]), prompt_id)
+        return answer
 
     async def history(self, prompt_id: str) -> dict[str, Any] | None:
         """The history entry, or None (unknown, pending, deleted or forgotten: ComfyUI can't tell)."""
@@ -233,6 +237,38 @@ class ComfyUIClient:
             )
         raise TerminalError(f"ComfyUI at {self.base_url} answered {status} to {where}", detail=detail)
 
+    # --- version and installed nodes ----------------------------------------------------
+
+    async def version_problem(self) -> str | None:
+        """None when this instance is new enough; else one line naming its version."""
+        if self.version is None:
+            await self.system_stats()
+        found = _version_tuple(self.version)
+        if found is not None and found >= MIN_VERSION:
+            return None
+        need = ".".join(map(str, MIN_VERSION))
+        shown = f"version {self.version}" if self.version else "a version too old to report itself"
+        return (
+            f"ComfyUI at {self.base_url} is {shown}; imagen-worker needs {need} or newer (client-chosen "
+            "prompt ids and interrupting one prompt by id)"
+        )
+
+    async def object_info(self, class_type: str) -> dict[str, Any] | None:
+        """``GET /object_info/{class}``: the node's input spec, or None when it is not installed."""
+        data = _as_dict(_json(self._check(await self._request("GET", f"/object_info/{class_type}"))))
+        spec = data.get(class_type)
+        return spec if isinstance(spec, dict) else None
+
+    async def _not_our_prompt(self, theirs: str, ours: str) -> None:
+        """ComfyUI queued our graph under another id: take it back out and say why."""
+        with contextlib.suppress(RetryableError, TerminalError):
+            await self.delete_pending(theirs)
+        raise RetryableError(
+            f"ComfyUI at {self.base_url} queued our prompt {ours} as {theirs}: it ignores client-chosen "
+            "prompt ids, so the job could not be followed; upgrade ComfyUI",
+            detail={"instance": self.base_url, "prompt_id": ours, "answered_prompt_id": theirs},
+        )
+
     # --- websocket --------------------------------------------------------------------
 
     def _socket_url(self) -> str:
@@ -301,3 +337,14 @@ def _json(response: httpx.Response) -> Any:
 
 def _as_dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
+
+
+# ComfyUI 0.3.56 is the first release with both things the adapter relies on: ``POST /prompt``
+# honouring the client's ``prompt_id`` (how a retry finds its earlier prompt) and
+# ``POST /interrupt {"prompt_id"}`` stopping only that prompt (older servers stop whatever runs).
+MIN_VERSION = (0, 3, 56)
+
+
+def _version_tuple(version: str | None) -> tuple[int, int, int] | None:
+    match = re.match(r"v?(\d+)\.(\d+)\.(\d+)", version or "")
+    return (int(match[1]), int(match[2]), int(match[3])) if match else None

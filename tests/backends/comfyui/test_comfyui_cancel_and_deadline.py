@@ -115,10 +115,10 @@ async def test_a_prompt_that_ignores_the_interrupt_is_reported_as_stuck(
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}},
     }
     fake.default_duration = 3.0  # one long node without progress ticks: the interrupt waits for it
-    backend = await make_backend(fake, timeout=0.2, interrupt_grace=0.3, allow_job_workflows=True)
+    backend = await make_backend(fake, timeout=0.2, interrupt_grace=0.3)
 
     with pytest.raises(RetryableError) as caught:
-        await backend.generate(make_request(params={"workflow": graph}), RecordingContext())
+        await backend.generate(make_request(workflow={"graph": graph}), RecordingContext())
 
     assert caught.value.message.endswith(
         "it was interrupted but did not stop within 0.3 s; the instance may need a restart"

@@ -76,11 +76,11 @@ async def test_200_with_node_errors_fails_and_takes_the_prompt_back(
     fake: FakeComfyUI, make_backend: BackendFactory
 ) -> None:
     partial = json.loads(TRANSCRIPTS.read_text())["partial_valid_200"]["http"][0]["body"]["prompt"]
-    backend = await make_backend(fake, allow_job_workflows=True)
+    backend = await make_backend(fake)
     fake.pause()
 
     with pytest.raises(TerminalError) as caught:
-        await backend.generate(make_request(params={"workflow": partial}), RecordingContext())
+        await backend.generate(make_request(workflow={"graph": partial}), RecordingContext())
 
     assert caught.value.message.startswith(
         "ComfyUI accepted the workflow but dropped outputs that failed validation: node 6 (EmptyImage) "
@@ -152,9 +152,9 @@ async def test_a_workflow_without_image_output_is_terminal(
         "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
         "2": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}},
     }
-    backend = await make_backend(fake, allow_job_workflows=True)
+    backend = await make_backend(fake)
 
     with pytest.raises(TerminalError) as caught:
-        await backend.generate(make_request(params={"workflow": graph}), RecordingContext())
+        await backend.generate(make_request(workflow={"graph": graph}), RecordingContext())
 
     assert "saved no image" in caught.value.message

@@ -119,10 +119,10 @@ async def test_binary_frames_and_socket_only_outputs_are_ignored(
         "2": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}},
         "3": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
     }
-    backend = await make_backend(fake, allow_job_workflows=True)
+    backend = await make_backend(fake)
     ctx = RecordingContext()
 
-    result = await backend.generate(make_request(params={"workflow": graph}), ctx)
+    result = await backend.generate(make_request(workflow={"graph": graph}), ctx)
 
     assert [o["node_id"] for o in result.metadata["outputs"]] == ["3", "3"]
     assert (0, 2, {"node": "2"}) in ctx.progress  # SaveImageWebsocket's own progress still arrives
