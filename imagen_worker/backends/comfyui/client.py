@@ -12,15 +12,25 @@ This is the one place that knows how ComfyUI talks:
 - ``/history/{id}`` answers ``{}`` for unknown, pending, deleted and pre-restart ids alike, so
   "gone" is only decided together with ``/queue``; see ``backend.py``.
 - ``/queue``, ``/interrupt`` and ``/history`` POSTs answer 200 with an empty body.
+- Newer servers have a Jobs API whose ``POST /api/jobs/{id}/cancel`` dequeues or interrupts
+  atomically; older ones answer 405 (the frontend's static route takes GET only) or 404. The
+  first cancel finds out which, once per connection.
+- ``status`` messages (queue length) are broadcast to every socket on every queue change, also
+  for other clients' prompts: the owner hears about foreign work through ``on_change``.
+
+The socket also tells whether the instance is there at all (``link``): a drop followed by a
+successful reconnect is a blip, a failed connect attempt means ComfyUI is stopped, restarting
+or cut off.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +40,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import WebSocketException
 
 from imagen_worker.backends.comfyui import failures
-from imagen_worker.errors import RetryableError, TerminalError
+from imagen_worker.errors import BackendUnavailable, RetryableError, TerminalError
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +50,17 @@ RECONNECT_DELAYS = (0.05, 0.25, 1.0, 2.0, 5.0)  # the last one repeats
 
 # Synthetic events a watch receives besides ComfyUI's own messages.
 SOCKET_CONNECTED = "socket_connected"  # also after a reconnect: events may have been missed
+SOCKET_DOWN = "socket_down"  # a reconnect failed: the instance, and the prompt with it, may be gone
+# 5xx answers that mean "nothing behind the proxy" or "not ready", not "this request broke it".
+_GATEWAY_STATUSES = frozenset({502, 503, 504})
+
+
+class Link(enum.Enum):
+    """Whether the instance is there, as its websocket tells."""
+
+    CONNECTING = "connecting"  # no connect attempt has finished yet
+    UP = "up"  # connected, or dropped with no failed reconnect yet
+    DOWN = "down"  # the last connect attempt failed
 
 
 @dataclass(frozen=True)
@@ -95,6 +116,10 @@ class ComfyUIClient:
         self._socket_task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._watches: dict[str, PromptWatch] = {}
+        self._jobs_api: bool | None = None  # unknown until the first cancel on this connection
+        self.link = Link.CONNECTING
+        # Called when ``link`` changes or ComfyUI reports a queue change (anyone's prompt).
+        self.on_change: Callable[[], None] = lambda: None
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -167,6 +192,23 @@ class ComfyUIClient:
         """Interrupt our prompt only if it is the running one (0.3.56+). Never a bare interrupt."""
         self._check(await self._request("POST", "/interrupt", json={"prompt_id": prompt_id}))
 
+    async def cancel(self, prompt_id: str) -> bool | None:
+        """``POST /api/jobs/{id}/cancel``: dequeue or interrupt in one step where the server can.
+
+        True when it cancelled something, False when the prompt was not there (finished or
+        unknown), None when the server has no Jobs API (then use ``delete_pending`` and
+        ``interrupt``).
+        """
+        if self._jobs_api is False:
+            return None
+        response = await self._request("POST", f"/api/jobs/{prompt_id}/cancel")
+        if response.status_code in (404, 405):
+            self._jobs_api = False
+            return None
+        answer = _as_dict(_json(self._check(response)))
+        self._jobs_api = True
+        return bool(answer.get("cancelled"))
+
     async def system_stats(self) -> dict[str, Any]:
         stats = _as_dict(_json(self._check(await self._request("GET", "/system_stats"))))
         system = stats.get("system")
@@ -209,11 +251,8 @@ class ComfyUIClient:
             raise RuntimeError("ComfyUIClient.start() was not called")
         return self._http
 
-    def _unreachable(self, exc: Exception) -> RetryableError:
-        return RetryableError(
-            f"ComfyUI at {self.base_url} is unreachable: {type(exc).__name__}: {exc}".rstrip(": "),
-            detail={"instance": self.base_url, "exception_type": type(exc).__name__},
-        )
+    def _unreachable(self, exc: Exception) -> BackendUnavailable:
+        return failures.unreachable(self.base_url, type(exc).__name__, str(exc))
 
     def _check(self, response: httpx.Response) -> httpx.Response:
         status = response.status_code
@@ -221,6 +260,8 @@ class ComfyUIClient:
             return response
         where = f"{response.request.method} {response.request.url.path}"
         detail = {"instance": self.base_url, "status": status, "body": response.text[:500]}
+        if status in _GATEWAY_STATUSES:
+            raise failures.gateway(self.base_url, status, where, detail)
         if status >= 500:
             raise RetryableError(f"ComfyUI at {self.base_url} answered {status} to {where}", detail=detail)
         if status in (401, 403, 404, 407):
@@ -244,6 +285,7 @@ class ComfyUIClient:
         """Keep one socket open for the client's lifetime; reconnect with backoff after a drop."""
         failures_in_a_row = 0
         while True:
+            opened = False
             try:
                 async with connect(
                     self._socket_url(),
@@ -254,10 +296,13 @@ class ComfyUIClient:
                     open_timeout=self._connect_timeout,
                     close_timeout=2.0,
                 ) as socket:
+                    opened = True
                     failures_in_a_row = 0
                     self._connected.set()
                     self.version = None  # a reconnect may mean a restarted (upgraded) server
+                    self._jobs_api = None
                     log.info("comfyui socket connected", instance=self.base_url)
+                    self._set_link(Link.UP)
                     self._notify_all({"type": SOCKET_CONNECTED, "data": {}})
                     async for frame in socket:
                         if isinstance(frame, str):
@@ -269,6 +314,9 @@ class ComfyUIClient:
                     )
             finally:
                 self._connected.clear()
+            if not opened and self.link is not Link.DOWN:
+                self._set_link(Link.DOWN)
+                self._notify_all({"type": SOCKET_DOWN, "data": {}})
             delay = RECONNECT_DELAYS[min(failures_in_a_row, len(RECONNECT_DELAYS) - 1)]
             failures_in_a_row += 1
             await asyncio.sleep(delay)
@@ -280,10 +328,18 @@ class ComfyUIClient:
             return
         if not isinstance(message, dict) or not isinstance(message.get("data"), dict):
             return
+        if message.get("type") == "status":
+            self.on_change()  # the queue changed: maybe someone else's prompt
+            return
         prompt_id = message["data"].get("prompt_id")
         watch = self._watches.get(prompt_id) if isinstance(prompt_id, str) else None
         if watch is not None:
             watch.put(message)
+
+    def _set_link(self, link: Link) -> None:
+        if link is not self.link:
+            self.link = link
+            self.on_change()
 
     def _notify_all(self, event: dict[str, Any]) -> None:
         for watch in self._watches.values():
