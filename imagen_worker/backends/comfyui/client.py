@@ -286,6 +286,7 @@ class ComfyUIClient:
         failures_in_a_row = 0
         while True:
             opened = False
+            error = "closed by the server"
             try:
                 async with connect(
                     self._socket_url(),
@@ -308,13 +309,13 @@ class ComfyUIClient:
                         if isinstance(frame, str):
                             self._dispatch(frame)
             except (OSError, TimeoutError, WebSocketException) as exc:
-                if failures_in_a_row == 0:
-                    log.warning(
-                        "comfyui socket lost", instance=self.base_url, error=f"{type(exc).__name__}: {exc}"
-                    )
+                error = f"{type(exc).__name__}: {exc}".rstrip(": ")
             finally:
                 self._connected.clear()
-            if not opened and self.link is not Link.DOWN:
+            if opened:
+                log.warning("comfyui socket lost; reconnecting", instance=self.base_url, error=error)
+            elif self.link is not Link.DOWN:
+                log.warning("comfyui instance not answering", instance=self.base_url, error=error)
                 self._set_link(Link.DOWN)
                 self._notify_all({"type": SOCKET_DOWN, "data": {}})
             delay = RECONNECT_DELAYS[min(failures_in_a_row, len(RECONNECT_DELAYS) - 1)]

@@ -19,9 +19,13 @@ import contextlib
 import uuid
 from collections.abc import Callable
 
+import structlog
+
 from imagen_worker.backends.comfyui import failures
 from imagen_worker.backends.comfyui.client import ComfyUIClient, Link
 from imagen_worker.errors import JobError
+
+log = structlog.get_logger(__name__)
 
 # Our prompts that just left an instance: a /queue answer read before they left must not
 # make them look foreign.
@@ -160,6 +164,14 @@ class Pool:
                 ours = inst.prompts | set(inst.retired)
                 foreign = frozenset(pid for pid in queue.running | queue.pending if pid not in ours)
             if foreign != inst.foreign:
+                if bool(foreign) != bool(inst.foreign):
+                    log.info(
+                        "comfyui instance busy with other work; it takes none of ours"
+                        if foreign
+                        else "comfyui instance free of other work again",
+                        instance=inst.client.base_url,
+                        foreign_prompts=len(foreign),
+                    )
                 inst.foreign = foreign
                 self._changed_now()
 
