@@ -30,9 +30,9 @@ import contextlib
 import enum
 import json
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import httpx
 import structlog
@@ -78,9 +78,19 @@ class FileRef:
 class QueueState:
     running: frozenset[str]
     pending: frozenset[str]
+    clients: Mapping[str, str | None] = field(default_factory=dict)  # prompt id -> its client_id
 
     def __contains__(self, prompt_id: object) -> bool:
         return prompt_id in self.running or prompt_id in self.pending
+
+    def foreign(self, ours: Collection[str]) -> frozenset[str]:
+        """Prompts neither in ``ours`` nor sent by any client of this process (another backend
+        of this worker on the same ComfyUI shares it, it does not compete)."""
+        return frozenset(
+            pid
+            for pid in self.running | self.pending
+            if pid not in ours and self.clients.get(pid) not in ComfyUIClient.local_ids
+        )
 
 
 class PromptWatch:
@@ -106,6 +116,8 @@ class PromptWatch:
 class ComfyUIClient:
     """HTTP + websocket to one ComfyUI instance at ``base_url``."""
 
+    local_ids: ClassVar[set[str]] = set()  # the client ids of every started client in this process
+
     def __init__(self, base_url: str, *, headers: Mapping[str, str], connect_timeout: float) -> None:
         self.base_url = base_url.rstrip("/")
         self.client_id = f"imagen-worker-{uuid.uuid4().hex}"
@@ -124,6 +136,7 @@ class ComfyUIClient:
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
+        ComfyUIClient.local_ids.add(self.client_id)
         if self._http is None:
             timeout = httpx.Timeout(60.0, connect=self._connect_timeout)
             self._http = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=timeout)
@@ -131,6 +144,7 @@ class ComfyUIClient:
             self._socket_task = asyncio.create_task(self._run_socket(), name=f"comfyui-ws {self.base_url}")
 
     async def aclose(self) -> None:
+        ComfyUIClient.local_ids.discard(self.client_id)
         if self._socket_task is not None:
             self._socket_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -179,10 +193,15 @@ class ComfyUIClient:
     async def queue(self) -> QueueState:
         data = _as_dict(_json(self._check(await self._request("GET", "/queue"))))
 
-        def ids(items: Any) -> frozenset[str]:
-            return frozenset(str(item[1]) for item in items or [] if isinstance(item, list) and len(item) > 1)
+        def rows(key: str) -> list[list[Any]]:
+            return [row for row in data.get(key) or [] if isinstance(row, list) and len(row) > 1]
 
-        return QueueState(running=ids(data.get("queue_running")), pending=ids(data.get("queue_pending")))
+        running, pending = rows("queue_running"), rows("queue_pending")
+        return QueueState(
+            running=frozenset(str(row[1]) for row in running),
+            pending=frozenset(str(row[1]) for row in pending),
+            clients={str(row[1]): _client_id(row) for row in running + pending},
+        )
 
     async def delete_pending(self, prompt_id: str) -> None:
         """Remove a pending prompt. Silent: no event will ever come for it."""
@@ -354,6 +373,13 @@ def _json(response: httpx.Response) -> Any:
         return response.json()
     except ValueError:
         return {}
+
+
+def _client_id(row: list[Any]) -> str | None:
+    """``extra_data.client_id`` of a ``/queue`` row ``[number, id, graph, extra_data, outputs]``."""
+    extra = row[3] if len(row) > 3 and isinstance(row[3], dict) else {}
+    client_id = extra.get("client_id")
+    return client_id if isinstance(client_id, str) else None
 
 
 def _as_dict(value: Any) -> dict[str, Any]:

@@ -161,8 +161,7 @@ class Pool:
                     queue = await inst.client.queue()
                 except JobError:
                     continue  # the socket will say whether it is gone
-                ours = inst.prompts | set(inst.retired)
-                foreign = frozenset(pid for pid in queue.running | queue.pending if pid not in ours)
+                foreign = queue.foreign(inst.prompts | set(inst.retired))
             if foreign != inst.foreign:
                 if bool(foreign) != bool(inst.foreign):
                     log.info(

@@ -91,3 +91,25 @@ async def test_a_job_claimed_while_every_instance_is_busy_with_others_waits_then
         "no ComfyUI instance was free within 0.4 s (busy with other work); the job goes back to the queue"
     )
     assert [r.body.get("client_id") for r in fake.calls("POST", "/prompt")] == ["comfyui-frontend"]
+
+
+async def test_two_backends_of_one_worker_on_the_same_comfyui_share_it_instead_of_blocking(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    sd15 = await make_backend(fake)
+    sdxl = await make_backend(fake, workflow="sdxl")
+    fake.pause()
+    job = asyncio.create_task(sd15.generate(make_request(), RecordingContext()))
+    await fake.wait_until(lambda: len(fake.pending_prompts) == 1)
+    await fake.submit_foreign(duration=0.01)  # a real stranger, for contrast
+    await until(lambda: sdxl.capacity == 0)
+    fake.resume()
+
+    await asyncio.wait_for(job, 5)
+    await until(lambda: sdxl.capacity == 3)
+    job = asyncio.create_task(sd15.generate(make_request("[fake:duration=0.5]"), RecordingContext()))
+    await fake.wait_running()
+    await asyncio.sleep(0.2)  # time for the queue changes to reach sdxl
+
+    assert sdxl.capacity == 3  # the other backend's prompt is this worker's own work
+    await asyncio.wait_for(job, 5)
