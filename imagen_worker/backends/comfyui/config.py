@@ -68,6 +68,8 @@ class ComfyUIBlock(Limits):
     poll_interval: Seconds = 3.0
     interrupt_grace: Seconds = 30.0
     connect_timeout: Seconds = 10.0
+    # How long a job may wait for ComfyUI to start it (a free instance, then ComfyUI's queue).
+    queue_timeout: Seconds = 1800.0
     headers: dict[str, Annotated[str, Field(min_length=1)]] = {}
 
     @model_validator(mode="after")
@@ -97,6 +99,8 @@ class ComfyUIConfig:
     # The params a job may carry with the configured workflow.
     params: type[Params] = Params
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # Outages and other people's work: how long a job may wait for ComfyUI to start it.
+    queue_timeout: float = 1800.0
 
 
 def parse_config(name: str, block: Mapping[str, Any]) -> ComfyUIConfig:
@@ -156,4 +160,5 @@ def parse_config(name: str, block: Mapping[str, Any]) -> ComfyUIConfig:
         workflow_owners=frozenset(parsed.workflow_owners),
         params=model,
         headers=headers,
+        queue_timeout=parsed.queue_timeout,
     )
