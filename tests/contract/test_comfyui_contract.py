@@ -290,3 +290,25 @@ async def test_view_refuses_dot_dot_and_misses_with_empty_bodies(session: Sessio
 
     assert (escape.status_code, escape.content) == (400, b"")
     assert (missing.status_code, missing.content) == (404, b"")
+
+
+async def test_0_3_64_has_no_jobs_api_so_cancels_fall_back_to_delete_and_interrupt(session: Session) -> None:
+    answer = await session.http.post(f"/api/jobs/{uuid.uuid4()}/cancel")
+
+    assert answer.status_code in (404, 405)
+
+
+async def test_a_prompt_from_another_client_is_visible_in_the_queue_and_announced_to_all(
+    session: Session, comfy: ComfyPeer
+) -> None:
+    comfy.slow()
+    async with Session(comfy) as frontend:
+        foreign, _ = await frontend.submit(slow("contract/ui"))
+        await frontend.until(foreign, "execution_start", within=30)
+        running, _ = await session.queue()
+        await frontend.http.post("/interrupt", json={"prompt_id": foreign})
+        await frontend.finished(foreign, within=60)
+
+    assert running == [foreign]
+    assert session.of(foreign) == []
+    assert any(e["type"] == "status" for e in session.events)
