@@ -131,7 +131,11 @@ class Pipeline:
             await asyncio.to_thread(_write_journal, directory, job_id, artifact)
         started = time.perf_counter()
         try:
-            await self.sink.put(artifact.storage_key, artifact.image_path, artifact.mime_type)
+            stored = await self.sink.put(artifact.storage_key, artifact.image_path, artifact.mime_type)
+            if not self.sink.is_cloud:
+                # Nothing left this machine: the row names the local file, never an object key
+                # that a signed URL would then look for in vain.
+                artifact.storage_key = stored.location
         except JobError as exc:
             if strict_upload:
                 raise
