@@ -83,7 +83,7 @@ def classify(exc: BaseException) -> tuple[Code, str]:
     if isinstance(exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError):
         return Code.CREDENTIALS, f"database {where}: {exc}"
     if isinstance(exc, PortInUse):
-        return Code.PORT_IN_USE, str(exc)
+        return Code.PORT_IN_USE, exc.strerror or str(exc)
     if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
         return Code.PORT_IN_USE, f"metrics.port: {exc.strerror} (set metrics.port to a free port, 0 = any)"
     if isinstance(exc, PermissionError | IsADirectoryError | NotADirectoryError) and exc.filename:

@@ -147,6 +147,12 @@ def _parse_id(value: str) -> uuid.UUID:
         raise InputError(f"not a job id: {value!r}") from None
 
 
+def _checked_id(value: str) -> uuid.UUID:
+    """The id, or the command's one-line usage failure before any connection is made."""
+    ref: uuid.UUID = failures.guarded(PROGRAM, lambda: _parse_id(value))
+    return ref
+
+
 LOCAL_PREFIX = "file://"
 
 
@@ -181,29 +187,33 @@ def status(
     config_path: ConfigOption = None,
 ) -> None:
     """Show one job, and where its image is."""
+    ref = _checked_id(job_id)
 
     async def go(conn: asyncpg.Connection, config: Config) -> int:
-        row = await Queue(conn).get(_parse_id(job_id))
+        row = await Queue(conn).get(ref)
         if row is None:
             err.print(f"no job {job_id}")
             return 1
-        table = Table(show_header=False, box=None)
-        for key in ("id", "status", "prompt", "backend", "style", "width", "height", "seed", "attempts",
-                    "max_attempts", "priority", "run_at", "progress", "error", "image_id", "created_at",
-                    "started_at", "finished_at"):  # fmt: skip
-            table.add_row(key, "" if row[key] is None else str(row[key]))
+        # Plain "key  value" lines, never cut to the terminal: paths and signed URLs are copied.
+        lines: list[tuple[str, object]] = [
+            (key, row[key])
+            for key in ("id", "status", "prompt", "backend", "style", "width", "height", "seed", "attempts",
+                        "max_attempts", "priority", "run_at", "progress", "error", "image_id", "created_at",
+                        "started_at", "finished_at")
+        ]  # fmt: skip
         if row["status"] == "pending" and (waiting := watch.pending_label(row)) != "pending":
-            table.add_row("waiting", waiting.removeprefix("pending: "))
+            lines.append(("waiting", waiting.removeprefix("pending: ")))
         image = await conn.fetchrow(sql("get_image"), row["image_id"]) if row["image_id"] else None
         if image is not None:
             local = _local_file(image)
             object_key = _uploaded_key(image)
             here = local is not None and local.exists()
-            table.add_row("local_path", f"{local}{'' if here else ' (not on this machine)'}")
-            table.add_row("storage_key", object_key or "not uploaded (local storage)")
+            lines.append(("local_path", f"{local}{'' if here else ' (not on this machine)'}"))
+            lines.append(("storage_key", object_key or "not uploaded (local storage)"))
             if sign_url and object_key:
-                table.add_row("signed_url", await _signed_url(config, object_key, 3600))
-        out.print(table, soft_wrap=True)
+                lines.append(("signed_url", await _signed_url(config, object_key, 3600)))
+        for key, value in lines:
+            print(f"{key:13} {'' if value is None else value}".rstrip())
         if sign_url and image is not None and _uploaded_key(image) is None:
             err.print("imagen: the image was not uploaded, so there is nothing to sign; it is at local_path")
         return 0
@@ -222,8 +232,9 @@ def open_image(
 ) -> None:
     """Print the image's local path; downloads it from cloud storage first when it is not here."""
 
+    ref = _checked_id(reference)
+
     async def go(conn: asyncpg.Connection, config: Config) -> int:
-        ref = _parse_id(reference)
         job = await Queue(conn).get(ref)
         image_id = job["image_id"] if job is not None else ref
         if job is not None and image_id is None:
@@ -292,9 +303,10 @@ def list_jobs(
 @app.command()
 def cancel(job_id: str, config_path: ConfigOption = None) -> None:
     """Cancel a job: pending ones at once, running ones as soon as their worker hears it."""
+    ref = _checked_id(job_id)
 
     async def go(conn: asyncpg.Connection, _: Config) -> int:
-        new_status = await Queue(conn).request_cancel(_parse_id(job_id))
+        new_status = await Queue(conn).request_cancel(ref)
         if new_status is None:
             err.print(f"job {job_id} is not pending or running; nothing to cancel")
             return 1
@@ -308,8 +320,10 @@ def cancel(job_id: str, config_path: ConfigOption = None) -> None:
 def retry(job_id: str, config_path: ConfigOption = None) -> None:
     """Queue a failed or cancelled job again, with a fresh set of attempts."""
 
+    ref = _checked_id(job_id)
+
     async def go(conn: asyncpg.Connection, _: Config) -> int:
-        ok = await Queue(conn).retry(_parse_id(job_id))
+        ok = await Queue(conn).retry(ref)
         if not ok:
             err.print(f"job {job_id} is not failed or cancelled; nothing to retry")
             return 1
