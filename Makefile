@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint bench chaos clean
+DIST ?= dist
+
+.PHONY: demo test lint bench chaos clean dist
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,6 +14,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,embedded]'
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# The installable wheel (migrations, templates and sample config inside); needs only pip.
+dist:
+	$(PYTHON) -m pip wheel --quiet --no-deps --wheel-dir $(DIST) .
+	@ls $(DIST)/imagen_worker-*.whl
 
 demo: $(STAMP)
 	$(BIN)/python -m imagen_worker.demo
@@ -32,4 +39,4 @@ chaos: $(STAMP)
 	$(BIN)/python -m bench.chaos
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DIST) .pytest_cache .mypy_cache .ruff_cache
