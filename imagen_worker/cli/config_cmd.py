@@ -40,6 +40,7 @@ from imagen_worker.observability.logging import Redactor
 
 app = typer.Typer(
     add_completion=False,
+    rich_markup_mode=None,  # plain help: flags without a "<bool>" type column
     no_args_is_help=True,
     help="Print a sample imagen.yaml, check one, show the settings.",
 )

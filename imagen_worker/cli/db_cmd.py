@@ -6,7 +6,9 @@ import typer
 
 from imagen_worker.db import embedded
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="The embedded PostgreSQL.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="The embedded PostgreSQL."
+)
 
 
 @app.command("status")

@@ -30,6 +30,7 @@ from imagen_worker.storage import create_sink
 
 app = typer.Typer(
     add_completion=False,
+    rich_markup_mode=None,  # plain help: flags without a "<bool>" type column
     no_args_is_help=True,
     help="Submit prompts to the imagen queue, follow them, or generate in-process.",
 )
@@ -39,6 +40,8 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 PROGRAM = "imagen"
 
+Prompt = Annotated[str, typer.Argument(metavar="PROMPT", help="What to draw.", show_default=False)]
+JobId = Annotated[str, typer.Argument(metavar="JOB_ID", help="The job's id (from submit or list).")]
 Backend_ = Annotated[str | None, typer.Option("--backend", "-b", help="Backend instance name.")]
 Style = Annotated[str | None, typer.Option("--style", "-s", help="Style preset (see `imagen styles`).")]
 Size = Annotated[str, typer.Option("--size", help="WIDTHxHEIGHT, multiples of 8 in 64..4096.")]
@@ -85,7 +88,7 @@ def _spec(
 
 @app.command()
 def submit(
-    prompt: str,
+    prompt: Prompt,
     backend: Backend_ = None,
     style: Style = None,
     size: Size = "1024x1024",
@@ -180,7 +183,7 @@ async def _signed_url(config: Config, key: str, ttl: int) -> str:
 
 @app.command()
 def status(
-    job_id: str,
+    job_id: JobId,
     sign_url: Annotated[
         bool, typer.Option("--sign", help="Also print a signed download URL for the image.")
     ] = False,
@@ -301,7 +304,7 @@ def list_jobs(
 
 
 @app.command()
-def cancel(job_id: str, config_path: ConfigOption = None) -> None:
+def cancel(job_id: JobId, config_path: ConfigOption = None) -> None:
     """Cancel a job: pending ones at once, running ones as soon as their worker hears it."""
     ref = _checked_id(job_id)
 
@@ -317,7 +320,7 @@ def cancel(job_id: str, config_path: ConfigOption = None) -> None:
 
 
 @app.command()
-def retry(job_id: str, config_path: ConfigOption = None) -> None:
+def retry(job_id: JobId, config_path: ConfigOption = None) -> None:
     """Queue a failed or cancelled job again, with a fresh set of attempts."""
 
     ref = _checked_id(job_id)
@@ -349,7 +352,7 @@ class _TerminalProgress:
 
 @app.command()
 def generate(
-    prompt: str,
+    prompt: Prompt,
     backend: Backend_ = None,
     style: Style = None,
     size: Size = "1024x1024",

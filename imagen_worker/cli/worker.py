@@ -21,6 +21,7 @@ PROGRAM = "imagen-worker"
 
 app = typer.Typer(
     add_completion=False,
+    rich_markup_mode=None,  # plain help: flags without a "<bool>" type column
     no_args_is_help=True,
     help="The imagen queue worker (run) and its admin commands.",
 )
