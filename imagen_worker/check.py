@@ -93,7 +93,8 @@ async def _database_results(dsn: str | None, seconds: float) -> list[CheckResult
         return [CheckResult("database", False, f"cannot connect to {target}: {_error_text(exc)}")]
     results = []
     try:
-        version = await conn.fetchval(sql("server_version"))
+        # "15.20 (Debian 15.20-0+deb12u1)": the number is what an operator compares.
+        version = str(await conn.fetchval(sql("server_version"))).split(" ", 1)[0]
         results.append(CheckResult("database", True, f"connected to {target} (PostgreSQL {version})"))
         results.append(await _migration_result(conn))
         results.append(await _listen_result(conn, seconds))

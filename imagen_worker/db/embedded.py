@@ -8,6 +8,7 @@ a CLI in another terminal share one queue. These two answer "what is still runni
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def stop(directory: Path | None = None) -> bool:
     current = status(directory)
     if not current.running:
         return False
+    # platformdirs warns about a missing XDG_RUNTIME_DIR when pgserver is imported on servers.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     try:
         from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
     except ImportError:
