@@ -298,7 +298,10 @@ def _format_validation(exc: ValidationError) -> list[str]:
         loc = ".".join(str(part) for part in err["loc"]) or "(top level)"
         # Validators that already name their key ("output.naming: ...") are not prefixed twice.
         msg = err["msg"].removeprefix("Value error, ").removeprefix(f"{loc}: ")
-        problems.append(f"{loc}: {msg}")
+        # Say where a bad value came from when it was the environment, not the file.
+        env_name = "IMAGEN_" + "__".join(str(part).upper() for part in err["loc"])
+        origin = f" (from ${env_name})" if err["loc"] and env_name in os.environ else ""
+        problems.append(f"{loc}: {msg}{origin}")
     return problems
 
 

@@ -132,9 +132,9 @@ class Pipeline:
         started = time.perf_counter()
         try:
             stored = await self.sink.put(artifact.storage_key, artifact.image_path, artifact.mime_type)
-            if not self.sink.is_cloud:
-                # Nothing left this machine: the row names the local file, never an object key
-                # that a signed URL would then look for in vain.
+            if stored.location == artifact.image_path.resolve().as_uri():
+                # Nothing was stored under the key (local storage keeps the output file itself):
+                # the row names that file, never a key a signed URL would look for in vain.
                 artifact.storage_key = stored.location
         except JobError as exc:
             if strict_upload:

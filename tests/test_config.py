@@ -173,7 +173,9 @@ def test_an_invalid_env_override_is_reported_with_its_key_path(monkeypatch: pyte
 
     _, problems = collect_problems()
 
-    assert problems == ["worker.concurrency: Input should be greater than or equal to 1"]
+    assert problems == [
+        "worker.concurrency: Input should be greater than or equal to 1 (from $IMAGEN_WORKER__CONCURRENCY)"
+    ]
 
 
 def test_imagen_database_url_overrides_database_url_in_the_file(
