@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import sys
 import uuid
 from pathlib import Path
@@ -129,6 +130,10 @@ def submit(
             err.print(f"[red]job {row['status']}[/red]: {row['error'] or 'no reason recorded'}")
             return Code.FAILED if row["status"] == "failed" else Code.CANCELLED
 
+    if wait:
+        # `timeout 60 imagen submit --wait`, or a closed session: SIGTERM ends the wait the way
+        # Ctrl-C does, with the line that says the job stays queued.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         code = common.run(PROGRAM, go)
     except KeyboardInterrupt:

@@ -207,8 +207,9 @@ def test_version_on_both_programs(tmp_path: Path) -> None:
         assert result.stdout.startswith(f"{program} ")
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 async def test_submit_wait_says_no_worker_serves_it_and_ctrl_c_leaves_it_queued(
-    database_url: str, db: asyncpg.Pool, tmp_path: Path
+    sig: signal.Signals, database_url: str, db: asyncpg.Pool, tmp_path: Path
 ) -> None:
     config = write_config(tmp_path)
     proc = subprocess.Popen(
@@ -225,7 +226,7 @@ async def test_submit_wait_says_no_worker_serves_it_and_ctrl_c_leaves_it_queued(
             if "no live worker serves" in line:
                 break
         assert "no live worker serves backend 'mock'" in "".join(seen)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _out, rest = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:
