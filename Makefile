@@ -15,9 +15,11 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# The installable wheel (migrations, templates and sample config inside); needs only pip.
+# The installable wheel (migrations, templates and sample config inside). Only pip is needed:
+# the venv is created bare if missing (the other targets install into it when they run).
 dist:
-	$(PYTHON) -m pip wheel --quiet --no-deps --wheel-dir $(DIST) .
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir $(DIST) .
 	@ls $(DIST)/imagen_worker-*.whl
 
 demo: $(STAMP)
