@@ -23,7 +23,7 @@ from rich.text import Text
 
 from imagen_worker import backends
 from imagen_worker.cli.config_cmd import check as validate
-from imagen_worker.config import Config, collect_problems, config_file
+from imagen_worker.config import Config, collect_problems, config_file, resolve_path
 from imagen_worker.db import migrate as migrations
 from imagen_worker.db.connect import connect
 from imagen_worker.errors import ConfigError
@@ -235,7 +235,9 @@ async def run_checks(
     database lines are skipped (``run`` would use the embedded server).
     """
     seconds = check_timeout
-    shown = config_path if config_path is not None or config is None else config.source_path
+    shown = config_path
+    if shown is None and config is not None and config.source_path not in (None, resolve_path(None)):
+        shown = config.source_path  # a config loaded from a file that the default lookup would miss
     results = [_config_result(shown)]
     if config is None:
         config, _problems = collect_problems(config_path)

@@ -235,3 +235,26 @@ async def test_submit_wait_says_no_worker_serves_it_and_ctrl_c_leaves_it_queued(
     assert proc.returncode == 130
     assert f"it stays queued (cancel it with: imagen cancel {job_id})" in rest
     assert await db.fetchval("SELECT status FROM imagen.jobs WHERE id = $1", job_id) == "pending"
+
+
+async def test_check_run_and_validate_read_the_same_file_and_say_which(
+    database_url: str, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path)  # worker_env names it in $IMAGEN_CONFIG
+
+    validated = run("imagen", "config", "validate", dsn=database_url, config=config)
+    checked = run("imagen-worker", "check", dsn=database_url, config=config, COLUMNS="400")
+    started = subprocess.Popen(
+        [str(BIN / "imagen-worker"), "run", "--log-format", "json"], env=worker_env(database_url, config),
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert started.stderr is not None
+        first = json.loads(started.stderr.readline())
+    finally:
+        started.send_signal(signal.SIGTERM)
+        started.communicate(timeout=30)
+
+    assert validated.stdout == f"ok: {config} (from $IMAGEN_CONFIG)\n"
+    assert f"valid ({config}, from $IMAGEN_CONFIG)" in checked.stdout
+    assert (first["event"], first["file"]) == ("configuration", f"{config} (from $IMAGEN_CONFIG)")
