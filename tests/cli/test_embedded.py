@@ -49,9 +49,11 @@ def test_db_status_and_stop_follow_the_embedded_server(tmp_path: Path) -> None:
 def test_the_demo_never_touches_the_users_queue(tmp_path: Path) -> None:
     user_data = tmp_path / "user-data"
 
+    scratch_root = tmp_path / "tmp"  # where the demo's throwaway directory goes (mkdtemp)
+    scratch_root.mkdir()
     demo = subprocess.run(
-        [sys.executable, "-m", "imagen_worker.demo"], env=env_for(user_data), capture_output=True,
-        text=True, timeout=240, check=False,
+        [sys.executable, "-m", "imagen_worker.demo"], env={**env_for(user_data), "TMPDIR": str(scratch_root)},
+        capture_output=True, text=True, timeout=240, check=False,
     )  # fmt: skip
 
     assert demo.returncode == 0, demo.stdout + demo.stderr
@@ -59,5 +61,6 @@ def test_the_demo_never_touches_the_users_queue(tmp_path: Path) -> None:
     assert not user_data.exists(), "the demo wrote into the user's data directory"
     scratch = next(line for line in demo.stdout.splitlines() if line.startswith("demo complete"))
     images = Path(scratch.split("Images live in ", 1)[1].strip())
+    assert images.is_relative_to(scratch_root)
     assert len(list(images.glob("*.png"))) == 2 and len(list(images.glob("*.png.json"))) == 2
     assert not (images.parent / "pgdata").exists(), "the demo's database is deleted at the end"
