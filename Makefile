@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint bench chaos contract clean
+DIST ?= dist
+
+.PHONY: demo test lint bench chaos contract clean dist
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,6 +14,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,embedded]'
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# The installable wheel (migrations, templates and sample config inside). Only pip is needed:
+# the venv is created bare if missing (the other targets install into it when they run).
+dist:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir $(DIST) .
+	@ls $(DIST)/imagen_worker-*.whl
 
 demo: $(STAMP)
 	$(BIN)/python -m imagen_worker.demo
@@ -46,4 +55,4 @@ contract: $(STAMP)
 	exit $$status
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DIST) .pytest_cache .mypy_cache .ruff_cache

@@ -133,7 +133,11 @@ class Pipeline:
             await asyncio.to_thread(_write_journal, directory, job_id, artifact)
         started = time.perf_counter()
         try:
-            await self.sink.put(artifact.storage_key, artifact.image_path, artifact.mime_type)
+            stored = await self.sink.put(artifact.storage_key, artifact.image_path, artifact.mime_type)
+            if stored.location == artifact.image_path.resolve().as_uri():
+                # Nothing was stored under the key (local storage keeps the output file itself):
+                # the row names that file, never a key a signed URL would look for in vain.
+                artifact.storage_key = stored.location
         except JobError as exc:
             if strict_upload:
                 raise

@@ -237,3 +237,13 @@ SELECT pg_advisory_lock($1);
 
 -- name: migrations_unlock
 SELECT pg_advisory_unlock($1);
+
+-- name: live_workers_for_backend
+-- imagen submit --wait: live workers that would claim a job for this backend. A job without a
+-- backend goes to a worker's default, so any live worker counts for it.
+SELECT count(*) FROM imagen.workers
+WHERE expires_at > now() AND ($1::text IS NULL OR $1 = ANY (backends));
+
+-- name: server_version
+-- imagen-worker check: the server's own version string ("15.20"), not the driver's parse of it.
+SELECT current_setting('server_version');

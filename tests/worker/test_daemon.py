@@ -38,7 +38,8 @@ async def test_a_plain_sql_insert_becomes_an_image_file_sidecar_and_linked_row(
     assert local.stat().st_size == image["bytes"]
     sidecar = json.loads(Path(f"{local}.json").read_text())
     assert sidecar["job_id"] == str(job_id) and sidecar["sha256"] == image["sha256"]
-    assert image["storage_path"].endswith(f"-{job_id.hex[:8]}.png")
+    # Local storage: the row names the local file, never a key that was not uploaded.
+    assert image["storage_path"] == local.resolve().as_uri()
 
 
 async def test_notify_picks_a_job_up_long_before_the_poll_would(
