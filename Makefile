@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint bench chaos clean
+DIST ?= dist
+
+.PHONY: demo test lint bench chaos contract clean dist
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,6 +14,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,embedded]'
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# The installable wheel (migrations, templates and sample config inside). Only pip is needed:
+# the venv is created bare if missing (the other targets install into it when they run).
+dist:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir $(DIST) .
+	@ls $(DIST)/imagen_worker-*.whl
 
 demo: $(STAMP)
 	$(BIN)/python -m imagen_worker.demo
@@ -31,5 +40,19 @@ bench: $(STAMP)
 chaos: $(STAMP)
 	$(BIN)/python -m bench.chaos
 
+# The contract suite against the real ComfyUI and Supabase Storage as well as the fakes. The peer
+# scripts build each server once (cached in PEERS), start it and verify it; both stop afterwards.
+PEER_SCRIPTS ?= ../shared/peers
+PEERS ?= $(HOME)/.cache/imagen-peers
+contract: $(STAMP)
+	PEERS=$(PEERS) $(PEER_SCRIPTS)/comfyui.sh setup
+	PEERS=$(PEERS) $(PEER_SCRIPTS)/storage.sh setup
+	. $(PEERS)/storage/env.sh; \
+	IMAGEN_TEST_COMFYUI_URL=http://127.0.0.1:8188 IMAGEN_TEST_SUPABASE_URL="$$SUPABASE_URL" \
+	IMAGEN_TEST_SUPABASE_SERVICE_KEY="$$SUPABASE_SERVICE_KEY" $(BIN)/python -m pytest -q tests/contract; \
+	status=$$?; \
+	PEERS=$(PEERS) $(PEER_SCRIPTS)/comfyui.sh stop; PEERS=$(PEERS) $(PEER_SCRIPTS)/storage.sh stop; \
+	exit $$status
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DIST) .pytest_cache .mypy_cache .ruff_cache

@@ -23,7 +23,7 @@ from rich.text import Text
 
 from imagen_worker import backends
 from imagen_worker.cli.config_cmd import check as validate
-from imagen_worker.config import Config, collect_problems
+from imagen_worker.config import Config, collect_problems, config_file, resolve_path
 from imagen_worker.db import migrate as migrations
 from imagen_worker.db.connect import connect
 from imagen_worker.errors import ConfigError
@@ -62,7 +62,10 @@ def _config_result(path: str | Path | None) -> CheckResult:
     report = validate(Path(path) if path is not None else None)
     if report.errors:
         return CheckResult("config", False, "; ".join(report.errors))
+    _file, origin = config_file(path)
     where = str(report.path) if report.exists else f"no file at {report.path}: defaults and environment"
+    if origin is not None and report.exists:
+        where += f", from {origin}"
     warnings = "".join(f"; warning: {w}" for w in report.warnings)
     return CheckResult("config", True, f"valid ({where}){warnings}")
 
@@ -90,12 +93,9 @@ async def _database_results(dsn: str | None, seconds: float) -> list[CheckResult
         return [CheckResult("database", False, f"cannot connect to {target}: {_error_text(exc)}")]
     results = []
     try:
-        version = conn.get_server_version()
-        results.append(
-            CheckResult(
-                "database", True, f"connected to {target} (PostgreSQL {version.major}.{version.minor})"
-            )
-        )
+        # "15.20 (Debian 15.20-0+deb12u1)": the number is what an operator compares.
+        version = str(await conn.fetchval(sql("server_version"))).split(" ", 1)[0]
+        results.append(CheckResult("database", True, f"connected to {target} (PostgreSQL {version})"))
         results.append(await _migration_result(conn))
         results.append(await _listen_result(conn, seconds))
         results.extend(await _fleet_results(conn))
@@ -113,8 +113,16 @@ async def _migration_result(conn: asyncpg.Connection) -> CheckResult:
     except Exception as exc:
         return CheckResult("migrations", False, f"cannot read the schema level: {_error_text(exc)}")
     if todo:
+        # Not a failure: a fresh database is checked before it is migrated, and `run` migrates
+        # at start. The line stays yellow so it is not missed.
         names = ", ".join(m.version for m in todo)
-        return CheckResult("migrations", False, f"{len(todo)} pending ({names}): run `imagen-worker migrate`")
+        return CheckResult(
+            "migrations",
+            True,
+            f"{len(todo)} pending ({names}): run `imagen-worker migrate` (`run` applies them at start "
+            "unless --no-migrate)",
+            skipped=True,
+        )
     known = {m.version for m in migrations.discover()}
     newer = sorted(set(done) - known)
     latest = max(known) if known else "none"
@@ -242,7 +250,10 @@ async def run_checks(
     database lines are skipped (``run`` would use the embedded server).
     """
     seconds = check_timeout
-    results = [_config_result(config_path if config is None else config.source_path)]
+    shown = config_path
+    if shown is None and config is not None and config.source_path not in (None, resolve_path(None)):
+        shown = config.source_path  # a config loaded from a file that the default lookup would miss
+    results = [_config_result(shown)]
     if config is None:
         config, _problems = collect_problems(config_path)
     if config is None:

@@ -1,10 +1,12 @@
 """Configuration: ``imagen.yaml`` plus ``IMAGEN_*`` environment overrides.
 
 Precedence, highest first: explicit overrides (CLI flags) > environment > file > defaults.
-The file is ``--config PATH``, else ``$IMAGEN_CONFIG``, else ``~/.config/imagen.yaml``; a
-missing file means defaults. Secrets never live in the file: a block names the environment
-variable that holds them (``api_key_env: REPLICATE_API_TOKEN``) and inline secret-looking keys
-are refused, so a config file can be committed or shown without leaking anything.
+The file is ``--config PATH``, else ``$IMAGEN_CONFIG``, else ``~/.config/imagen.yaml``. A
+file named by ``--config`` or ``$IMAGEN_CONFIG`` must exist (a typo must never start a worker
+on the built-in defaults); only a missing default file means defaults. Secrets never live in
+the file: a block names the environment variable that holds them
+(``key_env: SUPABASE_SERVICE_KEY``) and inline secret-looking keys are refused, so a config
+file can be committed or shown without leaking anything.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from imagen_worker.errors import ConfigError
 DEFAULT_PATH = Path("~/.config/imagen.yaml")
 CloudSync = Literal["auto", "on", "off"]
 
+_SWITCH_WORDS = {"true": "on", "yes": "on", "false": "off", "no": "off"}
+
 _SECRET_KEY = re.compile(
     r"^(api[_-]?key|apikey|token|access[_-]?token|auth[_-]?token|password|passwd|secret|"
     r"client[_-]?secret|service[_-]?key|private[_-]?key|key)$",
@@ -53,6 +57,16 @@ class OutputConfig(_Block):
     naming: str = "{date}-{slug}-{seed}.{ext}"
     write_metadata_json: bool = True
     cloud_sync: CloudSync = "auto"
+
+    @field_validator("cloud_sync", mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        """YAML reads a plain ``off``/``on``/``yes``/``no`` as a boolean: take it as meant."""
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str) and value.strip().lower() in _SWITCH_WORDS:
+            return _SWITCH_WORDS[value.strip().lower()]
+        return value
 
     @field_validator("directory")
     @classmethod
@@ -239,10 +253,34 @@ class Config(BaseSettings):
 
 
 def resolve_path(path: str | Path | None) -> Path:
+    return config_file(path)[0]
+
+
+def config_file(path: str | Path | None) -> tuple[Path, str | None]:
+    """The file to read and who named it (``--config``, ``$IMAGEN_CONFIG``, or None: the default)."""
     if path:
-        return Path(path).expanduser()
+        return Path(path).expanduser(), "--config"
     env = os.environ.get("IMAGEN_CONFIG")
-    return Path(env).expanduser() if env else DEFAULT_PATH.expanduser()
+    if env:
+        return Path(env).expanduser(), "$IMAGEN_CONFIG"
+    return DEFAULT_PATH.expanduser(), None
+
+
+def describe_file(path: str | Path | None) -> str:
+    """Which file a command reads, in words, for its first line of output."""
+    file, origin = config_file(path)
+    if origin is not None:
+        return f"{file} (from {origin})"
+    return str(file) if file.exists() else f"no file at {file}: defaults and environment"
+
+
+def missing_file_problem(path: str | Path | None) -> str | None:
+    """A file named explicitly that does not exist is an error, never a silent fallback."""
+    file, origin = config_file(path)
+    if origin is None or file.is_file():
+        return None
+    what = "does not exist" if not file.exists() else "is not a file"
+    return f"config file {file} (from {origin}) {what}"
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -287,13 +325,18 @@ def _format_validation(exc: ValidationError) -> list[str]:
         loc = ".".join(str(part) for part in err["loc"]) or "(top level)"
         # Validators that already name their key ("output.naming: ...") are not prefixed twice.
         msg = err["msg"].removeprefix("Value error, ").removeprefix(f"{loc}: ")
-        problems.append(f"{loc}: {msg}")
+        # Say where a bad value came from when it was the environment, not the file.
+        env_name = "IMAGEN_" + "__".join(str(part).upper() for part in err["loc"])
+        origin = f" (from ${env_name})" if err["loc"] and env_name in os.environ else ""
+        problems.append(f"{loc}: {msg}{origin}")
     return problems
 
 
 def collect_problems(path: str | Path | None = None, **overrides: Any) -> tuple[Config | None, list[str]]:
     """Load the config and return every problem found, instead of stopping at the first."""
     file = resolve_path(path)
+    if missing := missing_file_problem(path):
+        return None, [missing]
     try:
         data = _read_yaml(file)
     except ConfigError as exc:
@@ -315,5 +358,70 @@ def collect_problems(path: str | Path | None = None, **overrides: Any) -> tuple[
 def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
     config, problems = collect_problems(path, **overrides)
     if problems or config is None:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+        raise ConfigError(one_line(path, problems))
     return config
+
+
+def one_line(path: str | Path | None, problems: list[str]) -> str:
+    """Every problem on one line: a failing command prints one line, journald keeps one record."""
+    if len(problems) == 1 and problems[0].startswith("config file "):
+        return problems[0]
+    return f"invalid configuration ({describe_file(path)}): " + "; ".join(problems)
+
+
+def sources(path: str | Path | None = None) -> list[tuple[str, Any, str]]:
+    """Every effective setting as ``(key path, value, source)``; source is file, env NAME or default.
+
+    Values are as loaded, not yet redacted: ``imagen config show`` masks them before printing.
+    """
+    config = load_config(path)
+    file, _origin = config_file(path)
+    file_data = _read_yaml(file)
+    env_data = _TypedEnvSource(Config)()
+    values = config.model_dump(mode="json", exclude={"source_path"})
+    values["backends"] = config.backend_blocks()
+    values["default_backend"] = config.default_backend_name()
+    rows: list[tuple[str, Any, str]] = []
+    for parts, value in _leaves(values):
+        if parts[0] == "backends" and not config.backends:
+            rows.append((".".join(parts), value, "default (no backend configured)"))
+        else:
+            rows.append((".".join(parts), value, _source_of(parts, env_data, file_data)))
+    return [_effective(row) for row in rows]
+
+
+def _leaves(node: Any, parts: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    if isinstance(node, Mapping) and node:
+        for key, value in node.items():
+            yield from _leaves(value, (*parts, str(key)))
+    else:
+        yield parts, node
+
+
+def _has(data: Any, parts: tuple[str, ...]) -> bool:
+    for part in parts:
+        if not isinstance(data, Mapping) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def _source_of(parts: tuple[str, ...], env_data: Mapping[str, Any], file_data: Mapping[str, Any]) -> str:
+    if _has(env_data, parts):
+        return "env IMAGEN_" + "__".join(part.upper() for part in parts)
+    return "file" if _has(file_data, parts) else "default"
+
+
+def _effective(row: tuple[str, Any, str]) -> tuple[str, Any, str]:
+    """The two settings whose winner is decided outside the model: the database URL, cloud sync."""
+    key, value, _source = row
+    if key == "database.url":
+        if os.environ.get("IMAGEN_DATABASE_URL"):
+            return key, value, "env IMAGEN_DATABASE_URL"
+        if value is None and os.environ.get("DATABASE_URL"):
+            return key, os.environ["DATABASE_URL"], "env DATABASE_URL"
+        if value is None:
+            return key, None, "default (the embedded server)"
+    if key == "output.cloud_sync" and (raw := os.environ.get("IMAGEN_CLOUD_SYNC", "").strip()):
+        return key, raw.lower(), "env IMAGEN_CLOUD_SYNC"
+    return row

@@ -3,15 +3,20 @@
 Starts ``imagen-worker run`` with no configuration (embedded PostgreSQL, mock backend, local
 storage), enqueues one job with ``imagen submit --wait`` and one with a plain SQL INSERT the
 way the web UI does, prints the image paths and rows, and stops the worker with SIGTERM.
+
+Everything lives in a throwaway directory (its own embedded server, its own images), so the
+demo never touches the user's queue; the server is stopped and its data deleted at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -21,6 +26,7 @@ from rich.table import Table
 
 from imagen_worker.cli.watch import TERMINAL
 from imagen_worker.config import data_dir
+from imagen_worker.db import embedded
 from imagen_worker.db.connect import connect, embedded_dsn
 from imagen_worker.queries import sql
 from imagen_worker.queue.jobs import Queue
@@ -32,13 +38,24 @@ VALUES ($1, 'a lighthouse on a cliff at dawn', 'watercolor', 768, 512)
 RETURNING id"""
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    for name in ("IMAGEN_DATABASE_URL", "DATABASE_URL", "IMAGEN_CONFIG"):
-        env.pop(name, None)
-    env["IMAGEN_CONFIG"] = str(data_dir() / "demo-no-config.yaml")  # deliberately absent
-    env["IMAGEN_CLOUD_SYNC"] = "off"
-    return env
+def _use_scratch_directory() -> Path:
+    """A fresh data directory for this process and its children: the demo's own queue."""
+    scratch = Path(tempfile.mkdtemp(prefix="imagen-demo-"))
+    for name in list(os.environ):
+        if name.startswith(("IMAGEN_", "SUPABASE_")) or name == "DATABASE_URL":
+            del os.environ[name]
+    os.environ["XDG_DATA_HOME"] = str(scratch)
+    config = scratch / "imagen.yaml"
+    config.write_text("# the demo runs on the defaults\n", encoding="utf-8")
+    os.environ["IMAGEN_CONFIG"] = str(config)
+    os.environ["IMAGEN_CLOUD_SYNC"] = "off"
+    return scratch
+
+
+def _discard_database() -> None:
+    """Stop the demo's embedded server and delete its data; the images stay to look at."""
+    embedded.stop()
+    shutil.rmtree(embedded.default_directory(), ignore_errors=True)
 
 
 async def _wait_for_worker(dsn: str, worker: subprocess.Popen[bytes], within: float = 60) -> None:
@@ -102,9 +119,17 @@ async def _insert_like_the_web_ui(dsn: str) -> uuid.UUID:
 
 def main() -> int:
     console.rule("[bold]imagen-worker demo")
-    console.print("Starting the embedded PostgreSQL (first run takes a few seconds)...")
+    scratch = _use_scratch_directory()
+    console.print(f"Starting a throwaway embedded PostgreSQL in {scratch} (a few seconds)...")
+    try:
+        return _run_demo()
+    finally:
+        _discard_database()
+
+
+def _run_demo() -> int:
     dsn = embedded_dsn()
-    env = _env()
+    env = dict(os.environ)
     worker = subprocess.Popen(
         [str(BIN / "imagen-worker"), "run", "--no-metrics", "--log-format", "console"], env=env
     )
@@ -132,7 +157,8 @@ def main() -> int:
         worker.send_signal(signal.SIGTERM)
         code = worker.wait(timeout=90)
         console.print(f"worker exited with code {code}")
-    console.print("[bold green]demo complete.[/] Images live in", str(data_dir() / "images"))
+    console.print("[bold green]demo complete.[/] Images live in", str(data_dir() / "images"), soft_wrap=True)
+    console.print("Your own queue was not touched; the demo's database is deleted now.")
     return 0 if code == 0 else 1
 
 

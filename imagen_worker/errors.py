@@ -58,6 +58,10 @@ class ConfigError(Exception):
     """The configuration cannot work; the message names the key or the backend."""
 
 
+class SchemaError(ConfigError):
+    """The database schema does not match this release: migrations pending, or one was edited."""
+
+
 class JobError(Exception):
     """A failure that belongs to one job, never to the daemon."""
 

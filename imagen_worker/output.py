@@ -9,6 +9,7 @@ storage key does not depend on the name: it is ``<owner id>/<job id>.<ext>``
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -20,6 +21,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
+
+from PIL import Image, UnidentifiedImageError
 
 from imagen_worker.errors import ConfigError
 from imagen_worker.storage.keys import object_key
@@ -33,6 +36,34 @@ _EXTENSIONS = {
     "video/mp4": "mp4",
     "video/webm": "webm",
 }
+
+
+_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the produced file itself says: the images row records these, never the request."""
+
+    width: int | None
+    height: int | None
+    mime_type: str
+
+
+def image_facts(data: bytes, declared_mime: str) -> ImageFacts:
+    """Size and type from the file's header (PNG, JPEG, WebP, GIF); only the header is parsed.
+
+    A file Pillow does not recognise as a still image (a video, audio) keeps the MIME type the
+    backend declared and records no size.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            mime = _FORMATS.get(image.format or "")
+            if mime is not None:
+                return ImageFacts(width=image.width, height=image.height, mime_type=mime)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        pass
+    return ImageFacts(width=None, height=None, mime_type=declared_mime.split(";")[0].strip().lower())
 
 
 def check_naming(template: str) -> None:

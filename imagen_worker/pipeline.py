@@ -58,6 +58,8 @@ class Artifact:
     timings: dict[str, float] = field(default_factory=dict)
     upload_error: JobError | None = None
     reused: bool = False
+    width: int | None = None  # read from the file; None when it is not a still image
+    height: int | None = None
 
     def image_record(self) -> ImageRecord:
         """The images row: the sidecar without host internals, which travel apart."""
@@ -66,7 +68,7 @@ class Artifact:
         return ImageRecord(
             storage_path=self.storage_key, mime_type=self.mime_type, bytes=self.bytes,
             sha256=self.sha256, backend=self.backend, seed=self.seed, latency_ms=self.latency_ms,
-            sidecar=public, model=self.model, internals=internals,
+            sidecar=public, model=self.model, width=self.width, height=self.height, internals=internals,
         )  # fmt: skip
 
 
@@ -165,7 +167,11 @@ class Pipeline:
             await asyncio.to_thread(_write_journal, directory, job_id, artifact)
         started = time.perf_counter()
         try:
-            await self.sink.put(artifact.storage_key, artifact.image_path, artifact.mime_type)
+            stored = await self.sink.put(artifact.storage_key, artifact.image_path, artifact.mime_type)
+            if stored.location == artifact.image_path.resolve().as_uri():
+                # Nothing was stored under the key (local storage keeps the output file itself):
+                # the row names that file, never a key a signed URL would look for in vain.
+                artifact.storage_key = stored.location
         except JobError as exc:
             if strict_upload:
                 raise
@@ -180,7 +186,10 @@ class Pipeline:
         request = GenerateRequest(
             job_id=job_id, prompt=prompt, negative_prompt=negative, width=spec.width,
             height=spec.height, steps=spec.steps, seed=seed, params=dict(spec.params), style=spec.style,
+            owner_user_id=spec.owner_user_id, workflow=spec.workflow,
         )  # fmt: skip
+        # The adapter's params model and limits, before anything reaches the backend.
+        request = backend.check_request(request)
         started = time.perf_counter()
         result = await backend.generate(request, ctx)
         generated = time.perf_counter()
@@ -202,13 +211,13 @@ class Pipeline:
         """The image, its extra outputs and the sidecar on local disk, before any upload."""
         job_id, seed = request.job_id, request.seed
         when = datetime.now().astimezone()
+        data = result.image.data
+        facts = output.image_facts(data, result.image.mime_type)
         names = output.plan_names(
             self.output.naming, prompt=spec.prompt, seed=seed, backend=backend.name,
-            mime_type=result.image.mime_type, job_id=job_id, owner_user_id=spec.owner_user_id,
-            when=when,
+            mime_type=facts.mime_type, job_id=job_id, owner_user_id=spec.owner_user_id, when=when,
         )  # fmt: skip
         image_path = output.claim_path(self.output.directory, names.relative, job_id)
-        data = result.image.data
         output.write_image(image_path, data)
         extra_paths = []
         for index, extra in enumerate(result.extra_outputs, start=1):
@@ -229,10 +238,11 @@ class Pipeline:
             "model": result.model,
             "seed": seed,
             "steps": spec.steps,
-            "width": spec.width,
-            "height": spec.height,
-            "params": dict(spec.params),
-            "mime_type": result.image.mime_type,
+            "width": facts.width,
+            "height": facts.height,
+            "requested_size": [spec.width, spec.height],
+            "params": dict(request.params),
+            "mime_type": facts.mime_type,
             "bytes": len(data),
             "sha256": sha256,
             "storage_path": names.storage_key,
@@ -245,7 +255,7 @@ class Pipeline:
         sidecar_path = output.write_sidecar(image_path, sidecar) if self.output.write_metadata_json else None
         return Artifact(
             image_path=image_path, sidecar_path=sidecar_path, storage_key=names.storage_key,
-            mime_type=result.image.mime_type, bytes=len(data), sha256=sha256, seed=seed,
+            mime_type=facts.mime_type, bytes=len(data), sha256=sha256, seed=seed,
             backend=backend.name, model=result.model, latency_ms=latency_ms, sidecar=sidecar,
-            timings={"generate": generate_seconds},
+            timings={"generate": generate_seconds}, width=facts.width, height=facts.height,
         )  # fmt: skip

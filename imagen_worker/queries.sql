@@ -7,8 +7,8 @@
 -- name: enqueue
 -- Idempotent on (owner, dedupe_key) among live jobs: a conflict inserts nothing.
 INSERT INTO imagen.jobs (owner_user_id, prompt, negative_prompt, backend, style, width, height,
-                         steps, seed, params, priority, run_at, max_attempts, dedupe_key)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, coalesce($12, now()), $13, $14)
+                         steps, seed, params, priority, run_at, max_attempts, dedupe_key, workflow)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, coalesce($12, now()), $13, $14, $15)
 ON CONFLICT (owner_user_id, dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('pending', 'running')
 DO NOTHING
 RETURNING id;
@@ -433,3 +433,13 @@ SELECT pg_advisory_lock($1);
 
 -- name: migrations_unlock
 SELECT pg_advisory_unlock($1);
+
+-- name: live_workers_for_backend
+-- imagen submit --wait: live workers that would claim a job for this backend. A job without a
+-- backend goes to a worker's default, so any live worker counts for it.
+SELECT count(*) FROM imagen.workers
+WHERE expires_at > now() AND ($1::text IS NULL OR $1 = ANY (backends));
+
+-- name: server_version
+-- imagen-worker check: the server's own version string ("15.20"), not the driver's parse of it.
+SELECT current_setting('server_version');

@@ -138,5 +138,7 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if var.startswith(("IMAGEN_", "SUPABASE_", "MAI_")) and var != "IMAGEN_TEST_DATABASE_URL":
             monkeypatch.delenv(var)
     monkeypatch.delenv("DATABASE_URL", raising=False)
-    monkeypatch.setenv("IMAGEN_CONFIG", str(tmp_path / "no-such-imagen.yaml"))
+    # A file named by $IMAGEN_CONFIG must exist, so isolation moves the default location
+    # instead: ~/.config/imagen.yaml of an empty home, which means defaults and environment.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))

@@ -1,7 +1,8 @@
 """Configuration: file location, environment overrides, every problem reported with its key path.
 
-The autouse ``_isolated_env`` fixture clears ``IMAGEN_*``/``DATABASE_URL`` and points
-``$IMAGEN_CONFIG`` at a missing file, so each test states exactly the environment it needs.
+The autouse ``_isolated_env`` fixture clears ``IMAGEN_*``/``DATABASE_URL`` and points ``HOME``
+at an empty directory (so the default ``~/.config/imagen.yaml`` is missing), so each test
+states exactly the environment it needs.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def test_the_sample_passes_imagen_config_validate(sample_file: Path) -> None:
     result = runner.invoke(config_cmd.app, ["validate", str(sample_file)])
 
     assert result.exit_code == 0, result.output
-    assert result.stdout == f"ok: {sample_file}\n"
+    assert result.stdout == f"ok: {sample_file} (from --config)\n"
 
 
 def test_imagen_config_sample_prints_the_packaged_sample(sample_file: Path) -> None:
@@ -172,7 +173,9 @@ def test_an_invalid_env_override_is_reported_with_its_key_path(monkeypatch: pyte
 
     _, problems = collect_problems()
 
-    assert problems == ["worker.concurrency: Input should be greater than or equal to 1"]
+    assert problems == [
+        "worker.concurrency: Input should be greater than or equal to 1 (from $IMAGEN_WORKER__CONCURRENCY)"
+    ]
 
 
 def test_imagen_database_url_overrides_database_url_in_the_file(
@@ -229,7 +232,7 @@ def test_the_default_path_is_in_the_users_config_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("IMAGEN_CONFIG")
+    monkeypatch.delenv("IMAGEN_CONFIG", raising=False)
     (tmp_path / ".config").mkdir()
     default = write(tmp_path / ".config" / "imagen.yaml", "worker: {concurrency: 3}\n")
 
@@ -239,8 +242,8 @@ def test_the_default_path_is_in_the_users_config_directory(
     assert (config.worker.concurrency, config.source_path) == (3, default)
 
 
-def test_a_missing_file_means_defaults(tmp_path: Path) -> None:
-    config = load_config(tmp_path / "absent.yaml")
+def test_a_missing_default_file_means_defaults() -> None:
+    config = load_config()
 
     assert config.source_path is None
     assert config.worker == WorkerConfig()
@@ -380,7 +383,80 @@ def test_validate_of_a_path_that_does_not_exist_fails(tmp_path: Path) -> None:
     result = runner.invoke(config_cmd.app, ["validate", str(tmp_path / "typo.yaml")])
 
     assert result.exit_code == 1
-    assert f"error: {tmp_path / 'typo.yaml'}: no such file" in result.stderr
+    assert f"error: config file {tmp_path / 'typo.yaml'} (from --config) does not exist" in result.stderr
+
+
+def test_an_explicit_path_that_does_not_exist_is_one_line_never_the_defaults(tmp_path: Path) -> None:
+    typo = tmp_path / "imagn.yaml"
+
+    with pytest.raises(ConfigError) as raised:
+        load_config(typo)
+
+    assert str(raised.value) == f"config file {typo} (from --config) does not exist"
+
+
+def test_imagen_config_naming_a_missing_file_is_an_error_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IMAGEN_CONFIG", str(tmp_path / "gone.yaml"))
+
+    with pytest.raises(ConfigError, match=r"gone.yaml \(from \$IMAGEN_CONFIG\) does not exist"):
+        load_config()
+    assert runner.invoke(config_cmd.app, ["validate"]).exit_code == 1
+
+
+def test_an_empty_imagen_config_means_the_default_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGEN_CONFIG", "")
+
+    assert load_config().source_path is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("off", "off"), ("on", "on"), ("false", "off"), ("yes", "on"), ("'off'", "off"), ("auto", "auto")],
+)
+def test_cloud_sync_takes_yaml_booleans_as_meant(tmp_path: Path, text: str, expected: str) -> None:
+    config = load_config(write(tmp_path / "imagen.yaml", f"output: {{cloud_sync: {text}}}\n"))
+
+    assert config.output.cloud_sync == expected
+
+
+def test_config_show_prints_every_value_with_its_source_and_masks_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    file = write(
+        tmp_path / "imagen.yaml",
+        """\
+        worker: {concurrency: 7}
+        backends:
+          gpu: {type: mock, latency_ms: 5}
+        storage: {type: supabase, key_env: MY_STORAGE_KEY}
+        """,
+    )
+    monkeypatch.setenv("IMAGEN_WORKER__LEASE_SECONDS", "12")
+    monkeypatch.setenv("IMAGEN_DATABASE_URL", "postgresql://imagen:hunter2-secret@db.internal:5432/q")
+    monkeypatch.setenv("IMAGEN_BACKENDS__GPU__HEADERS__AUTHORIZATION", "PROXY_AUTH")
+
+    result = runner.invoke(config_cmd.app, ["show", "-c", str(file)])
+
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line.split(None, 1)[1] for line in result.stdout.splitlines()[1:]}
+    assert result.stdout.splitlines()[0] == f"# config file: {file} (from --config)"
+    assert lines["worker.concurrency"].split() == ["7", "file"]
+    assert lines["worker.lease_seconds"].split() == ["12.0", "env", "IMAGEN_WORKER__LEASE_SECONDS"]
+    assert lines["worker.max_attempts"].split() == ["3", "default"]
+    assert lines["backends.gpu.latency_ms"].split() == ["5", "file"]
+    assert lines["storage.key_env"].split() == ["MY_STORAGE_KEY", "(not", "set)", "file"]
+    assert lines["backends.gpu.headers.authorization"].startswith("PROXY_AUTH (not set)")
+    assert "hunter2" not in result.stdout
+    assert lines["database.url"].endswith("env IMAGEN_DATABASE_URL")
+
+
+def test_config_show_of_a_missing_explicit_file_fails_in_one_line(tmp_path: Path) -> None:
+    result = runner.invoke(config_cmd.app, ["show", "-c", str(tmp_path / "typo.yaml")])
+
+    assert result.exit_code == 78  # EX_CONFIG
+    assert result.stderr == f"imagen: config file {tmp_path / 'typo.yaml'} (from --config) does not exist\n"
 
 
 def test_validate_without_a_file_checks_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -440,11 +516,11 @@ def test_adapter_values_from_the_environment_are_typed_like_yaml(monkeypatch: py
     monkeypatch.setenv("IMAGEN_BACKENDS__GPU__WORKFLOW", "sdxl")
     monkeypatch.setenv("IMAGEN_BACKENDS__GPU__TIMEOUT", "900")
     monkeypatch.setenv("IMAGEN_BACKENDS__GPU__LOOKAHEAD", "2")
-    monkeypatch.setenv("IMAGEN_BACKENDS__GPU__ALLOW_JOB_WORKFLOWS", "true")
+    monkeypatch.setenv("IMAGEN_BACKENDS__GPU__MAX_BATCH", "2")
     monkeypatch.setenv("IMAGEN_STORAGE__TIMEOUT", "12.5")
     config = load_config()
     block = config.backends["gpu"]
-    assert (block["timeout"], block["lookahead"], block["allow_job_workflows"]) == (900, 2, True)
+    assert (block["timeout"], block["lookahead"], block["max_batch"]) == (900, 2, 2)
     assert block["base_url"] == "http://127.0.0.1:8188" and block["workflow"] == "sdxl"
     assert config.storage["timeout"] == 12.5
     backend = backends.create("gpu", block)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import uuid
@@ -9,8 +10,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from imagen_worker.output import check_naming, claim_path, plan_names, slugify
+from imagen_worker.output import ImageFacts, check_naming, claim_path, image_facts, plan_names, slugify
 
 JOB = uuid.UUID("12345678-1234-4234-8234-123456789abc")
 OWNER = uuid.UUID("00000000-0000-4000-8000-00000000a11c")
@@ -97,3 +99,27 @@ def test_a_name_taken_by_another_job_gets_a_job_suffix_but_a_retry_reuses_its_ow
 
     (tmp_path / "fox-1.png.json").write_text(json.dumps({"job_id": str(JOB)}))
     assert claim_path(tmp_path, relative, JOB).name == "fox-1.png"
+
+
+def _encoded(fmt: str, size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 90)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mime"), [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp")]
+)
+def test_image_facts_come_from_the_file_not_from_what_was_declared(fmt: str, mime: str) -> None:
+    data = _encoded(fmt, (24, 16))
+
+    facts = image_facts(data, "application/octet-stream")
+
+    assert (facts.width, facts.height, facts.mime_type) == (24, 16, mime)
+
+
+def test_a_file_that_is_no_still_image_keeps_the_declared_type_and_no_size() -> None:
+    assert image_facts(b"\x00\x00\x00\x18ftypmp42", "video/mp4; codecs=x") == ImageFacts(
+        None, None, "video/mp4"
+    )
+    assert image_facts(b"\x89PNG\r\n\x1a\ntruncated", "image/png") == ImageFacts(None, None, "image/png")

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from imagen_worker.backends.mock import MockBackend
+from imagen_worker.backends.base import Output
+from imagen_worker.backends.mock import MockBackend, render_png
 from imagen_worker.config import OutputConfig
 from imagen_worker.errors import RetryableError, TerminalError
 from imagen_worker.pipeline import Pipeline, derived_seed, discard, forget
@@ -140,3 +141,34 @@ async def test_the_images_row_keeps_host_internals_apart_from_the_sidecar(tmp_pa
     assert record.internals["local_path"] == str(artifact.image_path)
     assert record.storage_path == f"{OWNER}/{artifact.sidecar['job_id']}.png"
     assert ImageRecord.from_result(record.as_result()) == record
+
+
+class TinyMock(MockBackend):
+    """Renders 8x8 whatever the request asks, the way a workflow with a fixed size does."""
+
+    async def generate(self, request: Any, ctx: Any) -> Any:
+        result = await super().generate(request, ctx)
+        result.image = Output(data=render_png("tiny", 1, 8, 8), mime_type="application/octet-stream")
+        return result
+
+
+async def test_the_artifact_records_the_file_s_size_and_type_not_the_request_s(tmp_path: Path) -> None:
+    backend = TinyMock.from_config("mock", {"type": "mock"})
+    run = Pipeline({"mock": backend}, "mock", FlakyStore(0), OutputConfig(directory=tmp_path))
+
+    artifact = await run.run(uuid.uuid4(), SPEC, CountingContext())
+
+    assert (SPEC.width, SPEC.height) == (64, 64)
+    assert (artifact.width, artifact.height, artifact.mime_type) == (8, 8, "image/png")
+    assert artifact.image_path.suffix == artifact.storage_key[-4:] == ".png", "named by what it is"
+    assert (artifact.sidecar["width"], artifact.sidecar["height"]) == (8, 8)
+    assert artifact.sidecar["requested_size"] == [64, 64]
+
+
+async def test_params_are_checked_before_the_backend_runs(tmp_path: Path) -> None:
+    CountingMock.calls = 0
+    spec = JobSpec(owner_user_id=OWNER, prompt="x", width=64, height=64, params={"width": 4096})
+
+    with pytest.raises(TerminalError, match=r"^params.width is not allowed"):
+        await pipeline(tmp_path, FlakyStore(0)).run(uuid.uuid4(), spec, CountingContext())
+    assert CountingMock.calls == 0

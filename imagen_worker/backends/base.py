@@ -3,16 +3,25 @@
 An adapter registers a ``type`` name, owns its
 config block (the framework never reads below ``type``) and turns a ``GenerateRequest`` into
 image bytes. Adapters know nothing about the queue; what they may tell the job goes through
-``JobContext``.
+``JobContext``. What a job may ask for is the adapter's typed ``Params`` model plus its
+``Limits``; the pipeline checks every request with ``check_request`` before ``generate``.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, Self
 from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from imagen_worker.errors import ConfigError, TerminalError
+
+# What the job row has a column for: params can never set these (the row is the truth).
+ROW_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "width", "height", "style")
 
 
 @dataclass(frozen=True)
@@ -26,6 +35,74 @@ class GenerateRequest:
     seed: int
     params: Mapping[str, Any] = field(default_factory=dict)
     style: str | None = None
+    owner_user_id: UUID | None = None
+    # A per-job workflow from a trusted source (the operator-only ``jobs.workflow`` column);
+    # its shape is the adapter's business, and adapters without workflows refuse it.
+    workflow: Mapping[str, Any] | None = None
+
+
+class Limits(BaseModel):
+    """Ceilings every backend config carries, checked against the row before anything runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_pixels: int = Field(default=2048 * 2048, ge=64 * 64)
+    max_steps: int = Field(default=150, ge=1)
+    max_batch: int = Field(default=4, ge=1)
+
+
+class Params(BaseModel):
+    """Base of every adapter's params model: unknown keys are refused, values never coerced."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    def batch(self) -> int:
+        """How many images the job asks for (checked against ``max_batch``)."""
+        return 1
+
+
+def _clip(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shown_key(part: object) -> str:
+    """A key as a message shows it: as is when plain, else quoted, so a line stays one line."""
+    text = str(part)
+    plain = text.isprintable() and text.strip() == text and 0 < len(text) <= 64
+    return text if plain else _clip(text, 64)
+
+
+def describe_errors(exc: ValidationError, prefix: str = "", limit: int = 3) -> str:
+    """Pydantic's errors as one line: ``key: reason (got value)``, joined by ``; ``."""
+    parts = []
+    for error in exc.errors(include_url=False)[:limit]:
+        key = prefix + ".".join(map(shown_key, error["loc"])) if error["loc"] else prefix.rstrip(".")
+        message = str(error["msg"]).replace("\n", " ").removeprefix("Value error, ")
+        message = message[:1].lower() + message[1:]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif error["type"] not in ("missing", "value_error") and not isinstance(error.get("input"), dict):
+            message += f" (got {_clip(error.get('input'))})"
+        parts.append(f"{key}: {message}" if key else message)
+    more = len(exc.errors()) - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def explain(exc: ValidationError, model: type[Params]) -> str:
+    """A params error as one line, naming what the model accepts when a key is unknown."""
+    text = describe_errors(exc, prefix="params.")
+    if any(e["type"] == "extra_forbidden" for e in exc.errors()):
+        text += f" (accepted: {', '.join(sorted(model.model_fields)) or 'none'})"
+    return text
+
+
+def config_error(name: str, exc: ValidationError, model: type[BaseModel] | None = None) -> ConfigError:
+    """The ``backend "NAME": key: reason`` line for an invalid config block."""
+    text = describe_errors(exc)
+    if model is not None and any(e["type"] == "extra_forbidden" for e in exc.errors()):
+        text += f" (known: {', '.join(sorted(set(model.model_fields) - {'type'}))})"
+    return ConfigError(f'backend "{name}": {text}')
 
 
 @dataclass(frozen=True)
@@ -82,6 +159,9 @@ class Backend(abc.ABC):
     """
 
     type_name: ClassVar[str]
+    # The adapter's params model; a backend whose choices come from its config overrides
+    # ``params_model`` instead.
+    params_type: ClassVar[type[Params]] = Params
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -117,6 +197,62 @@ class Backend(abc.ABC):
     def notify_change(self) -> None:
         """Capacity or availability changed: the worker re-reads both and claims again."""
         self._on_change()
+
+    # --- params: checked by the pipeline before ``generate`` ---------------------------
+
+    @property
+    def limits(self) -> Limits:
+        return Limits()
+
+    @property
+    def params_model(self) -> type[Params]:
+        return self.params_type
+
+    def check_request(self, request: GenerateRequest) -> GenerateRequest:
+        """The request with its params validated, or ``TerminalError`` in one sentence naming the key.
+
+        The pipeline calls this before ``generate``, so the worker and ``imagen generate``
+        refuse the same jobs and nothing unchecked ever reaches the backend.
+        """
+        if request.workflow is not None:
+            raise TerminalError(f'backend "{self.name}" does not run per-job workflows')
+        return self.validate_params(request, self.params_model)
+
+    def validate_params(self, request: GenerateRequest, model: type[Params]) -> GenerateRequest:
+        """Row columns stay out of params, the row is within ``limits``, params fit ``model``."""
+        for key in request.params:
+            if key in ROW_FIELDS:
+                raise TerminalError(
+                    f"params.{key} is not allowed: the job's own {key} column sets it",
+                    detail={"param": key},
+                )
+        limits = self.limits
+        if request.width * request.height > limits.max_pixels:
+            raise TerminalError(
+                f"the image size {request.width}x{request.height} is over backend "
+                f'"{self.name}"\'s limit of {limits.max_pixels} pixels (max_pixels)',
+                detail={"max_pixels": limits.max_pixels},
+            )
+        if request.steps is not None and request.steps > limits.max_steps:
+            raise TerminalError(
+                f'steps {request.steps} is over backend "{self.name}"\'s limit of {limits.max_steps} '
+                "(max_steps)",
+                detail={"max_steps": limits.max_steps},
+            )
+        try:
+            parsed = model.model_validate(dict(request.params))
+        except ValidationError as exc:
+            raise TerminalError(
+                f'backend "{self.name}" refused the job\'s params: {explain(exc, model)}',
+                detail={"params": [".".join(map(shown_key, e["loc"])) for e in exc.errors()[:20]]},
+            ) from None
+        if parsed.batch() > limits.max_batch:
+            raise TerminalError(
+                f'params.batch_size {parsed.batch()} is over backend "{self.name}"\'s limit of '
+                f"{limits.max_batch} (max_batch)",
+                detail={"max_batch": limits.max_batch},
+            )
+        return dataclasses.replace(request, params=parsed.model_dump(exclude_unset=True))
 
     async def start(self) -> None:
         """Open long-lived connections; called once before the first job."""

@@ -1,7 +1,8 @@
 """The ``mock`` backend: a real PNG that depends only on prompt, seed and size.
 
 It makes the whole product runnable without a GPU (``make demo``, tests, benchmarks) and can
-simulate latency and failures. Like any adapter it rejects parameters it does not know.
+simulate latency and failures. Its only job param is ``mock_fail``; the pipeline refuses
+anything else before ``generate`` runs (see ``Backend.check_request``).
 """
 
 from __future__ import annotations
@@ -12,20 +13,31 @@ import random
 import struct
 import zlib
 from collections.abc import Mapping
-from typing import Any, Self
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from imagen_worker.backends.base import Backend, GenerateRequest, GenerateResult, JobContext, Output
-from imagen_worker.errors import ConfigError, RetryableError, TerminalError
+from imagen_worker.backends.base import (
+    Backend,
+    GenerateRequest,
+    GenerateResult,
+    JobContext,
+    Limits,
+    Output,
+    Params,
+    config_error,
+)
+from imagen_worker.errors import RetryableError, TerminalError
 
-_KNOWN_PARAMS = {"mock_fail"}
+
+class MockParams(Params):
+    """What a job may ask of the mock: a simulated failure, for tests and demos."""
+
+    mock_fail: Literal["terminal", "retryable"] | None = None
 
 
-class MockConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: str = "mock"
+class MockConfig(Limits):
+    type: Literal["mock"] = "mock"
     latency_ms: float = Field(default=0.0, ge=0)
     fail_rate: float = Field(default=0.0, ge=0, le=1)
     capacity: int = Field(default=4, ge=1, le=1024)
@@ -55,6 +67,7 @@ def render_png(prompt: str, seed: int, width: int, height: int) -> bytes:
 
 class MockBackend(Backend):
     type_name = "mock"
+    params_type = MockParams
 
     def __init__(self, name: str, config: MockConfig) -> None:
         super().__init__(name)
@@ -66,21 +79,17 @@ class MockBackend(Backend):
         try:
             return cls(name, MockConfig.model_validate(dict(block)))
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-            raise ConfigError(f'backend "{name}": {problems}') from None
+            raise config_error(name, exc, MockConfig) from None
 
     @property
     def capacity(self) -> int:
         return self.config.capacity
 
+    @property
+    def limits(self) -> Limits:
+        return self.config
+
     async def generate(self, request: GenerateRequest, ctx: JobContext) -> GenerateResult:
-        unknown = sorted(set(request.params) - _KNOWN_PARAMS)
-        if unknown:
-            raise TerminalError(
-                f'backend "{self.name}" does not accept parameter(s) {", ".join(unknown)} '
-                f"(accepted: {', '.join(sorted(_KNOWN_PARAMS))})",
-                detail={"unknown_params": unknown},
-            )
         steps = request.steps or 4
         for step in range(1, steps + 1):
             if self.config.latency_ms:

@@ -1,4 +1,4 @@
-"""What both command-line programs share: config, database, owner, async entry."""
+"""What both command-line programs share: config, database, owner, input checks, async entry."""
 
 from __future__ import annotations
 
@@ -13,17 +13,32 @@ from typing import Annotated, Any, TypeVar
 import asyncpg
 import typer
 
+from imagen_worker.cli import failures
+from imagen_worker.cli.failures import InputError
 from imagen_worker.config import Config, load_config
 from imagen_worker.db import migrate as migrations
 from imagen_worker.db.connect import connect, resolve_dsn
-from imagen_worker.errors import ConfigError
+from imagen_worker.errors import ConfigError, SchemaError
 
 T = TypeVar("T")
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="imagen.yaml (default: $IMAGEN_CONFIG, then ~/.config/imagen.yaml)"),
+    typer.Option(
+        "--config",
+        "-c",
+        help="imagen.yaml to read; must exist (default: $IMAGEN_CONFIG, then ~/.config/imagen.yaml)",
+        show_default=False,
+    ),
 ]
+
+# What the database accepts (migrations/0001_jobs_and_images.sql); checked here first so a
+# typo gets the allowed range instead of a constraint name and the whole failing row.
+SIDE = (64, 4096)
+STEPS = (1, 200)
+PRIORITY = (-100, 100)
+PROMPT_MAX = 8000
+STATUSES = ("pending", "running", "done", "failed", "cancelled")
 
 # Jobs submitted from a terminal without a configured owner belong to a stable per-OS-user id,
 # so `imagen list` on the same machine shows them and a web user's id is never guessed.
@@ -39,26 +54,24 @@ def owner_of(config: Config, explicit: str | None = None) -> uuid.UUID:
     try:
         return uuid.UUID(value) if value else local_owner()
     except ValueError:
-        raise ConfigError(f"owner user id is not a UUID: {value!r}") from None
+        error = InputError if explicit else ConfigError
+        raise error(f"owner user id is not a UUID: {value!r}") from None
 
 
-def fail(program: str, message: str, code: int = 1) -> typer.Exit:
-    typer.echo(f"{program}: {message}", err=True)
+def fail(program: str, message: str, code: int = failures.Code.FAILED) -> typer.Exit:
+    """A command's own refusal (not an exception): its line, and its exit code."""
+    failures.report(program, code, message)
     return typer.Exit(code)
 
 
 def run(program: str, coro_factory: Callable[[], Awaitable[T]]) -> T:
-    """Run a command's coroutine; configuration and database errors become one clear line."""
+    """Run a command's coroutine; any failure becomes one clear line and its exit code."""
 
     async def main() -> T:
         return await coro_factory()
 
-    try:
-        return asyncio.run(main())
-    except ConfigError as exc:
-        raise fail(program, str(exc)) from None
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise fail(program, f"database: {exc}") from None
+    result: T = failures.guarded(program, lambda: asyncio.run(main()))
+    return result
 
 
 def load(config_path: Path | None) -> Config:
@@ -83,14 +96,18 @@ def with_database(
 @asynccontextmanager
 async def database(config: Config) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the queue; an embedded database is migrated on first use."""
+    from imagen_worker.check import describe_dsn
+
     embedded = config.database_url() is None
-    conn = await connect(resolve_dsn(config))
+    dsn = resolve_dsn(config)
+    failures.set_database(describe_dsn(dsn) if not embedded else f"the embedded server ({describe_dsn(dsn)})")
+    conn = await connect(dsn)
     try:
         todo = await migrations.pending(conn)
         if todo and embedded:
             await migrations.migrate(conn)
         elif todo:
-            raise ConfigError(
+            raise SchemaError(
                 f"the database schema is behind ({', '.join(m.version for m in todo)} not applied): "
                 "run `imagen-worker migrate`"
             )
@@ -107,7 +124,7 @@ def parse_params(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--param {item!r}: expected KEY=VALUE")
+            raise InputError(f"--param {item!r}: expected KEY=VALUE")
         try:
             params[key] = json.loads(value)
         except ValueError:
@@ -118,5 +135,29 @@ def parse_params(items: list[str]) -> dict[str, Any]:
 def parse_size(size: str) -> tuple[int, int]:
     width, sep, height = size.lower().partition("x")
     if not sep or not width.isdigit() or not height.isdigit():
-        raise ConfigError(f"--size {size!r}: expected WIDTHxHEIGHT, e.g. 1024x768")
+        raise InputError(f"--size {size!r}: expected WIDTHxHEIGHT, e.g. 1024x768")
+    low, high = SIDE
+    for side in (int(width), int(height)):
+        if not low <= side <= high or side % 8:
+            raise InputError(
+                f"--size {size}: width and height must be multiples of 8 between {low} and {high}"
+            )
     return int(width), int(height)
+
+
+def check_range(flag: str, value: int | None, bounds: tuple[int, int]) -> None:
+    if value is not None and not bounds[0] <= value <= bounds[1]:
+        raise InputError(f"{flag} {value}: must be between {bounds[0]} and {bounds[1]}")
+
+
+def check_prompt(prompt: str, flag: str = "the prompt") -> None:
+    if not prompt.strip():
+        raise InputError(f"{flag} is empty: describe the image to generate")
+    if len(prompt) > PROMPT_MAX:
+        raise InputError(f"{flag} has {len(prompt)} characters; at most {PROMPT_MAX} are accepted")
+
+
+def check_status(status: str | None) -> str | None:
+    if status is not None and status not in STATUSES:
+        raise InputError(f"--status {status!r}: use one of {', '.join(STATUSES)}")
+    return status

@@ -1,4 +1,4 @@
-"""``imagen config``: print a sample ``imagen.yaml`` and check one.
+"""``imagen config``: print a sample ``imagen.yaml``, check one, show the effective settings.
 
 ``validate`` reports every problem it can find in one run, each with its key path
 (``worker.concurrency: ...``, ``backends.comfyui: ...``): the file and environment through
@@ -10,6 +10,9 @@ password in ``database.url``) are printed but do not fail the check.
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,12 +24,30 @@ import typer
 import yaml
 
 from imagen_worker import backends
-from imagen_worker.config import Config, collect_problems, resolve_path
+from imagen_worker.cli.common import ConfigOption
+from imagen_worker.cli.failures import guarded
+from imagen_worker.config import (
+    Config,
+    collect_problems,
+    config_file,
+    describe_file,
+    missing_file_problem,
+    resolve_path,
+    sources,
+)
 from imagen_worker.errors import ConfigError
+from imagen_worker.observability.logging import Redactor
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Write and check imagen.yaml.")
+app = typer.Typer(
+    add_completion=False,
+    rich_markup_mode=None,  # plain help: flags without a "<bool>" type column
+    no_args_is_help=True,
+    help="Print a sample imagen.yaml, check one, show the settings.",
+)
 
 SAMPLE_RESOURCE = "sample-config.yaml"
+# Keys whose values are secrets wherever they appear (an env-set backend header, a storage key).
+_SECRET_LEAF = re.compile(r"(?i)^(api_?key|token|password|passwd|secret|service_key|key|authorization)$")
 
 
 @dataclass
@@ -134,10 +155,10 @@ def check(path: Path | None = None) -> Report:
     """Every problem with the effective configuration (file at ``path`` plus environment)."""
     file = resolve_path(path)
     report = Report(path=file, exists=file.is_file())
-    if path is not None and not report.exists:
-        report.errors.append(f"{file}: no such file")
+    if missing := missing_file_problem(path):
+        report.errors.append(missing)
         return report
-    config, problems = collect_problems(file)
+    config, problems = collect_problems(path)
     report.errors.extend(problems)
     raw = _raw_file(file) if report.exists else {}
     report.errors.extend(_check_backends(_backend_blocks(config, raw)))
@@ -158,11 +179,14 @@ def sample() -> None:
 def validate(
     path: Annotated[
         Path | None,
-        typer.Argument(help="The file to check (default: $IMAGEN_CONFIG, else ~/.config/imagen.yaml)."),
+        typer.Argument(
+            help="The file to check (default: --config, then $IMAGEN_CONFIG, then ~/.config/imagen.yaml)."
+        ),
     ] = None,
+    config_path: ConfigOption = None,
 ) -> None:
     """Check a configuration and print every problem with its key path."""
-    report = check(path)
+    report = check(path or config_path)
     for warning in report.warnings:
         typer.echo(f"warning: {warning}", err=True)
     if report.errors:
@@ -171,5 +195,33 @@ def validate(
         count = len(report.errors)
         typer.echo(f"{report.path}: {count} problem{'s' if count != 1 else ''}", err=True)
         raise typer.Exit(1)
-    suffix = "" if report.exists else " (no file: defaults and environment)"
-    typer.echo(f"ok: {report.path}{suffix}")
+    _file, origin = config_file(path or config_path)
+    if report.exists:
+        typer.echo(f"ok: {report.path}" + (f" (from {origin})" if origin else ""))
+    else:
+        typer.echo(f"ok: {report.path} (no file: defaults and environment)")
+
+
+def _shown(key: str, value: Any, redactor: Redactor) -> str:
+    """A value as printed: secrets masked, env-var names marked set or not set."""
+    leaf = key.rsplit(".", 1)[-1]
+    if value is None:
+        return "null"
+    if isinstance(value, str) and (leaf.endswith("_env") or ".headers." in key):
+        return f"{value} ({'set' if os.environ.get(value) else 'not set'})"
+    if _SECRET_LEAF.match(leaf):
+        return "***"
+    return redactor.scrub(value if isinstance(value, str) else json.dumps(value))
+
+
+@app.command()
+def show(config_path: ConfigOption = None) -> None:
+    """Print the effective settings, secrets masked, each with where it came from."""
+    rows = guarded("imagen", lambda: sources(config_path))
+    redactor = Redactor.from_env()
+    typer.echo(f"# config file: {describe_file(config_path)}")
+    width = max(len(key) for key, _, _ in rows)
+    shown = [(key, _shown(key, value, redactor), source) for key, value, source in rows]
+    value_width = min(max(len(value) for _, value, _ in shown), 48)
+    for key, value, source in shown:
+        typer.echo(f"{key:{width}}  {value:{value_width}}  {source}")

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import shutil
+import signal
 import sys
 import uuid
+from pathlib import Path
 from typing import Annotated, Any
 
 import asyncpg
@@ -15,9 +19,11 @@ from rich.table import Table
 
 from imagen_worker import backends as backend_registry
 from imagen_worker import styles as style_presets
-from imagen_worker.cli import common, watch
+from imagen_worker.cli import common, failures, watch
 from imagen_worker.cli.common import ConfigOption
 from imagen_worker.cli.config_cmd import app as config_app
+from imagen_worker.cli.db_cmd import app as db_app
+from imagen_worker.cli.failures import Code, InputError
 from imagen_worker.config import Config
 from imagen_worker.errors import ConfigError, JobError
 from imagen_worker.pipeline import Pipeline, forget
@@ -27,21 +33,46 @@ from imagen_worker.storage import create_sink
 
 app = typer.Typer(
     add_completion=False,
+    rich_markup_mode=None,  # plain help: flags without a "<bool>" type column
     no_args_is_help=True,
     help="Submit prompts to the imagen queue, follow them, or generate in-process.",
 )
-app.add_typer(config_app, name="config", help="Print a sample config or validate one.")
+app.add_typer(config_app, name="config", help="Print a sample config, validate one, show the settings.")
+app.add_typer(db_app, name="db", help="The embedded PostgreSQL: status and stop.")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 PROGRAM = "imagen"
 
+Prompt = Annotated[str, typer.Argument(metavar="PROMPT", help="What to draw.", show_default=False)]
+JobId = Annotated[str, typer.Argument(metavar="JOB_ID", help="The job's id (from submit or list).")]
 Backend_ = Annotated[str | None, typer.Option("--backend", "-b", help="Backend instance name.")]
 Style = Annotated[str | None, typer.Option("--style", "-s", help="Style preset (see `imagen styles`).")]
 Size = Annotated[str, typer.Option("--size", help="WIDTHxHEIGHT, multiples of 8 in 64..4096.")]
+Priority = Annotated[int, typer.Option("--priority", help="-100..100; higher runs first.")]
 Steps = Annotated[int | None, typer.Option("--steps", help="Sampling steps, 1..200.")]
 Seed = Annotated[int | None, typer.Option("--seed", help="Seed; chosen per job when omitted.")]
 Negative = Annotated[str | None, typer.Option("--negative", "-n", help="Negative prompt.")]
 Params = Annotated[list[str], typer.Option("--param", "-p", help="Backend parameter KEY=VALUE (repeatable).")]
+
+
+@app.callback()
+def _root(
+    _version: Annotated[bool, failures.version_option(PROGRAM)] = False,
+    _debug: Annotated[
+        bool, typer.Option("--debug", help="Print tracebacks instead of one line per failure.")
+    ] = False,
+) -> None:
+    """imagen: submit prompts to the queue, follow them, or generate in-process."""
+
+
+def _check_input(prompt: str, size: str, steps: int | None, negative: str | None, priority: int = 0) -> None:
+    """Everything the database would refuse, refused here first with the allowed range."""
+    common.check_prompt(prompt)
+    if negative is not None and len(negative) > common.PROMPT_MAX:
+        raise InputError(f"--negative has {len(negative)} characters; at most {common.PROMPT_MAX}")
+    common.parse_size(size)
+    common.check_range("--steps", steps, common.STEPS)
+    common.check_range("--priority", priority, common.PRIORITY)
 
 
 def _spec(
@@ -60,7 +91,7 @@ def _spec(
 
 @app.command()
 def submit(
-    prompt: str,
+    prompt: Prompt,
     backend: Backend_ = None,
     style: Style = None,
     size: Size = "1024x1024",
@@ -68,7 +99,7 @@ def submit(
     seed: Seed = None,
     negative: Negative = None,
     param: Params = [],  # noqa: B006 - typer needs a literal default
-    priority: Annotated[int, typer.Option("--priority", help="-100..100; higher runs first.")] = 0,
+    priority: Priority = 0,
     owner: Annotated[str | None, typer.Option("--owner", help="Owner user id (UUID).")] = None,
     dedupe_key: Annotated[
         str | None, typer.Option("--dedupe-key", help="Reuse a live job with this key.")
@@ -76,17 +107,25 @@ def submit(
     wait: Annotated[
         bool, typer.Option("--wait", "-w", help="Follow the job and print the image path.")
     ] = False,
+    workflow: Annotated[
+        str | None, typer.Option("--workflow", help="JSON file: this job's own workflow (operator only).")
+    ] = None,
     config_path: ConfigOption = None,
 ) -> None:
     """Enqueue a prompt; prints the job id (or, with --wait, the image path)."""
+    submitted: list[uuid.UUID] = []
 
     async def go() -> int:
+        _check_input(prompt, size, steps, negative, priority)
         config = common.load(config_path)
         spec = _spec(
             config, prompt, backend, style, size, steps, seed, negative, param, priority, owner, dedupe_key
         )
+        if workflow is not None:
+            spec = dataclasses.replace(spec, workflow=_read_workflow(workflow))
         async with common.database(config) as conn:
             job_id, created = await Queue(conn).enqueue(spec)
+            submitted.append(job_id)
             err.print(f"job {job_id} {'queued' if created else 'already queued (same dedupe key)'}")
             if not wait:
                 out.print(str(job_id), highlight=False)
@@ -96,36 +135,168 @@ def submit(
                 out.print(await watch.image_path(conn, row["image_id"]), highlight=False, soft_wrap=True)
                 return 0
             err.print(f"[red]job {row['status']}[/red]: {row['error'] or 'no reason recorded'}")
-            return 1 if row["status"] == "failed" else 2
+            return Code.FAILED if row["status"] == "failed" else Code.CANCELLED
 
-    raise typer.Exit(common.run(PROGRAM, go))
+    if wait:
+        # `timeout 60 imagen submit --wait`, or a closed session: SIGTERM ends the wait the way
+        # Ctrl-C does, with the line that says the job stays queued.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        code = common.run(PROGRAM, go)
+    except KeyboardInterrupt:
+        if not submitted:
+            raise
+        job = submitted[0]
+        failures.report(
+            PROGRAM, Code.INTERRUPTED,
+            f"stopped following job {job}; it stays queued (cancel it with: imagen cancel {job})",
+        )  # fmt: skip
+        raise typer.Exit(Code.INTERRUPTED) from None
+    raise typer.Exit(code)
+
+
+def _read_workflow(path: str) -> dict[str, Any]:
+    """The file for ``--workflow``: an API-format graph, or ``{"graph": ..., "bindings": ...}``."""
+    try:
+        data = json.loads(Path(path).expanduser().read_text("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"--workflow: cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"--workflow: {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"--workflow: {path} must hold a JSON object (an API-format workflow)")
+    return data
 
 
 def _parse_id(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except ValueError:
-        raise ConfigError(f"not a job id: {value!r}") from None
+        raise InputError(f"not a job id: {value!r}") from None
+
+
+def _checked_id(value: str) -> uuid.UUID:
+    """The id, or the command's one-line usage failure before any connection is made."""
+    ref: uuid.UUID = failures.guarded(PROGRAM, lambda: _parse_id(value))
+    return ref
+
+
+LOCAL_PREFIX = "file://"
+
+
+def _local_file(image: asyncpg.Record) -> Path | None:
+    sidecar = image["sidecar"] or {}
+    path = sidecar.get("local_path")
+    return Path(path) if path else None
+
+
+def _uploaded_key(image: asyncpg.Record) -> str | None:
+    """The object key in cloud storage; None when the image never left its machine."""
+    key = str(image["storage_path"])
+    return None if key.startswith(LOCAL_PREFIX) else key
+
+
+async def _signed_url(config: Config, key: str, ttl: int) -> str:
+    sink = create_sink(config)
+    try:
+        if not sink.is_cloud:
+            raise ConfigError("cloud storage is not configured (set SUPABASE_URL and SUPABASE_SERVICE_KEY)")
+        return await sink.sign(key, ttl)
+    finally:
+        await sink.aclose()
 
 
 @app.command()
-def status(job_id: str, config_path: ConfigOption = None) -> None:
-    """Show one job."""
+def status(
+    job_id: JobId,
+    sign_url: Annotated[
+        bool, typer.Option("--sign", help="Also print a signed download URL for the image.")
+    ] = False,
+    config_path: ConfigOption = None,
+) -> None:
+    """Show one job, and where its image is."""
+    ref = _checked_id(job_id)
 
-    async def go(conn: asyncpg.Connection, _: Config) -> int:
-        row = await Queue(conn).get(_parse_id(job_id))
+    async def go(conn: asyncpg.Connection, config: Config) -> int:
+        row = await Queue(conn).get(ref)
         if row is None:
             err.print(f"no job {job_id}")
             return 1
-        table = Table(show_header=False, box=None)
-        for key in ("id", "status", "prompt", "backend", "style", "width", "height", "seed", "attempts",
-                    "max_attempts", "priority", "run_at", "progress", "error", "image_id", "created_at",
-                    "started_at", "finished_at"):  # fmt: skip
-            table.add_row(key, "" if row[key] is None else str(row[key]))
-        out.print(table)
+        # Plain "key  value" lines, never cut to the terminal: paths and signed URLs are copied.
+        lines: list[tuple[str, object]] = [
+            (key, row[key])
+            for key in ("id", "status", "prompt", "backend", "style", "width", "height", "seed", "attempts",
+                        "max_attempts", "priority", "run_at", "progress", "error", "image_id", "created_at",
+                        "started_at", "finished_at")
+        ]  # fmt: skip
+        if row["status"] == "pending" and (waiting := watch.pending_label(row)) != "pending":
+            lines.append(("waiting", waiting.removeprefix("pending: ")))
+        image = await conn.fetchrow(sql("get_image"), row["image_id"]) if row["image_id"] else None
+        if image is not None:
+            local = _local_file(image)
+            object_key = _uploaded_key(image)
+            here = local is not None and local.exists()
+            lines.append(("local_path", f"{local}{'' if here else ' (not on this machine)'}"))
+            lines.append(("storage_key", object_key or "not uploaded (local storage)"))
+            if sign_url and object_key:
+                lines.append(("signed_url", await _signed_url(config, object_key, 3600)))
+        for key, value in lines:
+            print(f"{key:13} {'' if value is None else value}".rstrip())
+        if sign_url and image is not None and _uploaded_key(image) is None:
+            err.print("imagen: the image was not uploaded, so there is nothing to sign; it is at local_path")
         return 0
 
     raise typer.Exit(common.with_database(PROGRAM, config_path, go))
+
+
+@app.command("open")
+def open_image(
+    reference: Annotated[str, typer.Argument(help="A job id or an image id.")],
+    into: Annotated[
+        Path | None,
+        typer.Option("--into", help="Directory for a downloaded copy (default: output.directory)."),
+    ] = None,
+    config_path: ConfigOption = None,
+) -> None:
+    """Print the image's local path; downloads it from cloud storage first when it is not here."""
+
+    ref = _checked_id(reference)
+
+    async def go(conn: asyncpg.Connection, config: Config) -> int:
+        job = await Queue(conn).get(ref)
+        image_id = job["image_id"] if job is not None else ref
+        if job is not None and image_id is None:
+            raise ConfigError(f"job {reference} is {job['status']}: it has no image yet")
+        image = await conn.fetchrow(sql("get_image"), image_id)
+        if image is None:
+            raise ConfigError(f"no job or image {reference}")
+        local = _local_file(image)
+        if local is not None and local.is_file():
+            print(local)
+            return 0
+        key = _uploaded_key(image)
+        if key is None:
+            raise ConfigError(f"the image was stored only at {local}, which is not on this machine")
+        target = (into or config.output.directory).expanduser() / Path(key).name
+        await _download(await _signed_url(config, key, 300), target)
+        print(target)
+        return 0
+
+    raise typer.Exit(common.with_database(PROGRAM, config_path, go))
+
+
+async def _download(url: str, target: Path) -> None:
+    import httpx
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.part")
+    async with httpx.AsyncClient(timeout=60) as client, client.stream("GET", url) as response:
+        if response.status_code != 200:
+            raise ConfigError(f"download failed: storage answered HTTP {response.status_code}")
+        with partial.open("wb") as file:
+            async for chunk in response.aiter_bytes():
+                file.write(chunk)
+    partial.replace(target)
 
 
 @app.command("list")
@@ -137,6 +308,8 @@ def list_jobs(
     config_path: ConfigOption = None,
 ) -> None:
     """The newest jobs, one line each."""
+
+    failures.guarded(PROGRAM, lambda: common.check_status(status))
 
     async def go(conn: asyncpg.Connection, _: Config) -> None:
         rows = await Queue(conn).recent(status, limit)
@@ -156,11 +329,12 @@ def list_jobs(
 
 
 @app.command()
-def cancel(job_id: str, config_path: ConfigOption = None) -> None:
+def cancel(job_id: JobId, config_path: ConfigOption = None) -> None:
     """Cancel a job: pending ones at once, running ones as soon as their worker hears it."""
+    ref = _checked_id(job_id)
 
     async def go(conn: asyncpg.Connection, _: Config) -> int:
-        new_status = await Queue(conn).request_cancel(_parse_id(job_id))
+        new_status = await Queue(conn).request_cancel(ref)
         if new_status is None:
             err.print(f"job {job_id} is not pending or running; nothing to cancel")
             return 1
@@ -171,11 +345,13 @@ def cancel(job_id: str, config_path: ConfigOption = None) -> None:
 
 
 @app.command()
-def retry(job_id: str, config_path: ConfigOption = None) -> None:
+def retry(job_id: JobId, config_path: ConfigOption = None) -> None:
     """Queue a failed or cancelled job again, with a fresh set of attempts."""
 
+    ref = _checked_id(job_id)
+
     async def go(conn: asyncpg.Connection, _: Config) -> int:
-        ok = await Queue(conn).retry(_parse_id(job_id))
+        ok = await Queue(conn).retry(ref)
         if not ok:
             err.print(f"job {job_id} is not failed or cancelled; nothing to retry")
             return 1
@@ -201,7 +377,7 @@ class _TerminalProgress:
 
 @app.command()
 def generate(
-    prompt: str,
+    prompt: Prompt,
     backend: Backend_ = None,
     style: Style = None,
     size: Size = "1024x1024",
@@ -217,6 +393,7 @@ def generate(
     """Run the pipeline here, without the queue; prints only the image path on stdout."""
 
     async def go() -> int:
+        _check_input(prompt, size, steps, negative)
         config = common.load(config_path)
         spec = _spec(config, prompt, backend, style, size, steps, seed, negative, param)
         name = backend or config.default_backend_name()
@@ -323,7 +500,7 @@ def sign(
 
 
 def main() -> None:
-    app()
+    failures.main(app, PROGRAM)
 
 
 if __name__ == "__main__":

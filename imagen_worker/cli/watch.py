@@ -1,13 +1,15 @@
 """``imagen submit --wait``: follow one job through ``imagen_job_events`` with a progress bar.
 
 Events carry only id and status, so each one (and a 1 s poll, in case an event is missed)
-triggers a re-read of the row.
+triggers a re-read of the row. A job nobody can run would wait in silence, so after a few
+seconds the registry (``imagen.workers``) is asked whether a live worker serves its backend.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 from uuid import UUID
 
@@ -22,9 +24,37 @@ TERMINAL = {"done", "failed", "cancelled"}
 EVENTS_CHANNEL = "imagen_job_events"
 
 
-async def follow(conn: asyncpg.Connection, job_id: UUID, console: Console) -> asyncpg.Record:
+WORKER_CHECK_AFTER = 3.0  # seconds a job may sit pending before the registry is asked
+WORKER_CHECK_EVERY = 5.0
+
+
+def no_worker_message(backend: str | None) -> str:
+    which = f"backend {backend!r}" if backend else "jobs without a backend"
+    return (
+        f"no live worker serves {which}: the job stays queued until one starts "
+        "(imagen-worker run); Ctrl-C leaves it queued"
+    )
+
+
+def pending_label(row: asyncpg.Record) -> str:
+    """``pending``, with the worker's reason when it wrote one (``progress.message``)."""
+    progress = row["progress"] or {}
+    message = progress.get("message") if isinstance(progress, dict) else None
+    return f"pending: {message}" if message else "pending"
+
+
+async def follow(
+    conn: asyncpg.Connection,
+    job_id: UUID,
+    console: Console,
+    *,
+    worker_check_after: float = WORKER_CHECK_AFTER,
+) -> asyncpg.Record:
     """Block until the job is terminal, showing progress on ``console``; returns the final row."""
     changed = asyncio.Event()
+    started = time.monotonic()
+    next_worker_check = started + worker_check_after
+    warned = False
 
     def on_event(_c: Any, _pid: int, _channel: str, payload: str) -> None:
         if str(job_id) in payload:
@@ -46,7 +76,13 @@ async def follow(conn: asyncpg.Connection, job_id: UUID, console: Console) -> as
                 if row is None:
                     raise LookupError(f"job {job_id} disappeared")
                 progress = row["progress"] or {}
-                label = row["status"]
+                label = pending_label(row) if row["status"] == "pending" else row["status"]
+                if row["status"] == "pending" and time.monotonic() >= next_worker_check:
+                    next_worker_check = time.monotonic() + WORKER_CHECK_EVERY
+                    live = await conn.fetchval(sql("live_workers_for_backend"), row["backend"])
+                    if not live and not warned:
+                        console.print(f"imagen: {no_worker_message(row['backend'])}", highlight=False)
+                    warned = warned or not live
                 if row["status"] == "running" and progress:
                     label = f"running {progress.get('value', 0):g}/{progress.get('max', 0):g}"
                 bar.update(task, description=label, completed=float(progress.get("fraction", 0.0)))

@@ -3,35 +3,47 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
+import errno
+import socket
 from typing import Annotated, Any
 
 import typer
 
-from imagen_worker.config import collect_problems, load_config
+from imagen_worker.cli import failures
+from imagen_worker.cli.common import ConfigOption
+from imagen_worker.cli.failures import Code, PortInUse
+from imagen_worker.config import Config, collect_problems, describe_file, load_config, one_line
 from imagen_worker.db import migrate as migrations
 from imagen_worker.db.connect import connect, resolve_dsn
 from imagen_worker.errors import ConfigError
 
+PROGRAM = "imagen-worker"
+
 app = typer.Typer(
     add_completion=False,
+    rich_markup_mode=None,  # plain help: flags without a "<bool>" type column
     no_args_is_help=True,
     help="The imagen queue worker (run) and its admin commands.",
 )
 
-ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="imagen.yaml (default: $IMAGEN_CONFIG or ~/.config)")
-]
-
 
 @app.callback()
-def _root() -> None:
+def _root(
+    _version: Annotated[bool, failures.version_option(PROGRAM)] = False,
+    _debug: Annotated[
+        bool, typer.Option("--debug", help="Print tracebacks instead of one line per failure.")
+    ] = False,
+) -> None:
     """imagen-worker: the queue daemon and its admin commands."""
 
 
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"imagen-worker: {message}", err=True)
-    return typer.Exit(1)
+def _target(config: Config) -> str:
+    from imagen_worker.check import describe_dsn
+
+    dsn = resolve_dsn(config)
+    target = describe_dsn(dsn)
+    failures.set_database(target if config.database_url() else f"the embedded server ({target})")
+    return dsn
 
 
 @app.command()
@@ -41,9 +53,9 @@ def migrate(
 ) -> None:
     """Apply pending schema migrations (safe to run from several hosts at once)."""
 
-    async def run() -> None:
+    async def go() -> None:
         config = load_config(config_path)
-        conn = await connect(resolve_dsn(config))
+        conn = await connect(_target(config))
         try:
             if dry_run:
                 sql = await migrations.dry_run(conn)
@@ -54,10 +66,28 @@ def migrate(
         finally:
             await conn.close()
 
-    try:
-        asyncio.run(run())
-    except ConfigError as exc:
-        raise _fail(str(exc)) from None
+    failures.guarded(PROGRAM, lambda: asyncio.run(go()))
+
+
+def ensure_port_free(config: Config) -> None:
+    """Refuse a taken metrics port before the worker registers, recovers leases or claims."""
+    host, port = config.metrics.host, config.metrics.port
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise PortInUse(
+                errno.EADDRINUSE,
+                f"metrics.port: {host}:{port} is already in use (another worker on this host?); "
+                "set metrics.port (IMAGEN_METRICS__PORT) to a free port, 0 = any free port, "
+                "or run with --no-metrics",
+            ) from None
 
 
 @app.command()
@@ -71,25 +101,38 @@ def run(
     log_format: Annotated[str, typer.Option("--log-format", help="auto|console|json")] = "auto",
 ) -> None:
     """Run the worker until SIGTERM/SIGINT (a second signal stops waiting for in-flight jobs)."""
+    import sys
+
+    import structlog
+
     from imagen_worker.observability.logging import config_secret_env_names, configure_logging
     from imagen_worker.worker.service import Service
 
-    try:
+    # Failures before the first log line use the format the logs will have, so a start-up
+    # error under systemd or docker is one JSON record like every other line.
+    failures.state.json_lines = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+
+    def prepare() -> Config:
+        try:
+            configure_logging(log_level, log_format)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise failures.InputError(str(exc)) from None
         config = load_config(config_path)
         configure_logging(log_level, log_format, secret_env=config_secret_env_names(config))  # type: ignore[arg-type]
-    except (ConfigError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+        if not no_metrics and config.metrics.enabled:
+            ensure_port_free(config)
+        return config
+
+    config = failures.guarded(PROGRAM, prepare)
+    structlog.get_logger("imagen_worker").info("configuration", file=describe_file(config_path))
 
     async def serve() -> None:
         service = Service(
-            config, resolve_dsn(config), run_migrations=not no_migrate, serve_metrics=not no_metrics
+            config, _target(config), run_migrations=not no_migrate, serve_metrics=not no_metrics
         )
         await service.run()
 
-    try:
-        asyncio.run(serve())
-    except ConfigError as exc:
-        raise _fail(str(exc)) from None
+    failures.guarded(PROGRAM, lambda: asyncio.run(serve()))
 
 
 @app.command()
@@ -102,19 +145,16 @@ def check(config_path: ConfigOption = None) -> None:
     async def go() -> list[Any]:
         config, problems = collect_problems(config_path)
         if config is None:
-            raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
-        return await run_checks(config, dsn=resolve_dsn(config))
+            raise ConfigError(one_line(config_path, problems))
+        return await run_checks(config, dsn=_target(config), config_path=config_path)
 
-    try:
-        results = asyncio.run(go())
-    except ConfigError as exc:
-        raise _fail(str(exc)) from None
+    results = failures.guarded(PROGRAM, lambda: asyncio.run(go()))
     Console().print(render_table(results))
     failed = [r for r in results if not r.ok]
     for result in failed:
-        typer.echo(f"imagen-worker: {result.name}: {result.detail}", err=True)
-    raise typer.Exit(1 if failed else 0)
+        typer.echo(f"{PROGRAM}: {result.name}: {result.detail}", err=True)
+    raise typer.Exit(Code.FAILED if failed else Code.OK)
 
 
 def main() -> None:
-    app()
+    failures.main(app, PROGRAM)

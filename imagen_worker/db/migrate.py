@@ -15,7 +15,7 @@ from pathlib import Path
 
 import asyncpg
 
-from imagen_worker.errors import ConfigError
+from imagen_worker.errors import ConfigError, SchemaError
 from imagen_worker.queries import sql
 
 _LOCK_KEY = 0x1A6E_0001  # arbitrary, stable: "imagen migrations"
@@ -68,7 +68,7 @@ def _check_tampering(done: dict[str, str], available: list[Migration]) -> None:
     for migration in available:
         recorded = done.get(migration.version)
         if recorded is not None and recorded != migration.checksum:
-            raise ConfigError(
+            raise SchemaError(
                 f"migration {migration.version} was changed after it was applied "
                 f"(recorded sha256 {recorded[:12]}…, file {migration.checksum[:12]}…); "
                 "add a new migration instead of editing an applied one"

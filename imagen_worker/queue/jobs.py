@@ -59,6 +59,8 @@ class JobSpec:
     run_at: datetime | None = None
     max_attempts: int = 3
     dedupe_key: str | None = None
+    # Operator-only (``imagen submit --workflow``): ``authenticated`` cannot write the column.
+    workflow: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class Job:
     cancel_requested: bool
     created_at: datetime
     waited_seconds: float
+    workflow: Mapping[str, Any] | None = None
     outage_requeues: int = 0
     # The upload an earlier attempt recorded (``ImageRecord.as_result``): link it, render nothing.
     result: Mapping[str, Any] | None = None
@@ -137,6 +140,8 @@ class ImageRecord:
     sidecar: Mapping[str, Any]
     model: str | None = None
     cost_usd_estimate: float | None = None
+    width: int | None = None  # read from the file, never copied from the request
+    height: int | None = None
     # Host-side facts (local path, backend instance and ids): imagen.image_internals only.
     internals: Mapping[str, Any] = field(default_factory=dict)
 
@@ -173,7 +178,7 @@ class Queue:
         args = (
             spec.owner_user_id, spec.prompt, spec.negative_prompt, spec.backend, spec.style,
             spec.width, spec.height, spec.steps, spec.seed, dict(spec.params), spec.priority,
-            spec.run_at, spec.max_attempts, spec.dedupe_key,
+            spec.run_at, spec.max_attempts, spec.dedupe_key, spec.workflow,
         )  # fmt: skip
         for _ in range(3):
             new_id = await self.db.fetchval(sql("enqueue"), *args)
@@ -329,7 +334,7 @@ class Queue:
                 image_id: UUID = await conn.fetchval(
                     sql("insert_image"),
                     job.owner_user_id, job.id, job.prompt, prompt_hash(job.prompt), image.backend,
-                    image.model, image.seed, job.steps, job.width, job.height, image.latency_ms,
+                    image.model, image.seed, job.steps, image.width, image.height, image.latency_ms,
                     image.cost_usd_estimate, image.storage_path, image.mime_type, image.bytes,
                     image.sha256, dict(image.sidecar), dict(image.internals),
                 )  # fmt: skip

@@ -102,7 +102,7 @@ def spec_of(job: Job) -> JobSpec:
     return JobSpec(
         owner_user_id=job.owner_user_id, prompt=job.prompt, negative_prompt=job.negative_prompt,
         backend=job.backend, style=job.style, width=job.width, height=job.height, steps=job.steps,
-        seed=job.seed, params=job.params, max_attempts=job.max_attempts,
+        seed=job.seed, params=job.params, max_attempts=job.max_attempts, workflow=job.workflow,
     )  # fmt: skip
 
 

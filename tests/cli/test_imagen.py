@@ -101,7 +101,7 @@ def test_generate_runs_in_process_and_prints_only_the_image_path(tmp_path: Path)
 def test_generate_with_bad_input_fails_in_words(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     result = imagen("generate", "x", "--size", "banana", dsn="", config=config)
-    assert result.returncode == 1
+    assert result.returncode == 64  # EX_USAGE
     assert "--size 'banana': expected WIDTHxHEIGHT" in result.stderr
 
 

@@ -177,9 +177,100 @@ def _compose() -> dict[str, dict[str, dict[str, object]]]:
     return data
 
 
-def _interpolate(value: str) -> str:
-    """Compose's ``${VAR:-default}`` with nothing set: the default."""
-    return re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", value)
+_VARIABLE = re.compile(r"\$\{([A-Z0-9_]+)(?::-([^${}]*))?\}")
+
+
+def _interpolate(value: str, env: dict[str, str] | None = None) -> str:
+    """Compose's ``${VAR:-default}``, nested ones too, resolved from ``env`` (.env)."""
+    env = env or {}
+    while (match := _VARIABLE.search(value)) is not None:
+        resolved = env.get(match[1]) or (match[2] or "")
+        value = value[: match.start()] + resolved + value[match.end() :]
+    return value
+
+
+# What compose.yaml sets for the container itself, over .env; deploy.md and the example say so.
+COMPOSE_OVERRIDES = {
+    "IMAGEN_DATABASE_URL",
+    "IMAGEN_CONFIG",
+    "IMAGEN_BACKENDS__COMFYUI__TYPE",
+    "IMAGEN_BACKENDS__COMFYUI__BASE_URL",
+    "IMAGEN_BACKENDS__COMFYUI__WORKFLOW",
+    "IMAGEN_OUTPUT__DIRECTORY",
+    "IMAGEN_METRICS__HOST",
+    "IMAGEN_METRICS__PORT",
+}
+
+
+def _active(text: str) -> dict[str, str]:
+    return _env_assignments("\n".join(line for line in text.splitlines() if not line.startswith("#")))
+
+
+def _container_env(service: str, dotenv: dict[str, str]) -> dict[str, str]:
+    """What compose hands a container: every .env variable (env_file), then ``environment:``."""
+    spec = _compose()["services"][service]
+    assert spec["env_file"] == [{"path": ".env", "required": False}]
+    environment = spec["environment"]
+    assert isinstance(environment, dict)
+    merged = dict(dotenv)
+    merged.update({key: _interpolate(str(value), dotenv) for key, value in environment.items()})
+    return merged
+
+
+def test_compose_passes_every_dotenv_variable_and_overrides_only_the_documented_few() -> None:
+    dotenv = {key: f"value-of-{key}" for key in _env_assignments(ENV_EXAMPLE.read_text())}
+    for service in ("migrate", "worker"):
+        container = _container_env(service, dotenv)
+        changed = {key for key, value in dotenv.items() if container[key] != value}
+        assert changed <= COMPOSE_OVERRIDES - {"IMAGEN_DATABASE_URL", "IMAGEN_CONFIG"}, changed
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    for key in COMPOSE_OVERRIDES - {"IMAGEN_CONFIG", "IMAGEN_BACKENDS__COMFYUI__TYPE"}:
+        assert key in text, f"deploy.md does not say that compose sets {key}"
+
+
+def test_compose_with_the_example_as_dotenv_reaches_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    dotenv = _active(ENV_EXAMPLE.read_text())
+    dotenv.update(
+        IMAGEN_DATABASE_URL="postgresql://imagen@db.example.internal:5432/queue",
+        IMAGEN_WORKER__POLL_INTERVAL="2",
+        IMAGEN_WORKER__LEASE_SECONDS="45",
+        IMAGEN_WORKER__MAX_ATTEMPTS="5",
+        IMAGEN_BACKENDS__COMFYUI__WORKFLOW="flux-schnell",
+        IMAGEN_BACKENDS__COMFYUI__TIMEOUT="900",
+    )
+    for key, value in _container_env("worker", dotenv).items():
+        if value:
+            monkeypatch.setenv(key, value)
+
+    config = load_config()
+
+    assert config.database_url() == "postgresql://imagen@db.example.internal:5432/queue"
+    worker = config.worker
+    assert (worker.poll_interval, worker.lease_seconds, worker.max_attempts) == (2, 45, 5)
+    block = config.backends["comfyui"]
+    assert block["base_url"] == "http://host.docker.internal:8188"
+    assert (block["workflow"], block["timeout"]) == ("flux-schnell", 900)
+    assert backends.create("comfyui", block).name == "comfyui"
+    assert (config.metrics.host, config.metrics.port) == ("0.0.0.0", 9464)
+
+
+def test_compose_without_a_dotenv_uses_the_bundled_postgres(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in _container_env("worker", {}).items():
+        if value:
+            monkeypatch.setenv(key, value)
+
+    config = load_config()
+
+    assert config.database_url() == "postgresql://imagen:imagen@postgres:5432/imagen"
+    assert str(config.output.directory) == "/var/lib/imagen/images"
+
+
+def test_env_example_sets_no_placeholder_that_would_be_used_for_real() -> None:
+    active = _active(ENV_EXAMPLE.read_text())
+    assert "IMAGEN_OWNER_USER_ID" not in active, "a nil-UUID owner would file every image under it"
+    placeholders = {"SUPABASE_URL", "SUPABASE_SERVICE_KEY"} & set(active)
+    assert not placeholders, "placeholder credentials would fail every job"
+    assert not [key for key, value in active.items() if "CHANGE-ME" in value or "example" in value]
 
 
 def test_compose_services_and_ordering() -> None:
@@ -196,23 +287,6 @@ def test_compose_services_and_ordering() -> None:
     assert "curl" not in str(worker["healthcheck"])
 
 
-def test_compose_worker_environment_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    env = _compose()["services"]["worker"]["environment"]
-    assert isinstance(env, dict)
-    assert env["IMAGEN_BACKENDS__COMFYUI__BASE_URL"] == "${COMFYUI_URL:-http://host.docker.internal:8188}"
-    for key, value in env.items():
-        resolved = _interpolate(str(value))
-        if resolved:
-            monkeypatch.setenv(key, resolved)
-    config = load_config()
-    block = {"type": "comfyui", "base_url": "http://host.docker.internal:8188", "workflow": "sdxl"}
-    assert config.backends == {"comfyui": block}
-    assert backends.create("comfyui", config.backends["comfyui"]).name == "comfyui"
-    assert (config.metrics.host, config.metrics.port) == ("0.0.0.0", 9464)
-    assert config.database_url() == "postgresql://imagen:imagen@postgres:5432/imagen"
-    assert str(config.output.directory) == "/var/lib/imagen/images"
-
-
 def _compose_cli() -> list[str] | None:
     """``docker compose`` (the plugin) or the standalone ``docker-compose``; no engine needed."""
     if shutil.which("docker") is not None:
@@ -227,16 +301,20 @@ COMPOSE_CLI = _compose_cli()
 
 
 @pytest.mark.skipif(COMPOSE_CLI is None, reason="no Compose implementation (docker compose / docker-compose)")
-def test_docker_compose_config_accepts_the_file() -> None:
+def test_docker_compose_config_with_a_dotenv_shows_its_variables(tmp_path: Path) -> None:
+    """The real Compose agrees with the parsing above (skipped where none is installed)."""
     assert COMPOSE_CLI is not None
+    shutil.copy(COMPOSE, tmp_path / "compose.yaml")
+    dotenv = _active(ENV_EXAMPLE.read_text())
+    dotenv.update(IMAGEN_WORKER__POLL_INTERVAL="2", IMAGEN_DATABASE_URL="postgresql://imagen@db.internal/q")
+    (tmp_path / ".env").write_text("".join(f"{k}={v}\n" for k, v in dotenv.items()))
     proc = subprocess.run(
-        [*COMPOSE_CLI, "-f", str(COMPOSE), "config", "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+        [*COMPOSE_CLI, "-f", "compose.yaml", "config", "--format", "json"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    env = json.loads(proc.stdout)["services"]["worker"]["environment"]
+    assert env == _container_env("worker", dotenv)
 
 
 def test_dockerfile_shape() -> None:

@@ -6,15 +6,23 @@ events only reach the prompt's ``client_id`` socket, history is written *after*
 ``execution_success`` (``history_delay`` widens that race), fully cached reruns hand back the old
 filename, 200 answers with ``node_errors`` drop outputs, a pending prompt deleted from the queue
 never produces an event, a reused clientId replaces the socket (and closing the old one unroutes
-the new one), nothing is replayed on reconnect, and ``restart()`` forgets queue, history and
-sockets.
+the new one), nothing is replayed on reconnect, ``stop()`` (a killed process: connections
+refused, queue, history and sockets forgotten) and ``start()`` again on the same port, and
+``status`` broadcasts to every socket on every queue change, whoever's prompt it is.
+
+0.3.64 has no Jobs API: the frontend's static route takes any path for GET only, so
+``POST /api/jobs/{id}/cancel`` answers 405. ``jobs_api=True`` plays a newer server, whose
+cancel dequeues a pending prompt or interrupts the running one in one step and answers
+``{"cancelled": bool}``.
 
 Control knobs: ``plan`` (per prompt: duration and outcome; by default read from markers such as
 ``[fake:duration=0.5]``, ``[fake:error]``, ``[fake:oom]`` in any string input), ``default_duration``,
-``history_delay``, ``pause()``/``resume()``, ``refuse_websockets``, ``mute_events``,
-``fail_next`` (answer the next requests to a route with an HTTP status), ``drop_sockets()`` and
-``restart()``. Instrumentation: ``requests`` (every request), ``interrupts``, ``executions`` (the
-fake GPU's busy intervals, see ``idle_gaps()``) and ``max_queued_by_client``.
+``history_delay``, ``post_delay`` (a slow ``POST /prompt``: the prompt is queued only after it),
+``pause()``/``resume()``, ``refuse_websockets``, ``mute_events``, ``fail_next`` (answer the next
+requests to a route with an HTTP status), ``drop_sockets()``, ``stop()``/``start()``,
+``restart()`` and ``submit_foreign()`` (a prompt from someone else, as from the ComfyUI UI).
+Instrumentation: ``requests`` (every request), ``interrupts``, ``job_cancels``, ``executions``
+(the fake GPU's busy intervals, see ``idle_gaps()``) and ``max_queued_by_client``.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from aiohttp import WSMsgType, web
+from aiohttp import ClientSession, WSMsgType, web
 
 VERSION = "0.3.64"
 DEFAULT_CHECKPOINTS = (
@@ -166,6 +174,15 @@ class RecordedInterrupt:
     at: float
 
 
+@dataclass(frozen=True)
+class RecordedCancel:
+    """One ``POST /api/jobs/{id}/cancel`` and what it did."""
+
+    prompt_id: str
+    outcome: str  # dequeued | interrupted | not_found
+    at: float
+
+
 @dataclass
 class Execution:
     """One busy interval of the fake GPU."""
@@ -206,19 +223,30 @@ class _State:
 
 
 class FakeComfyUI:
-    def __init__(self, *, checkpoints: tuple[str, ...] = DEFAULT_CHECKPOINTS, default_duration: float = 0.02):
+    def __init__(
+        self,
+        *,
+        checkpoints: tuple[str, ...] = DEFAULT_CHECKPOINTS,
+        default_duration: float = 0.02,
+        jobs_api: bool = False,
+    ):
         self.default_duration = default_duration
+        self.jobs_api = jobs_api
         self.plan: Callable[[str, dict[str, Any]], Plan] | None = None
         self.history_delay = 0.0
+        self.post_delay = 0.0
         self.refuse_websockets = False
         self.mute_events = False
         self.fail_next: dict[str, list[int]] = {}
         self.requests: list[RecordedRequest] = []
         self.interrupts: list[RecordedInterrupt] = []
+        self.job_cancels: list[RecordedCancel] = []
         self.executions: list[Execution] = []
         self.max_queued_by_client: dict[str, int] = {}
         self.files: dict[tuple[str, str, str], bytes] = {}  # (type, subfolder, filename) -> bytes
         self.nodes = _node_catalogue(checkpoints)
+        self.version = VERSION  # what /system_stats reports
+        self.honour_prompt_ids = True  # False: mint our own id, as servers before 0.3.56 could
         self.port = 0
         self._state = _State()
         self._sockets: dict[str, web.WebSocketResponse] = {}
@@ -248,8 +276,13 @@ class FakeComfyUI:
             app.router.add_post(f"{prefix}/history", self._post_history)
             app.router.add_get(f"{prefix}/view", self._view)
             app.router.add_get(f"{prefix}/system_stats", self._system_stats)
+            app.router.add_get(f"{prefix}/object_info", self._object_info)
+            app.router.add_get(f"{prefix}/object_info/{{node_class}}", self._object_info)
             app.router.add_get(f"{prefix}/features", self._features)
             app.router.add_post(f"{prefix}/free", self._free)
+        if self.jobs_api:
+            app.router.add_post("/api/jobs/{prompt_id}/cancel", self._post_job_cancel)
+        app.router.add_get("/{path:.*}", self._static)  # the frontend: GET only, so other methods get 405
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
@@ -265,6 +298,10 @@ class FakeComfyUI:
         await self.stop()
 
     async def stop(self) -> None:
+        """Kill the process: connections are refused; queue, history, cache and sockets are gone.
+
+        ``start()`` brings it back on the same port, empty, as a restarted ComfyUI.
+        """
         if self._executor is not None:
             self._executor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -274,17 +311,36 @@ class FakeComfyUI:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-
-    async def restart(self, down_for: float = 0.0) -> None:
-        """Kill and start again on the same port: queue, history, cache and sockets are gone."""
-        await self.stop()
         for run in self.executions:
             if run.end is None:
                 run.end, run.outcome = asyncio.get_running_loop().time(), "lost"
         self._state = _State()
         self.files = {key: data for key, data in self.files.items() if key[0] != "temp"}
+
+    @property
+    def stopped(self) -> bool:
+        return self._runner is None
+
+    async def restart(self, down_for: float = 0.0) -> None:
+        """Kill and start again on the same port: queue, history, cache and sockets are gone."""
+        await self.stop()
         await asyncio.sleep(down_for)
         await self.start()
+
+    async def submit_foreign(self, duration: float, client_id: str | None = "comfyui-frontend") -> str:
+        """Queue a prompt as someone else would (the ComfyUI UI, another tool); returns its id."""
+        size = {"width": 8, "height": 8, "batch_size": 1, "color": 1}
+        prefix = f"ui/{uuid.uuid4().hex[:8]}/[fake:duration={duration}]"  # unique: never served from cache
+        graph = {
+            "1": {"class_type": "EmptyImage", "inputs": size},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
+        }
+        body: dict[str, Any] = {"prompt": graph}
+        if client_id is not None:
+            body["client_id"] = client_id
+        async with ClientSession() as http, http.post(f"{self.url}/prompt", json=body) as answer:
+            assert answer.status == 200, await answer.text()
+            return str((await answer.json())["prompt_id"])
 
     async def drop_sockets(self) -> None:
         """Close every websocket from the server side (the clients see a drop)."""
@@ -406,7 +462,8 @@ class FakeComfyUI:
         await self._send_to(ws, "status", {"status": self._exec_info(), "sid": sid})
         state = self._state
         if state.running and state.running.extra.get("client_id") == sid and state.current_node:
-            await self._send_to(ws, "executing", {"node": state.current_node})  # no prompt_id, as on reconnect
+            # On reconnect: the current node only, no prompt_id.
+            await self._send_to(ws, "executing", {"node": state.current_node})
         first = True
         try:
             async for msg in ws:
@@ -464,6 +521,8 @@ class FakeComfyUI:
 
     async def _post_prompt(self, request: web.Request) -> web.Response:
         data = await request.json()  # not JSON -> aiohttp's text/plain 500, like ComfyUI
+        if self.post_delay:
+            await asyncio.sleep(self.post_delay)  # a slow server: the prompt lands only after this
         state = self._state
         if "number" in data:
             number: float = float(data["number"])
@@ -478,7 +537,7 @@ class FakeComfyUI:
             raise web.HTTPInternalServerError(
                 text="500 Internal Server Error\n\nServer got itself in trouble"
             )
-        prompt_id = str(data.get("prompt_id") or uuid.uuid4())
+        prompt_id = str((self.honour_prompt_ids and data.get("prompt_id")) or uuid.uuid4())
         error, node_errors, outputs = self._validate(graph)
         if error is not None:
             return web.json_response({"error": error, "node_errors": node_errors}, status=400)
@@ -527,6 +586,25 @@ class FakeComfyUI:
             self._state.interrupted = True
         return web.Response()
 
+    async def _post_job_cancel(self, request: web.Request) -> web.Response:
+        """The Jobs API cancel: dequeue or interrupt in one step, idempotent."""
+        prompt_id = request.match_info["prompt_id"]
+        state = self._state
+        outcome = "not_found"
+        if any(item.prompt_id == prompt_id for item in state.pending):
+            state.pending = [item for item in state.pending if item.prompt_id != prompt_id]
+            heapq.heapify(state.pending)
+            outcome = "dequeued"
+            await self._broadcast_status()
+        elif self.running_prompt == prompt_id:
+            state.interrupted = True
+            outcome = "interrupted"
+        self.job_cancels.append(RecordedCancel(prompt_id, outcome, asyncio.get_running_loop().time()))
+        return web.json_response({"cancelled": outcome != "not_found"})
+
+    async def _static(self, request: web.Request) -> web.Response:
+        return web.Response(status=404, text="404: Not Found")
+
     async def _get_history_all(self, request: web.Request) -> web.Response:
         items = list(self._state.history.items())
         if "max_items" in request.query:
@@ -569,7 +647,7 @@ class FakeComfyUI:
             "os": "posix",
             "ram_total": 25276063744,
             "ram_free": 22746112000,
-            "comfyui_version": VERSION,
+            "comfyui_version": self.version,
             "python_version": "3.11.7",
             "pytorch_version": "2.8.0+cu128",
             "embedded_python": False,
@@ -577,6 +655,12 @@ class FakeComfyUI:
         }
         device = {"name": "cpu", "type": "cpu", "index": None, "vram_total": 0, "vram_free": 0}
         return web.json_response({"system": system, "devices": [device]})
+
+    async def _object_info(self, request: web.Request) -> web.Response:
+        """Node input specs as ComfyUI lists them; unknown classes answer ``{}``."""
+        wanted = request.match_info.get("node_class")
+        names = [wanted] if wanted else list(self.nodes)
+        return web.json_response({n: _object_info(n, self.nodes[n]) for n in names if n in self.nodes})
 
     async def _features(self, request: web.Request) -> web.Response:
         return web.json_response({"supports_preview_metadata": True, "max_upload_size": 104857600})
@@ -932,11 +1016,32 @@ class FakeComfyUI:
         digest = zlib.crc32(f"{item.prompt_id}/{nid}/{index}".encode())
         color = _upstream_input(item.graph, nid, "color")
         rgb = int(color) if isinstance(color, int) else digest & 0xFFFFFF
-        return tiny_png(((rgb >> 16) & 255, (rgb >> 8) & 255, rgb & 255))
+        # The saved image has the size the graph asked for (EmptyImage or latent pixels).
+        width, height = (_upstream_input(item.graph, nid, name) for name in ("width", "height"))
+        size = (width, height) if isinstance(width, int) and isinstance(height, int) else (8, 8)
+        return tiny_png(((rgb >> 16) & 255, (rgb >> 8) & 255, rgb & 255), *size)
 
 
 class _NodeFailure(Exception):
     pass
+
+
+def _object_info(name: str, spec: NodeSpec) -> dict[str, Any]:
+    required: dict[str, Any] = {}
+    for input_name, kind in spec.inputs.items():
+        if kind[0] == _COMBO:
+            required[input_name] = [list(kind[1]), {}]
+        elif kind[0] == _INT:
+            required[input_name] = [_INT, {"default": kind[3], "min": kind[1], "max": kind[2]}]
+        else:
+            required[input_name] = [kind[0], {}] if kind[0] in (_FLOAT, _STRING) else [kind[0]]
+    return {
+        "input": {"required": required},
+        "output": list(spec.outputs),
+        "name": name,
+        "display_name": name,
+        "output_node": spec.output_node,
+    }
 
 
 def _route(path: str) -> str:

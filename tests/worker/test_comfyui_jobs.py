@@ -29,8 +29,10 @@ def comfy_backend(*servers: FakeComfyUI, **extra: Any) -> dict[str, dict[str, An
     return {"gpu": block}
 
 
-async def insert(db: asyncpg.Pool, prompt: str, steps: int = 4) -> uuid.UUID:
-    return await insert_job(db, prompt, owner_user_id=OWNER, steps=steps, width=512, height=512)
+async def insert(
+    db: asyncpg.Pool, prompt: str, steps: int = 4, width: int = 512, height: int = 512
+) -> uuid.UUID:
+    return await insert_job(db, prompt, owner_user_id=OWNER, steps=steps, width=width, height=height)
 
 
 async def test_a_comfyui_job_records_its_prompt_id_and_progress_and_ends_done(
@@ -40,7 +42,7 @@ async def test_a_comfyui_job_records_its_prompt_id_and_progress_and_ends_done(
     config = make_config(tmp_path, backends=comfy_backend(comfy))
     progress: list[dict[str, Any]] = []
     async with running_worker(config, database_url):
-        job_id = await insert(db, "a koi pond", steps=10)
+        job_id = await insert(db, "a koi pond", steps=10, width=512, height=768)
 
         async def finished() -> bool:
             row = await job_row(db, job_id)
@@ -57,6 +59,7 @@ async def test_a_comfyui_job_records_its_prompt_id_and_progress_and_ends_done(
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     image = await image_row(db, job["image_id"])
     assert image["backend_metadata"]["prompt_id"] == prompt_id
+    assert (image["width"], image["height"], image["mime_type"]) == (512, 768, "image/png")
 
 
 async def test_cancelling_a_running_job_interrupts_exactly_its_prompt(

@@ -38,7 +38,8 @@ async def test_a_plain_sql_insert_becomes_an_image_file_sidecar_and_linked_row(
     assert local.stat().st_size == image["bytes"]
     sidecar = json.loads(Path(f"{local}.json").read_text())
     assert sidecar["job_id"] == str(job_id) and sidecar["sha256"] == image["sha256"]
-    assert image["storage_path"] == f"{OWNER}/{job_id}.png"
+    # Local storage: the row names the local file, never a key that was not uploaded.
+    assert image["storage_path"] == local.resolve().as_uri()
 
 
 async def test_notify_picks_a_job_up_long_before_the_poll_would(
@@ -132,7 +133,7 @@ async def test_cancelling_a_pending_job_ends_it_at_once(
 async def test_cancelling_a_running_job_stops_it_and_ends_it_cancelled_not_failed(
     db: asyncpg.Pool, database_url: str, tmp_path: Path
 ) -> None:
-    config = make_config(tmp_path, backends={"mock": {"type": "mock", "latency_ms": 20000}})
+    config = make_config(tmp_path, backends={"mock": {"type": "mock", "latency_ms": 20000, "max_steps": 200}})
     async with running_worker(config, database_url):
         job_id = await insert(db, steps=200)
         await eventually(lambda: _status_is(db, job_id, "running"))

@@ -1,40 +1,87 @@
-"""The ``type: comfyui`` config block, validated once at startup.
+"""The ``type: comfyui`` config block: a pydantic model, validated once at startup.
 
 Unknown keys are refused so a typo (``lookhead``) fails loudly instead of silently using a
-default. Header values are environment variable *names*; the secrets are read here, once, and
-kept out of ``repr`` so they never reach a log line.
+default; every problem is one line, ``backend "NAME": key: reason``. Header values are
+environment variable *names*; the secrets are read here, once, and kept out of ``repr`` so they
+never reach a log line. The workflow file is read here too, so a broken one fails at startup.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
+from uuid import UUID
 
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
+
+from imagen_worker.backends.base import Limits, Params, config_error
+from imagen_worker.backends.comfyui.params import (
+    DEFAULT_SAMPLERS,
+    DEFAULT_SCHEDULERS,
+    ParamSpec,
+    Vocabulary,
+    params_model,
+)
 from imagen_worker.backends.comfyui.workflows import BUILTIN_TEMPLATES, Workflow, WorkflowError, load_workflow
 from imagen_worker.errors import ConfigError
 
-_Fail = Callable[[str], ConfigError]
 
-KEYS = frozenset(
-    {
-        "type",
-        "base_url",
-        "urls",
-        "workflow",
-        "bindings",
-        "checkpoint",
-        "timeout",
-        "lookahead",
-        "headers",
-        "allow_job_workflows",
-        "poll_interval",
-        "interrupt_grace",
-        "connect_timeout",
-    }
-)
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not true/false")
+    return value
+
+
+def _url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
+        raise ValueError(f"{value!r} is not an http(s) URL like http://127.0.0.1:8188")
+    return value.rstrip("/")
+
+
+Seconds = Annotated[float, BeforeValidator(_no_bool), Field(gt=0)]
+Url = Annotated[str, AfterValidator(_url)]
+Names = list[Annotated[str, Field(min_length=1, max_length=255)]]
+
+
+class ComfyUIBlock(Limits):
+    """The block as written in the config file (see docs/comfyui.md, "All keys")."""
+
+    type: Literal["comfyui"] = "comfyui"
+    base_url: Url | None = None
+    urls: list[Url] | None = None
+    workflow: str = Field(min_length=1)
+    bindings: dict[str, str | list[str]] | None = None
+    checkpoint: str | None = Field(default=None, min_length=1)
+    # Allowlists for the job params that choose a model file or an algorithm.
+    checkpoints: Names = []
+    loras: Names = []
+    samplers: Names | None = None
+    schedulers: Names | None = None
+    params: dict[str, ParamSpec] = {}
+    workflow_owners: list[UUID] = []
+    timeout: Seconds = 600.0
+    lookahead: Annotated[int, BeforeValidator(_no_bool), Field(ge=0, le=16)] = 1
+    poll_interval: Seconds = 3.0
+    interrupt_grace: Seconds = 30.0
+    connect_timeout: Seconds = 10.0
+    # How long a job may wait for ComfyUI to start it (a free instance, then ComfyUI's queue).
+    queue_timeout: Seconds = 1800.0
+    headers: dict[str, Annotated[str, Field(min_length=1)]] = {}
+
+    @model_validator(mode="after")
+    def _one_target(self) -> ComfyUIBlock:
+        if (self.base_url is None) == (self.urls is None):
+            raise ValueError("set exactly one of base_url (one ComfyUI) or urls (a pool of instances)")
+        urls = [self.base_url] if self.base_url is not None else self.urls or []
+        if not urls:
+            raise ValueError("urls must be a non-empty list of http(s) URLs")
+        if len(set(urls)) != len(urls):
+            raise ValueError("urls lists the same instance twice")
+        return self
 
 
 @dataclass(frozen=True)
@@ -46,89 +93,72 @@ class ComfyUIConfig:
     poll_interval: float = 3.0
     interrupt_grace: float = 30.0
     connect_timeout: float = 10.0
-    allow_job_workflows: bool = False
+    limits: Limits = field(default_factory=Limits)
+    vocabulary: Vocabulary = field(default_factory=Vocabulary)
+    workflow_owners: frozenset[UUID] = frozenset()
+    # The params a job may carry with the configured workflow.
+    params: type[Params] = Params
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # Outages and other people's work: how long a job may wait for ComfyUI to start it.
+    queue_timeout: float = 1800.0
 
 
 def parse_config(name: str, block: Mapping[str, Any]) -> ComfyUIConfig:
-    """Validate ``block``; every problem is a ``ConfigError('backend "NAME": reason')``."""
+    """Validate ``block``; every problem is a ``ConfigError('backend "NAME": key: reason')``."""
 
     def fail(reason: str) -> ConfigError:
         return ConfigError(f'backend "{name}": {reason}')
 
-    unknown = sorted(str(key) for key in block if key not in KEYS)
-    if unknown:
-        raise fail(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(KEYS - {'type'}))})")
-
-    if ("base_url" in block) == ("urls" in block):
-        raise fail("set exactly one of base_url (one ComfyUI) or urls (a pool of instances)")
-    raw_urls = [block["base_url"]] if "base_url" in block else block["urls"]
-    if not isinstance(raw_urls, list) or not raw_urls:
-        raise fail("urls must be a non-empty list of http(s) URLs")
-    urls = tuple(_url(url, fail) for url in raw_urls)
-    if len(set(urls)) != len(urls):
-        raise fail("urls lists the same instance twice")
-
-    workflow_spec = block.get("workflow")
-    if not isinstance(workflow_spec, str) or not workflow_spec:
+    if "allow_job_workflows" in block:
         raise fail(
-            f"workflow: name a built-in template ({', '.join(BUILTIN_TEMPLATES)}) or an API-format .json file"
+            "allow_job_workflows: removed; per-job workflows now come only from `imagen submit "
+            "--workflow` or from the owners listed in workflow_owners"
         )
-    checkpoint = block.get("checkpoint")
-    if checkpoint is not None and (not isinstance(checkpoint, str) or not checkpoint):
-        raise fail("checkpoint must be a model file name, e.g. sd_xl_base_1.0.safetensors")
     try:
-        workflow = load_workflow(workflow_spec, block.get("bindings"), checkpoint)
+        parsed = ComfyUIBlock.model_validate(dict(block))
+    except ValidationError as exc:
+        if any(e["loc"] == ("workflow",) for e in exc.errors()):
+            raise fail(
+                f"workflow: name a built-in template ({', '.join(BUILTIN_TEMPLATES)}) or an API-format "
+                ".json file"
+            ) from None
+        raise config_error(name, exc, ComfyUIBlock) from None
+    try:
+        workflow = load_workflow(parsed.workflow, parsed.bindings, parsed.checkpoint)
     except WorkflowError as exc:
         raise fail(str(exc)) from None
-
-    allow = block.get("allow_job_workflows", False)
-    if not isinstance(allow, bool):
-        raise fail("allow_job_workflows must be true or false")
-    return ComfyUIConfig(
-        urls=urls,
-        workflow=workflow,
-        timeout=_positive(block, "timeout", 600.0, fail),
-        lookahead=_lookahead(block.get("lookahead", 1), fail),
-        poll_interval=_positive(block, "poll_interval", 3.0, fail),
-        interrupt_grace=_positive(block, "interrupt_grace", 30.0, fail),
-        connect_timeout=_positive(block, "connect_timeout", 10.0, fail),
-        allow_job_workflows=allow,
-        headers=_headers(block.get("headers"), fail),
+    vocabulary = Vocabulary(
+        checkpoints=tuple(parsed.checkpoints),
+        loras=tuple(parsed.loras),
+        samplers=tuple(parsed.samplers if parsed.samplers is not None else DEFAULT_SAMPLERS),
+        schedulers=tuple(parsed.schedulers if parsed.schedulers is not None else DEFAULT_SCHEDULERS),
+        samplers_listed=parsed.samplers is not None,
+        schedulers_listed=parsed.schedulers is not None,
+        declared=dict(parsed.params),
     )
-
-
-def _url(value: Any, fail: _Fail) -> str:
-    parts = urlsplit(value) if isinstance(value, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
-        raise fail(f"{value!r} is not an http(s) URL like http://127.0.0.1:8188")
-    return str(value).rstrip("/")
-
-
-def _positive(block: Mapping[str, Any], key: str, default: float, fail: _Fail) -> float:
-    value = block.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise fail(f"{key} must be a positive number of seconds (got {value!r})")
-    return float(value)
-
-
-def _lookahead(value: Any, fail: _Fail) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 16:
-        raise fail(f"lookahead must be an integer from 0 to 16 (got {value!r})")
-    return value
-
-
-def _headers(raw: Any, fail: _Fail) -> dict[str, str]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, Mapping):
-        raise fail("headers must map a header name to the NAME of an environment variable")
+    try:
+        model = params_model(workflow, vocabulary, strict=True)
+    except WorkflowError as exc:
+        raise fail(str(exc)) from None
     headers = {}
-    for header, env_name in raw.items():
-        if not isinstance(env_name, str) or not env_name:
-            raise fail(f"headers.{header}: give the name of an environment variable, not the value")
+    for header, env_name in parsed.headers.items():
         value = os.environ.get(env_name)
         if not value:
             raise fail(f"headers.{header}: environment variable {env_name} is not set")
-        headers[str(header)] = value
-    return headers
+        headers[header] = value
+    urls = [parsed.base_url] if parsed.base_url is not None else parsed.urls or []
+    return ComfyUIConfig(
+        urls=tuple(urls),
+        workflow=workflow,
+        timeout=parsed.timeout,
+        lookahead=parsed.lookahead,
+        poll_interval=parsed.poll_interval,
+        interrupt_grace=parsed.interrupt_grace,
+        connect_timeout=parsed.connect_timeout,
+        limits=Limits(max_pixels=parsed.max_pixels, max_steps=parsed.max_steps, max_batch=parsed.max_batch),
+        vocabulary=vocabulary,
+        workflow_owners=frozenset(parsed.workflow_owners),
+        params=model,
+        headers=headers,
+        queue_timeout=parsed.queue_timeout,
+    )

@@ -42,6 +42,7 @@ _BUILTIN_BINDINGS: dict[str, str | list[str]] = {
     "steps": "3.steps",
     "width": "5.width",
     "height": "5.height",
+    "batch_size": "5.batch_size",
     "checkpoint": "4.ckpt_name",
     "cfg": "3.cfg",
     "sampler": "3.sampler_name",
@@ -77,7 +78,7 @@ class Workflow:
         unbound = sorted(key for key in values if key not in self.bindings and key not in STANDARD_PARAMS)
         if unbound:
             raise WorkflowError(
-                f"the workflow {self.source} has no binding for parameter(s) {', '.join(unbound)} "
+                f"{self.source} has no binding for parameter(s) {', '.join(unbound)} "
                 f"(bound: {', '.join(sorted(self.bindings)) or 'none'})"
             )
         graph = copy.deepcopy(dict(self.graph))
@@ -165,11 +166,22 @@ def load_workflow(spec: str, bindings: Any = None, checkpoint: str | None = None
     return Workflow(source=f"workflow {spec}", graph=graph, bindings=parsed, defaults={})
 
 
-def job_workflow(params: Mapping[str, Any]) -> Workflow:
-    """A raw graph sent with the job (``params.workflow``), with optional ``params.bindings``."""
-    graph = check_api_format(params["workflow"], "params.workflow")
-    bindings = parse_bindings(graph, params.get("bindings"), "params.workflow")
-    return Workflow(source="params.workflow", graph=graph, bindings=bindings, defaults={})
+def job_workflow(spec: Mapping[str, Any]) -> Workflow:
+    """A job's own workflow, ``{"graph": <API format>, "bindings": {...}}`` or a bare graph.
+
+    It reaches the adapter only from a trusted source: the operator-only ``jobs.workflow``
+    column, or ``params.workflow`` of an owner listed in ``workflow_owners``.
+    """
+    if isinstance(spec, Mapping) and "graph" not in spec:
+        spec = {"graph": spec}  # a bare API-format graph: nothing bound, it runs as written
+    if not isinstance(spec, Mapping):
+        raise WorkflowError('a job workflow is {"graph": <API-format workflow>, "bindings": {...}}')
+    unknown = sorted(str(key) for key in spec if key not in ("graph", "bindings"))
+    if unknown:
+        raise WorkflowError(f"a job workflow has only graph and bindings (not {', '.join(unknown)})")
+    graph = check_api_format(spec["graph"], "the job's workflow")
+    bindings = parse_bindings(graph, spec.get("bindings"), "the job's workflow")
+    return Workflow(source="the job's workflow", graph=graph, bindings=bindings, defaults={})
 
 
 def _request_values(request: GenerateRequest) -> dict[str, Any]:

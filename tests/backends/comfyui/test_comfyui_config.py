@@ -23,7 +23,19 @@ def test_the_registry_builds_the_adapter_with_documented_defaults() -> None:
     config = backend.config
     assert config.urls == ("http://127.0.0.1:8188",)
     assert (config.timeout, config.lookahead, config.poll_interval) == (600.0, 1, 3.0)
-    assert (config.interrupt_grace, config.connect_timeout, config.allow_job_workflows) == (30.0, 10.0, False)
+    assert (config.interrupt_grace, config.connect_timeout, config.workflow_owners) == (
+        30.0,
+        10.0,
+        frozenset(),
+    )
+    assert (config.limits.max_pixels, config.limits.max_steps, config.limits.max_batch) == (
+        2048 * 2048,
+        150,
+        4,
+    )
+    assert config.vocabulary.checkpoints == (), (
+        "jobs may not choose a checkpoint unless the operator lists some"
+    )
     assert backend.capacity == 3
 
 
@@ -47,21 +59,32 @@ def test_the_registry_builds_the_adapter_with_documented_defaults() -> None:
             {"workflow": "/nowhere/wf.json"},
             "cannot read workflow /nowhere/wf.json: No such file or directory",
         ),
-        ({"lookahead": -1}, "lookahead must be an integer from 0 to 16 (got -1)"),
-        ({"lookahead": True}, "lookahead must be an integer from 0 to 16 (got True)"),
-        ({"timeout": 0}, "timeout must be a positive number of seconds (got 0)"),
-        ({"poll_interval": "fast"}, "poll_interval must be a positive number of seconds (got 'fast')"),
-        ({"allow_job_workflows": "yes"}, "allow_job_workflows must be true or false"),
-        ({"lookhead": 2}, 'backend "gpu": unknown key(s) lookhead (known: allow_job_workflows, base_url'),
+        ({"lookahead": -1}, "lookahead: input should be greater than or equal to 0 (got -1)"),
+        ({"lookahead": 17}, "lookahead: input should be less than or equal to 16 (got 17)"),
+        ({"lookahead": True}, "lookahead: expected a number, not true/false"),
+        ({"timeout": 0}, "timeout: input should be greater than 0 (got 0)"),
+        ({"poll_interval": "fast"}, "poll_interval: input should be a valid number"),
+        ({"allow_job_workflows": True}, "allow_job_workflows: removed; per-job workflows now come only from"),
+        ({"lookhead": 2}, 'backend "gpu": lookhead: unknown key (known: base_url, bindings, checkpoint,'),
+        ({"max_pixels": 10}, "max_pixels: input should be greater than or equal to 4096 (got 10)"),
+        ({"max_steps": 0}, "max_steps: input should be greater than or equal to 1 (got 0)"),
+        ({"checkpoints": "a.safetensors"}, "checkpoints: input should be a valid list"),
+        ({"workflow_owners": ["alice"]}, "workflow_owners.0: input should be a valid UUID"),
+        ({"bindings": {"guidance": "3.cfg"}}, "bindings.guidance: a job param needs a type"),
+        ({"params": {"guidance": {"type": "float"}}}, "params.guidance: declared but not bound"),
+        (
+            {"params": {"cfg": {"type": "float"}}, "bindings": {"cfg": "3.cfg"}},
+            "params.cfg: 'cfg' is built in",
+        ),
         (
             {"headers": {"Authorization": "COMFY_PROXY_TOKEN"}},
             "environment variable COMFY_PROXY_TOKEN is not set",
         ),
         (
             {"headers": ["Authorization"]},
-            "headers must map a header name to the NAME of an environment variable",
+            "headers: input should be a valid dictionary",
         ),
-        ({"checkpoint": 3}, "checkpoint must be a model file name"),
+        ({"checkpoint": 3}, "checkpoint: input should be a valid string (got 3)"),
     ],
 )
 def test_bad_config_names_the_backend_and_the_reason(change: dict[str, Any], message: str) -> None:
@@ -72,6 +95,7 @@ def test_bad_config_names_the_backend_and_the_reason(change: dict[str, Any], mes
 
     assert message in str(caught.value)
     assert str(caught.value).startswith('backend "gpu": ')
+    assert "\n" not in str(caught.value)
 
 
 async def test_headers_come_from_the_environment_and_reach_http_and_websocket(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -106,26 +107,53 @@ async def test_unbound_params_are_refused_by_name(fake: FakeComfyUI, make_backen
     assert fake.calls("POST", "/prompt") == []
 
 
-async def test_per_job_workflows_need_permission(fake: FakeComfyUI, make_backend: BackendFactory) -> None:
-    backend = await make_backend(fake)
-
-    with pytest.raises(TerminalError) as caught:
-        await backend.generate(make_request(params={"workflow": USER_GRAPH}), RecordingContext())
-
-    assert "allow_job_workflows: true" in caught.value.message
-
-
-async def test_a_per_job_workflow_runs_with_its_own_bindings(
+async def test_a_web_user_cannot_send_a_workflow_in_params(
     fake: FakeComfyUI, make_backend: BackendFactory
 ) -> None:
-    backend = await make_backend(fake, allow_job_workflows=True)
+    backend = await make_backend(fake)
+
+    for key in ("workflow", "bindings"):
+        with pytest.raises(TerminalError) as caught:
+            backend.check_request(make_request(params={key: USER_GRAPH}, owner_user_id=uuid.uuid4()))
+        assert caught.value.message.startswith(f"params.{key} is not allowed: ")
+        assert "workflow_owners" in caught.value.message
+    assert fake.calls("POST", "/prompt") == []
+
+
+async def test_an_owner_listed_in_workflow_owners_may_send_one(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    owner = uuid.uuid4()
+    backend = await make_backend(fake, workflow_owners=[str(owner)])
     params = {"workflow": USER_GRAPH, "bindings": {"prompt": "Pos.text", "seed": "Sampler.seed"}}
 
-    result = await backend.generate(make_request("an owl", seed=9, params=params), RecordingContext())
+    request = backend.check_request(make_request("an owl", seed=9, params=params, owner_user_id=owner))
+    result = await backend.generate(request, RecordingContext())
 
+    assert request.params == {} and request.workflow is not None
     graph = fake.calls("POST", "/prompt")[0].body["prompt"]
     assert (graph["11"]["inputs"]["text"], graph["14"]["inputs"]["seed"]) == ("an owl", 9)
-    assert result.metadata["workflow"] == "params.workflow"
+    assert result.metadata["workflow"] == "the job's workflow"
+
+
+async def test_a_trusted_job_workflow_runs_with_its_own_bindings(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    backend = await make_backend(fake)
+    workflow = {
+        "graph": USER_GRAPH,
+        "bindings": {"prompt": "Pos.text", "seed": "Sampler.seed", "cfg": "14.cfg"},
+    }
+
+    request = backend.check_request(make_request("an owl", seed=9, params={"cfg": 2.5}, workflow=workflow))
+    await backend.generate(request, RecordingContext())
+
+    graph = fake.calls("POST", "/prompt")[0].body["prompt"]
+    assert (graph["11"]["inputs"]["text"], graph["14"]["inputs"]["seed"], graph["14"]["inputs"]["cfg"]) == (
+        "an owl",
+        9,
+        2.5,
+    )
 
 
 async def test_ui_format_is_refused_with_export_instructions(
@@ -135,9 +163,9 @@ async def test_ui_format_is_refused_with_export_instructions(
         ComfyUIBackend.from_config(
             "gpu", {"type": "comfyui", "base_url": fake.url, "workflow": _write(tmp_path, UI_EXPORT)}
         )
-    backend = await make_backend(fake, allow_job_workflows=True)
+    backend = await make_backend(fake)
     with pytest.raises(TerminalError) as job_error:
-        await backend.generate(make_request(params={"workflow": UI_EXPORT}), RecordingContext())
+        backend.check_request(make_request(workflow={"graph": UI_EXPORT}))
 
     for message in (str(config_error.value), job_error.value.message):
         assert "UI-format workflow" in message

@@ -1,0 +1,66 @@
+"""The embedded PostgreSQL: `imagen db status` / `imagen db stop`, and a demo that leaves no trace.
+
+These start real embedded servers (pgserver) in the test's own data directory.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.workers import BIN
+
+
+def env_for(data_home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGEN_", "SUPABASE_"))}
+    env.pop("DATABASE_URL", None)
+    env["XDG_DATA_HOME"] = str(data_home)
+    return env
+
+
+def imagen(*args: str, data_home: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "imagen"), *args], env=env_for(data_home), capture_output=True, text=True,
+        timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_db_status_and_stop_follow_the_embedded_server(tmp_path: Path) -> None:
+    pgdata = tmp_path / "imagen" / "pgdata"
+    before = imagen("db", "status", data_home=tmp_path)
+    assert before.stdout == f"not created: no data in {pgdata} (the first imagen command creates it)\n"
+
+    listed = imagen("list", data_home=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    running = imagen("db", "status", data_home=tmp_path)
+    try:
+        assert running.stdout.startswith("running (pid ") and str(pgdata) in running.stdout
+    finally:
+        stopped = imagen("db", "stop", data_home=tmp_path)
+    assert stopped.stdout == f"stopped the embedded server ({pgdata})\n"
+
+    after = imagen("db", "status", data_home=tmp_path)
+    assert after.stdout == f"stopped, data in {pgdata} (the next imagen command starts it)\n"
+    assert imagen("db", "stop", data_home=tmp_path).stdout == "the embedded server was not running\n"
+
+
+def test_the_demo_never_touches_the_users_queue(tmp_path: Path) -> None:
+    user_data = tmp_path / "user-data"
+
+    scratch_root = tmp_path / "tmp"  # where the demo's throwaway directory goes (mkdtemp)
+    scratch_root.mkdir()
+    demo = subprocess.run(
+        [sys.executable, "-m", "imagen_worker.demo"], env={**env_for(user_data), "TMPDIR": str(scratch_root)},
+        capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "demo complete" in demo.stdout
+    assert not user_data.exists(), "the demo wrote into the user's data directory"
+    scratch = next(line for line in demo.stdout.splitlines() if line.startswith("demo complete"))
+    images = Path(scratch.split("Images live in ", 1)[1].strip())
+    assert images.is_relative_to(scratch_root)
+    assert len(list(images.glob("*.png"))) == 2 and len(list(images.glob("*.png.json"))) == 2
+    assert not (images.parent / "pgdata").exists(), "the demo's database is deleted at the end"

@@ -1,0 +1,87 @@
+"""Contract fixtures: each scenario runs against the fake and, when configured, the real server.
+
+The fakes always run, so ``make test`` checks the scenarios on any machine. A real ComfyUI joins
+when ``IMAGEN_TEST_COMFYUI_URL`` is set; a real Supabase Storage when ``IMAGEN_TEST_SUPABASE_URL``
+and ``IMAGEN_TEST_SUPABASE_SERVICE_KEY`` are set (``make contract`` sets both). A scenario that
+passes on the fake and fails on the real server means the fake lies: fix the fake.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from tests.fakes.comfyui import FakeComfyUI
+from tests.fakes.storage import FakeStorage
+
+
+@dataclass
+class ComfyPeer:
+    kind: str  # "fake" | "real"
+    url: str
+    fake: FakeComfyUI | None = None
+
+    def slow(self, seconds: float = 3.0) -> None:
+        """Make the next prompts take a few seconds (the real server is slow by graph alone)."""
+        if self.fake is not None:
+            self.fake.default_duration = seconds
+
+
+@dataclass
+class StoragePeer:
+    kind: str
+    url: str  # the server root; the API is under /storage/v1
+    service_key: str
+    bucket: str
+
+
+# Read at import: the suite-wide fixture that isolates tests clears IMAGEN_* before each test.
+REAL_COMFYUI_URL = os.environ.get("IMAGEN_TEST_COMFYUI_URL", "").rstrip("/")
+REAL_STORAGE_URL = os.environ.get("IMAGEN_TEST_SUPABASE_URL", "").rstrip("/").removesuffix("/storage/v1")
+REAL_STORAGE_KEY = os.environ.get("IMAGEN_TEST_SUPABASE_SERVICE_KEY", "")
+
+
+def _peers(real: bool) -> list[str]:
+    return ["fake", "real"] if real else ["fake"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "comfy" in metafunc.fixturenames:
+        metafunc.parametrize("comfy", _peers(bool(REAL_COMFYUI_URL)), indirect=True)
+    if "storage" in metafunc.fixturenames:
+        real = bool(REAL_STORAGE_URL and REAL_STORAGE_KEY)
+        metafunc.parametrize("storage", _peers(real), indirect=True)
+
+
+@pytest.fixture
+async def comfy(request: pytest.FixtureRequest) -> AsyncIterator[ComfyPeer]:
+    if request.param == "real":
+        yield ComfyPeer("real", REAL_COMFYUI_URL)
+        return
+    async with FakeComfyUI() as fake:
+        yield ComfyPeer("fake", fake.url, fake)
+
+
+@pytest.fixture
+async def storage(request: pytest.FixtureRequest) -> AsyncIterator[StoragePeer]:
+    if request.param == "fake":
+        async with FakeStorage() as fake:
+            yield StoragePeer("fake", fake.url, fake.service_key, "imagen-generated")
+        assert fake.errors == [], "the fake Storage API raised inside a handler"
+        return
+    url, key = REAL_STORAGE_URL, REAL_STORAGE_KEY
+    bucket = f"contract-{uuid.uuid4().hex[:8]}"
+    headers = {"Authorization": f"Bearer {key}", "apikey": key}
+    async with httpx.AsyncClient(base_url=f"{url}/storage/v1", headers=headers) as admin:
+        created = await admin.post("/bucket", json={"id": bucket, "name": bucket, "public": False})
+        assert created.status_code == 200, created.text
+        try:
+            yield StoragePeer("real", url, key, bucket)
+        finally:
+            await admin.post(f"/bucket/{bucket}/empty")
+            await admin.delete(f"/bucket/{bucket}")

@@ -1,0 +1,314 @@
+"""ComfyUI answers the same way from the fake and from a real 0.3.64.
+
+Each scenario is a fact the adapter relies on, exercised on the wire with workflows of nodes
+that need no model weights: how a prompt is accepted or refused, which events reach our
+socket and in what order, what history says after success, failure and interrupt, what a
+queue delete does, and what ``/view`` serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+
+from tests.contract.conftest import ComfyPeer
+
+
+class Session:
+    """One client: a socket with a stable clientId, and every event it received, by prompt."""
+
+    def __init__(self, peer: ComfyPeer) -> None:
+        self.peer = peer
+        self.client_id = f"contract-{uuid.uuid4().hex[:8]}"
+        self.http = httpx.AsyncClient(base_url=peer.url, timeout=30)
+        self.events: list[dict[str, Any]] = []
+        self._arrived = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Session:
+        ws_url = self.peer.url.replace("http://", "ws://") + f"/ws?clientId={self.client_id}"
+        self.ws = await websockets.connect(ws_url, max_size=2**26)
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._reader is not None
+        self._reader.cancel()
+        await self.ws.close()
+        await self.http.aclose()
+
+    async def _read(self) -> None:
+        async for frame in self.ws:
+            if isinstance(frame, bytes):
+                (kind,) = struct.unpack(">I", frame[:4])
+                self.events.append({"type": "binary", "data": {"event_type": kind}})
+            else:
+                self.events.append(json.loads(frame))
+            self._arrived.set()
+
+    async def submit(self, graph: dict[str, Any], *, client: bool = True) -> tuple[str, httpx.Response]:
+        prompt_id = str(uuid.uuid4())
+        body: dict[str, Any] = {"prompt": graph, "prompt_id": prompt_id}
+        if client:
+            body["client_id"] = self.client_id
+        return prompt_id, await self.http.post("/prompt", json=body)
+
+    def of(self, prompt_id: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("data", {}).get("prompt_id") == prompt_id]
+
+    def types(self, prompt_id: str) -> list[str]:
+        return [e["type"] for e in self.of(prompt_id) if e["type"] not in ("progress_state", "progress")]
+
+    async def until(self, prompt_id: str, event: str, within: float = 60) -> dict[str, Any]:
+        async with asyncio.timeout(within):
+            while True:
+                for e in self.of(prompt_id):
+                    if e["type"] == event and (event != "executing" or e["data"]["node"] is None):
+                        return e
+                self._arrived.clear()
+                await self._arrived.wait()
+
+    async def finished(self, prompt_id: str, within: float = 60) -> dict[str, Any]:
+        """The completion rule: ``executing`` with node null, then the history entry."""
+        await self.until(prompt_id, "executing", within)
+        entry: dict[str, Any] = (await self.http.get(f"/history/{prompt_id}")).json()[prompt_id]
+        return entry
+
+    async def queue(self) -> tuple[list[str], list[str]]:
+        state = (await self.http.get("/queue")).json()
+        return [r[1] for r in state["queue_running"]], [p[1] for p in state["queue_pending"]]
+
+
+@pytest.fixture
+async def session(comfy: ComfyPeer) -> AsyncIterator[Session]:
+    async with Session(comfy) as opened:
+        await asyncio.sleep(0.05)  # the connect-time status message
+        yield opened
+
+
+def _unique() -> int:
+    return uuid.uuid4().int % 0xFFFFFF
+
+
+def empty(width: int, height: int, *, batch: int = 1, color: int | None = None) -> dict[str, Any]:
+    """EmptyImage's inputs; a fresh colour by default busts ComfyUI's node cache."""
+    return {
+        "width": width,
+        "height": height,
+        "batch_size": batch,
+        "color": _unique() if color is None else color,
+    }
+
+
+def tiny(prefix: str = "contract/out", *, batch: int = 1, size: int = 64) -> dict[str, Any]:
+    return {
+        "1": {"class_type": "EmptyImage", "inputs": empty(size, size, batch=batch)},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
+    }
+
+
+def slow(prefix: str = "contract/slow") -> dict[str, Any]:
+    """Seconds of work on a CPU ComfyUI; the fake is told to take as long (``ComfyPeer.slow``)."""
+    graph: dict[str, Any] = {
+        "1": {"class_type": "EmptyImage", "inputs": empty(1024, 1024, batch=4)},
+        "99": {"class_type": "SaveImage", "inputs": {"images": ["14", 0], "filename_prefix": prefix}},
+    }
+    for index in range(10, 15):
+        source = "1" if index == 10 else str(index - 1)
+        graph[str(index)] = {
+            "class_type": "ImageBlur",
+            "inputs": {"image": [source, 0], "blur_radius": 20, "sigma": 5.0},
+        }
+    return graph
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+async def test_the_server_reports_its_version(session: Session) -> None:
+    stats = (await session.http.get("/system_stats")).json()
+
+    assert stats["system"]["comfyui_version"].startswith("0.3.")
+    assert isinstance(stats["devices"], list)
+
+
+async def test_the_socket_greets_with_status_and_our_sid(comfy: ComfyPeer) -> None:
+    client_id = f"greet-{uuid.uuid4().hex[:6]}"
+    async with websockets.connect(comfy.url.replace("http://", "ws://") + f"/ws?clientId={client_id}") as ws:
+        first = json.loads(await asyncio.wait_for(ws.recv(), 10))
+
+    assert first["type"] == "status"
+    assert first["data"]["sid"] == client_id
+    assert "queue_remaining" in first["data"]["status"]["exec_info"]
+
+
+async def test_success_events_arrive_in_order_and_history_names_the_file(session: Session) -> None:
+    prompt_id, answer = await session.submit(tiny(f"contract/{uuid.uuid4().hex[:6]}"))
+
+    entry = await session.finished(prompt_id)
+
+    assert answer.status_code == 200
+    assert answer.json()["prompt_id"] == prompt_id
+    assert answer.json()["node_errors"] == {}
+    kinds = session.types(prompt_id)
+    assert kinds[0] == "execution_start"
+    assert kinds.index("executed") < kinds.index("execution_success") < len(kinds) - 1
+    assert kinds[-1] == "executing"  # node null, after the history write
+    assert entry["status"]["status_str"] == "success"
+    assert entry["status"]["completed"] is True
+    [image] = entry["outputs"]["2"]["images"]
+    assert image["type"] == "output"
+    view = await session.http.get("/view", params=image)
+    assert view.headers["content-type"] == "image/png"
+    assert _png_size(view.content) == (64, 64)
+
+
+async def test_a_batch_of_four_saves_four_files(session: Session) -> None:
+    prompt_id, _ = await session.submit(tiny(f"contract/{uuid.uuid4().hex[:6]}", batch=4))
+
+    entry = await session.finished(prompt_id)
+
+    images = entry["outputs"]["2"]["images"]
+    assert len(images) == 4
+    assert len({i["filename"] for i in images}) == 4
+
+
+async def test_an_out_of_range_input_is_refused_with_node_errors_and_nothing_queued(session: Session) -> None:
+    graph = tiny()
+    graph["1"]["inputs"]["width"] = 0
+
+    prompt_id, answer = await session.submit(graph)
+    await asyncio.sleep(0.3)
+
+    assert answer.status_code == 400
+    body = answer.json()
+    assert body["error"]["type"] == "prompt_outputs_failed_validation"
+    [error] = body["node_errors"]["1"]["errors"]
+    assert (error["type"], error["details"]) == ("value_smaller_than_min", "width")
+    assert body["node_errors"]["1"]["class_type"] == "EmptyImage"
+    assert session.of(prompt_id) == []
+    assert (await session.http.get(f"/history/{prompt_id}")).json() == {}
+
+
+async def test_an_unknown_node_class_is_an_invalid_prompt(session: Session) -> None:
+    _, answer = await session.submit({"1": {"class_type": "NoSuchNode", "inputs": {}}})
+
+    assert answer.status_code == 400
+    assert answer.json()["error"]["type"] == "invalid_prompt"
+    assert "NoSuchNode" in answer.json()["error"]["message"]
+
+
+async def test_a_partially_valid_prompt_is_accepted_with_node_errors(session: Session) -> None:
+    graph = tiny(f"contract/{uuid.uuid4().hex[:6]}")
+    graph["3"] = {"class_type": "EmptyImage", "inputs": empty(8, 8, color=99999999999)}
+    graph["4"] = {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "contract/x"}}
+
+    prompt_id, answer = await session.submit(graph)
+    entry = await session.finished(prompt_id)
+
+    assert answer.status_code == 200
+    assert answer.json()["node_errors"]["3"]["errors"][0]["type"] == "value_bigger_than_max"
+    assert set(entry["outputs"]) == {"2"}
+
+
+async def test_an_execution_error_is_reported_in_history(session: Session) -> None:
+    prompt_id, answer = await session.submit(tiny("../../escape"))
+
+    entry = await session.finished(prompt_id)
+
+    assert answer.status_code == 200
+    assert entry["status"]["status_str"] == "error"
+    kind, data = entry["status"]["messages"][-1]
+    assert kind == "execution_error"
+    assert data["node_type"] == "SaveImage"
+    assert "execution_error" in session.types(prompt_id)
+
+
+async def test_a_targeted_interrupt_stops_only_our_running_prompt(session: Session, comfy: ComfyPeer) -> None:
+    comfy.slow()
+    prompt_id, _ = await session.submit(slow())
+    await session.until(prompt_id, "execution_start", within=30)
+
+    await session.http.post("/interrupt", json={"prompt_id": prompt_id})
+    entry = await session.finished(prompt_id, within=60)
+
+    assert entry["status"]["status_str"] == "error"
+    assert entry["status"]["messages"][-1][0] == "execution_interrupted"
+    assert "execution_interrupted" in session.types(prompt_id)
+    assert "execution_success" not in session.types(prompt_id)
+
+
+async def test_deleting_a_pending_prompt_is_silent(session: Session, comfy: ComfyPeer) -> None:
+    comfy.slow()
+    running, _ = await session.submit(slow())
+    pending, _ = await session.submit(tiny())
+    await session.until(running, "execution_start", within=30)
+
+    deleted = await session.http.post("/queue", json={"delete": [pending]})
+    _, still_pending = await session.queue()
+    await session.http.post("/interrupt", json={"prompt_id": running})
+    await session.finished(running, within=60)
+    await asyncio.sleep(0.3)
+
+    assert deleted.status_code == 200
+    assert pending not in still_pending
+    assert session.of(pending) == []
+    assert (await session.http.get(f"/history/{pending}")).json() == {}
+
+
+async def test_events_of_a_prompt_reach_only_its_client(session: Session, comfy: ComfyPeer) -> None:
+    async with Session(comfy) as other:
+        await asyncio.sleep(0.05)
+        prompt_id, _ = await session.submit(tiny(f"contract/{uuid.uuid4().hex[:6]}"))
+        await session.finished(prompt_id)
+        await asyncio.sleep(0.2)
+
+        assert other.of(prompt_id) == []
+        assert any(e["type"] == "status" for e in other.events)
+
+
+async def test_history_of_an_unknown_prompt_is_an_empty_object(session: Session) -> None:
+    answer = await session.http.get(f"/history/{uuid.uuid4()}")
+
+    assert (answer.status_code, answer.json()) == (200, {})
+
+
+async def test_view_refuses_dot_dot_and_misses_with_empty_bodies(session: Session) -> None:
+    escape = await session.http.get("/view", params={"filename": "../x.png", "type": "output"})
+    missing = await session.http.get("/view", params={"filename": f"{uuid.uuid4()}.png", "type": "output"})
+
+    assert (escape.status_code, escape.content) == (400, b"")
+    assert (missing.status_code, missing.content) == (404, b"")
+
+
+async def test_0_3_64_has_no_jobs_api_so_cancels_fall_back_to_delete_and_interrupt(session: Session) -> None:
+    answer = await session.http.post(f"/api/jobs/{uuid.uuid4()}/cancel")
+
+    assert answer.status_code in (404, 405)
+
+
+async def test_a_prompt_from_another_client_is_visible_in_the_queue_and_announced_to_all(
+    session: Session, comfy: ComfyPeer
+) -> None:
+    comfy.slow()
+    async with Session(comfy) as frontend:
+        foreign, _ = await frontend.submit(slow("contract/ui"))
+        await frontend.until(foreign, "execution_start", within=30)
+        running, _ = await session.queue()
+        await frontend.http.post("/interrupt", json={"prompt_id": foreign})
+        await frontend.finished(foreign, within=60)
+
+    assert running == [foreign]
+    assert session.of(foreign) == []
+    assert any(e["type"] == "status" for e in session.events)
