@@ -185,8 +185,7 @@ LOCAL_PREFIX = "file://"
 
 
 def _local_file(image: asyncpg.Record) -> Path | None:
-    sidecar = image["sidecar"] or {}
-    path = sidecar.get("local_path")
+    path = image["local_path"]  # from imagen.image_internals (get_image joins it)
     return Path(path) if path else None
 
 
@@ -483,6 +482,8 @@ def sign(
             if row["storage_path"] is None:
                 raise ConfigError(f"job {reference} is {row['job_status']}: it has no image yet")
             key = row["storage_path"]
+        if key.startswith(LOCAL_PREFIX):
+            raise ConfigError(f"the image was not uploaded, so there is nothing to sign; it is at {key}")
         sink = create_sink(config)
         try:
             if not sink.is_cloud:

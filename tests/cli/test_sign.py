@@ -12,6 +12,7 @@ import asyncpg
 import httpx
 import pytest
 
+from imagen_worker.cli.failures import Code
 from tests.fakes.storage import FakeStorage
 from tests.workers import BIN, insert_job, make_config, running_worker, terminal, worker_env, write_config
 
@@ -68,5 +69,6 @@ async def test_a_job_without_an_image_or_an_unknown_id_is_refused_in_words(
     waiting = await sign(database_url, tmp_path, storage, str(pending))
     missing = await sign(database_url, tmp_path, storage, str(unknown))
 
-    assert waiting.returncode == 1 and f"job {pending} is pending: it has no image yet" in waiting.stderr
-    assert missing.returncode == 1 and f"no image or job {unknown}" in missing.stderr
+    assert waiting.returncode == missing.returncode == Code.CONFIG
+    assert waiting.stderr == f"imagen: job {pending} is pending: it has no image yet\n"
+    assert missing.stderr == f"imagen: no image or job {unknown}\n"
