@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -87,9 +88,12 @@ async def test_the_refusal_to_start_without_serving_the_default_backend_is_one_l
         text=True,
         timeout=60,
     )
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
-        "imagen-worker: default_backend: 'mock' (the first configured backend) is not served by this "
+    # JSON lines, since stderr is not a terminal: which config was read, then the one error.
+    *_, last = (json.loads(line) for line in result.stderr.strip().splitlines())
+    assert result.returncode == 78  # EX_CONFIG
+    assert last["level"] == "error"
+    assert last["event"] == (
+        "default_backend: 'mock' (the first configured backend) is not served by this "
         "worker (it serves slow); set default_backend to one of them"
-    ]
+    )
     assert await db.fetchval("SELECT count(*) FROM imagen.workers") == 0

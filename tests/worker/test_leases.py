@@ -78,7 +78,7 @@ async def test_forged_control_messages_cancel_nothing_and_a_real_cancel_still_wo
 ) -> None:
     config = make_config(tmp_path, backends={"mock": {"type": "mock", "latency_ms": 60000}})
     async with running_worker(config, database_url) as worker:
-        job_id = await insert_job(db, "someone else's job", steps=200)
+        job_id = await insert_job(db, "someone else's job", steps=100)
         await eventually(lambda: _running(db, job_id))
         forged = json.dumps({"cancel": str(job_id)})
         await forge_as_authenticated(db, forged)
