@@ -72,11 +72,11 @@ CREATE INDEX jobs_claim_default ON imagen.jobs (priority DESC, turn, run_at, id)
     WHERE status = 'pending' AND backend IS NULL;
 CREATE INDEX jobs_claim_named ON imagen.jobs (backend, priority DESC, turn, run_at, id)
     WHERE status = 'pending' AND backend IS NOT NULL;
--- An owner's live jobs: the turn and quota of the next insert, and running jobs per owner.
+-- An owner's live jobs: the turn and the quota of its next insert.
 CREATE INDEX jobs_owner_live ON imagen.jobs (owner_user_id, turn)
     WHERE status IN ('pending', 'running');
 
--- Existing pending rows: one owner's jobs in age order, interleaved with the other owners'.
+-- Existing live rows: one owner's jobs in age order, interleaved with the other owners'.
 WITH ranked AS (
     SELECT id, 2 * row_number() OVER (PARTITION BY owner_user_id, backend, priority
                                       ORDER BY run_at, id) AS turn
