@@ -58,9 +58,7 @@ Params = Annotated[list[str], typer.Option("--param", "-p", help="Backend parame
 @app.callback()
 def _root(
     _version: Annotated[bool, failures.version_option(PROGRAM)] = False,
-    _debug: Annotated[
-        bool, typer.Option("--debug", help="Print tracebacks instead of one line per failure.")
-    ] = False,
+    _debug: failures.DebugFlag = False,
 ) -> None:
     """imagen: submit prompts to the queue, follow them, or generate in-process."""
 
