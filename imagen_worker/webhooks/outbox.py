@@ -133,6 +133,10 @@ class Outbox:
 
     async def run(self) -> None:
         """Claim and deliver until cancelled; a clean stop hands unfinished rows to the next claim."""
+        log.info(
+            "webhooks on", host=self.settings.url.host, events=[str(e) for e in self.settings.events],
+            concurrency=self.settings.concurrency,
+        )  # fmt: skip
         try:
             async with (
                 httpx.AsyncClient(follow_redirects=False, trust_env=False) as client,
@@ -162,6 +166,9 @@ class Outbox:
                 )
             except DB_ERRORS as exc:
                 log.warning("could not claim webhook deliveries; retrying", error=str(exc))
+                continue
+            except Exception:  # a bug here must not take the daemon's task group down
+                log.exception("webhook claim failed; retrying")
                 continue
             for row in rows:
                 self.held.add(row["id"])
