@@ -68,3 +68,22 @@ def test_delivery_outcomes_are_exported_from_zero() -> None:
     text = metrics.exposition()[0].decode()
     for outcome in ("delivered", "retried", "failed"):
         assert f'imagen_webhook_deliveries_total{{outcome="{outcome}"}} 0.0' in text
+
+
+async def test_imagen_worker_check_names_a_missing_secret_and_passes_with_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imagen_worker.check import run_checks
+
+    config = load_config(write_config(tmp_path, webhooks={"url": URL}))
+    [line] = [r for r in await run_checks(config, dsn=None) if r.name == "webhooks"]
+    assert not line.ok
+    assert line.detail.startswith(
+        "webhooks.secret_env: environment variable IMAGEN_WEBHOOK_SECRET is not set"
+    )
+
+    monkeypatch.setenv("IMAGEN_WEBHOOK_SECRET", "0123456789abcdef0123")
+    [line] = [r for r in await run_checks(config, dsn=None) if r.name == "webhooks"]
+    assert line.ok
+    assert line.detail == "signed POSTs to hooks.example.com when jobs end (done, failed, cancelled)"
+    assert "0123456789abcdef0123" not in line.detail
