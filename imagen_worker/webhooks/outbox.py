@@ -195,7 +195,10 @@ class Outbox:
         delivery_id = row["id"]
         remaining = self.settings.max_attempts - row["attempts"]
         if remaining <= 0:
-            await self._give_up(delivery_id, "no attempts left", counted=0)
+            await self._give_up(
+                delivery_id, f"no attempts left: webhooks.max_attempts is {self.settings.max_attempts}",
+                counted=0,
+            )  # fmt: skip
             return
         job = await self.pool.fetchrow(sql("webhook_job"), row["job_id"])
         request = Request(str(delivery_id), row["event"], body(row, job))
@@ -209,13 +212,7 @@ class Outbox:
         try:
             async for attempt in retrying:
                 with attempt:
-                    if (
-                        await self.pool.fetchval(
-                            sql("webhook_renew"), delivery_id, self.worker_id, self.lease
-                        )
-                        is None
-                    ):
-                        raise Abandoned
+                    await self._renew(delivery_id)
                     await sender.send(request)
         except Abandoned:
             log.warning("webhook delivery taken over by another worker")
@@ -226,6 +223,11 @@ class Outbox:
         await self.pool.execute(sql("webhook_delivered"), delivery_id, self.worker_id)
         self.on_outcome(Outcome.DELIVERED)
         log.info("webhook delivered", attempts=row["attempts"] + attempt.retry_state.attempt_number)
+
+    async def _renew(self, delivery_id: UUID) -> None:
+        """Hold the row for one more attempt, unless another worker took it meanwhile."""
+        if await self.pool.fetchval(sql("webhook_renew"), delivery_id, self.worker_id, self.lease) is None:
+            raise Abandoned
 
     def _backoff(self, state: RetryCallState) -> float:
         """Exponential with jitter; a receiver's ``Retry-After`` is honoured up to ``backoff_max``."""

@@ -242,3 +242,29 @@ async def test_a_worker_refuses_to_start_without_a_real_secret(
     with pytest.raises(ConfigError, match="HOOK_SIGNING_KEY"):
         await Worker(config, database_url, run_migrations=False).start()
     assert await outbox_db.fetchval("SELECT count(*) FROM imagen.workers") == 0
+
+
+async def test_rows_nobody_woke_it_for_are_found_by_the_poll(
+    outbox_db: asyncpg.Pool, database_url: str, tmp_path: Path, receiver: Receiver, secret: str
+) -> None:
+    gone, spent = uuid.uuid4(), uuid.uuid4()
+    config = make_config(tmp_path, webhooks=hooks_block(receiver.url, max_attempts=4))
+    async with running_worker(config, database_url):
+        await outbox_db.execute(
+            "INSERT INTO imagen.webhook_deliveries (job_id, event, attempts)"
+            " VALUES ($1, 'done', 0), ($2, 'failed', 4)",
+            gone, spent,
+        )  # fmt: skip
+        delivered = await settled(outbox_db, gone)
+        given_up = await settled(outbox_db, spent)
+
+    # A job deleted before its delivery is still announced, without its details.
+    [request] = receiver.requests
+    assert request.json == {
+        "id": str(delivered["id"]), "event": "done",
+        "created_at": delivered["created_at"].isoformat(), "job": None,
+    }  # fmt: skip
+    assert delivered["status"] == "delivered"
+    # A row out of attempts (max_attempts lowered since) is given up without a request.
+    assert given_up["status"] == "failed" and given_up["attempts"] == 4
+    assert given_up["last_error"] == "no attempts left: webhooks.max_attempts is 4"
