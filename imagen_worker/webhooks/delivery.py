@@ -7,6 +7,7 @@ somewhere the operator did not name) is a rejection that no retry would change.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -63,10 +64,11 @@ class Sender:
         """One POST, signed at send time; raises ``Retryable`` or ``Rejected`` unless delivered."""
         headers = self.headers(request, int(time.time()))
         try:
-            response = await self.client.post(
-                self.url, content=request.body, headers=headers, timeout=self.timeout
-            )
-        except httpx.TimeoutException:
+            async with asyncio.timeout(self.timeout):  # httpx's timeout bounds each read, not the whole
+                response = await self.client.post(
+                    self.url, content=request.body, headers=headers, timeout=self.timeout
+                )
+        except (httpx.TimeoutException, TimeoutError):
             raise Retryable(f"the receiver did not answer within {self.timeout:g} s") from None
         except httpx.TransportError as exc:
             raise Retryable(f"could not reach the receiver: {_reason(exc)}") from None

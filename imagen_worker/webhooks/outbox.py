@@ -56,6 +56,10 @@ class Abandoned(Exception):
     """The row's lease passed to another worker: it sends the delivery, not this one."""
 
 
+class Interrupted(Exception):
+    """The worker is stopping: the row goes back to the outbox for the next claim."""
+
+
 async def configure(pool: asyncpg.Pool, settings: WebhooksConfig | None) -> None:
     """Tell the trigger which job endings to queue: this worker's events, or none."""
     events = [str(event) for event in settings.events] if settings is not None else []
@@ -120,6 +124,7 @@ class Outbox:
         self.secret = secret
         self.on_outcome = on_outcome
         self.wake = asyncio.Event()
+        self.stopping = asyncio.Event()
         self.held: set[UUID] = set()
         self.lease = settings.timeout * 2  # an attempt plus the writes around it
         self._wait = wait_exponential_jitter(
@@ -131,8 +136,13 @@ class Outbox:
         if event in (Event.DONE, Event.FAILED, Event.CANCELLED):
             self.wake.set()
 
+    def stop(self) -> None:
+        """Claim nothing more; attempts in flight finish (within ``timeout``), waiting ones return."""
+        self.stopping.set()
+        self.wake.set()
+
     async def run(self) -> None:
-        """Claim and deliver until cancelled; a clean stop hands unfinished rows to the next claim."""
+        """Claim and deliver until stopped; unfinished rows are handed to the next claim at once."""
         log.info(
             "webhooks on", host=self.settings.url.host, events=[str(e) for e in self.settings.events],
             concurrency=self.settings.concurrency,
@@ -156,6 +166,8 @@ class Outbox:
                 async with asyncio.timeout(timeout):
                     await self.wake.wait()
             self.wake.clear()
+            if self.stopping.is_set():
+                return
             timeout = self.settings.poll_interval
             free = self.settings.concurrency - len(self.held)
             if free <= 0:
@@ -207,15 +219,21 @@ class Outbox:
             wait=self._backoff,
             retry=retry_if_exception_type(Retryable),
             before_sleep=functools.partial(self._retry_later, delivery_id),
+            sleep=self._sleep,
             reraise=True,
         )
         try:
             async for attempt in retrying:
                 with attempt:
+                    if self.stopping.is_set():
+                        raise Interrupted
                     await self._renew(delivery_id)
                     await sender.send(request)
         except Abandoned:
             log.warning("webhook delivery taken over by another worker")
+            return
+        except Interrupted:
+            log.info("webhook delivery handed back: the worker is stopping")
             return
         except (Retryable, Rejected) as exc:
             await self._give_up(delivery_id, exc.message, counted=1)
@@ -228,6 +246,15 @@ class Outbox:
         """Hold the row for one more attempt, unless another worker took it meanwhile."""
         if await self.pool.fetchval(sql("webhook_renew"), delivery_id, self.worker_id, self.lease) is None:
             raise Abandoned
+
+    async def _sleep(self, seconds: float) -> None:
+        """The wait between attempts, cut short by a stop."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self.stopping.wait()
+        except TimeoutError:
+            return
+        raise Interrupted
 
     def _backoff(self, state: RetryCallState) -> float:
         """Exponential with jitter; a receiver's ``Retry-After`` is honoured up to ``backoff_max``."""

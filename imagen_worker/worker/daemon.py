@@ -196,7 +196,8 @@ class Worker:
             async with asyncio.TaskGroup() as loops:
                 heartbeat = loops.create_task(self._heartbeat_loop(), name="imagen-heartbeat")
                 control = loops.create_task(self._control_loop(), name="imagen-control")
-                outbox = self.outbox and loops.create_task(self.outbox.run(), name="imagen-webhooks")
+                if self.outbox:
+                    loops.create_task(self.outbox.run(), name="imagen-webhooks")
                 async with asyncio.TaskGroup() as jobs:
                     self._jobs = jobs
                     self.wake.set()
@@ -205,8 +206,8 @@ class Worker:
                     await self._wind_down()
                 heartbeat.cancel()
                 control.cancel()
-                if outbox:
-                    outbox.cancel()
+                if self.outbox:
+                    self.outbox.stop()
         finally:
             await self.close()
             log.info("worker stopped", worker_id=str(self.id))

@@ -268,3 +268,18 @@ async def test_rows_nobody_woke_it_for_are_found_by_the_poll(
     # A row out of attempts (max_attempts lowered since) is given up without a request.
     assert given_up["status"] == "failed" and given_up["attempts"] == 4
     assert given_up["last_error"] == "no attempts left: webhooks.max_attempts is 4"
+
+
+async def test_a_clean_stop_lets_the_post_in_flight_finish_instead_of_sending_it_twice(
+    outbox_db: asyncpg.Pool, database_url: str, tmp_path: Path, receiver: Receiver, secret: str
+) -> None:
+    receiver.delay = 1.0
+    config = make_config(tmp_path, webhooks=hooks_block(receiver.url))
+    async with running_worker(config, database_url):
+        job_id = await insert_job(outbox_db)
+        await eventually(lambda: _received(receiver, 1))
+    # running_worker's exit stopped the worker (SIGTERM's path) while the receiver was answering.
+
+    [row] = await delivery_rows(outbox_db, job_id)
+    assert row["status"] == "delivered" and row["attempts"] == 1
+    assert len(receiver.requests) == 1
