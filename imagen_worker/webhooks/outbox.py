@@ -13,10 +13,8 @@ import asyncio
 import contextlib
 import enum
 import functools
-import json
 import os
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -31,10 +29,11 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from imagen_worker.config import WebhookEvent, WebhooksConfig
+from imagen_worker.config import WebhooksConfig
 from imagen_worker.errors import ConfigError
 from imagen_worker.queries import sql
 from imagen_worker.webhooks.delivery import Rejected, Request, Retryable, Sender
+from imagen_worker.webhooks.payload import body
 from imagen_worker.worker.running import DB_ERRORS, Event
 
 log = structlog.get_logger("imagen.webhooks")
@@ -80,33 +79,6 @@ def read_secret(settings: WebhooksConfig) -> bytes:
             f"{MIN_SECRET} characters; use a random one (for example: openssl rand -hex 32)"
         )
     return value.encode()
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
-def body(delivery: asyncpg.Record, job: asyncpg.Record | None) -> bytes:
-    """The JSON the receiver gets: the job as it ended, its images, no worker internals."""
-    payload: dict[str, Any] = {
-        "id": str(delivery["id"]),
-        "event": delivery["event"],
-        "created_at": _iso(delivery["created_at"]),
-        "job": None,
-    }
-    if job is not None:
-        payload["job"] = {
-            "id": str(job["id"]),
-            "owner_user_id": str(job["owner_user_id"]),
-            "status": delivery["event"],
-            "error": job["error"] if delivery["event"] != WebhookEvent.DONE else None,
-            "created_at": _iso(job["created_at"]),
-            "started_at": _iso(job["started_at"]),
-            "finished_at": _iso(job["finished_at"]),
-            "image_id": str(job["image_id"]) if job["image_id"] else None,
-            "images": job["images"],
-        }
-    return json.dumps(payload, separators=(",", ":")).encode()
 
 
 class Outbox:
