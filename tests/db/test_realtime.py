@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -9,6 +11,7 @@ import pytest
 
 from imagen_worker.db.connect import connect
 from imagen_worker.db.migrate import migrate
+from tests.storage.test_supabase_migration import FAKE_STORAGE_SCHEMA
 
 
 @pytest.fixture
@@ -57,3 +60,42 @@ async def test_a_publication_for_all_tables_is_left_alone(scratch: asyncpg.Conne
     assert await scratch.fetchval("SELECT imagen.publish_realtime()") == []
     assert {"imagen.jobs", "imagen.images"} <= await _published(scratch)
 
+
+
+async def test_a_signed_in_user_may_read_only_the_previews_of_their_own_jobs(
+    scratch: asyncpg.Connection,
+) -> None:
+    await scratch.execute(FAKE_STORAGE_SCHEMA)
+    await scratch.execute(
+        "GRANT USAGE ON SCHEMA storage TO authenticated; GRANT SELECT ON storage.objects TO authenticated"
+    )
+    await migrate(scratch)
+    alice, bob = uuid.uuid4(), uuid.uuid4()
+    jobs = {}
+    for owner in (alice, bob):
+        jobs[owner] = await scratch.fetchval(
+            "INSERT INTO imagen.jobs (owner_user_id, prompt) VALUES ($1, 'p') RETURNING id", owner
+        )
+    keys = [
+        f"{alice}/{jobs[alice]}/preview.jpg",
+        f"{alice}/{jobs[alice]}/preview.png",
+        f"{alice}/{jobs[alice]}/other.png",
+        f"{alice}/{jobs[bob]}/preview.jpg",  # Bob's job under Alice's folder
+        f"{bob}/{jobs[bob]}/preview.jpg",
+        f"{alice}/{jobs[alice]}/preview.jpg/x",
+    ]
+    for key in keys:
+        await scratch.execute(
+            "INSERT INTO storage.objects (bucket_id, name) VALUES ('imagen-generated', $1)", key
+        )
+
+    async def visible_to(user: uuid.UUID) -> set[str]:
+        async with scratch.transaction():
+            await scratch.execute("SET LOCAL ROLE authenticated")
+            claims = json.dumps({"sub": str(user), "role": "authenticated"})
+            await scratch.execute("SELECT set_config('request.jwt.claims', $1, true)", claims)
+            rows = await scratch.fetch("SELECT name FROM storage.objects")
+        return {r["name"] for r in rows}
+
+    assert await visible_to(alice) == {keys[0], keys[1]}
+    assert await visible_to(bob) == {keys[4]}
