@@ -61,7 +61,6 @@ async def test_a_publication_for_all_tables_is_left_alone(scratch: asyncpg.Conne
     assert {"imagen.jobs", "imagen.images"} <= await _published(scratch)
 
 
-
 async def test_a_signed_in_user_may_read_only_the_previews_of_their_own_jobs(
     scratch: asyncpg.Connection,
 ) -> None:

@@ -237,6 +237,7 @@ class FakeComfyUI:
         self.post_delay = 0.0
         self.refuse_websockets = False
         self.mute_events = False
+        self.stall_sockets = False  # open but silent: no events and no pongs, like a cut-off peer
         self.fail_next: dict[str, list[int]] = {}
         self.requests: list[RecordedRequest] = []
         self.interrupts: list[RecordedInterrupt] = []
@@ -251,6 +252,8 @@ class FakeComfyUI:
         self._state = _State()
         self._sockets: dict[str, web.WebSocketResponse] = {}
         self._all_sockets: set[web.WebSocketResponse] = set()
+        self._preview_metadata: set[str] = set()  # sids whose first frame asked for type 4 previews
+        self.socket_connects = 0
         self._work = asyncio.Event()
         self._paused = False
         self._runner: web.AppRunner | None = None
@@ -454,10 +457,13 @@ class FakeComfyUI:
     async def _ws(self, request: web.Request) -> web.StreamResponse:
         if self.refuse_websockets:
             return web.Response(status=503)
-        ws = web.WebSocketResponse()  # like ComfyUI: no heartbeat, the client must ping
+        # Like ComfyUI: no heartbeat, the client must ping; pongs by hand for ``stall_sockets``.
+        ws = web.WebSocketResponse(autoping=False)
         await ws.prepare(request)
         sid = request.query.get("clientId") or uuid.uuid4().hex
+        self.socket_connects += 1
         self._sockets[sid] = ws  # last one wins; the old socket stays open but gets nothing
+        self._preview_metadata.discard(sid)
         self._all_sockets.add(ws)
         await self._send_to(ws, "status", {"status": self._exec_info(), "sid": sid})
         state = self._state
@@ -467,10 +473,17 @@ class FakeComfyUI:
         first = True
         try:
             async for msg in ws:
+                if msg.type == WSMsgType.PING:
+                    if not self.stall_sockets:
+                        await ws.pong(msg.data)
+                    continue
                 if msg.type == WSMsgType.TEXT and first:
                     with contextlib.suppress(ValueError):
                         data = json.loads(msg.data)
                         if isinstance(data, dict) and data.get("type") == "feature_flags":
+                            asked = data.get("data")
+                            if isinstance(asked, dict) and asked.get("supports_preview_metadata"):
+                                self._preview_metadata.add(sid)
                             flags = {"supports_preview_metadata": True, "max_upload_size": 104857600}
                             await self._send_to(ws, "feature_flags", flags)
                 first = False
@@ -486,7 +499,7 @@ class FakeComfyUI:
 
     async def _send(self, event: str, data: dict[str, Any], sid: str | None) -> None:
         """``send_sync`` routing: sid None broadcasts, except events sent to nobody then."""
-        if self.mute_events:
+        if self.mute_events or self.stall_sockets:
             return
         if sid is None:
             if event in _EXECUTION_ONLY:
@@ -497,7 +510,7 @@ class FakeComfyUI:
             await self._send_to(ws, event, data)
 
     async def _send_binary(self, payload: bytes, sid: str | None) -> None:
-        if self.mute_events:
+        if self.mute_events or self.stall_sockets:
             return
         targets = (
             list(self._sockets.values())
@@ -902,7 +915,7 @@ class FakeComfyUI:
             ui: dict[str, Any] | None = None
             if failure is None:
                 try:
-                    ui = await self._run_output_node(item, nid, sid)
+                    ui = await self._run_output_node(item, nid, sid, node_state)
                 except _NodeFailure as exc:
                     failure = ("Exception", str(exc))
             if failure is not None:
@@ -969,17 +982,37 @@ class FakeComfyUI:
         await self._broadcast_status()
         await event("executing", {"node": None, "prompt_id": pid})
 
-    async def _run_output_node(self, item: _Item, nid: str, sid: str | None) -> dict[str, Any] | None:
+    async def _run_output_node(
+        self,
+        item: _Item,
+        nid: str,
+        sid: str | None,
+        node_state: Callable[[str, float, float, str], Awaitable[None]],
+    ) -> dict[str, Any] | None:
         node = item.graph[nid]
         class_type, inputs = node["class_type"], node.get("inputs", {})
         if class_type not in ("SaveImage", "PreviewImage", "SaveImageWebsocket"):
             return None
         batch = _batch_size(item.graph, nid)
         if class_type == "SaveImageWebsocket":
+            # One full-size PNG per image through the progress hook, in ComfyUI's order: the
+            # progress_state snapshot, then a client that negotiated preview metadata gets a
+            # type 4 frame before ``progress``, any other a type 1 frame (format 2: PNG) after.
             for index in range(batch):
                 data = {"value": index, "max": batch, "prompt_id": item.prompt_id, "node": nid}
-                await self._send("progress", data, sid)
-                await self._send_binary(struct.pack(">II", 1, 2) + self._png(item, nid, index), sid)
+                await node_state(nid, float(index), float(batch), "running")
+                png = self._png(item, nid, index)
+                if sid in self._preview_metadata:
+                    meta = {
+                        "node_id": nid, "prompt_id": item.prompt_id, "display_node_id": nid,
+                        "parent_node_id": None, "real_node_id": nid, "image_type": "image/png",
+                    }  # fmt: skip
+                    body = json.dumps(meta).encode()
+                    await self._send_binary(struct.pack(">II", 4, len(body)) + body + png, sid)
+                    await self._send("progress", data, sid)
+                else:
+                    await self._send("progress", data, sid)
+                    await self._send_binary(struct.pack(">II", 1, 2) + png, sid)
             return None
         if class_type == "PreviewImage":
             kind, subfolder = "temp", ""

@@ -10,7 +10,7 @@ import pytest
 from imagen_worker.errors import BackendUnavailable
 from tests.backends.comfyui.conftest import BackendFactory
 from tests.backends.comfyui.support import RecordingContext, make_request
-from tests.fakes.comfyui import FakeComfyUI
+from tests.fakes.comfyui import FakeComfyUI, tiny_png
 
 
 async def test_history_written_late_after_success_is_still_read_correctly(
@@ -108,7 +108,7 @@ async def test_a_reconnected_socket_carries_the_job_to_its_end(
     assert result.metadata["outputs"][0]["node_type"] == "SaveImage"
 
 
-async def test_binary_frames_and_socket_only_outputs_are_ignored(
+async def test_binary_frames_become_previews_and_socket_only_outputs_are_not_collected(
     fake: FakeComfyUI, make_backend: BackendFactory
 ) -> None:
     graph = {
@@ -122,7 +122,9 @@ async def test_binary_frames_and_socket_only_outputs_are_ignored(
     result = await backend.generate(make_request(workflow={"graph": graph}), ctx)
 
     assert [o["node_id"] for o in result.metadata["outputs"]] == ["3", "3"]
-    assert (0, 2, {"node": "2"}) in ctx.progress  # SaveImageWebsocket's own progress still arrives
+    assert ctx.previews == [(tiny_png((0, 0, 9)), "image/png")] * 2  # one frame per image
+    steps = [extra["message"] for _, _, extra in ctx.progress if extra["node"] == "2"]
+    assert "step 1 of 2 in SaveImageWebsocket (node 2)" in steps  # its own progress still arrives
 
 
 async def test_a_prompt_removed_from_comfyuis_queue_by_someone_else_is_resubmitted_without_blame(
