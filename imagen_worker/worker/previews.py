@@ -101,6 +101,8 @@ class Previews:
 
 
 def _remove(path: Path) -> None:
+    """The local frame, and its job and owner folders when they held nothing else."""
     path.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # the job's folder, when it held only the preview
+    with contextlib.suppress(OSError):
         path.parent.rmdir()
+        path.parent.parent.rmdir()

@@ -9,6 +9,9 @@ never produces an event, a reused clientId replaces the socket (and closing the 
 the new one), nothing is replayed on reconnect, ``stop()`` (a killed process: connections
 refused, queue, history and sockets forgotten) and ``start()`` again on the same port, and
 ``status`` broadcasts to every socket on every queue change, whoever's prompt it is.
+``SaveImageWebsocket`` sends each image as a binary frame the way 0.3.64 does: type 1 (format 2,
+PNG) after ``progress``, or type 4 with JSON metadata before it to a socket whose first frame
+asked for ``supports_preview_metadata``.
 
 0.3.64 has no Jobs API: the frontend's static route takes any path for GET only, so
 ``POST /api/jobs/{id}/cancel`` answers 405. ``jobs_api=True`` plays a newer server, whose
@@ -18,7 +21,8 @@ cancel dequeues a pending prompt or interrupts the running one in one step and a
 Control knobs: ``plan`` (per prompt: duration and outcome; by default read from markers such as
 ``[fake:duration=0.5]``, ``[fake:error]``, ``[fake:oom]`` in any string input), ``default_duration``,
 ``history_delay``, ``post_delay`` (a slow ``POST /prompt``: the prompt is queued only after it),
-``pause()``/``resume()``, ``refuse_websockets``, ``mute_events``, ``fail_next`` (answer the next
+``pause()``/``resume()``, ``refuse_websockets``, ``mute_events``, ``stall_sockets()`` (open but
+silent: no events, no pongs), ``fail_next`` (answer the next
 requests to a route with an HTTP status), ``drop_sockets()``, ``stop()``/``start()``,
 ``restart()`` and ``submit_foreign()`` (a prompt from someone else, as from the ComfyUI UI).
 Instrumentation: ``requests`` (every request), ``interrupts``, ``job_cancels``, ``executions``
@@ -237,7 +241,6 @@ class FakeComfyUI:
         self.post_delay = 0.0
         self.refuse_websockets = False
         self.mute_events = False
-        self.stall_sockets = False  # open but silent: no events and no pongs, like a cut-off peer
         self.fail_next: dict[str, list[int]] = {}
         self.requests: list[RecordedRequest] = []
         self.interrupts: list[RecordedInterrupt] = []
@@ -252,6 +255,7 @@ class FakeComfyUI:
         self._state = _State()
         self._sockets: dict[str, web.WebSocketResponse] = {}
         self._all_sockets: set[web.WebSocketResponse] = set()
+        self._stalled: set[web.WebSocketResponse] = set()  # open but silent, see stall_sockets()
         self._preview_metadata: set[str] = set()  # sids whose first frame asked for type 4 previews
         self.socket_connects = 0
         self._work = asyncio.Event()
@@ -355,6 +359,11 @@ class FakeComfyUI:
         """Send any message to every socket, as custom nodes do (e.g. ``crystools.monitor``)."""
         for ws in list(self._sockets.values()):
             await self._send_to(ws, event, data)
+
+    def stall_sockets(self) -> None:
+        """The open sockets go silent (no events, no pongs) but stay open, as behind a cut-off
+        network path; sockets opened afterwards work."""
+        self._stalled |= self._all_sockets
 
     def pause(self) -> None:
         """Stop taking new prompts from the queue (the running one finishes)."""
@@ -474,7 +483,7 @@ class FakeComfyUI:
         try:
             async for msg in ws:
                 if msg.type == WSMsgType.PING:
-                    if not self.stall_sockets:
+                    if ws not in self._stalled:
                         await ws.pong(msg.data)
                     continue
                 if msg.type == WSMsgType.TEXT and first:
@@ -491,15 +500,18 @@ class FakeComfyUI:
             # ComfyUI's own bug, reproduced: this removes the sid even if a newer socket took it.
             self._sockets.pop(sid, None)
             self._all_sockets.discard(ws)
+            self._stalled.discard(ws)
         return ws
 
     async def _send_to(self, ws: web.WebSocketResponse, event: str, data: dict[str, Any]) -> None:
+        if ws in self._stalled:
+            return
         with contextlib.suppress(ConnectionError, RuntimeError):
             await ws.send_str(json.dumps({"type": event, "data": data}))
 
     async def _send(self, event: str, data: dict[str, Any], sid: str | None) -> None:
         """``send_sync`` routing: sid None broadcasts, except events sent to nobody then."""
-        if self.mute_events or self.stall_sockets:
+        if self.mute_events:
             return
         if sid is None:
             if event in _EXECUTION_ONLY:
@@ -510,7 +522,7 @@ class FakeComfyUI:
             await self._send_to(ws, event, data)
 
     async def _send_binary(self, payload: bytes, sid: str | None) -> None:
-        if self.mute_events or self.stall_sockets:
+        if self.mute_events:
             return
         targets = (
             list(self._sockets.values())
@@ -520,6 +532,8 @@ class FakeComfyUI:
             else []
         )
         for ws in targets:
+            if ws in self._stalled:
+                continue
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await ws.send_bytes(payload)
 

@@ -7,6 +7,7 @@ import asyncio
 import httpx
 import pytest
 
+from imagen_worker.backends.comfyui.config import parse_config
 from imagen_worker.errors import BackendUnavailable
 from tests.backends.comfyui.conftest import BackendFactory
 from tests.backends.comfyui.support import RecordingContext, make_request
@@ -145,3 +146,26 @@ async def test_a_prompt_removed_from_comfyuis_queue_by_someone_else_is_resubmitt
         f"ComfyUI no longer knows prompt {prompt_id} (it restarted, or the prompt was removed from its "
         "queue); the job will be submitted again"
     )
+
+
+async def test_a_socket_that_stays_open_but_goes_silent_is_dropped_within_seconds(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    # The poll is 30 s away: only the ping can notice that the socket went silent.
+    backend = await make_backend(fake, poll_interval=30, ping_interval=0.5, ping_timeout=0.5)
+    loop = asyncio.get_running_loop()
+    job = asyncio.create_task(backend.generate(make_request("[fake:duration=1.0]"), RecordingContext()))
+    await fake.wait_running()
+    fake.stall_sockets()  # no events, no pongs, the TCP connection stays up
+    stalled_at = loop.time()
+
+    result = await asyncio.wait_for(job, 10)
+
+    assert loop.time() - stalled_at < 3.0, "noticed by the ping, reconnected, then the poll found it"
+    assert fake.socket_connects == 2
+    assert result.metadata["outputs"][0]["node_type"] == "SaveImage"
+
+
+def test_pings_default_to_every_five_seconds_with_a_five_second_timeout() -> None:
+    config = parse_config("gpu", {"type": "comfyui", "base_url": "http://127.0.0.1:8188", "workflow": "sd15"})
+    assert (config.ping_interval, config.ping_timeout) == (5.0, 5.0)
