@@ -7,8 +7,9 @@ gets a weight: its ``steps`` input when it has one (samplers take nearly all the
 a node that reports a larger ``max`` (steps, batch size) takes that as its weight. The percentage
 is the weight of finished and cached nodes plus the current nodes' done share, over the total,
 and it never goes down. Nodes outside the outputs' ancestry never run, so the last step to 100
-comes with the end of the prompt. The ETA is the rate since the first step, once a few steps
-were seen.
+comes with the end of the prompt. The ETA extrapolates the average rate since execution
+started, shown once a few steps were seen (a burst of quick steps, such as a batch of frames,
+would make a rate over the last steps alone promise far too much).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class ProgressTracker:
         self._done: set[str] = set()
         self._running: dict[str, float] = {}  # node id -> done fraction of that node
         self._clock = clock
-        self._first_step: tuple[float, float] | None = None  # (time, percent) at the first step
+        self._started_at: float | None = None  # when execution started (or we first heard of it)
         self._steps_seen = 0
         self._percent = 0.0
         self._stage = Stage.QUEUED
@@ -57,6 +58,8 @@ class ProgressTracker:
     def update(self, kind: str, data: Mapping[str, Any]) -> bool:
         """Fold one event in; True when the snapshot changed."""
         before = (self._percent, self._stage, self._node, self._step)
+        if self._started_at is None and kind != "status":
+            self._started_at = self._clock()
         if kind == "execution_start":
             self._stage = Stage.RUNNING
         elif kind == "execution_cached":
@@ -130,9 +133,6 @@ class ProgressTracker:
         self._node, self._step, self._stage = node, (value, maximum), Stage.SAMPLING
         if count:
             self._steps_seen += 1
-            if self._first_step is None:
-                self._recompute()
-                self._first_step = (self._clock(), self._percent)
 
     def _recompute(self) -> None:
         if self._stage is Stage.FINISHED:
@@ -145,13 +145,12 @@ class ProgressTracker:
     def _eta(self) -> int | None:
         if self._stage is Stage.FINISHED:
             return 0
-        if self._first_step is None or self._steps_seen < ETA_AFTER_STEPS:
+        if self._started_at is None or self._steps_seen < ETA_AFTER_STEPS:
             return None
-        started, at_first = self._first_step
-        elapsed, gained = self._clock() - started, self._percent - at_first
-        if elapsed <= 0 or gained <= 0:
+        elapsed = self._clock() - self._started_at
+        if elapsed <= 0 or self._percent <= 0:
             return None
-        return round((100.0 - self._percent) * elapsed / gained)
+        return max(1, round((100.0 - self._percent) * elapsed / self._percent))
 
     def _message(self, node_type: str | None) -> str:
         if self._stage is Stage.QUEUED:

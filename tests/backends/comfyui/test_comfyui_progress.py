@@ -87,6 +87,7 @@ def test_progress_state_snapshots_are_used_where_the_server_sends_them() -> None
 def test_an_eta_appears_once_a_few_steps_were_seen() -> None:
     clock = Clock()
     tracker = ProgressTracker(GRAPH, clock=clock)
+    tracker.update("execution_start", {"prompt_id": PID})
     run_nodes(tracker, "4", "5", "6", "7")
     etas = []
     for step in range(1, 5):
@@ -94,8 +95,9 @@ def test_an_eta_appears_once_a_few_steps_were_seen() -> None:
         etas.append(tracker.snapshot()["eta_seconds"])
         clock.now += 1.0  # one step a second: 1/16 of the work
     assert etas[:2] == [None, None]
-    # After 3 steps at 1 s each, 2 steps' worth of percentage took 2 s; 9 units remain.
-    assert etas[2] == 9 and etas[3] == 8
+    # The average since execution started: 7 of 16 units in 2 s leave 9 units, about 2.6 s;
+    # then 8 of 16 in 3 s leave 3 s.
+    assert etas[2:] == [3, 3]
 
 
 def test_preview_frames_of_both_layouts_are_parsed() -> None:
