@@ -96,9 +96,11 @@ class MockBackend(Backend):
             if per_step:
                 await asyncio.sleep(per_step)
             # The shape the ComfyUI adapter reports, so a web page needs one code path.
+            last = step == steps
             ctx.report_progress(
-                step, steps, percent=round(100 * step / steps, 1), node=None, stage="sampling",
-                eta_seconds=round(per_step * (steps - step)), message=f"step {step} of {steps}",
+                step, steps, percent=round(100 * step / steps, 1), node=None,
+                stage="finished" if last else "sampling", eta_seconds=round(per_step * (steps - step)),
+                message="finished" if last else f"step {step} of {steps}",
             )  # fmt: skip
         forced = request.params.get("mock_fail")
         if forced == "terminal":

@@ -123,7 +123,7 @@ async def test_the_mock_reports_the_shape_a_web_page_reads(
         await eventually(done, within=10, every=0.05)
     assert {"percent", "eta_seconds", "node", "stage", "message"} <= set(seen[0])
     assert seen[0]["stage"] == "sampling" and seen[0]["message"].startswith("step ")
-    assert seen[-1]["percent"] == 100 and seen[-1]["eta_seconds"] == 0
+    assert seen[-1]["percent"] == 100 and seen[-1]["eta_seconds"] == 0 and seen[-1]["stage"] == "finished"
     assert [p["percent"] for p in seen] == sorted(p["percent"] for p in seen)
 
 
@@ -161,3 +161,24 @@ def _holds(storage: FakeStorage, key: str, data: bytes) -> Callable[[], Awaitabl
         return _stored(storage, key) == data
 
     return check
+
+
+async def test_with_local_storage_the_preview_is_a_file_under_the_output_directory(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, fake_comfyui: FakeComfyUI
+) -> None:
+    fake_comfyui.plan = lambda pid, graph: Plan(duration=4.5)
+    config = make_config(tmp_path, backends=backend(fake_comfyui))  # cloud_sync off: local storage
+    async with running_worker(config, database_url):
+        job_id = await insert_job(db, "previews", owner_user_id=OWNER, workflow={"graph": GRAPH})
+        key = f"{OWNER}/{job_id}/preview.png"
+        path = tmp_path / "images" / key
+
+        async def preview_file() -> bool:
+            row = await job_row(db, job_id)
+            return path.is_file() and bool(row["progress"] and row["progress"].get("preview") == key)
+
+        await eventually(preview_file, within=10, every=0.05)
+        assert path.read_bytes() == tiny_png((0, 0, 255))
+        job = await terminal(db, job_id, within=15)
+    assert job["status"] == "done", job["error"]
+    assert not path.exists() and not (tmp_path / "images" / str(OWNER)).exists()
