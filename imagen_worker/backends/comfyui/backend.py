@@ -9,7 +9,8 @@ The life of a job:
    instead of ComfyUI's volatile, hard-to-cancel queue.
 2. Mint a uuid4 prompt id, store ``<prompt_id>@<base_url>`` as the job's backend ref, then POST.
 3. Follow the socket until ``executing`` with ``node: null`` for our id, beside a slow
-   ``/history`` poll so a dead or silent socket cannot hang the job; then read the history
+   ``/history`` poll so a dead or silent socket cannot hang the job (the events also feed the
+   job's overall percentage and preview frames, see ``progress.py``); then read the history
    entry and decide. The slot is freed as soon as ComfyUI is done with the prompt.
 4. Download every output through ``/view``.
 

@@ -135,7 +135,9 @@ class ProgressTracker:
             self._steps_seen += 1
 
     def _recompute(self) -> None:
-        if self._stage is Stage.FINISHED:
+        # An adopted prompt (a retry following an earlier attempt's) comes without its graph:
+        # with no total to divide by, the percentage waits for the end instead of guessing.
+        if self._stage is Stage.FINISHED or not self._graph:
             return
         total = sum(self._weights.values()) or 1.0
         done = sum(self._weights.get(n, 1.0) for n in self._done)
@@ -157,7 +159,10 @@ class ProgressTracker:
             return "waiting in ComfyUI's queue"
         if self._stage is Stage.FINISHED:
             return "finished"
-        where = f"{node_type or 'node'} (node {self._node})" if self._node else "the workflow"
+        if self._node is None:
+            where = "the workflow"
+        else:
+            where = f"{node_type} (node {self._node})" if node_type else f"node {self._node}"
         if self._step is not None:
             return f"step {self._step[0]:g} of {self._step[1]:g} in {where}"
         return f"running {where}"

@@ -84,6 +84,15 @@ def test_progress_state_snapshots_are_used_where_the_server_sends_them() -> None
     assert tracker.snapshot()["message"] == "step 2 of 10 in KSampler (node 3)"
 
 
+def test_without_the_graph_the_percentage_waits_for_the_end_but_the_stage_moves() -> None:
+    tracker = ProgressTracker({})  # a prompt adopted from an earlier attempt
+    run_nodes(tracker, "4", "5")
+    tracker.update("progress", {"value": 3, "max": 10, "node": "3", "prompt_id": PID})
+    assert tracker.percent == 0 and tracker.snapshot()["message"] == "step 3 of 10 in node 3"
+    tracker.update("executing", {"node": None, "prompt_id": PID})
+    assert tracker.percent == 100
+
+
 def test_an_eta_appears_once_a_few_steps_were_seen() -> None:
     clock = Clock()
     tracker = ProgressTracker(GRAPH, clock=clock)
