@@ -5,7 +5,7 @@ newest one is kept and uploaded once the last upload is a second old, to
 ``<owner>/<job id>/preview.jpg`` (``.png`` for PNG frames), through the job's own storage sink.
 The frame is written under the output directory first because sinks upload files. When the
 job ends the preview is deleted, unless ``output.keep_previews`` is set. Previews are best
-effort: a failed upload is logged and the job goes on.
+effort: a failed upload or delete is logged and the job goes on.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from imagen_worker.storage.base import StorageSink
 from imagen_worker.storage.keys import PREVIEW_EXTENSIONS, preview_key
 
 log = structlog.get_logger("imagen.job")
+
+DELETE_WITHIN = 5.0  # seconds for removing a finished job's preview from Storage
 
 
 class Previews:
@@ -94,7 +96,9 @@ class Previews:
         for key in sorted(self.stored):
             await asyncio.to_thread(_remove, self.directory / key)
             try:
-                await self.sink.delete(key)
+                # Bounded: a Storage outage must not hold up the job's final transition.
+                async with asyncio.timeout(DELETE_WITHIN):
+                    await self.sink.delete(key)
             except Exception as exc:
                 log.warning("preview delete failed", key=key, error=str(exc) or type(exc).__name__)
         self.stored.clear()

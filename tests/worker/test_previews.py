@@ -182,3 +182,31 @@ async def test_with_local_storage_the_preview_is_a_file_under_the_output_directo
         job = await terminal(db, job_id, within=15)
     assert job["status"] == "done", job["error"]
     assert not path.exists() and not (tmp_path / "images" / str(OWNER)).exists()
+
+
+async def test_a_storage_outage_while_deleting_the_preview_does_not_hold_up_the_job(
+    tmp_path: Path, storage: FakeStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("imagen_worker.worker.previews.DELETE_WITHIN", 0.3)
+    sink = SupabaseSink.from_config(STORAGE, output_directory=tmp_path)
+    job_id = uuid.uuid4()
+    previews = Previews(sink, tmp_path, OWNER, job_id)
+    key = f"{OWNER}/{job_id}/preview.jpg"
+    # A Storage that accepts connections and never answers.
+    silent = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    monkeypatch.setenv("SUPABASE_URL", f"http://127.0.0.1:{port}")
+    hanging = SupabaseSink.from_config(STORAGE, output_directory=tmp_path)
+    try:
+        previews.offer(b"frame", "image/jpeg")
+        await eventually(_holds(storage, key, b"frame"), within=2)
+        previews.sink = hanging  # Storage stops answering before the job ends
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await previews.close()
+        assert loop.time() - started < 1.0
+    finally:
+        await sink.aclose()
+        await hanging.aclose()
+        silent.close()
+    assert storage.get(key) is not None, "left behind, and logged"
