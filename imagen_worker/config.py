@@ -58,6 +58,8 @@ class OutputConfig(_Block):
     naming: str = "{date}-{slug}-{seed}.{ext}"
     write_metadata_json: bool = True
     cloud_sync: CloudSync = "auto"
+    # Live previews are deleted from Storage when their job ends, unless kept.
+    keep_previews: bool = False
 
     @field_validator("cloud_sync", mode="before")
     @classmethod

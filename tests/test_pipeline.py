@@ -57,6 +57,9 @@ class CountingContext:
     def report_progress(self, value: float, maximum: float, **extra: Any) -> None:
         self.progress.append((value, maximum))
 
+    def report_preview(self, data: bytes, mime_type: str) -> None:
+        raise AssertionError("the mock sends no previews")
+
 
 class CountingMock(MockBackend):
     calls = 0

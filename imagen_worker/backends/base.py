@@ -142,7 +142,14 @@ class JobContext(Protocol):
         """Persist the backend's id for this job before submitting; raises ``LeaseLost``."""
 
     def report_progress(self, value: float, maximum: float, **extra: Any) -> None:
-        """Record progress; cheap to call often (the caller throttles database writes)."""
+        """Record progress; cheap to call often (the caller throttles database writes).
+
+        ``extra`` carries what a web page shows: ``eta_seconds``, ``node``, ``stage``,
+        ``message``; ``percent`` is ``value / maximum`` unless given.
+        """
+
+    def report_preview(self, data: bytes, mime_type: str) -> None:
+        """Offer a live preview frame (JPEG or PNG); cheap to call often, the latest one wins."""
 
     @property
     def cancel_requested(self) -> bool:

@@ -91,10 +91,17 @@ class MockBackend(Backend):
 
     async def generate(self, request: GenerateRequest, ctx: JobContext) -> GenerateResult:
         steps = request.steps or 4
+        per_step = self.config.latency_ms / 1000 / steps
         for step in range(1, steps + 1):
-            if self.config.latency_ms:
-                await asyncio.sleep(self.config.latency_ms / 1000 / steps)
-            ctx.report_progress(step, steps)
+            if per_step:
+                await asyncio.sleep(per_step)
+            # The shape the ComfyUI adapter reports, so a web page needs one code path.
+            last = step == steps
+            ctx.report_progress(
+                step, steps, percent=round(100 * step / steps, 1), node=None,
+                stage="finished" if last else "sampling", eta_seconds=round(per_step * (steps - step)),
+                message="finished" if last else f"step {step} of {steps}",
+            )  # fmt: skip
         forced = request.params.get("mock_fail")
         if forced == "terminal":
             raise TerminalError(f'backend "{self.name}": simulated bad request (mock_fail=terminal)')

@@ -366,7 +366,11 @@ class _TerminalProgress:
 
     def report_progress(self, value: float, maximum: float, **extra: Any) -> None:
         if sys.stderr.isatty():
-            err.print(f"  {value:g}/{maximum:g}", end="\r")
+            percent = extra.get("percent", 100 * value / maximum if maximum else 0)
+            err.print(f"  {percent:5.1f}%  {extra.get('message') or ''}", end="\r", highlight=False)
+
+    def report_preview(self, data: bytes, mime_type: str) -> None:
+        """Previews are for web pages following a queued job; here the final image is near."""
 
 
 @app.command()

@@ -40,6 +40,11 @@ class StorageSink(abc.ABC):
     async def sign(self, key: str, ttl_seconds: int) -> str:
         """A URL that lets someone without credentials read ``key`` for ``ttl_seconds``."""
 
+    async def delete(self, key: str) -> None:
+        """Remove ``key``; a key that is not there is no error. Used for transient objects
+        (live previews), never for a job's image."""
+        raise NotImplementedError(f"storage type {self.type_name} cannot delete objects")
+
     async def check(self) -> None:
         """Raise ``ConfigError`` when credentials or the bucket do not work."""
 

@@ -79,3 +79,13 @@ def check_key(key: str) -> list[str]:
 def encode_key(key: str) -> str:
     """The key as a URL path: every segment checked, then percent-encoded on its own."""
     return "/".join(quote(segment, safe="") for segment in check_key(key))
+
+
+PREVIEW_EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png"}
+
+
+def preview_key(owner: UUID | None, job_id: UUID, mime_type: str) -> str:
+    """Where a job's live preview goes: ``<owner>/<job id>/preview.jpg`` (``.png`` for PNG
+    frames); a job without an owner (the operator's) uses ``jobs/<job id>/...``."""
+    folder = str(owner) if owner is not None else "jobs"
+    return f"{folder}/{job_id}/preview.{PREVIEW_EXTENSIONS.get(mime_type, 'jpg')}"

@@ -9,6 +9,7 @@ overwrites its own copy and a reader never sees half a file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 from collections.abc import Mapping
@@ -77,6 +78,16 @@ class LocalSink(StorageSink):
                 detail={"operation": "upload", "sink": "local", "key": key, "target": str(target)},
             ) from exc
         return StoredObject(key=key, location=target.resolve().as_uri())
+
+    async def delete(self, key: str) -> None:
+        target = self._target(key)
+
+        def remove() -> None:
+            target.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the key's folder, when it held only this file
+                target.parent.rmdir()
+
+        await asyncio.to_thread(remove)
 
     async def sign(self, key: str, ttl_seconds: int) -> str:
         """A ``file://`` URI: local files need no signature, ``ttl_seconds`` is only validated."""

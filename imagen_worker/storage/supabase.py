@@ -319,6 +319,20 @@ class SupabaseSink(StorageSink):
             pass
         return StoredObject(key=key, location=stored_key)
 
+    async def delete(self, key: str) -> None:
+        url = self._object_url("object", key)
+
+        async def attempt_once() -> httpx.Response:
+            return await self._send(self._http().build_request("DELETE", url))
+
+        response = await self._with_retries("delete", key, attempt_once)
+        if response.is_success:
+            return
+        error = StorageApiError.from_response(response)
+        if error.status == "404" or error.http_status == 404:
+            return  # already gone
+        raise self._refused("delete", key, error)
+
     async def sign(self, key: str, ttl_seconds: int) -> str:
         """A host-qualified URL anyone can GET until it expires, with its path percent-encoded."""
         if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds < 1:

@@ -12,14 +12,21 @@ import structlog
 
 from imagen_worker.errors import LeaseLost
 from imagen_worker.queue.jobs import Job, Queue
+from imagen_worker.worker.previews import Previews
 
 log = structlog.get_logger("imagen.job")
 
 
 class WorkerJobContext:
-    """Progress goes to ``jobs.progress`` at most once per ``min_interval`` (the last value wins)."""
+    """Progress goes to ``jobs.progress`` at most once per ``min_interval`` (the last value wins).
 
-    def __init__(self, queue: Queue, job: Job, *, min_interval: float = 1.0) -> None:
+    ``progress.percent`` (0-100) is always there; ``progress.preview`` names the Storage key of
+    the live preview once one was uploaded, and is dropped again when the preview is deleted.
+    """
+
+    def __init__(
+        self, queue: Queue, job: Job, *, min_interval: float = 1.0, previews: Previews | None = None
+    ) -> None:
         self.queue = queue
         self.job = job
         self.min_interval = min_interval
@@ -29,6 +36,11 @@ class WorkerJobContext:
         self._last_write = 0.0
         self._flush: asyncio.Task[None] | None = None
         self._flush_now = asyncio.Event()
+        self._progress: dict[str, Any] | None = None  # the last reported, for a preview's key
+        self._preview: str | None = None
+        self.previews = previews
+        if previews is not None:
+            previews.on_stored = self._preview_stored
 
     @property
     def backend_ref(self) -> str | None:
@@ -40,13 +52,29 @@ class WorkerJobContext:
 
     def report_progress(self, value: float, maximum: float, **extra: Any) -> None:
         fraction = min(max(value / maximum, 0.0), 1.0) if maximum else 0.0
-        self._latest = {
+        self._progress = {
             "value": value,
             "max": maximum,
             "fraction": round(fraction, 4),
+            "percent": round(fraction * 100, 1),
             **extra,
-            "updated_at": datetime.now(UTC).isoformat(),
         }
+        self._schedule()
+
+    def report_preview(self, data: bytes, mime_type: str) -> None:
+        if self.previews is not None:
+            self.previews.offer(data, mime_type)
+
+    def _preview_stored(self, key: str) -> None:
+        if key != self._preview:
+            self._preview = key
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if self._progress is None:
+            return
+        preview = {"preview": self._preview} if self._preview else {}
+        self._latest = {**self._progress, **preview, "updated_at": datetime.now(UTC).isoformat()}
         if self._flush is None or self._flush.done():
             delay = max(0.0, self._last_write + self.min_interval - time.monotonic())
             self._flush = asyncio.create_task(self._write_after(delay))
@@ -71,8 +99,14 @@ class WorkerJobContext:
         """Write the last progress now, before the final transition.
 
         A waiting throttled write is woken, not cancelled: cancelling it mid-write could leave
-        a half-opened pool connection behind.
+        a half-opened pool connection behind. The preview is deleted first (unless kept), so
+        the last progress no longer names it.
         """
+        if self.previews is not None:
+            await self.previews.close()
+            if not self.previews.keep and self._preview is not None:
+                self._preview = None
+                self._schedule()
         self._flush_now.set()
         if self._flush is not None and not self._flush.done():
             await asyncio.shield(self._flush)

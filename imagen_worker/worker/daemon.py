@@ -42,6 +42,7 @@ from imagen_worker.webhooks import outbox as webhooks
 from imagen_worker.worker.context import WorkerJobContext
 from imagen_worker.worker.fleet import Fleet
 from imagen_worker.worker.listener import Listener
+from imagen_worker.worker.previews import Previews
 from imagen_worker.worker.running import DB_ERRORS, Event, JobRunner, RunningJob, StopReason
 
 log = structlog.get_logger("imagen.worker")
@@ -304,7 +305,11 @@ class Worker:
         return min(self.settings.poll_interval, max(until_next, 0.01))
 
     def _start_job(self, job: Job, backend: str, claimed_at: float) -> None:
-        running = RunningJob(job, backend, WorkerJobContext(self.queue, job))
+        previews = Previews(
+            self.pipeline.sink, self.config.output.directory, job.owner_user_id, job.id,
+            keep=self.config.output.keep_previews,
+        )  # fmt: skip
+        running = RunningJob(job, backend, WorkerJobContext(self.queue, job, previews=previews))
         self.running[running.key] = running
         running.renewed(claimed_at, self._stop_after)
         running.task = self._jobs.create_task(self.runner.run(running), name=f"imagen-job-{job.id}")

@@ -19,14 +19,17 @@ import httpx
 import pytest
 import websockets
 
+from imagen_worker.backends.comfyui.client import PREVIEW, ComfyUIClient
+from imagen_worker.backends.comfyui.progress import ProgressTracker
 from tests.contract.conftest import ComfyPeer
 
 
 class Session:
     """One client: a socket with a stable clientId, and every event it received, by prompt."""
 
-    def __init__(self, peer: ComfyPeer) -> None:
+    def __init__(self, peer: ComfyPeer, *, preview_metadata: bool = False) -> None:
         self.peer = peer
+        self.preview_metadata = preview_metadata  # announce supports_preview_metadata first
         self.client_id = f"contract-{uuid.uuid4().hex[:8]}"
         self.http = httpx.AsyncClient(base_url=peer.url, timeout=30)
         self.events: list[dict[str, Any]] = []
@@ -36,6 +39,9 @@ class Session:
     async def __aenter__(self) -> Session:
         ws_url = self.peer.url.replace("http://", "ws://") + f"/ws?clientId={self.client_id}"
         self.ws = await websockets.connect(ws_url, max_size=2**26)
+        if self.preview_metadata:
+            flags = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
+            await self.ws.send(json.dumps(flags))
         self._reader = asyncio.create_task(self._read())
         return self
 
@@ -49,7 +55,7 @@ class Session:
         async for frame in self.ws:
             if isinstance(frame, bytes):
                 (kind,) = struct.unpack(">I", frame[:4])
-                self.events.append({"type": "binary", "data": {"event_type": kind}})
+                self.events.append({"type": "binary", "data": {"event_type": kind}, "raw": frame})
             else:
                 self.events.append(json.loads(frame))
             self._arrived.set()
@@ -312,3 +318,101 @@ async def test_a_prompt_from_another_client_is_visible_in_the_queue_and_announce
     assert running == [foreign]
     assert session.of(foreign) == []
     assert any(e["type"] == "status" for e in session.events)
+
+
+@pytest.mark.parametrize("preview_metadata", [False, True], ids=["plain", "metadata"])
+async def test_save_image_websocket_sends_each_image_as_a_binary_frame(
+    comfy: ComfyPeer, preview_metadata: bool
+) -> None:
+    """Binary frames: type 1 (u32 format 2 = PNG, then the PNG) after each ``progress``; to a
+    client whose first frame asked for preview metadata, type 4 (u32 length, JSON naming the
+    prompt and node, then the PNG) before it."""
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": empty(24, 16, batch=2)},
+        "2": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}},
+    }
+    async with Session(comfy, preview_metadata=preview_metadata) as session:
+        await asyncio.sleep(0.2)
+        prompt_id, response = await session.submit(graph)
+        assert response.status_code == 200, response.text
+        entry = await session.finished(prompt_id)
+
+    assert entry["status"]["status_str"] == "success" and entry["outputs"] == {}
+    start = next(i for i, e in enumerate(session.events) if e.get("data", {}).get("prompt_id") == prompt_id)
+    ours = [
+        e
+        for e in session.events[start:]
+        if e["type"] == "binary" or (e["type"] == "progress" and e["data"]["prompt_id"] == prompt_id)
+    ]
+    if preview_metadata:
+        assert [e["type"] for e in ours] == ["binary", "progress"] * 2
+    else:
+        assert [e["type"] for e in ours] == ["progress", "binary"] * 2
+    assert [e["data"]["value"] for e in ours if e["type"] == "progress"] == [0, 1]
+    for frame in (e["raw"] for e in ours if e["type"] == "binary"):
+        kind, word = struct.unpack(">II", frame[:8])
+        if preview_metadata:
+            meta = json.loads(frame[8 : 8 + word])
+            assert kind == 4 and meta == {
+                "node_id": "2", "prompt_id": prompt_id, "display_node_id": "2", "parent_node_id": None,
+                "real_node_id": "2", "image_type": "image/png",
+            }  # fmt: skip
+            image = frame[8 + word :]
+        else:
+            assert (kind, word) == (1, 2)
+            image = frame[8:]
+        assert _png_size(image) == (24, 16)
+
+
+async def test_our_client_negotiates_preview_metadata_and_routes_frames_to_the_prompt(
+    comfy: ComfyPeer,
+) -> None:
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": empty(24, 16, batch=2)},
+        "2": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}},
+    }
+    client = ComfyUIClient(comfy.url, headers={}, connect_timeout=5)
+    await client.start()
+    try:
+        assert await client.wait_connected(5)
+        prompt_id = str(uuid.uuid4())
+        previews = []
+        with client.watch(prompt_id) as watch:
+            await client.submit(graph, prompt_id)
+            while (event := await watch.get(30)) is not None:
+                if event["type"] == PREVIEW:
+                    previews.append(event["data"])
+                if event["type"] == "executing" and event["data"]["node"] is None:
+                    break
+    finally:
+        await client.aclose()
+
+    assert [(p["prompt_id"], p["node"], p["mime_type"]) for p in previews] == [
+        (prompt_id, "2", "image/png")
+    ] * 2
+    assert [_png_size(p["image"]) for p in previews] == [(24, 16)] * 2
+
+
+async def test_the_overall_percentage_rises_through_a_real_workflow(comfy: ComfyPeer) -> None:
+    comfy.slow(1.0)
+    graph = slow("contract/progress")
+    client = ComfyUIClient(comfy.url, headers={}, connect_timeout=5)
+    await client.start()
+    tracker = ProgressTracker(graph)
+    percents = []
+    try:
+        assert await client.wait_connected(5)
+        prompt_id = str(uuid.uuid4())
+        with client.watch(prompt_id) as watch:
+            await client.submit(graph, prompt_id)
+            while (event := await watch.get(60)) is not None:
+                if tracker.update(event["type"], event["data"]):
+                    percents.append(tracker.percent)
+                if event["type"] == "executing" and event["data"]["node"] is None:
+                    break
+    finally:
+        await client.aclose()
+
+    assert percents == sorted(percents) and percents[-1] == 100.0
+    # Seven one-weight nodes: each finished node is one seventh, whatever order events come in.
+    assert len({round(p) for p in percents if 0 < p < 100}) >= 4

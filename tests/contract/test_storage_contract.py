@@ -10,10 +10,13 @@ import base64
 import json
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
 
+from imagen_worker.errors import TerminalError
+from imagen_worker.storage.supabase import SupabaseSink
 from tests.contract.conftest import StoragePeer
 
 
@@ -129,3 +132,23 @@ async def test_sign_requires_a_positive_expiry(api: httpx.AsyncClient, storage: 
 
     assert missing.json()["message"] == "body must have required property 'expiresIn'"
     assert zero.json()["message"] == "body/expiresIn must be >= 1"
+
+
+async def test_the_sink_deletes_an_object_and_a_missing_one_is_no_error(
+    storage: StoragePeer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """How live previews are removed when their job ends."""
+    monkeypatch.setenv("SUPABASE_URL", storage.url)
+    monkeypatch.setenv("SUPABASE_SERVICE_KEY", storage.service_key)
+    sink = SupabaseSink.from_config({"type": "supabase", "bucket": storage.bucket}, output_directory=tmp_path)
+    key = _key("preview.jpg")
+    source = tmp_path / "frame.jpg"
+    source.write_bytes(b"\xff\xd8frame")
+    try:
+        await sink.put(key, source, "image/jpeg")
+        await sink.delete(key)
+        await sink.delete(key)  # already gone: fine
+        with pytest.raises(TerminalError, match="404"):
+            await sink.sign(key, 60)
+    finally:
+        await sink.aclose()

@@ -9,6 +9,9 @@ never produces an event, a reused clientId replaces the socket (and closing the 
 the new one), nothing is replayed on reconnect, ``stop()`` (a killed process: connections
 refused, queue, history and sockets forgotten) and ``start()`` again on the same port, and
 ``status`` broadcasts to every socket on every queue change, whoever's prompt it is.
+``SaveImageWebsocket`` sends each image as a binary frame the way 0.3.64 does: type 1 (format 2,
+PNG) after ``progress``, or type 4 with JSON metadata before it to a socket whose first frame
+asked for ``supports_preview_metadata``.
 
 0.3.64 has no Jobs API: the frontend's static route takes any path for GET only, so
 ``POST /api/jobs/{id}/cancel`` answers 405. ``jobs_api=True`` plays a newer server, whose
@@ -18,7 +21,8 @@ cancel dequeues a pending prompt or interrupts the running one in one step and a
 Control knobs: ``plan`` (per prompt: duration and outcome; by default read from markers such as
 ``[fake:duration=0.5]``, ``[fake:error]``, ``[fake:oom]`` in any string input), ``default_duration``,
 ``history_delay``, ``post_delay`` (a slow ``POST /prompt``: the prompt is queued only after it),
-``pause()``/``resume()``, ``refuse_websockets``, ``mute_events``, ``fail_next`` (answer the next
+``pause()``/``resume()``, ``refuse_websockets``, ``mute_events``, ``stall_sockets()`` (open but
+silent: no events, no pongs), ``fail_next`` (answer the next
 requests to a route with an HTTP status), ``drop_sockets()``, ``stop()``/``start()``,
 ``restart()`` and ``submit_foreign()`` (a prompt from someone else, as from the ComfyUI UI).
 Instrumentation: ``requests`` (every request), ``interrupts``, ``job_cancels``, ``executions``
@@ -251,6 +255,9 @@ class FakeComfyUI:
         self._state = _State()
         self._sockets: dict[str, web.WebSocketResponse] = {}
         self._all_sockets: set[web.WebSocketResponse] = set()
+        self._stalled: set[web.WebSocketResponse] = set()  # open but silent, see stall_sockets()
+        self._preview_metadata: set[str] = set()  # sids whose first frame asked for type 4 previews
+        self.socket_connects = 0
         self._work = asyncio.Event()
         self._paused = False
         self._runner: web.AppRunner | None = None
@@ -353,6 +360,11 @@ class FakeComfyUI:
         for ws in list(self._sockets.values()):
             await self._send_to(ws, event, data)
 
+    def stall_sockets(self) -> None:
+        """The open sockets go silent (no events, no pongs) but stay open, as behind a cut-off
+        network path; sockets opened afterwards work."""
+        self._stalled |= self._all_sockets
+
     def pause(self) -> None:
         """Stop taking new prompts from the queue (the running one finishes)."""
         self._paused = True
@@ -454,10 +466,13 @@ class FakeComfyUI:
     async def _ws(self, request: web.Request) -> web.StreamResponse:
         if self.refuse_websockets:
             return web.Response(status=503)
-        ws = web.WebSocketResponse()  # like ComfyUI: no heartbeat, the client must ping
+        # Like ComfyUI: no heartbeat, the client must ping; pongs by hand for ``stall_sockets``.
+        ws = web.WebSocketResponse(autoping=False)
         await ws.prepare(request)
         sid = request.query.get("clientId") or uuid.uuid4().hex
+        self.socket_connects += 1
         self._sockets[sid] = ws  # last one wins; the old socket stays open but gets nothing
+        self._preview_metadata.discard(sid)
         self._all_sockets.add(ws)
         await self._send_to(ws, "status", {"status": self._exec_info(), "sid": sid})
         state = self._state
@@ -467,10 +482,17 @@ class FakeComfyUI:
         first = True
         try:
             async for msg in ws:
+                if msg.type == WSMsgType.PING:
+                    if ws not in self._stalled:
+                        await ws.pong(msg.data)
+                    continue
                 if msg.type == WSMsgType.TEXT and first:
                     with contextlib.suppress(ValueError):
                         data = json.loads(msg.data)
                         if isinstance(data, dict) and data.get("type") == "feature_flags":
+                            asked = data.get("data")
+                            if isinstance(asked, dict) and asked.get("supports_preview_metadata"):
+                                self._preview_metadata.add(sid)
                             flags = {"supports_preview_metadata": True, "max_upload_size": 104857600}
                             await self._send_to(ws, "feature_flags", flags)
                 first = False
@@ -478,9 +500,12 @@ class FakeComfyUI:
             # ComfyUI's own bug, reproduced: this removes the sid even if a newer socket took it.
             self._sockets.pop(sid, None)
             self._all_sockets.discard(ws)
+            self._stalled.discard(ws)
         return ws
 
     async def _send_to(self, ws: web.WebSocketResponse, event: str, data: dict[str, Any]) -> None:
+        if ws in self._stalled:
+            return
         with contextlib.suppress(ConnectionError, RuntimeError):
             await ws.send_str(json.dumps({"type": event, "data": data}))
 
@@ -507,6 +532,8 @@ class FakeComfyUI:
             else []
         )
         for ws in targets:
+            if ws in self._stalled:
+                continue
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await ws.send_bytes(payload)
 
@@ -902,7 +929,7 @@ class FakeComfyUI:
             ui: dict[str, Any] | None = None
             if failure is None:
                 try:
-                    ui = await self._run_output_node(item, nid, sid)
+                    ui = await self._run_output_node(item, nid, sid, node_state)
                 except _NodeFailure as exc:
                     failure = ("Exception", str(exc))
             if failure is not None:
@@ -969,17 +996,37 @@ class FakeComfyUI:
         await self._broadcast_status()
         await event("executing", {"node": None, "prompt_id": pid})
 
-    async def _run_output_node(self, item: _Item, nid: str, sid: str | None) -> dict[str, Any] | None:
+    async def _run_output_node(
+        self,
+        item: _Item,
+        nid: str,
+        sid: str | None,
+        node_state: Callable[[str, float, float, str], Awaitable[None]],
+    ) -> dict[str, Any] | None:
         node = item.graph[nid]
         class_type, inputs = node["class_type"], node.get("inputs", {})
         if class_type not in ("SaveImage", "PreviewImage", "SaveImageWebsocket"):
             return None
         batch = _batch_size(item.graph, nid)
         if class_type == "SaveImageWebsocket":
+            # One full-size PNG per image through the progress hook, in ComfyUI's order: the
+            # progress_state snapshot, then a client that negotiated preview metadata gets a
+            # type 4 frame before ``progress``, any other a type 1 frame (format 2: PNG) after.
             for index in range(batch):
                 data = {"value": index, "max": batch, "prompt_id": item.prompt_id, "node": nid}
-                await self._send("progress", data, sid)
-                await self._send_binary(struct.pack(">II", 1, 2) + self._png(item, nid, index), sid)
+                await node_state(nid, float(index), float(batch), "running")
+                png = self._png(item, nid, index)
+                if sid in self._preview_metadata:
+                    meta = {
+                        "node_id": nid, "prompt_id": item.prompt_id, "display_node_id": nid,
+                        "parent_node_id": None, "real_node_id": nid, "image_type": "image/png",
+                    }  # fmt: skip
+                    body = json.dumps(meta).encode()
+                    await self._send_binary(struct.pack(">II", 4, len(body)) + body + png, sid)
+                    await self._send("progress", data, sid)
+                else:
+                    await self._send("progress", data, sid)
+                    await self._send_binary(struct.pack(">II", 1, 2) + png, sid)
             return None
         if class_type == "PreviewImage":
             kind, subfolder = "temp", ""

@@ -127,6 +127,9 @@ class _Ctx:
     def report_progress(self, value: float, maximum: float, **extra: Any) -> None:
         return None
 
+    def report_preview(self, data: bytes, mime_type: str) -> None:
+        return None
+
 
 @pytest.mark.parametrize("kind", sorted(BLOCKS))
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -71,8 +71,9 @@ async def test_on_supabase_it_creates_the_private_bucket_and_an_owner_read_polic
 
     bucket = await scratch.fetchrow("SELECT id, name, public FROM storage.buckets")
     assert dict(bucket) == {"id": "imagen-generated", "name": "imagen-generated", "public": False}
-    assert [(p["policyname"], p["cmd"], p["roles"]) for p in await _policies(scratch)] == [
-        (POLICY, "SELECT", ["authenticated"])
+    assert sorted((p["policyname"], p["cmd"], p["roles"]) for p in await _policies(scratch)) == [
+        (POLICY, "SELECT", ["authenticated"]),
+        ("imagen_previews_select_own", "SELECT", ["authenticated"]),  # 0007: live previews
     ]
 
 
@@ -85,7 +86,7 @@ async def test_an_existing_bucket_and_policy_are_left_alone(scratch: asyncpg.Con
     await migrate(scratch)
 
     assert await scratch.fetchval("SELECT name FROM storage.buckets WHERE id = 'imagen-generated'") == "mine"
-    assert len(await _policies(scratch)) == 1
+    assert len(await _policies(scratch)) == 2  # 0003's and 0007's
 
 
 async def test_a_signed_in_user_sees_only_objects_recorded_as_their_images(

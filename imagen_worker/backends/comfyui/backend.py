@@ -9,7 +9,8 @@ The life of a job:
    instead of ComfyUI's volatile, hard-to-cancel queue.
 2. Mint a uuid4 prompt id, store ``<prompt_id>@<base_url>`` as the job's backend ref, then POST.
 3. Follow the socket until ``executing`` with ``node: null`` for our id, beside a slow
-   ``/history`` poll so a dead or silent socket cannot hang the job; then read the history
+   ``/history`` poll so a dead or silent socket cannot hang the job (the events also feed the
+   job's overall percentage and preview frames, see ``progress.py``); then read the history
    entry and decide. The slot is freed as soon as ComfyUI is done with the prompt.
 4. Download every output through ``/view``.
 
@@ -65,6 +66,7 @@ from imagen_worker.backends.comfyui.config import ComfyUIConfig, parse_config
 from imagen_worker.backends.comfyui.history import class_type, finished, output_files, raise_for_outcome
 from imagen_worker.backends.comfyui.params import closed, params_model
 from imagen_worker.backends.comfyui.pool import Instance, Pool, make_ref, parse_ref
+from imagen_worker.backends.comfyui.progress import JobProgress
 from imagen_worker.backends.comfyui.workflows import Workflow, WorkflowError, job_workflow, model_name
 from imagen_worker.errors import BackendUnavailable, ConfigError, RetryableError, TerminalError
 
@@ -137,7 +139,15 @@ class ComfyUIBackend(Backend):
         super().__init__(name)
         self.config = config
         self._instances = [
-            Instance(ComfyUIClient(url, headers=config.headers, connect_timeout=config.connect_timeout))
+            Instance(
+                ComfyUIClient(
+                    url,
+                    headers=config.headers,
+                    connect_timeout=config.connect_timeout,
+                    ping_interval=config.ping_interval,
+                    ping_timeout=config.ping_timeout,
+                )
+            )
             for url in config.urls
         ]
         self._pool = Pool(
@@ -323,7 +333,8 @@ class ComfyUIBackend(Backend):
                         handed_off = True
                         await self._hand_off(inst, prompt_id, None, stop=True)
                         raise failures.rejection(answer, queued=True)
-                return await self._until_done(inst, prompt_id, watch, ctx, clock)
+                progress = JobProgress(ctx, submit or {})
+                return await self._until_done(inst, prompt_id, watch, progress, clock)
             except asyncio.CancelledError:
                 handed_off = True
                 await self._hand_off(inst, prompt_id, posting, stop=ctx.cancel_requested)
@@ -408,13 +419,13 @@ class ComfyUIBackend(Backend):
     # --- following a prompt -------------------------------------------------------------
 
     async def _until_done(
-        self, inst: Instance, prompt_id: str, watch: PromptWatch, ctx: JobContext, clock: _Clock
+        self, inst: Instance, prompt_id: str, watch: PromptWatch, progress: JobProgress, clock: _Clock
     ) -> dict[str, Any]:
         """Follow the prompt to its end, within its budgets (see module docstring)."""
         client = inst.client
         while True:
             try:
-                return await self._follow(client, prompt_id, watch, ctx, clock)
+                return await self._follow(client, prompt_id, watch, progress, clock)
             except _OverBudget as over:
                 if over.phase is Phase.RUNNING:
                     break
@@ -479,7 +490,7 @@ class ComfyUIBackend(Backend):
         client: ComfyUIClient,
         prompt_id: str,
         watch: PromptWatch,
-        ctx: JobContext | None,
+        progress: JobProgress | None,
         clock: _Clock,
     ) -> dict[str, Any]:
         """Return the finished history entry. Socket events drive it; the poll backs it up."""
@@ -496,13 +507,11 @@ class ComfyUIBackend(Backend):
             data: dict[str, Any] = event["data"] if event else {}
             if kind in _STARTED:
                 clock.start()
+            if progress is not None:
+                progress.feed(kind, data)
             if kind == "executing" and data.get("node") is None:
                 return await self._final_entry(client, prompt_id, last_failure)
-            if kind == "progress" and ctx is not None:
-                ctx.report_progress(
-                    float(data.get("value", 0)), float(data.get("max", 0)), node=data.get("node")
-                )
-            elif kind in ("execution_error", "execution_interrupted"):
+            if kind in ("execution_error", "execution_interrupted"):
                 last_failure = {"type": kind, "data": data}
             elif kind in (None, SOCKET_CONNECTED, SOCKET_DOWN):
                 next_poll = loop.time() + self.config.poll_interval

@@ -4,9 +4,15 @@ This is the one place that knows how ComfyUI talks:
 
 - One socket per instance with a stable ``clientId``, opened before any POST, and every POST
   carries that ``client_id``: without it ComfyUI sends no execution events at all.
-- Events are routed by ``data.prompt_id``. Unknown types (custom nodes broadcast their own),
-  binary preview frames and ``executing`` without a prompt id (sent on reconnect) are ignored.
-- ComfyUI never pings and replays nothing. We ping, and after a drop we reconnect with backoff,
+- Events are routed by ``data.prompt_id``. Unknown types (custom nodes broadcast their own) and
+  ``executing`` without a prompt id (sent on reconnect) are ignored.
+- Binary frames are images: a u32 type, then for type 1 a u32 format (1 JPEG, 2 PNG) and the
+  image, for type 4 a u32 length, that much JSON metadata (``prompt_id``, ``node_id``,
+  ``image_type``) and the image. Type 4 comes only to a socket whose first frame announced
+  ``supports_preview_metadata``, which ours does; type 1 carries no prompt id and belongs to
+  the prompt that is executing. Both reach the prompt's watch as ``PREVIEW`` events.
+- ComfyUI never pings and replays nothing. We ping (every ``ping_interval``, a missing pong
+  after ``ping_timeout`` drops the socket), and after a drop we reconnect with backoff,
   always closing the old socket first: a second socket with the same clientId takes over the
   routing, and closing the old one afterwards would silently unroute the new one.
 - ``/history/{id}`` answers ``{}`` for unknown, pending, deleted and pre-restart ids alike, so
@@ -30,6 +36,7 @@ import contextlib
 import enum
 import json
 import re
+import struct
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -46,12 +53,17 @@ from imagen_worker.errors import BackendUnavailable, RetryableError, TerminalErr
 log = structlog.get_logger(__name__)
 
 MAX_FRAME_BYTES = 64 * 2**20  # a 2048² SaveImageWebsocket frame is 8 MB; the library default is 1 MiB
-PING_INTERVAL = 20.0
+PING_INTERVAL = 5.0
+PING_TIMEOUT = 5.0
 RECONNECT_DELAYS = (0.05, 0.25, 1.0, 2.0, 5.0)  # the last one repeats
 
 # Synthetic events a watch receives besides ComfyUI's own messages.
 SOCKET_CONNECTED = "socket_connected"  # also after a reconnect: events may have been missed
 SOCKET_DOWN = "socket_down"  # a reconnect failed: the instance, and the prompt with it, may be gone
+PREVIEW = "preview"  # a binary image frame: data {prompt_id, node, mime_type, image}
+# The first frame our socket sends: ask for previews that name their prompt (binary type 4).
+FEATURE_FLAGS = json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
+_PREVIEW_FORMATS = {1: "image/jpeg", 2: "image/png"}
 # 5xx answers that mean "nothing behind the proxy" or "not ready", not "this request broke it".
 _GATEWAY_STATUSES = frozenset({502, 503, 504})
 
@@ -119,8 +131,18 @@ class ComfyUIClient:
 
     local_ids: ClassVar[set[str]] = set()  # the client ids of every started client in this process
 
-    def __init__(self, base_url: str, *, headers: Mapping[str, str], connect_timeout: float) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        headers: Mapping[str, str],
+        connect_timeout: float,
+        ping_interval: float = PING_INTERVAL,
+        ping_timeout: float = PING_TIMEOUT,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._ping = (ping_interval, ping_timeout)
+        self._executing: str | None = None  # the prompt a type 1 preview frame belongs to
         self.client_id = f"imagen-worker-{uuid.uuid4().hex}"
         self.version: str | None = None
         self._headers = dict(headers)
@@ -347,13 +369,14 @@ class ComfyUIClient:
                     self._socket_url(),
                     additional_headers=self._headers,
                     max_size=MAX_FRAME_BYTES,
-                    ping_interval=PING_INTERVAL,
-                    ping_timeout=PING_INTERVAL,
+                    ping_interval=self._ping[0],
+                    ping_timeout=self._ping[1],
                     open_timeout=self._connect_timeout,
                     close_timeout=2.0,
                 ) as socket:
                     opened = True
                     failures_in_a_row = 0
+                    await socket.send(FEATURE_FLAGS)
                     self._connected.set()
                     self.version = None  # a reconnect may mean a restarted (upgraded) server
                     self._jobs_api = None
@@ -363,6 +386,8 @@ class ComfyUIClient:
                     async for frame in socket:
                         if isinstance(frame, str):
                             self._dispatch(frame)
+                        else:
+                            self._dispatch_binary(frame)
             except (OSError, TimeoutError, WebSocketException) as exc:
                 error = f"{type(exc).__name__}: {exc}".rstrip(": ")
             finally:
@@ -388,9 +413,21 @@ class ComfyUIClient:
             self.on_change()  # the queue changed: maybe someone else's prompt
             return
         prompt_id = message["data"].get("prompt_id")
+        if message.get("type") in ("execution_start", "executing") and isinstance(prompt_id, str):
+            self._executing = prompt_id if message["data"].get("node", "") is not None else None
         watch = self._watches.get(prompt_id) if isinstance(prompt_id, str) else None
         if watch is not None:
             watch.put(message)
+
+    def _dispatch_binary(self, frame: bytes) -> None:
+        preview = parse_preview(frame)
+        if preview is None:
+            return
+        if preview.get("prompt_id") is None:
+            preview["prompt_id"] = self._executing
+        watch = self._watches.get(preview["prompt_id"]) if preview["prompt_id"] else None
+        if watch is not None:
+            watch.put({"type": PREVIEW, "data": preview})
 
     def _set_link(self, link: Link) -> None:
         if link is not self.link:
@@ -400,6 +437,30 @@ class ComfyUIClient:
     def _notify_all(self, event: dict[str, Any]) -> None:
         for watch in self._watches.values():
             watch.put(event)
+
+
+def parse_preview(frame: bytes) -> dict[str, Any] | None:
+    """A binary frame as ``{prompt_id, node, mime_type, image}``; None for other kinds or garbage."""
+    if len(frame) < 8:
+        return None
+    kind, word = struct.unpack_from(">II", frame)
+    if kind == 1 and word in _PREVIEW_FORMATS:
+        return {"prompt_id": None, "node": None, "mime_type": _PREVIEW_FORMATS[word], "image": frame[8:]}
+    if kind != 4 or 8 + word > len(frame):
+        return None
+    try:
+        meta = json.loads(frame[8 : 8 + word])
+    except ValueError:
+        return None
+    if not isinstance(meta, dict) or meta.get("image_type") not in _PREVIEW_FORMATS.values():
+        return None
+    prompt_id, node = meta.get("prompt_id"), meta.get("node_id")
+    return {
+        "prompt_id": prompt_id if isinstance(prompt_id, str) else None,
+        "node": node if isinstance(node, str) else None,
+        "mime_type": meta["image_type"],
+        "image": frame[8 + word :],
+    }
 
 
 def _json(response: httpx.Response) -> Any:

@@ -68,6 +68,9 @@ class ComfyUIBlock(Limits):
     poll_interval: Seconds = 3.0
     interrupt_grace: Seconds = 30.0
     connect_timeout: Seconds = 10.0
+    # A socket that stays open but goes silent is dropped this soon (a websocket ping unanswered).
+    ping_interval: Seconds = 5.0
+    ping_timeout: Seconds = 5.0
     # How long a job may wait for ComfyUI to start it (a free instance, then ComfyUI's queue).
     queue_timeout: Seconds = 1800.0
     headers: dict[str, Annotated[str, Field(min_length=1)]] = {}
@@ -93,6 +96,8 @@ class ComfyUIConfig:
     poll_interval: float = 3.0
     interrupt_grace: float = 30.0
     connect_timeout: float = 10.0
+    ping_interval: float = 5.0
+    ping_timeout: float = 5.0
     limits: Limits = field(default_factory=Limits)
     vocabulary: Vocabulary = field(default_factory=Vocabulary)
     workflow_owners: frozenset[UUID] = frozenset()
@@ -155,6 +160,8 @@ def parse_config(name: str, block: Mapping[str, Any]) -> ComfyUIConfig:
         poll_interval=parsed.poll_interval,
         interrupt_grace=parsed.interrupt_grace,
         connect_timeout=parsed.connect_timeout,
+        ping_interval=parsed.ping_interval,
+        ping_timeout=parsed.ping_timeout,
         limits=Limits(max_pixels=parsed.max_pixels, max_steps=parsed.max_steps, max_batch=parsed.max_batch),
         vocabulary=vocabulary,
         workflow_owners=frozenset(parsed.workflow_owners),

@@ -28,6 +28,7 @@ class RecordingContext:
         self.refs: list[str] = []
         self.posts_before_ref: list[int] = []
         self.progress: list[tuple[float, float, dict[str, Any]]] = []
+        self.previews: list[tuple[bytes, str]] = []
 
     @property
     def backend_ref(self) -> str | None:
@@ -41,6 +42,9 @@ class RecordingContext:
 
     def report_progress(self, value: float, maximum: float, **extra: Any) -> None:
         self.progress.append((value, maximum, extra))
+
+    def report_preview(self, data: bytes, mime_type: str) -> None:
+        self.previews.append((data, mime_type))
 
 
 def make_request(prompt: str = "a lighthouse at dusk", **fields: Any) -> GenerateRequest:

@@ -7,10 +7,11 @@ import asyncio
 import httpx
 import pytest
 
+from imagen_worker.backends.comfyui.config import parse_config
 from imagen_worker.errors import BackendUnavailable
 from tests.backends.comfyui.conftest import BackendFactory
 from tests.backends.comfyui.support import RecordingContext, make_request
-from tests.fakes.comfyui import FakeComfyUI
+from tests.fakes.comfyui import FakeComfyUI, tiny_png
 
 
 async def test_history_written_late_after_success_is_still_read_correctly(
@@ -108,7 +109,7 @@ async def test_a_reconnected_socket_carries_the_job_to_its_end(
     assert result.metadata["outputs"][0]["node_type"] == "SaveImage"
 
 
-async def test_binary_frames_and_socket_only_outputs_are_ignored(
+async def test_binary_frames_become_previews_and_socket_only_outputs_are_not_collected(
     fake: FakeComfyUI, make_backend: BackendFactory
 ) -> None:
     graph = {
@@ -122,7 +123,9 @@ async def test_binary_frames_and_socket_only_outputs_are_ignored(
     result = await backend.generate(make_request(workflow={"graph": graph}), ctx)
 
     assert [o["node_id"] for o in result.metadata["outputs"]] == ["3", "3"]
-    assert (0, 2, {"node": "2"}) in ctx.progress  # SaveImageWebsocket's own progress still arrives
+    assert ctx.previews == [(tiny_png((0, 0, 9)), "image/png")] * 2  # one frame per image
+    steps = [extra["message"] for _, _, extra in ctx.progress if extra["node"] == "2"]
+    assert "step 1 of 2 in SaveImageWebsocket (node 2)" in steps  # its own progress still arrives
 
 
 async def test_a_prompt_removed_from_comfyuis_queue_by_someone_else_is_resubmitted_without_blame(
@@ -143,3 +146,26 @@ async def test_a_prompt_removed_from_comfyuis_queue_by_someone_else_is_resubmitt
         f"ComfyUI no longer knows prompt {prompt_id} (it restarted, or the prompt was removed from its "
         "queue); the job will be submitted again"
     )
+
+
+async def test_a_socket_that_stays_open_but_goes_silent_is_dropped_within_seconds(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    # The poll is 30 s away: only the ping can notice that the socket went silent.
+    backend = await make_backend(fake, poll_interval=30, ping_interval=0.5, ping_timeout=0.5)
+    loop = asyncio.get_running_loop()
+    job = asyncio.create_task(backend.generate(make_request("[fake:duration=1.0]"), RecordingContext()))
+    await fake.wait_running()
+    fake.stall_sockets()  # no events, no pongs, the TCP connection stays up
+    stalled_at = loop.time()
+
+    result = await asyncio.wait_for(job, 10)
+
+    assert loop.time() - stalled_at < 3.0, "noticed by the ping, reconnected, then the poll found it"
+    assert fake.socket_connects == 2
+    assert result.metadata["outputs"][0]["node_type"] == "SaveImage"
+
+
+def test_pings_default_to_every_five_seconds_with_a_five_second_timeout() -> None:
+    config = parse_config("gpu", {"type": "comfyui", "base_url": "http://127.0.0.1:8188", "workflow": "sd15"})
+    assert (config.ping_interval, config.ping_timeout) == (5.0, 5.0)

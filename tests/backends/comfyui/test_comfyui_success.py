@@ -67,18 +67,6 @@ async def test_request_fields_are_patched_into_the_graph_verbatim(
     assert graph["9"]["inputs"]["filename_prefix"].startswith(f"imagen/{request.job_id}/")
 
 
-async def test_progress_from_the_sampler_reaches_the_job(
-    fake: FakeComfyUI, make_backend: BackendFactory
-) -> None:
-    backend = await make_backend(fake)
-    ctx = RecordingContext()
-
-    await backend.generate(make_request(steps=4), ctx)
-
-    assert [(v, m) for v, m, _ in ctx.progress] == [(1, 4), (2, 4), (3, 4), (4, 4)]
-    assert all(extra == {"node": "3"} for _, _, extra in ctx.progress)
-
-
 async def test_health_reports_version_and_queue(fake: FakeComfyUI, make_backend: BackendFactory) -> None:
     backend = await make_backend(fake)
 
