@@ -3,7 +3,9 @@
 -- Supabase creates a publication named supabase_realtime; Realtime streams the changes of the
 -- tables in it (postgres_changes), each one filtered through the table's RLS SELECT policy, so
 -- a user hears only about their own rows. imagen.jobs carries status, progress (percent, ETA,
--- the preview's Storage key) and image_id; imagen.images the finished images. On plain
+-- the preview's Storage key) and image_id; imagen.images the finished images. The preview,
+<owner>/<job id>/preview.jpg, is in the owner's folder, which 0005's storage policy lets the
+owner read and sign. On plain
 -- PostgreSQL there is no such publication and this migration changes nothing.
 --
 -- imagen.publish_realtime() does the work and is safe to run again: after Supabase (re)created
@@ -41,34 +43,3 @@ $$;
 REVOKE ALL ON FUNCTION imagen.publish_realtime() FROM PUBLIC;
 
 SELECT imagen.publish_realtime();
-
--- Live previews: the worker uploads a job's latest preview frame as
--- <owner>/<job id>/preview.jpg (or .png) and names the key in jobs.progress.preview. A
--- signed-in user may read (and so sign a URL for) the preview of their own jobs only. Plain
--- PostgreSQL has no storage schema: nothing to do there.
-DO $previews$
-BEGIN
-    IF to_regclass('storage.objects') IS NULL THEN
-        RETURN;
-    END IF;
-    IF NOT EXISTS (
-        SELECT 1 FROM pg_policies
-        WHERE schemaname = 'storage' AND tablename = 'objects' AND policyname = 'imagen_previews_select_own'
-    ) THEN
-        CREATE POLICY imagen_previews_select_own ON storage.objects
-            FOR SELECT TO authenticated
-            USING (
-                bucket_id = 'imagen-generated'
-                AND split_part(name, '/', 3) IN ('preview.jpg', 'preview.png')
-                AND split_part(name, '/', 4) = ''
-                AND EXISTS (
-                    SELECT 1
-                    FROM imagen.jobs AS j
-                    WHERE j.owner_user_id = imagen.uid()
-                      AND j.owner_user_id::text = split_part(storage.objects.name, '/', 1)
-                      AND j.id::text = split_part(storage.objects.name, '/', 2)
-                )
-            );
-    END IF;
-END
-$previews$;

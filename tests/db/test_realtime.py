@@ -61,7 +61,7 @@ async def test_a_publication_for_all_tables_is_left_alone(scratch: asyncpg.Conne
     assert {"imagen.jobs", "imagen.images"} <= await _published(scratch)
 
 
-async def test_a_signed_in_user_may_read_only_the_previews_of_their_own_jobs(
+async def test_a_signed_in_user_reads_the_previews_in_their_own_folder_and_no_one_elses(
     scratch: asyncpg.Connection,
 ) -> None:
     await scratch.execute(FAKE_STORAGE_SCHEMA)
@@ -79,7 +79,7 @@ async def test_a_signed_in_user_may_read_only_the_previews_of_their_own_jobs(
         f"{alice}/{jobs[alice]}/preview.jpg",
         f"{alice}/{jobs[alice]}/preview.png",
         f"{alice}/{jobs[alice]}/other.png",
-        f"{alice}/{jobs[bob]}/preview.jpg",  # Bob's job under Alice's folder
+        f"{alice}/{jobs[bob]}/preview.jpg",  # Alice's folder decides, not the job id
         f"{bob}/{jobs[bob]}/preview.jpg",
         f"{alice}/{jobs[alice]}/preview.jpg/x",
     ]
@@ -96,5 +96,6 @@ async def test_a_signed_in_user_may_read_only_the_previews_of_their_own_jobs(
             rows = await scratch.fetch("SELECT name FROM storage.objects")
         return {r["name"] for r in rows}
 
-    assert await visible_to(alice) == {keys[0], keys[1]}
+    # 0005's owner-folder policy: the first folder is the reader's own user id.
+    assert await visible_to(alice) == {k for k in keys if k.startswith(f"{alice}/")}
     assert await visible_to(bob) == {keys[4]}

@@ -73,7 +73,6 @@ async def test_on_supabase_it_creates_the_private_bucket_and_an_owner_read_polic
     assert dict(bucket) == {"id": "imagen-generated", "name": "imagen-generated", "public": False}
     assert sorted((p["policyname"], p["cmd"], p["roles"]) for p in await _policies(scratch)) == [
         (POLICY, "SELECT", ["authenticated"]),
-        ("imagen_previews_select_own", "SELECT", ["authenticated"]),  # 0007: live previews
     ]
 
 
