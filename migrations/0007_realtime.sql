@@ -4,9 +4,9 @@
 -- tables in it (postgres_changes), each one filtered through the table's RLS SELECT policy, so
 -- a user hears only about their own rows. imagen.jobs carries status, progress (percent, ETA,
 -- the preview's Storage key) and image_id; imagen.images the finished images. The preview,
-<owner>/<job id>/preview.jpg, is in the owner's folder, which 0005's storage policy lets the
-owner read and sign. On plain
--- PostgreSQL there is no such publication and this migration changes nothing.
+-- <owner>/<job id>/preview.jpg, is in the owner's folder, which 0005's storage policy lets the
+-- owner read and sign. On plain PostgreSQL there is no such publication and this migration
+-- changes nothing.
 --
 -- imagen.publish_realtime() does the work and is safe to run again: after Supabase (re)created
 -- the publication, `SELECT imagen.publish_realtime();` adds the tables again. A publication
