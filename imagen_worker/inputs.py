@@ -1,0 +1,120 @@
+"""Input images: a job names them by Storage key in its owner's own folder, never by URL.
+
+``params.images`` maps the names a workflow binds (``init``, ``mask``) to keys such as
+``<owner id>/uploads/cat.png``. A key outside the owner's folder is refused by the params model
+(``OwnedKey``), so no job can read another user's objects or anything internal. Before the
+backend runs, the pipeline fetches each image from the storage sink and checks the bytes
+themselves: at most ``MAX_INPUT_BYTES``, a PNG, JPEG or WebP by its header (never by its name),
+within the backend's ``max_pixels``, and decodable to the end. Every refusal is one sentence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+from collections.abc import Mapping
+from typing import Annotated, Any
+from uuid import UUID
+
+from PIL import Image, UnidentifiedImageError
+from pydantic import AfterValidator, Field, ValidationInfo
+from pydantic_core import PydanticCustomError
+
+from imagen_worker.backends.base import GenerateRequest, InputImage
+from imagen_worker.errors import TerminalError
+from imagen_worker.storage.base import ObjectNotFound, ObjectTooLarge, StorageSink
+from imagen_worker.storage.keys import InvalidStorageKey, check_key
+
+# The params key whose values are input images; adapters that take none refuse it.
+IMAGES_PARAM = "images"
+MAX_INPUT_BYTES = 20 * 2**20
+MAX_INPUTS = 8
+_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+
+def key_problem(key: str, owner: UUID | None) -> str | None:
+    """Why ``key`` may not be read for a job of ``owner``, or None when it may."""
+    if owner is None:
+        return "a job without an owner can name no input image"
+    try:
+        check_key(key)
+    except InvalidStorageKey as exc:
+        return f"not a usable Storage key ({exc.reason})"
+    if not key.startswith(f"{owner}/"):
+        return "not in the job owner's own Storage folder (keys start with the owner's user id and '/')"
+    return None
+
+
+def _owned(key: str, info: ValidationInfo) -> str:
+    owner = (info.context or {}).get("owner")
+    problem = key_problem(key, owner if isinstance(owner, UUID) else None)
+    if problem is not None:
+        raise PydanticCustomError("foreign_key", problem)
+    return key
+
+
+# One input image's key, as a params model types it (the owner comes from the validation context).
+OwnedKey = Annotated[str, Field(min_length=1, max_length=900), AfterValidator(_owned)]
+
+
+async def attach(
+    request: GenerateRequest, sink: StorageSink, *, max_pixels: int, backend: str
+) -> GenerateRequest:
+    """The request with ``inputs`` filled from storage; ``TerminalError`` names the bad image."""
+    wanted = request.params.get(IMAGES_PARAM)
+    if not isinstance(wanted, Mapping) or not wanted:
+        return request
+    if len(wanted) > MAX_INPUTS:
+        raise TerminalError(f"the job names {len(wanted)} input images; at most {MAX_INPUTS} are allowed")
+    inputs: dict[str, InputImage] = {}
+    for name, key in wanted.items():
+        problem = key_problem(str(key), request.owner_user_id)
+        if problem is not None:  # the params model refused it already; never read it regardless
+            raise TerminalError(f"input image {name}: {problem}", detail={"input": name})
+        try:
+            data = await sink.get(key, MAX_INPUT_BYTES)
+        except ObjectNotFound:
+            raise TerminalError(
+                f"input image {name} ({key}) was not found in storage; upload it first",
+                detail={"input": name, "key": key},
+            ) from None
+        except ObjectTooLarge:
+            raise TerminalError(
+                f"input image {name} ({key}) is larger than the {MAX_INPUT_BYTES // 2**20} MB allowed "
+                "for an input image",
+                detail={"input": name, "key": key, "max_bytes": MAX_INPUT_BYTES},
+            ) from None
+        inputs[name] = await asyncio.to_thread(sniff, name, key, data, max_pixels, backend)
+    return dataclasses.replace(request, inputs=inputs)
+
+
+def sniff(name: str, key: str, data: bytes, max_pixels: int, backend: str) -> InputImage:
+    """Check the bytes: a whole PNG, JPEG or WebP within ``max_pixels``; else one sentence."""
+    detail: dict[str, Any] = {"input": name, "key": key}
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            mime = _FORMATS.get(image.format or "")
+            width, height = image.size
+            if mime is None:
+                raise _NotAnImage
+            if width * height > max_pixels:
+                raise TerminalError(
+                    f'input image {name} ({key}) is {width}x{height}, over backend "{backend}"\'s limit '
+                    f"of {max_pixels} pixels (max_pixels)",
+                    detail={**detail, "max_pixels": max_pixels},
+                )
+            image.load()  # a truncated or corrupt file fails here, not inside the backend
+    except Image.DecompressionBombError:
+        raise TerminalError(
+            f"input image {name} ({key}) has more pixels than any backend accepts", detail=detail
+        ) from None
+    except (_NotAnImage, UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise TerminalError(
+            f"input image {name} ({key}) is not a PNG, JPEG or WebP image", detail=detail
+        ) from None
+    return InputImage(key=key, data=data, mime_type=mime, width=width, height=height)
+
+
+class _NotAnImage(Exception):
+    pass
