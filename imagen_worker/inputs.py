@@ -19,7 +19,6 @@ from uuid import UUID
 
 from PIL import Image, UnidentifiedImageError
 from pydantic import AfterValidator, Field, ValidationInfo
-from pydantic_core import PydanticCustomError
 
 from imagen_worker.backends.base import GenerateRequest, InputImage
 from imagen_worker.errors import TerminalError
@@ -37,6 +36,8 @@ def key_problem(key: str, owner: UUID | None) -> str | None:
     """Why ``key`` may not be read for a job of ``owner``, or None when it may."""
     if owner is None:
         return "a job without an owner can name no input image"
+    if "://" in key:
+        return "input images are Storage keys in the owner's own folder, never URLs"
     try:
         check_key(key)
     except InvalidStorageKey as exc:
@@ -50,7 +51,7 @@ def _owned(key: str, info: ValidationInfo) -> str:
     owner = (info.context or {}).get("owner")
     problem = key_problem(key, owner if isinstance(owner, UUID) else None)
     if problem is not None:
-        raise PydanticCustomError("foreign_key", problem)
+        raise ValueError(problem)  # a value error: the message says it all, without the key again
     return key
 
 

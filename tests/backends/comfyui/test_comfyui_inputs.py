@@ -146,7 +146,8 @@ async def test_a_retry_overwrites_its_own_upload_instead_of_renaming_it(
     [
         ({"init": "00000000-0000-0000-0000-000000000000/uploads/cat.png"}, "not in the job owner's own"),
         ({"init": f"{OWNER}/uploads/../../other/cat.png"}, "'..' path segment"),
-        ({"init": "https://example.com/cat.png"}, "not a usable Storage key"),
+        ({"init": "https://example.com/cat.png"}, "never URLs"),
+        ({"init": f"{OWNER}"}, "not in the job owner's own"),
         ({}, "params.images.init: field required"),
         ({"init": f"{OWNER}/a.png", "extra": f"{OWNER}/b.png"}, "params.images.extra: unknown key"),
     ],
