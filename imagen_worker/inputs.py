@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any
 from uuid import UUID
@@ -29,6 +30,8 @@ from imagen_worker.storage.keys import InvalidStorageKey, check_key
 IMAGES_PARAM = "images"
 MAX_INPUT_BYTES = 20 * 2**20
 MAX_INPUTS = 8
+# An input image's name (``init``, ``mask``): ComfyUI gets the file under this name.
+IMAGE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
 

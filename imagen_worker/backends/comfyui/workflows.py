@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from imagen_worker.backends.base import GenerateRequest
+from imagen_worker.inputs import IMAGE_NAME
 
 # Request fields every template may bind; ``params`` keys beyond these must be declared.
 STANDARD_PARAMS = ("prompt", "negative_prompt", "seed", "steps", "width", "height")
@@ -30,7 +30,6 @@ STANDARD_PARAMS = ("prompt", "negative_prompt", "seed", "steps", "width", "heigh
 RESERVED_PARAMS = frozenset({"workflow", "bindings", "images"})
 # Bindings named ``image.NAME`` take the job's input image NAME (``params.images.NAME``).
 IMAGE_BINDING = "image."
-IMAGE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 # Templates must bind these: a workflow that ignores the prompt or the seed is a mistake.
 REQUIRED_BINDINGS = ("prompt", "seed")
 # Inputs that name the model file, for ``GenerateResult.model``.
