@@ -114,7 +114,7 @@ async def _explain_rolled_back(conn: asyncpg.Connection, worker_id: uuid.UUID) -
         orphans = [row["backend"] for row in await conn.fetch(sql("unserved_backends"))]
         plan = await conn.fetchval(
             "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql("claim"),
-            *(worker_id, "mock", True, orphans, 1, 30.0, 0.0, []),
+            *(worker_id, "mock", True, orphans, 1, 30.0, 0.0, [], None),
         )
     finally:
         await tr.rollback()

@@ -87,6 +87,8 @@ class WorkerConfig(_Block):
     poll_interval: float = Field(default=5.0, gt=0, le=3600)
     lease_seconds: float = Field(default=30.0, ge=3, le=3600)
     max_attempts: int = Field(default=3, ge=1, le=50)
+    # Running jobs one owner may have across the whole fleet (None: no limit).
+    max_running_per_owner: int | None = Field(default=None, ge=1)
     shutdown_grace: float = Field(default=60.0, ge=0, le=86400)
     backends: list[str] | None = None
     retry_base_seconds: float = Field(default=2.0, gt=0)

@@ -102,7 +102,7 @@ async def _show_when_done(dsn: str, job_id: uuid.UUID, within: float = 30) -> bo
         console.print(table)
     console.print("pickup (created_at -> started_at):", str(job["started_at"] - job["created_at"]))
     if image is not None:
-        console.print("local file:", image["sidecar"].get("local_path"), soft_wrap=True)
+        console.print("local file:", image["local_path"], soft_wrap=True)
     else:
         console.print(f"[red]job {job['status']}: {job['error']}")
     return bool(job["status"] == "done")

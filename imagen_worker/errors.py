@@ -2,12 +2,56 @@
 
 The queue decides what happens next from one bit, ``retryable``: retryable errors go back
 to pending with backoff, everything else fails the job at once. ``message`` is the readable
-sentence stored in ``jobs.error``; ``detail`` is the structured record kept in ``error_detail``.
+sentence for operators; ``public_message`` reduces it to what the job's owner reads in
+``jobs.error``, and ``detail`` (with the full message) stays in the worker-only
+``job_runs.error_detail``.
 """
 
 from __future__ import annotations
 
+import html
+import re
 from typing import Any
+
+MAX_PUBLIC_CHARS = 300
+
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+_MARKUP = re.compile(r"<(!doctype|html|head|body|script|style)\b.*", re.IGNORECASE | re.DOTALL)
+_TAG = re.compile(r"<[^>]{0,200}>")
+# "at http://10.0.0.5:8188", "talking to https://x.supabase.co": the address goes with its preposition.
+_PLACED_URL = re.compile(r"\s+(?:at|from|to|on|talking to|via)\s+[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
+_URL = re.compile(r"[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
+_HOST_PORT = re.compile(
+    r"\b(?:\d{1,3}(?:\.\d{1,3}){3}|[a-z0-9-]+(?:\.[a-z0-9-]+)+|localhost):\d{2,5}\b", re.IGNORECASE
+)
+_IP = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}\b")
+_PATH = re.compile(r"(?<![\w.])(?:/[\w.@+-]+){2,}/?")
+_WINDOWS_PATH = re.compile(r"\b[A-Za-z]:\\\S+")
+_SPACES = re.compile(r"\s+")
+
+
+def public_message(text: str) -> str:
+    """One clean sentence for a job's owner: no markup, addresses, paths or stack lines.
+
+    HTML error pages keep only their title; URLs, ``host:port``, IP addresses and file paths
+    are dropped or replaced by a neutral word; only the first line survives (a traceback's
+    frames follow it), and the result is capped at ``MAX_PUBLIC_CHARS``.
+    """
+    text = str(text or "")
+    if (title := _TITLE.search(text)) and _MARKUP.search(text):
+        text = _MARKUP.sub(title.group(1).strip(), text, count=1)
+    text = _MARKUP.sub("", text)
+    text = html.unescape(_TAG.sub(" ", text))
+    text = next((line for line in text.splitlines() if line.strip()), "")
+    text = _PLACED_URL.sub("", text)
+    text = _URL.sub("an internal address", text)
+    text = _HOST_PORT.sub("an internal address", text)
+    text = _IP.sub("an internal address", text)
+    text = _WINDOWS_PATH.sub("a file", _PATH.sub("a file", text))
+    text = _SPACES.sub(" ", text).strip(" :;,-—")
+    if len(text) > MAX_PUBLIC_CHARS:
+        text = text[: MAX_PUBLIC_CHARS - 1].rsplit(" ", 1)[0].rstrip(" :;,-—") + "…"
+    return text or "the job failed for a reason only the operator's log shows"
 
 
 class ConfigError(Exception):

@@ -2,8 +2,9 @@
 
 The name is built from placeholders only, and every placeholder value is reduced to safe
 characters, so nothing a prompt contains can leave the output directory. The same date is
-used for the local file and the storage path, so the two never drift apart across midnight
-or time zones.
+used for every placeholder of one file, so its parts never drift apart across midnight. The
+storage key does not depend on the name: it is ``<owner id>/<job id>.<ext>``
+(``storage.keys.object_key``), the same on every host and attempt.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from uuid import UUID
 from PIL import Image, UnidentifiedImageError
 
 from imagen_worker.errors import ConfigError
+from imagen_worker.storage.keys import object_key
 
 PLACEHOLDERS = frozenset({"date", "time", "slug", "seed", "backend", "ext", "id"})
 _EXTENSIONS = {
@@ -109,6 +111,7 @@ def plan_names(
     backend: str,
     mime_type: str,
     job_id: UUID,
+    owner_user_id: UUID,
     when: datetime,
 ) -> Naming:
     ext = extension_for(mime_type)
@@ -126,10 +129,7 @@ def plan_names(
     relative = Path(template.format(**values))
     if relative.is_absolute() or ".." in relative.parts:
         raise ConfigError(f"output.naming produced an unsafe path: {relative}")
-    # Storage keys use only [a-z0-9._-] segments; the job-unique suffix keeps two jobs with
-    # the same slug and seed from overwriting each other's object.
-    storage_key = f"{date}/{slug}-{seed}-{job_id.hex[:8]}.{ext}"
-    return Naming(relative=relative, storage_key=storage_key)
+    return Naming(relative=relative, storage_key=object_key(owner_user_id, job_id, ext))
 
 
 def sidecar_path(image_path: Path) -> Path:

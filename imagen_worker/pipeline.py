@@ -1,9 +1,12 @@
 """The one generate path, shared by the worker and ``imagen generate``.
 
 resolve backend -> style -> ``backend.generate`` -> image + sidecar on local disk -> storage
-sink. The local files are written before any upload and never deleted on failure. A small
-per-job journal in the output directory remembers them, so a retry after an upload failure
-uploads the same file to the same key instead of generating a new image.
+sink. The storage key is ``<owner id>/<job id>.<ext>``, the same on every host and attempt.
+The worker records the upload in the database as it completes (``job_runs.result``), so a
+retry on any host links the stored object instead of generating again. A small per-job
+journal in the output directory is only a cache on top: a retry on the same host after a
+failed upload sends the same file again. ``discard`` removes a job's files and journal once
+it has failed or been cancelled.
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ from imagen_worker import inputs, output, styles
 from imagen_worker.backends.base import Backend, GenerateRequest, GenerateResult, JobContext
 from imagen_worker.config import OutputConfig
 from imagen_worker.errors import JobError, TerminalError
-from imagen_worker.queue.jobs import JobSpec
+from imagen_worker.queue.jobs import ImageRecord, JobSpec
 from imagen_worker.storage.base import StorageSink
 
 _MAX_SEED = 2**32 - 1
+# Sidecar entries about the worker host, not the image: kept in imagen.image_internals, never
+# in the images row its owner reads.
+INTERNAL_SIDECAR_KEYS = ("local_path", "backend_metadata")
 
 
 def derived_seed(job_id: UUID) -> int:
@@ -54,6 +60,16 @@ class Artifact:
     reused: bool = False
     width: int | None = None  # read from the file; None when it is not a still image
     height: int | None = None
+
+    def image_record(self) -> ImageRecord:
+        """The images row: the sidecar without host internals, which travel apart."""
+        public = {k: v for k, v in self.sidecar.items() if k not in INTERNAL_SIDECAR_KEYS}
+        internals = {k: self.sidecar[k] for k in INTERNAL_SIDECAR_KEYS if k in self.sidecar}
+        return ImageRecord(
+            storage_path=self.storage_key, mime_type=self.mime_type, bytes=self.bytes,
+            sha256=self.sha256, backend=self.backend, seed=self.seed, latency_ms=self.latency_ms,
+            sidecar=public, model=self.model, width=self.width, height=self.height, internals=internals,
+        )  # fmt: skip
 
 
 def _journal_path(directory: Path, job_id: UUID) -> Path:
@@ -92,6 +108,24 @@ def _write_journal(directory: Path, job_id: UUID, artifact: Artifact) -> None:
 def forget(directory: Path, job_id: UUID) -> None:
     """Drop the journal once the job's result is recorded durably."""
     _journal_path(directory, job_id).unlink(missing_ok=True)
+
+
+def discard(directory: Path, job_id: UUID) -> None:
+    """A failed or cancelled job leaves nothing behind: its image, extras, sidecar, journal."""
+    path = _journal_path(directory, job_id)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        image = Path(raw["image_path"])
+        extras = raw.get("sidecar", {}).get("extra_outputs") or []
+        files = [image, *(image.with_name(str(name)) for name in extras)]
+        if raw.get("sidecar_path"):
+            files.append(Path(raw["sidecar_path"]))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        files = []
+    for file in files:
+        if file.is_relative_to(directory):
+            file.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
 
 
 class Pipeline:
@@ -184,7 +218,7 @@ class Pipeline:
         facts = output.image_facts(data, result.image.mime_type)
         names = output.plan_names(
             self.output.naming, prompt=spec.prompt, seed=seed, backend=backend.name,
-            mime_type=facts.mime_type, job_id=job_id, when=when,
+            mime_type=facts.mime_type, job_id=job_id, owner_user_id=spec.owner_user_id, when=when,
         )  # fmt: skip
         image_path = output.claim_path(self.output.directory, names.relative, job_id)
         output.write_image(image_path, data)

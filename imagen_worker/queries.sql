@@ -1,6 +1,8 @@
 -- Every statement the code runs, in one file, loaded by queries.py; each block starts with
 -- "-- name: <name>". The job state machine comes first: transitions out of 'running' are
--- fenced on (id, worker_id, attempts, status), and zero rows means the lease was lost.
+-- fenced on (id, worker_id, attempts, status), and zero rows means the lease was lost. The
+-- worker id (with backend_ref, error_detail and the upload record) lives in the worker-only
+-- imagen.job_runs, so every fenced statement joins it.
 
 -- name: enqueue
 -- Idempotent on (owner, dedupe_key) among live jobs: a conflict inserts nothing.
@@ -25,58 +27,90 @@ WHERE owner_user_id = $1 AND dedupe_key = $2 AND status IN ('pending', 'running'
 -- (jobs_claim_named, jobs_claim_default), so other backends' backlogs are never read. Running
 -- rows whose lease expired are re-taken first: a dead worker's jobs come back without a
 -- sweeper. A claim clears the row's progress (a waiting reason, or an earlier attempt's).
-WITH mine AS MATERIALIZED (
-    SELECT id, priority, run_at FROM imagen.jobs
+-- Pending rows go by priority, then turn (owners take turns, see jobs_take_turn in 0005),
+-- then age. $9 is worker.max_running_per_owner (NULL: no limit): owners at the limit are
+-- skipped in the scan, and one claim never takes an owner past it. The claimed rows' run
+-- state goes to imagen.job_runs; backend_ref and result come back as earlier attempts left them.
+WITH running AS MATERIALIZED (
+    SELECT owner_user_id, count(*) AS n FROM imagen.jobs
+    WHERE $9::int IS NOT NULL AND status = 'running'
+    GROUP BY owner_user_id
+),
+full_owners AS MATERIALIZED (
+    SELECT coalesce(array_agg(owner_user_id), '{}') AS owners FROM running WHERE n >= $9::int
+),
+mine AS MATERIALIZED (
+    SELECT id, owner_user_id, priority, turn, run_at FROM imagen.jobs
     WHERE status = 'pending' AND backend IS NOT NULL AND backend = $2 AND run_at <= now()
-    ORDER BY priority DESC, run_at, id
+      AND owner_user_id <> ALL ((SELECT owners FROM full_owners)::uuid[])
+    ORDER BY priority DESC, turn, run_at, id
     LIMIT $5
     FOR UPDATE SKIP LOCKED
 ),
 defaults AS MATERIALIZED (
-    SELECT id, priority, run_at FROM imagen.jobs
+    SELECT id, owner_user_id, priority, turn, run_at FROM imagen.jobs
     WHERE $3 AND status = 'pending' AND backend IS NULL AND run_at <= now()
-    ORDER BY priority DESC, run_at, id
+      AND owner_user_id <> ALL ((SELECT owners FROM full_owners)::uuid[])
+    ORDER BY priority DESC, turn, run_at, id
     LIMIT $5
     FOR UPDATE SKIP LOCKED
 ),
 orphans AS MATERIALIZED (
-    SELECT id, priority, run_at FROM imagen.jobs
+    SELECT id, owner_user_id, priority, turn, run_at FROM imagen.jobs
     WHERE status = 'pending' AND backend IS NOT NULL AND backend = ANY ($4::text[])
       AND run_at <= now() - make_interval(secs => $7)
-    ORDER BY priority DESC, run_at, id
+    ORDER BY priority DESC, turn, run_at, id
     LIMIT $5
     FOR UPDATE SKIP LOCKED
 ),
 stale AS MATERIALIZED (
-    SELECT id FROM imagen.jobs
+    SELECT id, owner_user_id FROM imagen.jobs j
     WHERE status = 'running' AND lease_expires_at < now()
       AND (backend = $2 OR ($3 AND backend IS NULL) OR backend = ANY ($4::text[]))
-      AND NOT (worker_id = $1 AND id = ANY ($8::uuid[]))
+      AND NOT (id = ANY ($8::uuid[]) AND EXISTS (
+          SELECT 1 FROM imagen.job_runs r WHERE r.job_id = j.id AND r.worker_id = $1))
     ORDER BY lease_expires_at
     LIMIT $5
     FOR UPDATE SKIP LOCKED
 ),
+candidates AS (
+    SELECT c.*, row_number() OVER (PARTITION BY c.owner_user_id
+                                   ORDER BY c.rank, c.priority DESC, c.turn, c.run_at) AS nth
+    FROM (
+        SELECT id, owner_user_id, 0 AS rank, 0 AS priority, 0::bigint AS turn,
+               NULL::timestamptz AS run_at FROM stale
+        UNION ALL SELECT id, owner_user_id, 1, priority, turn, run_at FROM mine
+        UNION ALL SELECT id, owner_user_id, 1, priority, turn, run_at FROM defaults
+        UNION ALL SELECT id, owner_user_id, 1, priority, turn, run_at FROM orphans
+    ) c
+),
 picked AS (
-    SELECT id FROM (
-        SELECT id, 0 AS rank, 0 AS priority, NULL::timestamptz AS run_at FROM stale
-        UNION ALL SELECT id, 1, priority, run_at FROM mine
-        UNION ALL SELECT id, 1, priority, run_at FROM defaults
-        UNION ALL SELECT id, 1, priority, run_at FROM orphans
-    ) candidates
-    ORDER BY rank, priority DESC, run_at
+    SELECT c.id FROM candidates c LEFT JOIN running r ON r.owner_user_id = c.owner_user_id
+    WHERE $9::int IS NULL OR c.rank = 0 OR c.nth + coalesce(r.n, 0) <= $9::int
+    ORDER BY c.rank, c.priority DESC, c.turn, c.run_at
     LIMIT $5
+),
+claimed AS (
+    UPDATE imagen.jobs j
+    SET status = 'running',
+        attempts = j.attempts + 1,
+        lease_expires_at = now() + make_interval(secs => $6),
+        started_at = coalesce(j.started_at, now()),
+        progress = NULL,
+        updated_at = now()
+    FROM picked
+    WHERE j.id = picked.id
+    RETURNING j.*, extract(epoch FROM (now() - j.run_at))::float8 AS waited_seconds
+),
+runs AS (
+    INSERT INTO imagen.job_runs AS r (job_id, worker_id, attempt)
+    SELECT id, $1, attempts FROM claimed
+    ON CONFLICT (job_id) DO UPDATE
+    SET worker_id = EXCLUDED.worker_id, attempt = EXCLUDED.attempt, updated_at = now()
 )
-UPDATE imagen.jobs j
-SET status = 'running',
-    worker_id = $1,
-    attempts = j.attempts + 1,
-    lease_expires_at = now() + make_interval(secs => $6),
-    started_at = coalesce(j.started_at, now()),
-    progress = NULL,
-    updated_at = now()
-FROM picked
-WHERE j.id = picked.id
-RETURNING j.*, extract(epoch FROM (now() - j.run_at))::float8 AS waited_seconds;
+SELECT c.*, r.backend_ref, r.result
+FROM claimed c LEFT JOIN imagen.job_runs r ON r.job_id = c.id
+ORDER BY c.priority DESC, c.turn, c.run_at;
 
 -- name: unserved_backends
 -- Pending jobs' backends that no live worker serves, with seconds unserved (NULL = no registry
@@ -121,8 +155,10 @@ WITH held AS (
     SELECT * FROM unnest($3::uuid[], $4::int[]) AS h (id, attempts)
 ),
 locked AS (
-    SELECT j.id FROM imagen.jobs j JOIN held h ON h.id = j.id AND h.attempts = j.attempts
-    WHERE j.worker_id = $1 AND j.status = 'running'
+    SELECT j.id FROM imagen.jobs j
+    JOIN held h ON h.id = j.id AND h.attempts = j.attempts
+    JOIN imagen.job_runs w ON w.job_id = j.id AND w.worker_id = $1
+    WHERE j.status = 'running'
     FOR UPDATE OF j SKIP LOCKED
 ),
 renewed AS (
@@ -133,72 +169,116 @@ renewed AS (
 )
 SELECT h.id, h.attempts,
        r.id IS NOT NULL AS renewed,
-       coalesce(j.worker_id = $1 AND j.attempts = h.attempts AND j.status = 'running', false) AS ours,
+       coalesce(w.worker_id = $1 AND j.attempts = h.attempts AND j.status = 'running', false) AS ours,
        coalesce(r.cancel_requested, j.cancel_requested, false) AS cancel_requested
 FROM held h
 LEFT JOIN renewed r ON r.id = h.id
-LEFT JOIN imagen.jobs j ON j.id = h.id;
+LEFT JOIN imagen.jobs j ON j.id = h.id
+LEFT JOIN imagen.job_runs w ON w.job_id = h.id;
 
 -- name: cancel_requested
 -- After any imagen_control message (a hint anyone may send): which of the (job, attempt)
 -- pairs this worker runs really have a cancel request on their row.
 SELECT j.id, j.attempts FROM imagen.jobs j
 JOIN unnest($2::uuid[], $3::int[]) AS h (id, attempts) ON h.id = j.id AND h.attempts = j.attempts
-WHERE j.worker_id = $1 AND j.status = 'running' AND j.cancel_requested;
+JOIN imagen.job_runs w ON w.job_id = j.id AND w.worker_id = $1
+WHERE j.status = 'running' AND j.cancel_requested;
 
 -- name: set_backend_ref
-UPDATE imagen.jobs SET backend_ref = $4, updated_at = now()
-WHERE id = $1 AND worker_id = $2 AND attempts = $3 AND status = 'running';
+UPDATE imagen.job_runs w SET backend_ref = $4, updated_at = now()
+FROM imagen.jobs j
+WHERE w.job_id = $1 AND w.worker_id = $2 AND w.attempt = $3
+  AND j.id = w.job_id AND j.attempts = $3 AND j.status = 'running';
 
 -- name: set_progress
-UPDATE imagen.jobs SET progress = $4, updated_at = now()
-WHERE id = $1 AND worker_id = $2 AND attempts = $3 AND status = 'running';
+UPDATE imagen.jobs j SET progress = $4, updated_at = now()
+FROM imagen.job_runs w
+WHERE j.id = $1 AND w.job_id = j.id AND w.worker_id = $2 AND j.attempts = $3 AND j.status = 'running';
+
+-- name: record_upload
+-- The object is in storage: remember the images row to write ($4), so that any later attempt,
+-- on any host, links it instead of rendering again.
+UPDATE imagen.job_runs w SET result = $4, updated_at = now()
+FROM imagen.jobs j
+WHERE w.job_id = $1 AND w.worker_id = $2 AND w.attempt = $3
+  AND j.id = w.job_id AND j.attempts = $3 AND j.status = 'running';
 
 -- name: insert_image
-INSERT INTO imagen.images (owner_user_id, job_id, prompt, prompt_hash, backend, model, seed, steps,
-                           width, height, latency_ms, cost_usd_estimate, storage_path, mime_type,
-                           bytes, sha256, sidecar)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
-RETURNING id;
+-- The images row its owner reads, and the host-side facts ($18: local_path, backend_metadata)
+-- in the worker-only imagen.image_internals.
+WITH image AS (
+    INSERT INTO imagen.images (owner_user_id, job_id, prompt, prompt_hash, backend, model, seed,
+                               steps, width, height, latency_ms, cost_usd_estimate, storage_path,
+                               mime_type, bytes, sha256, sidecar)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+    RETURNING id
+),
+internals AS (
+    INSERT INTO imagen.image_internals (image_id, local_path, backend_metadata)
+    SELECT id, $18::jsonb ->> 'local_path', coalesce($18::jsonb -> 'backend_metadata', '{}'::jsonb)
+    FROM image
+)
+SELECT id FROM image;
 
 -- name: complete
-UPDATE imagen.jobs
-SET status = 'done', image_id = $4, finished_at = now(), lease_expires_at = NULL,
-    error = NULL, error_detail = NULL, updated_at = now(), seed = coalesce(seed, $5)
-WHERE id = $1 AND worker_id = $2 AND attempts = $3 AND status = 'running'
-RETURNING id;
+-- The upload record has become the images row: it is cleared with the error record.
+WITH done AS (
+    UPDATE imagen.jobs j
+    SET status = 'done', image_id = $4, finished_at = now(), lease_expires_at = NULL,
+        error = NULL, updated_at = now(), seed = coalesce(j.seed, $5)
+    FROM imagen.job_runs w
+    WHERE j.id = $1 AND w.job_id = j.id AND w.worker_id = $2 AND j.attempts = $3 AND j.status = 'running'
+    RETURNING j.id
+)
+UPDATE imagen.job_runs w SET result = NULL, error_detail = NULL, updated_at = now()
+FROM done WHERE w.job_id = done.id;
 
 -- name: fail
-UPDATE imagen.jobs
-SET status = 'failed', error = $4, error_detail = $5, finished_at = now(),
-    lease_expires_at = NULL, updated_at = now()
-WHERE id = $1 AND worker_id = $2 AND attempts = $3 AND status = 'running'
-RETURNING id;
+-- $4 is the sentence the owner reads, $5 the operator's full record (worker-only).
+WITH ended AS (
+    UPDATE imagen.jobs j
+    SET status = 'failed', error = $4, finished_at = now(), lease_expires_at = NULL, updated_at = now()
+    FROM imagen.job_runs w
+    WHERE j.id = $1 AND w.job_id = j.id AND w.worker_id = $2 AND j.attempts = $3 AND j.status = 'running'
+    RETURNING j.id
+)
+UPDATE imagen.job_runs w SET error_detail = $5, updated_at = now()
+FROM ended WHERE w.job_id = ended.id;
 
 -- name: retry_later
--- Back to pending with a delay; the worker id is kept as a record of who tried last.
-UPDATE imagen.jobs
-SET status = 'pending', error = $4, error_detail = $5,
-    run_at = now() + make_interval(secs => $6), lease_expires_at = NULL, updated_at = now()
-WHERE id = $1 AND worker_id = $2 AND attempts = $3 AND status = 'running'
-RETURNING id;
+-- Back to pending with a delay; job_runs keeps the worker id as a record of who tried last.
+WITH retried AS (
+    UPDATE imagen.jobs j
+    SET status = 'pending', error = $4, run_at = now() + make_interval(secs => $6),
+        lease_expires_at = NULL, updated_at = now()
+    FROM imagen.job_runs w
+    WHERE j.id = $1 AND w.job_id = j.id AND w.worker_id = $2 AND j.attempts = $3 AND j.status = 'running'
+    RETURNING j.id
+)
+UPDATE imagen.job_runs w SET error_detail = $5, updated_at = now()
+FROM retried WHERE w.job_id = retried.id;
 
 -- name: mark_cancelled
 -- Only a row whose owner asked (cancel_requested): a control message alone never cancels.
-UPDATE imagen.jobs
+UPDATE imagen.jobs j
 SET status = 'cancelled', error = $4, finished_at = now(), lease_expires_at = NULL, updated_at = now()
-WHERE id = $1 AND worker_id = $2 AND attempts = $3 AND status = 'running' AND cancel_requested
-RETURNING id;
+FROM imagen.job_runs w
+WHERE j.id = $1 AND w.job_id = j.id AND w.worker_id = $2 AND j.attempts = $3 AND j.status = 'running' AND j.cancel_requested;
 
 -- name: requeue_outage
 -- The backend's infrastructure failed, not the job: back to pending with the attempt given
 -- back, counted in outage_requeues (the caller enforces worker.max_outage_requeues).
-UPDATE imagen.jobs
-SET status = 'pending', attempts = greatest(attempts - 1, 0), outage_requeues = outage_requeues + 1,
-    error = $4, error_detail = $5, run_at = now() + make_interval(secs => $6),
-    lease_expires_at = NULL, updated_at = now()
-WHERE id = $1 AND worker_id = $2 AND attempts = $3 AND status = 'running'
-RETURNING id;
+WITH requeued AS (
+    UPDATE imagen.jobs j
+    SET status = 'pending', attempts = greatest(j.attempts - 1, 0),
+        outage_requeues = j.outage_requeues + 1, error = $4,
+        run_at = now() + make_interval(secs => $6), lease_expires_at = NULL, updated_at = now()
+    FROM imagen.job_runs w
+    WHERE j.id = $1 AND w.job_id = j.id AND w.worker_id = $2 AND j.attempts = $3 AND j.status = 'running'
+    RETURNING j.id
+)
+UPDATE imagen.job_runs w SET error_detail = $5, updated_at = now()
+FROM requeued WHERE w.job_id = requeued.id;
 
 -- name: release
 -- Graceful shutdown: unfinished work goes back to pending without costing an attempt, and
@@ -207,8 +287,9 @@ WITH released AS (
     UPDATE imagen.jobs j
     SET status = 'pending', attempts = greatest(j.attempts - 1, 0), run_at = now(),
         lease_expires_at = NULL, updated_at = now()
-    FROM unnest($2::uuid[], $3::int[]) AS h (id, attempts)
-    WHERE j.id = h.id AND j.attempts = h.attempts AND j.worker_id = $1 AND j.status = 'running'
+    FROM unnest($2::uuid[], $3::int[]) AS h (id, attempts), imagen.job_runs w
+    WHERE j.id = h.id AND j.attempts = h.attempts AND w.job_id = j.id AND w.worker_id = $1
+      AND j.status = 'running'
     RETURNING j.id, j.backend
 )
 SELECT count(*) AS released,
@@ -240,19 +321,28 @@ WHERE id = $1 AND status IN ('pending', 'running')
 RETURNING status;
 
 -- name: retry_job
--- An operator's retry of a failed or cancelled job: a fresh set of attempts, now.
+-- An operator's retry of a failed or cancelled job: a fresh set of attempts, now, and a fresh
+-- run record (an earlier upload is rendered again).
 WITH retried AS (
     UPDATE imagen.jobs
-    SET status = 'pending', attempts = 0, run_at = now(), error = NULL, error_detail = NULL,
-        cancel_requested = false, finished_at = NULL, worker_id = NULL, progress = NULL,
-        backend_ref = NULL, updated_at = now()
+    SET status = 'pending', attempts = 0, run_at = now(), error = NULL,
+        cancel_requested = false, finished_at = NULL, progress = NULL, updated_at = now()
     WHERE id = $1 AND status IN ('failed', 'cancelled')
     RETURNING id, backend
+),
+reset AS (
+    UPDATE imagen.job_runs w
+    SET worker_id = NULL, attempt = 0, backend_ref = NULL, error_detail = NULL, result = NULL,
+        updated_at = now()
+    FROM retried WHERE w.job_id = retried.id
 )
 SELECT id, pg_notify('imagen_jobs', coalesce(backend, '')) FROM retried;
 
 -- name: get_job
-SELECT * FROM imagen.jobs WHERE id = $1;
+-- The operator's view: the row and its worker-only run record.
+SELECT j.*, w.worker_id, w.backend_ref, w.error_detail, w.result
+FROM imagen.jobs j LEFT JOIN imagen.job_runs w ON w.job_id = j.id
+WHERE j.id = $1;
 
 -- name: list_jobs
 SELECT * FROM imagen.jobs
@@ -261,7 +351,18 @@ ORDER BY created_at DESC
 LIMIT $2;
 
 -- name: get_image
-SELECT * FROM imagen.images WHERE id = $1;
+-- The operator's view: the row and its host-side internals (the worker's local path).
+SELECT i.*, n.local_path, n.backend_metadata
+FROM imagen.images i LEFT JOIN imagen.image_internals n ON n.image_id = i.id
+WHERE i.id = $1;
+
+-- name: storage_path_of
+-- `imagen sign`: an image id, or a job id (with the job's status when it has no image yet).
+SELECT i.storage_path, NULL::text AS job_status FROM imagen.images i WHERE i.id = $1
+UNION ALL
+SELECT i.storage_path, j.status FROM imagen.jobs j LEFT JOIN imagen.images i ON i.id = j.image_id
+WHERE j.id = $1
+LIMIT 1;
 
 -- name: next_run_at
 -- How long the safety poll may sleep: until the next delayed job becomes runnable.

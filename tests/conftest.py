@@ -120,7 +120,7 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 @pytest.fixture
 async def db(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Pool]:
     """The session pool, with the queue tables emptied before the test."""
-    await pool.execute("TRUNCATE imagen.jobs, imagen.images, imagen.workers")
+    await pool.execute("TRUNCATE imagen.jobs, imagen.images, imagen.workers CASCADE")
     yield pool
 
 

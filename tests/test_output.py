@@ -1,4 +1,4 @@
-"""Local file names: safe, readable, and the same date locally and in storage."""
+"""Local file names are safe and readable; storage keys belong to (owner, job) alone."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from PIL import Image
 from imagen_worker.output import ImageFacts, check_naming, claim_path, image_facts, plan_names, slugify
 
 JOB = uuid.UUID("12345678-1234-4234-8234-123456789abc")
+OWNER = uuid.UUID("00000000-0000-4000-8000-00000000a11c")
 
 
 @pytest.mark.parametrize(
@@ -39,21 +40,41 @@ def test_slugs_are_lowercase_ascii_and_at_most_40_chars(prompt: str, slug: str) 
 def test_nothing_a_prompt_contains_leaves_the_output_directory(prompt: str, tmp_path: Path) -> None:
     names = plan_names(
         "{date}-{slug}-{seed}.{ext}", prompt=prompt, seed=7, backend="mock", mime_type="image/png",
-        job_id=JOB, when=datetime(2026, 5, 11, 23, 59),
+        job_id=JOB, owner_user_id=OWNER, when=datetime(2026, 5, 11, 23, 59),
     )  # fmt: skip
     target = (tmp_path / names.relative).resolve()
     assert target.parent == tmp_path.resolve()
-    assert re.fullmatch(r"2026-05-11/[a-z0-9-]+-7-12345678\.png", names.storage_key)
+    assert names.storage_key == f"{OWNER}/{JOB}.png"
 
 
-def test_local_file_and_storage_key_share_one_date_whatever_the_time_zone() -> None:
+def test_the_local_name_keeps_the_date_of_its_own_time_zone() -> None:
     late_evening_west = datetime(2026, 5, 11, 23, 30, tzinfo=timezone(timedelta(hours=-7)))
     names = plan_names(
         "{date}/{slug}-{seed}.{ext}", prompt="owl", seed=1, backend="mock", mime_type="image/webp",
-        job_id=JOB, when=late_evening_west,
+        job_id=JOB, owner_user_id=OWNER, when=late_evening_west,
     )  # fmt: skip
     assert str(names.relative) == "2026-05-11/owl-1.webp"
-    assert names.storage_key == "2026-05-11/owl-1-12345678.webp"
+
+
+@pytest.mark.parametrize("when", [datetime(2026, 5, 11, 23, 59), datetime(2031, 1, 1, 0, 0)])
+@pytest.mark.parametrize("prompt", ["owl", "a red fox", "x" * 300])
+def test_the_storage_key_depends_on_owner_and_job_only(when: datetime, prompt: str) -> None:
+    names = plan_names(
+        "{date}-{slug}-{seed}.{ext}", prompt=prompt, seed=when.minute, backend="mock",
+        mime_type="image/png", job_id=JOB, owner_user_id=OWNER, when=when,
+    )  # fmt: skip
+    assert names.storage_key == f"{OWNER}/{JOB}.png"
+
+
+def test_two_owners_never_share_a_key_even_with_the_same_job_id_prefix() -> None:
+    other_job = uuid.UUID("12345678-0000-4000-8000-000000000000")
+    other_owner = uuid.UUID("00000000-0000-4000-8000-000000000b0b")
+    keys = {
+        plan_names("{slug}.{ext}", prompt="fox", seed=1, backend="mock", mime_type="image/png",
+                   job_id=job, owner_user_id=owner, when=datetime(2026, 5, 11)).storage_key
+        for owner in (OWNER, other_owner) for job in (JOB, other_job)
+    }  # fmt: skip
+    assert len(keys) == 4
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,8 @@ from imagen_worker.backends.base import Output
 from imagen_worker.backends.mock import MockBackend, render_png
 from imagen_worker.config import OutputConfig
 from imagen_worker.errors import RetryableError, TerminalError
-from imagen_worker.pipeline import Pipeline, derived_seed, forget
-from imagen_worker.queue.jobs import JobSpec
+from imagen_worker.pipeline import Pipeline, derived_seed, discard, forget
+from imagen_worker.queue.jobs import ImageRecord, JobSpec
 from imagen_worker.storage.base import StorageSink, StoredObject
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-000000000004")
@@ -119,6 +119,28 @@ async def test_an_unknown_backend_is_a_terminal_error_that_names_what_is_served(
     spec = JobSpec(owner_user_id=OWNER, prompt="x", backend="sdxl-box")
     with pytest.raises(TerminalError, match=r"unknown backend 'sdxl-box'.*serves: mock"):
         await pipeline(tmp_path, FlakyStore(0)).run(uuid.uuid4(), spec, CountingContext())
+
+
+async def test_discarding_a_failed_job_leaves_nothing_of_it_on_disk(tmp_path: Path) -> None:
+    job_id, other = uuid.uuid4(), uuid.uuid4()
+    with pytest.raises(RetryableError):
+        await pipeline(tmp_path, FlakyStore(outages=1)).run(job_id, SPEC, CountingContext())
+    kept = await pipeline(tmp_path, FlakyStore(0)).run(other, SPEC, CountingContext())
+    assert any(tmp_path.rglob(f"{job_id}.json")), "the journal caches the failed upload's file"
+
+    discard(tmp_path, job_id)
+
+    left = {p for p in tmp_path.rglob("*") if p.is_file()}
+    assert left == {kept.image_path, kept.sidecar_path, tmp_path / ".imagen-journal" / f"{other}.json"}
+
+
+async def test_the_images_row_keeps_host_internals_apart_from_the_sidecar(tmp_path: Path) -> None:
+    artifact = await pipeline(tmp_path, FlakyStore(0)).run(uuid.uuid4(), SPEC, CountingContext())
+    record = artifact.image_record()
+    assert "local_path" not in record.sidecar and "backend_metadata" not in record.sidecar
+    assert record.internals["local_path"] == str(artifact.image_path)
+    assert record.storage_path == f"{OWNER}/{artifact.sidecar['job_id']}.png"
+    assert ImageRecord.from_result(record.as_result()) == record
 
 
 class TinyMock(MockBackend):

@@ -97,7 +97,12 @@ async def insert_job(db: asyncpg.Pool, prompt: str = "a red fox", **columns: Any
 
 
 async def job_row(db: asyncpg.Pool, job_id: Any) -> asyncpg.Record:
-    row = await db.fetchrow("SELECT * FROM imagen.jobs WHERE id = $1", job_id)
+    """The operator's view of a job: its row and its worker-only run record."""
+    row = await db.fetchrow(
+        "SELECT j.*, w.worker_id, w.backend_ref, w.error_detail, w.result"
+        " FROM imagen.jobs j LEFT JOIN imagen.job_runs w ON w.job_id = j.id WHERE j.id = $1",
+        job_id,
+    )
     assert row is not None
     return row
 
@@ -109,6 +114,17 @@ async def terminal(db: asyncpg.Pool, job_id: Any, *, within: float = 10.0) -> as
 
     result: asyncpg.Record = await eventually(check, within=within)
     return result
+
+
+async def image_row(db: asyncpg.Pool, image_id: Any) -> asyncpg.Record:
+    """The operator's view of an image: its row and its host-side internals."""
+    row = await db.fetchrow(
+        "SELECT i.*, n.local_path, n.backend_metadata FROM imagen.images i"
+        " LEFT JOIN imagen.image_internals n ON n.image_id = i.id WHERE i.id = $1",
+        image_id,
+    )
+    assert row is not None
+    return row
 
 
 def worker_env(dsn: str, config_path: Path) -> dict[str, str]:

@@ -211,8 +211,7 @@ LOCAL_PREFIX = "file://"
 
 
 def _local_file(image: asyncpg.Record) -> Path | None:
-    sidecar = image["sidecar"] or {}
-    path = sidecar.get("local_path")
+    path = image["local_path"]  # from imagen.image_internals (get_image joins it)
     return Path(path) if path else None
 
 
@@ -491,7 +490,7 @@ def list_styles() -> None:
 
 @app.command()
 def sign(
-    reference: Annotated[str, typer.Argument(help="An image id, or a storage path.")],
+    reference: Annotated[str, typer.Argument(help="An image id, a job id, or a storage path.")],
     ttl: Annotated[int, typer.Option("--ttl", min=1, help="Seconds the URL stays valid.")] = 3600,
     config_path: ConfigOption = None,
 ) -> None:
@@ -501,15 +500,19 @@ def sign(
         config = common.load(config_path)
         key = reference
         try:
-            image_id = uuid.UUID(reference)
+            ref_id = uuid.UUID(reference)
         except ValueError:
-            image_id = None
-        if image_id is not None:
+            ref_id = None
+        if ref_id is not None:
             async with common.database(config) as conn:
-                row = await conn.fetchrow(sql("get_image"), image_id)
+                row = await conn.fetchrow(sql("storage_path_of"), ref_id)
             if row is None:
-                raise ConfigError(f"no image {reference}")
+                raise ConfigError(f"no image or job {reference}")
+            if row["storage_path"] is None:
+                raise ConfigError(f"job {reference} is {row['job_status']}: it has no image yet")
             key = row["storage_path"]
+        if key.startswith(LOCAL_PREFIX):
+            raise ConfigError(f"the image was not uploaded, so there is nothing to sign; it is at {key}")
         sink = create_sink(config)
         try:
             if not sink.is_cloud:

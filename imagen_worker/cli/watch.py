@@ -99,5 +99,4 @@ async def image_path(conn: asyncpg.Connection, image_id: UUID) -> str:
     row = await conn.fetchrow(sql("get_image"), image_id)
     if row is None:
         return ""
-    sidecar = row["sidecar"] or {}
-    return str(sidecar.get("local_path") or row["storage_path"])
+    return str(row["local_path"] or row["storage_path"])

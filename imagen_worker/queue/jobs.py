@@ -19,14 +19,21 @@ import enum
 import hashlib
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, TypeAlias
 from uuid import UUID
 
 import asyncpg
 
-from imagen_worker.errors import BackendUnavailable, ConfigError, JobError, LeaseLost
+from imagen_worker.errors import (
+    BackendUnavailable,
+    ConfigError,
+    JobError,
+    LeaseLost,
+    TerminalError,
+    public_message,
+)
 from imagen_worker.queries import sql
 
 Executor: TypeAlias = asyncpg.Pool | asyncpg.Connection
@@ -79,10 +86,12 @@ class Job:
     waited_seconds: float
     workflow: Mapping[str, Any] | None = None
     outage_requeues: int = 0
+    # The upload an earlier attempt recorded (``ImageRecord.as_result``): link it, render nothing.
+    result: Mapping[str, Any] | None = None
 
     @classmethod
     def from_record(cls, row: Mapping[str, Any]) -> Job:
-        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+        return cls(**{name: row[name] for name in cls.__dataclass_fields__ if name in row})
 
     @property
     def key(self) -> JobKey:
@@ -133,6 +142,16 @@ class ImageRecord:
     cost_usd_estimate: float | None = None
     width: int | None = None  # read from the file, never copied from the request
     height: int | None = None
+    # Host-side facts (local path, backend instance and ids): imagen.image_internals only.
+    internals: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_result(self) -> dict[str, Any]:
+        """The upload record kept in ``job_runs.result`` until the job is done."""
+        return {**asdict(self), "sidecar": dict(self.sidecar), "internals": dict(self.internals)}
+
+    @classmethod
+    def from_result(cls, result: Mapping[str, Any]) -> ImageRecord:
+        return cls(**{name: result[name] for name in cls.__dataclass_fields__ if name in result})
 
 
 def prompt_hash(prompt: str) -> str:
@@ -226,18 +245,20 @@ class Queue:
         orphans: Sequence[str] = (),
         orphan_after: float = 0.0,
         held: Sequence[UUID] = (),
+        max_running_per_owner: int | None = None,
     ) -> list[Job]:
         """Claim up to ``limit`` jobs for ``backend``.
 
         ``orphans`` are backends nobody has served for ``orphan_after`` seconds: their jobs that
         waited that long are taken so they fail in words. ``held`` are the jobs this worker
-        still runs or is stopping; their expired leases are never re-taken here.
+        still runs or is stopping; their expired leases are never re-taken here. Owners take
+        turns; ``max_running_per_owner`` caps one owner's running jobs across the fleet.
         """
         if limit <= 0:
             return []
         rows = await self.db.fetch(
             sql("claim"), self._me, backend, is_default, list(orphans), limit, float(lease_seconds),
-            float(orphan_after), list(held),
+            float(orphan_after), list(held), max_running_per_owner,
         )  # fmt: skip
         return [Job.from_record(row) for row in rows]
 
@@ -302,25 +323,31 @@ class Queue:
     async def set_progress(self, job: Job, progress: Mapping[str, Any]) -> None:
         await self._fenced(self.db, "set_progress", job, dict(progress))
 
+    async def record_upload(self, job: Job, image: ImageRecord) -> None:
+        """Remember the stored object as soon as it is uploaded: any later attempt links it."""
+        await self._fenced(self.db, "record_upload", job, image.as_result())
+
     async def complete(self, job: Job, image: ImageRecord) -> UUID:
         """Insert the image row and mark the job done, atomically: never one without the other."""
         async with self._connection() as conn, conn.transaction():
             try:
                 image_id: UUID = await conn.fetchval(
-                sql("insert_image"),
+                    sql("insert_image"),
                     job.owner_user_id, job.id, job.prompt, prompt_hash(job.prompt), image.backend,
                     image.model, image.seed, job.steps, image.width, image.height, image.latency_ms,
                     image.cost_usd_estimate, image.storage_path, image.mime_type, image.bytes,
-                    image.sha256, dict(image.sidecar),
+                    image.sha256, dict(image.sidecar), dict(image.internals),
                 )  # fmt: skip
-            except asyncpg.UniqueViolationError:
-                # The path and job id are job-unique: another attempt already finished it.
-                raise LeaseLost(f"job {job.id}: already completed by another attempt") from None
+            except asyncpg.UniqueViolationError as exc:
+                raise _duplicate_image(job, image, exc) from None
             await self._fenced(conn, "complete", job, image_id, image.seed)
         return image_id
 
     async def fail(self, job: Job, message: str, detail: Mapping[str, Any] | None = None) -> None:
-        await self._fenced(self.db, "fail", job, message, dict(detail or {}))
+        """End the job failed: its owner reads one clean sentence, the operator everything."""
+        public = public_message(message)
+        record = {**(detail or {}), "message": message}
+        await self._fenced(self.db, "fail", job, public, record)
 
     async def cancelled(self, job: Job, message: str = "cancelled by its owner") -> None:
         await self._fenced(self.db, "mark_cancelled", job, message)
@@ -338,12 +365,14 @@ class Queue:
         if isinstance(error, BackendUnavailable) and job.outage_requeues < max_outage_requeues:
             delay = backoff_seconds(job.outage_requeues + 1, base, cap)
             detail.update(outage_requeue=job.outage_requeues + 1, retry_in_seconds=round(delay, 3))
-            await self._fenced(self.db, "requeue_outage", job, error.message, detail, delay)
+            detail["message"] = error.message
+            await self._fenced(self.db, "requeue_outage", job, public_message(error.message), detail, delay)
             return Outcome.REQUEUED
         if error.retryable and job.attempts < job.max_attempts:
             delay = backoff_seconds(job.attempts, base, cap)
             detail["retry_in_seconds"] = round(delay, 3)
-            await self._fenced(self.db, "retry_later", job, error.message, detail, delay)
+            detail["message"] = error.message
+            await self._fenced(self.db, "retry_later", job, public_message(error.message), detail, delay)
             return Outcome.RETRIED
         message = error.message
         if error.retryable:
@@ -355,6 +384,21 @@ class Queue:
         if isinstance(self.db, asyncpg.Pool):
             return self.db.acquire()
         return _Borrowed(self.db)
+
+
+def _duplicate_image(job: Job, image: ImageRecord, exc: asyncpg.UniqueViolationError) -> TerminalError:
+    """An images row that already exists is a fact to report, not a lost lease."""
+    if exc.constraint_name == "images_job_id_key":
+        message = f"job {job.id} already has an image: another attempt finished it"
+    else:
+        message = (
+            f"the image of job {job.id} could not be recorded: its storage path is taken by another image"
+        )
+    return TerminalError(
+        message,
+        detail={"operation": "insert_image", "constraint": exc.constraint_name,
+                "storage_path": image.storage_path},
+    )  # fmt: skip
 
 
 def _columns(keys: Sequence[JobKey]) -> tuple[list[UUID], list[int]]:

@@ -1,6 +1,10 @@
-"""Storage keys: refused before any HTTP client or file system sees them.
+"""Storage keys: where a job's image lives, and what no sink may accept.
 
-Keys come from ``output.plan_names`` and use only ``[a-z0-9._-]`` segments, but a sink must
+A job's key is a pure function of its owner and its id, ``<owner id>/<job id>.<ext>``: every
+attempt on every host writes the same object, two owners can never collide, and the Storage
+read policy checks the first folder against the caller's user id.
+
+Keys use only ``[a-z0-9.-]`` segments, but a sink must
 not trust that: httpx silently collapses ``..`` segments (the object lands somewhere else),
 the Storage server refuses non-ASCII keys, and a local sink must never write outside its
 directory. Refusing early turns all of that into one terminal job error with a clear reason.
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import re
 from urllib.parse import quote
+from uuid import UUID
 
 from imagen_worker.errors import ConfigError, TerminalError
 
@@ -33,6 +38,13 @@ class InvalidStorageKey(TerminalError, ValueError):
 
 class MissingCredentials(ConfigError):
     """A cloud sink's credentials are not in the environment (``auto`` then falls back to local)."""
+
+
+def object_key(owner_user_id: UUID, job_id: UUID, extension: str) -> str:
+    """The one key of a job's image: the owner's folder, the job id, the file type."""
+    if not re.fullmatch(r"[a-z0-9]{1,10}", extension):
+        raise ValueError(f"not a file extension: {extension!r}")
+    return f"{UUID(str(owner_user_id))}/{UUID(str(job_id))}.{extension}"
 
 
 def check_key(key: str) -> list[str]:

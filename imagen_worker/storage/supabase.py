@@ -34,7 +34,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from imagen_worker.errors import ConfigError, RetryableError, TerminalError
+from imagen_worker.errors import ConfigError, RetryableError, TerminalError, public_message
 from imagen_worker.storage.base import ObjectNotFound, ObjectTooLarge, StorageSink, StoredObject
 from imagen_worker.storage.keys import MissingCredentials, encode_key
 
@@ -71,7 +71,9 @@ class StorageApiError:
             code = str(body.get("code") or body.get("error") or "")
             message = str(body.get("message") or body.get("msg") or body.get("error") or "")
         if not message:
-            message = response.text.strip()[:200] or response.reason_phrase
+            # Proxies answer with HTML pages: keep their title, never the markup.
+            message = public_message(response.text[:4000]) if response.text.strip() else ""
+            message = message or response.reason_phrase
         return cls(http_status=response.status_code, status=status, code=code, message=message)
 
     @property

@@ -271,6 +271,7 @@ class Worker:
                     name, is_default=is_default, limit=free, lease_seconds=self.settings.lease_seconds,
                     orphans=self.fleet.orphans if is_default else (),
                     orphan_after=self.settings.orphan_after, held=[key[0] for key in self.running],
+                    max_running_per_owner=self.settings.max_running_per_owner,
                 )  # fmt: skip
                 for job in jobs:
                     self._start_job(job, name, sent)

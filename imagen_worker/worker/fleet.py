@@ -22,6 +22,7 @@ import structlog
 
 from imagen_worker.backends.base import Backend
 from imagen_worker.config import WorkerConfig
+from imagen_worker.errors import public_message
 from imagen_worker.queue.jobs import Queue
 from imagen_worker.worker.running import Emit, Event
 
@@ -32,7 +33,8 @@ UNAVAILABLE = "backend_unavailable"
 
 
 def waiting(reason: str, backend: str, message: str) -> dict[str, str]:
-    return {"state": "waiting", "reason": reason, "backend": backend, "message": message}
+    """The row's waiting reason; its owner reads it, so the message is the public sentence."""
+    return {"state": "waiting", "reason": reason, "backend": backend, "message": public_message(message)}
 
 
 class Fleet:

@@ -23,8 +23,9 @@ import structlog
 from imagen_worker import pipeline as pipeline_module
 from imagen_worker.config import WorkerConfig
 from imagen_worker.errors import BackendUnavailable, JobError, LeaseLost, RetryableError
-from imagen_worker.pipeline import Artifact, Pipeline
-from imagen_worker.queue.jobs import ImageRecord, Job, JobKey, JobSpec, Outcome, Queue
+from imagen_worker.pipeline import Pipeline
+from imagen_worker.queue.jobs import Job, JobKey, JobSpec, Outcome, Queue
+from imagen_worker.worker import results
 from imagen_worker.worker.context import WorkerJobContext
 
 log = structlog.get_logger("imagen.worker")
@@ -105,15 +106,6 @@ def spec_of(job: Job) -> JobSpec:
     )  # fmt: skip
 
 
-def image_record(artifact: Artifact) -> ImageRecord:
-    return ImageRecord(
-        storage_path=artifact.storage_key, mime_type=artifact.mime_type, bytes=artifact.bytes,
-        sha256=artifact.sha256, backend=artifact.backend, seed=artifact.seed,
-        latency_ms=artifact.latency_ms, sidecar=artifact.sidecar, model=artifact.model,
-        width=artifact.width, height=artifact.height,
-    )  # fmt: skip
-
-
 class JobRunner:
     """Runs one claimed job to its recorded outcome; never raises (the daemon never dies)."""
 
@@ -153,7 +145,10 @@ class JobRunner:
         except Exception as exc:  # a bug below us must not kill the daemon
             log.exception("unexpected error while running the job")
             running.settled = True
-            await self._record_error(running, RetryableError(f"internal error: {type(exc).__name__}: {exc}"))
+            await self._record_error(running, RetryableError(
+                f"the worker hit an internal error ({type(exc).__name__})",
+                detail={"exception": type(exc).__name__, "error": str(exc)},
+            ))  # fmt: skip
 
     async def _execute(self, running: RunningJob) -> None:
         job = running.job
@@ -173,36 +168,41 @@ class JobRunner:
             self.emit(Event.CANCELLED, job=job, backend=running.backend)
             return
         try:
-            artifact = await self.pipeline.run(job.id, spec_of(job), running.ctx)
+            record, artifact = await results.produce(
+                self.pipeline, self.queue, job, spec_of(job), running.ctx
+            )
+            running.settled = True
+            await running.ctx.close()
+            image_id = await self.queue.complete(job, record)
         except JobError as error:
             running.settled = True
             await running.ctx.close()
             await self._record_error(running, error)
             return
-        running.settled = True
-        await running.ctx.close()
-        try:
-            image_id = await self.queue.complete(job, image_record(artifact))
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
-            # The image is on disk and in storage; the journal makes the retry reuse both.
-            await self._record_error(
-                running, RetryableError(f"could not record the result in the database: {exc}")
+            # The object is stored and its upload recorded: the retry links it.
+            running.settled = True
+            unrecorded = RetryableError(
+                "could not record the result in the database", detail={"error": str(exc)}
             )
+            await self._record_error(running, unrecorded)
             return
         pipeline_module.forget(self.output_dir, job.id)
-        self.emit(Event.DONE, job=job, backend=artifact.backend, artifact=artifact)
+        self.emit(Event.DONE, job=job, backend=record.backend, artifact=artifact)
         log.info(
             "job done",
             image_id=str(image_id),
-            path=str(artifact.image_path),
-            storage_path=artifact.storage_key,
-            reused_local_image=artifact.reused,
+            path=str(artifact.image_path) if artifact else None,
+            storage_path=record.storage_path,
+            linked_earlier_upload=artifact is None,
+            reused_local_image=bool(artifact and artifact.reused),
         )
 
     async def _stopped(self, running: RunningJob, reason: StopReason) -> None:
         job = running.job
         if reason is StopReason.CANCELLED:
             if await self._quietly(self._write_cancelled(job)):
+                await results.discard(self.output_dir, job)
                 self.emit(Event.CANCELLED, job=job, backend=running.backend)
                 log.info("job cancelled by its owner")
         elif reason is StopReason.LEASE_LOST:
@@ -226,6 +226,8 @@ class JobRunner:
         )  # fmt: skip
         if outcome is None:
             return
+        if outcome is Outcome.FAILED:
+            await results.discard(self.output_dir, job)
         self.emit(Event(outcome.value), job=job, backend=running.backend, error=error)
         if outcome is Outcome.REQUEUED:
             log.warning("backend unavailable; job back to pending without spending an attempt",

@@ -43,15 +43,17 @@ async def storage(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeStorage]
         yield fake
 
 
+# The worker's local path is a host internal: the operator reads it from image_internals.
+LOCAL_PATH = "SELECT local_path FROM imagen.image_internals WHERE image_id = $1"
+
+
 async def test_with_local_storage_status_and_open_name_the_local_file(
     db: asyncpg.Pool, database_url: str, tmp_path: Path
 ) -> None:
     config_path = write_config(tmp_path)
     async with running_worker(make_config(tmp_path), database_url):
         job = await terminal(db, await insert_job(db, "a tin robot", owner_user_id=OWNER))
-    local = Path(
-        (await db.fetchval("SELECT sidecar FROM imagen.images WHERE id = $1", job["image_id"]))["local_path"]
-    )
+    local = Path(await db.fetchval(LOCAL_PATH, job["image_id"]))
 
     status = await asyncio.to_thread(
         imagen, "status", str(job["id"]), "--sign", dsn=database_url, config=config_path
@@ -75,7 +77,7 @@ async def test_with_cloud_storage_status_signs_and_open_downloads_a_missing_loca
         job = await terminal(db, await insert_job(db, "a paper crane", owner_user_id=OWNER))
     assert job["status"] == "done", job["error"]
     image = await db.fetchrow("SELECT * FROM imagen.images WHERE id = $1", job["image_id"])
-    local = Path(image["sidecar"]["local_path"])
+    local = Path(await db.fetchval(LOCAL_PATH, job["image_id"]))
     original = local.read_bytes()
 
     status = await asyncio.to_thread(

@@ -105,7 +105,7 @@ async def test_a_minimal_job_is_accepted_with_its_queue_defaults(db: asyncpg.Poo
     assert row["params"] == {}
     assert (row["priority"], row["attempts"], row["max_attempts"]) == (0, 0, 3)
     assert row["cancel_requested"] is False
-    assert row["steps"] is row["seed"] is row["backend"] is row["image_id"] is row["worker_id"] is None
+    assert row["steps"] is row["seed"] is row["backend"] is row["image_id"] is None
     for column in ("created_at", "run_at", "updated_at"):
         assert abs(row[column] - before) < timedelta(seconds=5), column
 

@@ -130,7 +130,6 @@ async def test_a_user_can_insert_their_own_job_and_it_starts_pending(db: asyncpg
 
 WORKER_OWNED_ON_INSERT = [
     pytest.param("status", "running", id="status"),
-    pytest.param("worker_id", WORKER, id="worker_id"),
     pytest.param("attempts", 5, id="attempts"),
     pytest.param("priority", 100, id="priority"),
     pytest.param("max_attempts", 50, id="max_attempts"),
@@ -158,7 +157,6 @@ WORKER_OWNED_ON_UPDATE = [
     pytest.param("status = 'done'", id="mark done"),
     pytest.param("status = 'pending'", id="set status"),
     pytest.param("image_id = $2", id="image_id"),
-    pytest.param("worker_id = $3", id="worker_id"),
     pytest.param("attempts = 0", id="attempts"),
     pytest.param("owner_user_id = $3", id="owner_user_id"),
     pytest.param("prompt = 'something else'", id="prompt"),

@@ -19,7 +19,6 @@ import pytest
 from imagen_worker.db.connect import connect
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-0000000000a1")
-WORKER = uuid.UUID("00000000-0000-4000-8000-0000000000ff")
 WINDOW = 0.25  # seconds: loopback delivery takes well under a millisecond
 
 Listen = Callable[[str], Awaitable[list[str]]]
@@ -57,9 +56,7 @@ async def add_job(pool: asyncpg.Pool, **columns: Any) -> uuid.UUID:
 
 
 async def add_running_job(pool: asyncpg.Pool) -> uuid.UUID:
-    return await add_job(
-        pool, status="running", worker_id=WORKER, lease_expires_at=datetime.now(UTC) + timedelta(seconds=30)
-    )
+    return await add_job(pool, status="running", lease_expires_at=datetime.now(UTC) + timedelta(seconds=30))
 
 
 async def test_a_runnable_pending_insert_notifies_imagen_jobs_once_with_its_backend(
@@ -114,10 +111,9 @@ async def test_a_status_update_notifies_imagen_job_events_with_only_id_and_statu
     events = await listen("imagen_job_events")
 
     await db.execute(
-        """UPDATE imagen.jobs SET status = 'running', worker_id = $2, attempts = 1,
+        """UPDATE imagen.jobs SET status = 'running', attempts = 1,
                   lease_expires_at = now() + interval '30 seconds' WHERE id = $1""",
         job_id,
-        WORKER,
     )
     await settle()
 
@@ -205,8 +201,8 @@ async def test_requesting_cancel_of_a_finished_job_changes_nothing(
 
 async def test_a_cancel_request_on_a_live_job_cannot_be_taken_back(db: asyncpg.Pool) -> None:
     job_id = await db.fetchval(
-        "INSERT INTO imagen.jobs (owner_user_id, prompt, status, worker_id, lease_expires_at) "
-        "VALUES (gen_random_uuid(), 'p', 'running', gen_random_uuid(), now() + interval '1 minute') "
+        "INSERT INTO imagen.jobs (owner_user_id, prompt, status, lease_expires_at) "
+        "VALUES (gen_random_uuid(), 'p', 'running', now() + interval '1 minute') "
         "RETURNING id"
     )
     await db.execute("UPDATE imagen.jobs SET cancel_requested = true WHERE id = $1", job_id)

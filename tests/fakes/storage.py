@@ -55,7 +55,12 @@ DEFAULT_BUCKET = "imagen-generated"
 FAKE_JWT_SECRET = "fake-storage-jwt-secret-0123456789abcdef"
 VALID_KEY = re.compile(r"^[A-Za-z0-9_/!.*'() &$=@;:+,?-]*$")
 
-FailureMode = int | Literal["drop", "drop_after"]
+FailureMode = int | Literal["drop", "drop_after", "proxy_502"]
+# What nginx in front of Storage answers when Storage itself is down: an HTML page, not JSON.
+PROXY_502 = (
+    "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+    "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx/1.25.3</center>\r\n</body>\r\n</html>\r\n"
+)
 
 
 # --- JWT (HS256 only, standard library) ---------------------------------------------------
@@ -251,8 +256,9 @@ class FakeStorage:
         self, n: int = 1, *, status: FailureMode = 503, methods: Collection[str] | None = None
     ) -> None:
         """The next ``n`` matching requests fail: an HTTP status (500, 503, 429, 544...), ``"drop"``
-        (body read, connection closed, nothing stored) or ``"drop_after"`` (the request is fully
-        processed, e.g. the object stored, then the connection is closed: the answer is lost)."""
+        (body read, connection closed, nothing stored), ``"drop_after"`` (the request is fully
+        processed, e.g. the object stored, then the connection is closed: the answer is lost) or
+        ``"proxy_502"`` (a reverse proxy's HTML error page, status 502)."""
         allowed = frozenset(m.upper() for m in methods) if methods else None
         self._failures.extend(_Failure(status, allowed) for _ in range(n))
 
@@ -304,6 +310,9 @@ class FakeStorage:
         failure = self._take_failure(request.method)
         if failure is not None and failure.mode == "drop":
             return self._drop(request)
+        if failure is not None and failure.mode == "proxy_502":
+            record.status = 502
+            return web.Response(status=502, text=PROXY_502, content_type="text/html")
         if isinstance(failure, _Failure) and isinstance(failure.mode, int):
             record.status = failure.mode
             return ApiError(

@@ -279,7 +279,7 @@ async def test_typical_hostile_rows_take_every_path(
 async def _seed(
     pool: asyncpg.Pool, owners: list[uuid.UUID], jobs: list[int], images: list[int]
 ) -> dict[uuid.UUID, dict[str, set[uuid.UUID]]]:
-    await pool.execute("TRUNCATE imagen.jobs, imagen.images, imagen.workers")
+    await pool.execute("TRUNCATE imagen.jobs, imagen.images, imagen.workers CASCADE")
     owned: dict[uuid.UUID, dict[str, set[uuid.UUID]]] = {}
     for owner, n_jobs, n_images in zip(owners, jobs, images, strict=True):
         job_ids = {

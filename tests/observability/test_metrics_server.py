@@ -70,8 +70,8 @@ async def test_refresh_queue_depth_counts_pending_and_running(db: asyncpg.Pool) 
         owner,
     )
     await db.execute(
-        "INSERT INTO imagen.jobs (owner_user_id, prompt, status, worker_id, lease_expires_at) "
-        "VALUES ($1::uuid, 'r', 'running', gen_random_uuid(), now() + interval '1 minute')",
+        "INSERT INTO imagen.jobs (owner_user_id, prompt, status, lease_expires_at) "
+        "VALUES ($1::uuid, 'r', 'running', now() + interval '1 minute')",
         owner,
     )
     metrics = Metrics()

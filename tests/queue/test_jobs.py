@@ -162,12 +162,12 @@ async def test_the_old_owner_of_a_retaken_job_can_write_nothing(db: asyncpg.Pool
     assert row["status"] == "done" and row["image_id"] is not None and row["error"] is None
 
 
-async def test_completing_twice_creates_no_second_image(db: asyncpg.Pool) -> None:
+async def test_completing_twice_creates_no_second_image_and_says_why(db: asyncpg.Pool) -> None:
     await enqueue(db)
     queue = worker(db)
     (job,) = await claim(queue)
     await queue.complete(job, image(job))
-    with pytest.raises(LeaseLost):
+    with pytest.raises(TerminalError, match="already has an image: another attempt finished it"):
         await queue.complete(job, image(job))
     assert await db.fetchval("SELECT count(*) FROM imagen.images") == 1
 
@@ -227,7 +227,8 @@ async def test_retryable_errors_go_back_to_pending_with_backoff(db: asyncpg.Pool
     (job,) = await claim(queue)
     outcome = await queue.record_error(job, RetryableError("blip", detail={"code": 503}), base=10, cap=60)
     row = await db.fetchrow(
-        "SELECT status, error, error_detail, extract(epoch FROM run_at - now()) AS delay FROM imagen.jobs"
+        "SELECT status, error, error_detail, extract(epoch FROM run_at - now()) AS delay"
+        " FROM imagen.jobs JOIN imagen.job_runs ON job_id = id"
     )
     assert outcome is Outcome.RETRIED and row["status"] == "pending" and row["error"] == "blip"
     assert 5 <= row["delay"] <= 10
@@ -337,7 +338,9 @@ async def test_a_backend_outage_requeues_without_spending_an_attempt_up_to_a_cap
     assert outcomes == [Outcome.REQUEUED, Outcome.REQUEUED, Outcome.RETRIED, Outcome.FAILED]
     assert row["outage_requeues"] == 2
     assert row["status"] == "failed" and row["attempts"] == 2, "past the cap an outage spends attempts"
-    assert row["error"] == "ComfyUI at http://gpu:8188 is unreachable (gave up after 2 attempts)"
+    assert row["error"] == "ComfyUI is unreachable (gave up after 2 attempts)", "no internal address"
+    detail = await db.fetchval("SELECT error_detail FROM imagen.job_runs")
+    assert detail["message"] == "ComfyUI at http://gpu:8188 is unreachable (gave up after 2 attempts)"
 
 
 async def test_boot_recovery_skips_rows_another_booting_worker_holds(

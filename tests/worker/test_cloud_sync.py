@@ -13,7 +13,16 @@ import httpx
 import pytest
 
 from tests.fakes.storage import FakeStorage
-from tests.workers import BIN, insert_job, make_config, running_worker, terminal, worker_env, write_config
+from tests.workers import (
+    BIN,
+    image_row,
+    insert_job,
+    make_config,
+    running_worker,
+    terminal,
+    worker_env,
+    write_config,
+)
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-000000000005")
 STORAGE = {"type": "supabase", "max_retries": 0}
@@ -39,9 +48,9 @@ async def test_a_done_job_has_its_image_in_storage_and_a_signed_url_serves_it(
     async with running_worker(config, database_url):
         job = await terminal(db, await insert(db, "a kite over dunes"))
     assert job["status"] == "done", job["error"]
-    image = await db.fetchrow("SELECT * FROM imagen.images WHERE id = $1", job["image_id"])
+    image = await image_row(db, job["image_id"])
     stored = storage.get(image["storage_path"])
-    local = Path(image["sidecar"]["local_path"]).read_bytes()
+    local = Path(image["local_path"]).read_bytes()
     assert stored is not None and stored.data == local and stored.content_type == "image/png"
 
     signed = await asyncio.to_thread(
@@ -103,7 +112,7 @@ async def test_upload_landed_but_the_database_transaction_failed_yields_one_obje
     rows = await db.fetch("SELECT storage_path FROM imagen.images WHERE job_id = $1", job["id"])
     assert len(rows) == 1
     assert storage.object_count() == 1, "the retry overwrote its own object"
-    assert storage.put_count(rows[0]["storage_path"]) == 2, "uploaded by both attempts, to the same key"
+    assert storage.put_count(rows[0]["storage_path"]) == 1, "the retry linked the recorded upload"
 
 
 async def test_generate_reports_a_failed_sync_on_stderr_and_still_exits_0(

@@ -13,7 +13,7 @@ import pytest
 from imagen_worker.queue.jobs import Queue
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.storage import FakeStorage
-from tests.workers import eventually, insert_job, job_row, make_config, running_worker, terminal
+from tests.workers import eventually, image_row, insert_job, job_row, make_config, running_worker, terminal
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-000000000006")
 FAST = {"poll_interval": 0.5, "interrupt_grace": 2.0, "connect_timeout": 2.0, "timeout": 30}
@@ -57,8 +57,8 @@ async def test_a_comfyui_job_records_its_prompt_id_and_progress_and_ends_done(
     assert len(progress) >= 2, "progress was written while ComfyUI worked"
     fractions = [p["fraction"] for p in progress]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    image = await db.fetchrow("SELECT * FROM imagen.images WHERE id = $1", job["image_id"])
-    assert image["sidecar"]["backend_metadata"]["prompt_id"] == prompt_id
+    image = await image_row(db, job["image_id"])
+    assert image["backend_metadata"]["prompt_id"] == prompt_id
     assert (image["width"], image["height"], image["mime_type"]) == (512, 768, "image/png")
 
 

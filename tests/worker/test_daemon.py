@@ -13,7 +13,7 @@ import asyncpg
 from imagen_worker.backends.base import GenerateRequest, GenerateResult, JobContext
 from imagen_worker.backends.mock import MockBackend
 from imagen_worker.queue.jobs import JobSpec, Queue
-from tests.workers import eventually, insert_job, job_row, make_config, running_worker, terminal
+from tests.workers import eventually, image_row, insert_job, job_row, make_config, running_worker, terminal
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-000000000001")
 
@@ -31,9 +31,9 @@ async def test_a_plain_sql_insert_becomes_an_image_file_sidecar_and_linked_row(
         job = await terminal(db, job_id, within=2.0)
 
     assert job["status"] == "done", job["error"]
-    image = await db.fetchrow("SELECT * FROM imagen.images WHERE id = $1", job["image_id"])
+    image = await image_row(db, job["image_id"])
     assert image is not None and image["job_id"] == job_id
-    local = Path(image["sidecar"]["local_path"])
+    local = Path(image["local_path"])
     assert local.is_file() and local.read_bytes().startswith(b"\x89PNG")
     assert local.stat().st_size == image["bytes"]
     sidecar = json.loads(Path(f"{local}.json").read_text())
@@ -190,10 +190,13 @@ async def test_a_job_whose_workers_keep_dying_fails_after_max_attempts(
     db: asyncpg.Pool, database_url: str, tmp_path: Path
 ) -> None:
     job_id = await db.fetchval(
-        "INSERT INTO imagen.jobs (owner_user_id, prompt, status, attempts, max_attempts, worker_id, "
-        "lease_expires_at) VALUES ($1, 'poison', 'running', 3, 3, gen_random_uuid(), now() - interval '1 s') "
+        "INSERT INTO imagen.jobs (owner_user_id, prompt, status, attempts, max_attempts, "
+        "lease_expires_at) VALUES ($1, 'poison', 'running', 3, 3, now() - interval '1 s') "
         "RETURNING id",
         OWNER,
+    )
+    await db.execute(
+        "INSERT INTO imagen.job_runs (job_id, worker_id, attempt) VALUES ($1, gen_random_uuid(), 3)", job_id
     )
     config = make_config(tmp_path)
     async with running_worker(config, database_url):

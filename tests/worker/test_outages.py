@@ -18,6 +18,8 @@ from imagen_worker.worker.running import Event
 from tests.workers import eventually, insert_job, job_row, make_config, running_worker, terminal
 
 DOWN = "ComfyUI at http://gpu:8188 is unreachable (connection refused)"
+# What the job's owner reads: the same sentence without the internal address.
+DOWN_PUBLIC = "ComfyUI is unreachable (connection refused)"
 
 
 class Outage(MockBackend):
@@ -72,7 +74,12 @@ async def test_a_backend_outage_holds_the_job_without_spending_an_attempt_and_re
         backend = outage(worker, failing=1, report_down=True)
         events = recorded(worker)
         job_id = await insert_job(db, "render me after the restart", max_attempts=1)
-        waiting = {"state": "waiting", "reason": "backend_unavailable", "backend": "mock", "message": DOWN}
+        waiting = {
+            "state": "waiting",
+            "reason": "backend_unavailable",
+            "backend": "mock",
+            "message": DOWN_PUBLIC,
+        }
         assert await eventually(lambda: _progress(db, job_id)) == waiting
         held = await job_row(db, job_id)
         await asyncio.sleep(0.5)  # the outage goes on: nothing is claimed meanwhile
@@ -81,7 +88,7 @@ async def test_a_backend_outage_holds_the_job_without_spending_an_attempt_and_re
         row = await terminal(db, job_id, within=5)
 
     assert held["status"] == "pending" and held["attempts"] == 0 and held["outage_requeues"] == 1
-    assert held["error"] == DOWN
+    assert held["error"] == DOWN_PUBLIC
     assert row["status"] == "done" and row["attempts"] == 1 and row["outage_requeues"] == 1
     assert row["progress"]["fraction"] == 1.0, "the waiting reason gave way to the render's progress"
     assert events[0] == Event.CLAIMED and set(events[1:3]) == {Event.REQUEUED, Event.BACKEND_UNAVAILABLE}
@@ -97,7 +104,7 @@ async def test_past_the_outage_cap_an_outage_counts_as_an_ordinary_retryable_fai
         job_id = await insert_job(db, "poison", max_attempts=2)
         row = await terminal(db, job_id, within=10)
     assert row["status"] == "failed" and row["outage_requeues"] == 2 and row["attempts"] == 2
-    assert row["error"] == f"{DOWN} (gave up after 2 attempts)"
+    assert row["error"] == f"{DOWN_PUBLIC} (gave up after 2 attempts)"
 
 
 async def test_a_job_for_a_backend_no_worker_serves_waits_and_says_why(

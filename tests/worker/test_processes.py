@@ -45,7 +45,7 @@ async def test_three_workers_do_300_jobs_each_exactly_once(
     )
     assert len(images_per_job) == len(jobs)
     assert all(row["images"] == 1 for row in images_per_job)
-    workers_used = await db.fetchval("SELECT count(DISTINCT worker_id) FROM imagen.jobs")
+    workers_used = await db.fetchval("SELECT count(DISTINCT worker_id) FROM imagen.job_runs")
     assert workers_used == 3, "the load spreads over every worker"
     assert await db.fetchval("SELECT max(attempts) FROM imagen.jobs") == 1
 
@@ -111,7 +111,7 @@ async def test_sigterm_past_the_grace_releases_unfinished_jobs_to_pending(
 ) -> None:
     code = await sigterm_with_two_jobs_running(db, database_url, tmp_path, job_seconds=60, grace=0.5)
     assert code == 0
-    rows = await db.fetch("SELECT status, attempts, worker_id, lease_expires_at FROM imagen.jobs")
+    rows = await db.fetch("SELECT status, attempts, lease_expires_at FROM imagen.jobs")
     assert [row["status"] for row in rows] == ["pending", "pending"]
     assert all(row["attempts"] == 0 for row in rows), "a released job does not lose an attempt"
     assert all(row["lease_expires_at"] is None for row in rows)

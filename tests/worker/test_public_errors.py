@@ -1,0 +1,64 @@
+"""A failed job's ``error`` is one clean sentence; the operator keeps everything else.
+
+Storage behind a reverse proxy answers outages with an HTML page; a ComfyUI error names the
+instance's internal address. Neither may reach the row a web user reads.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from imagen_worker.errors import BackendUnavailable
+from tests.fakes.storage import FakeStorage
+from tests.workers import insert_job, make_config, running_worker, terminal
+
+OWNER = uuid.UUID("00000000-0000-4000-8000-0000000000e1")
+
+
+@pytest.fixture
+async def storage(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeStorage]:
+    async with FakeStorage() as fake:
+        monkeypatch.setenv("SUPABASE_URL", fake.url)
+        monkeypatch.setenv("SUPABASE_SERVICE_KEY", fake.service_key)
+        yield fake
+
+
+async def test_a_proxys_html_error_page_becomes_one_sentence_and_the_job_leaves_no_files(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, storage: FakeStorage
+) -> None:
+    storage.fail_next(2, status="proxy_502", methods=["PUT"])
+    config = make_config(tmp_path, storage={"type": "supabase", "max_retries": 1})
+    async with running_worker(config, database_url):
+        job = await terminal(db, await insert_job(db, "a red kite", owner_user_id=OWNER, max_attempts=1))
+
+    assert job["status"] == "failed"
+    assert job["error"] == (
+        "storage upload failed after 2 attempt(s): HTTP 502 (502): 502 Bad Gateway (gave up after 1 attempts)"
+    )
+    assert "<" not in job["error"] and storage.url.split("//")[1] not in job["error"]
+    detail = job["error_detail"]
+    assert detail["http_status"] == 502 and detail["message"].startswith("storage upload failed")
+    assert [p for p in (tmp_path / "images").rglob("*") if p.is_file()] == [], "nothing left on disk"
+
+
+async def test_an_internal_address_in_a_backend_error_stays_with_the_operator(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imagen_worker.backends.mock import MockBackend
+
+    async def unreachable(self: MockBackend, request: object, ctx: object) -> object:
+        raise BackendUnavailable("ComfyUI at http://10.20.30.40:8188 is unreachable (connection refused)")
+
+    monkeypatch.setattr(MockBackend, "generate", unreachable)
+    config = make_config(tmp_path, worker={"max_outage_requeues": 0})
+    async with running_worker(config, database_url):
+        job = await terminal(db, await insert_job(db, "a heron", owner_user_id=OWNER, max_attempts=1))
+
+    assert job["status"] == "failed"
+    assert job["error"] == "ComfyUI is unreachable (connection refused) (gave up after 1 attempts)"
+    assert "10.20.30.40" in job["error_detail"]["message"]
