@@ -9,6 +9,7 @@ queue delete does, and what ``/view`` serves.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import struct
 import uuid
@@ -18,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import websockets
+from PIL import Image
 
 from tests.contract.conftest import ComfyPeer
 
@@ -341,7 +343,7 @@ def _load_invert_save(image: str) -> dict[str, Any]:
 
 async def test_an_uploaded_image_loads_by_subfolder_and_name_at_its_own_size(session: Session) -> None:
     folder = f"imagen/contract-{uuid.uuid4().hex[:8]}"
-    uploaded = await _upload(session, _png(40, 24, (200, 40, 10)), "init.png", folder, overwrite="true")
+    uploaded = await _upload(session, _png(40, 24, (200, 120, 40)), "init.png", folder, overwrite="true")
     answer = uploaded.json()
 
     prompt_id, response = await session.submit(_load_invert_save(f"{answer['subfolder']}/{answer['name']}"))
@@ -353,6 +355,8 @@ async def test_an_uploaded_image_loads_by_subfolder_and_name_at_its_own_size(ses
     assert response.status_code == 200, response.text
     assert entry["status"]["status_str"] == "success"
     assert _png_size(view.content) == (40, 24)
+    with Image.open(io.BytesIO(view.content)) as saved:
+        assert saved.convert("RGB").getpixel((5, 5)) == (54, 135, 215)  # inverted in float32, truncated
 
 
 async def test_a_name_clash_without_overwrite_gets_a_new_name_unless_the_bytes_match(

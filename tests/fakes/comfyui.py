@@ -1123,11 +1123,20 @@ class FakeComfyUI:
             with Image.open(io.BytesIO(data)) as opened:
                 return ImageOps.exif_transpose(opened).convert("RGB")
         if node.get("class_type") == "ImageInvert" and source is not None:
-            return ImageOps.invert(source)
+            return source.point(_INVERT * len(source.getbands()))
         if node.get("class_type") == "ImageScale" and source is not None:
             width, height = int(inputs.get("width", 0)), int(inputs.get("height", 0))
             return source.resize((width or source.width, height or source.height))
         return None
+
+
+def _float32(value: float) -> float:
+    return float(struct.unpack("f", struct.pack("f", value))[0])
+
+
+# ImageInvert as ComfyUI computes it: float32 pixels v/255, 1 - v, then 255 * v truncated to a
+# byte on save, so 200 becomes 54, not 55 (the real server's output, byte for byte).
+_INVERT = [int(_float32(255 * _float32(1 - _float32(v / 255)))) for v in range(256)]
 
 
 def _multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:
