@@ -71,8 +71,11 @@ async def test_on_supabase_it_creates_the_private_bucket_and_an_owner_read_polic
 
     bucket = await scratch.fetchrow("SELECT id, name, public FROM storage.buckets")
     assert dict(bucket) == {"id": "imagen-generated", "name": "imagen-generated", "public": False}
-    assert [(p["policyname"], p["cmd"], p["roles"]) for p in await _policies(scratch)] == [
-        (POLICY, "SELECT", ["authenticated"])
+    assert sorted((p["policyname"], p["cmd"], p["roles"]) for p in await _policies(scratch)) == [
+        (POLICY, "SELECT", ["authenticated"]),
+        ("imagen_uploads_delete_own", "DELETE", ["authenticated"]),  # 0009: input images
+        ("imagen_uploads_insert_own", "INSERT", ["authenticated"]),
+        ("imagen_uploads_update_own", "UPDATE", ["authenticated"]),
     ]
 
 
@@ -85,7 +88,7 @@ async def test_an_existing_bucket_and_policy_are_left_alone(scratch: asyncpg.Con
     await migrate(scratch)
 
     assert await scratch.fetchval("SELECT name FROM storage.buckets WHERE id = 'imagen-generated'") == "mine"
-    assert len(await _policies(scratch)) == 1
+    assert [p["policyname"] for p in await _policies(scratch)].count(POLICY) == 1
 
 
 async def test_a_signed_in_user_sees_only_objects_recorded_as_their_images(

@@ -1,7 +1,7 @@
 """Migration 0009 on a database with Supabase's storage tables: users write only their uploads.
 
-Plain PostgreSQL has no ``storage`` schema, so a stand-in with the columns the policies read
-(and RLS on, as Supabase has it) is created first; then every migration runs.
+Plain PostgreSQL has no ``storage`` schema, so the stand-in of the 0003 specs (RLS on, as
+Supabase has it) is created first; then every migration runs.
 """
 
 from __future__ import annotations
@@ -15,27 +15,16 @@ import pytest
 
 from imagen_worker.db.connect import connect
 from imagen_worker.db.migrate import migrate
+from tests.storage.test_supabase_migration import FAKE_STORAGE_SCHEMA
 
 USER = uuid.UUID("00000000-0000-4000-8000-0000000000d1")
 OTHER = uuid.UUID("00000000-0000-4000-8000-0000000000d2")
-
-STORAGE = """
-CREATE SCHEMA storage;
-CREATE TABLE storage.buckets (id text PRIMARY KEY, name text NOT NULL, public boolean DEFAULT false);
-CREATE TABLE storage.objects (
-    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    bucket_id text REFERENCES storage.buckets (id),
-    name text NOT NULL,
-    UNIQUE (bucket_id, name)
-);
-ALTER TABLE storage.objects ENABLE ROW LEVEL SECURITY;
-"""
 
 
 @pytest.fixture
 async def supabase_like(scratch_dsn: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await connect(scratch_dsn)
-    await conn.execute(STORAGE)
+    await conn.execute(FAKE_STORAGE_SCHEMA)
     await migrate(conn)
     await conn.execute("GRANT USAGE ON SCHEMA storage TO authenticated")
     await conn.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON storage.objects TO authenticated")
