@@ -26,6 +26,7 @@ from imagen_worker.cli.db_cmd import app as db_app
 from imagen_worker.cli.failures import Code, InputError
 from imagen_worker.config import Config
 from imagen_worker.errors import ConfigError, JobError
+from imagen_worker.observability.logging import config_secret_env_names, configure_logging
 from imagen_worker.pipeline import Pipeline, forget
 from imagen_worker.queries import sql
 from imagen_worker.queue.jobs import JobSpec, Queue
@@ -422,6 +423,9 @@ def generate(
         _check_input(prompt, size, steps, negative)
         wanted = images.parse(image)
         config = common.load(config_path)
+        # Backends log (structlog's default is stdout): warnings only, on stderr, so stdout
+        # stays the image path alone.
+        configure_logging("warning", secret_env=config_secret_env_names(config))
         spec = _spec(config, prompt, backend, style, size, steps, seed, negative, param)
         spec = await _with_images(config, spec, wanted, no_cloud=no_cloud)
         name = backend or config.default_backend_name()

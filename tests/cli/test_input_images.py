@@ -111,3 +111,21 @@ async def test_a_bad_image_flag_is_refused_in_one_line_and_nothing_is_queued(
     assert expected.format(tmp=tmp_path) in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert await db.fetchval("SELECT count(*) FROM imagen.jobs") == before
+
+
+async def test_generate_image_runs_in_process_with_the_same_input_path(
+    database_url: str, tmp_path: Path, fake_comfyui: FakeComfyUI
+) -> None:
+    config = write_config(tmp_path, backends=comfy_block(fake_comfyui), owner_user_id=str(OWNER))
+    cat = photo(tmp_path / "cat.png")
+
+    result = await asyncio.to_thread(
+        imagen, "generate", "a cat in oils", "--size", "512x512", "-i", f"init={cat}",
+        dsn=database_url, config=config,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).is_file()
+    [(kind, folder, name)] = [key for key in fake_comfyui.files if key[0] == "input" and key[1]]
+    assert (kind, name) == ("input", "init.png") and folder.startswith("imagen/")
+    assert fake_comfyui.files[(kind, folder, name)] == cat.read_bytes()

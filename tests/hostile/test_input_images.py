@@ -7,7 +7,9 @@ with one readable sentence, without a byte reaching ComfyUI; the worker keeps se
 from __future__ import annotations
 
 import io
+import struct
 import uuid
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,18 @@ from tests.workers import make_config, running_worker, terminal
 USER = uuid.UUID("00000000-0000-4000-8000-0000000000a1")
 OTHER = uuid.UUID("00000000-0000-4000-8000-0000000000b2")
 FAST = {"poll_interval": 0.5, "interrupt_grace": 2.0, "connect_timeout": 2.0, "timeout": 30}
+
+
+def bomb() -> bytes:
+    """A PNG header claiming 30000x30000 pixels over a few bytes of data."""
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(tag + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 1024)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def encoded(width: int, height: int, kind: str = "PNG") -> bytes:
@@ -49,6 +63,7 @@ async def storage(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncItera
             f"{USER}/uploads/anim.gif": encoded(32, 32, "GIF"),
             f"{USER}/uploads/cut.png": encoded(64, 64)[:-40],
             f"{USER}/uploads/wide.png": encoded(4096, 1024),
+            f"{USER}/uploads/bomb.png": bomb(),
             f"{USER}/uploads/huge.png": huge,
         }
         for key, data in files.items():
@@ -61,6 +76,10 @@ async def storage(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncItera
 
 
 CASES: list[tuple[str, str]] = [
+    (
+        f"{USER}/uploads/bomb.png",
+        f"input image init ({USER}/uploads/bomb.png) has more pixels than any backend",
+    ),
     (f"{OTHER}/uploads/secret.png", "params.images.init: not in the job owner's own Storage folder"),
     (
         f"{USER}/../{OTHER}/uploads/secret.png",
