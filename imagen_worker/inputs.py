@@ -32,7 +32,8 @@ MAX_INPUT_BYTES = 20 * 2**20
 MAX_INPUTS = 8
 # An input image's name (``init``, ``mask``): ComfyUI gets the file under this name.
 IMAGE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
-_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+# MPO is what some cameras write: a JPEG with extra views, of which ComfyUI loads the first.
+_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "WEBP": "image/webp"}
 
 
 def key_problem(key: str, owner: UUID | None) -> str | None:
@@ -102,6 +103,12 @@ def sniff(name: str, key: str, data: bytes, max_pixels: int, backend: str) -> In
             width, height = image.size
             if mime is None:
                 raise _NotAnImage
+            if image.format != "MPO" and getattr(image, "n_frames", 1) > 1:
+                # ComfyUI's LoadImage turns every frame into a batch item: one upload, many images.
+                raise TerminalError(
+                    f"input image {name} ({key}) is animated; input images must be still images",
+                    detail=detail,
+                )
             if width * height > max_pixels:
                 raise TerminalError(
                     f'input image {name} ({key}) is {width}x{height}, over backend "{backend}"\'s limit '

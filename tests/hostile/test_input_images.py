@@ -42,6 +42,14 @@ def bomb() -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+def animated() -> bytes:
+    """A two-frame WebP: ComfyUI would load it as a batch of two."""
+    out = io.BytesIO()
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(out, "WEBP", save_all=True, append_images=frames[1:])
+    return out.getvalue()
+
+
 def encoded(width: int, height: int, kind: str = "PNG") -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (width, height), (10, 20, 30)).save(out, kind)
@@ -64,6 +72,7 @@ async def storage(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncItera
             f"{USER}/uploads/cut.png": encoded(64, 64)[:-40],
             f"{USER}/uploads/wide.png": encoded(4096, 1024),
             f"{USER}/uploads/bomb.png": bomb(),
+            f"{USER}/uploads/moving.webp": animated(),
             f"{USER}/uploads/huge.png": huge,
         }
         for key, data in files.items():
@@ -76,6 +85,10 @@ async def storage(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncItera
 
 
 CASES: list[tuple[str, str]] = [
+    (
+        f"{USER}/uploads/moving.webp",
+        f"input image init ({USER}/uploads/moving.webp) is animated; input images",
+    ),
     (
         f"{USER}/uploads/bomb.png",
         f"input image init ({USER}/uploads/bomb.png) has more pixels than any backend",
