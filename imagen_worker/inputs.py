@@ -94,9 +94,15 @@ async def attach(
     return dataclasses.replace(request, inputs=inputs)
 
 
-def sniff(name: str, key: str, data: bytes, max_pixels: int, backend: str) -> InputImage:
-    """Check the bytes: a whole PNG, JPEG or WebP within ``max_pixels``; else one sentence."""
+def sniff(
+    name: str, key: str, data: bytes, max_pixels: int, backend: str, *, label: str | None = None
+) -> InputImage:
+    """Check the bytes: a whole, still PNG, JPEG or WebP within ``max_pixels``; else one sentence.
+
+    ``label`` is how the sentence names the image (default: ``input image NAME (KEY)``).
+    """
     detail: dict[str, Any] = {"input": name, "key": key}
+    label = label or f"input image {name} ({key})"
     try:
         with Image.open(io.BytesIO(data)) as image:
             mime = _FORMATS.get(image.format or "")
@@ -106,24 +112,20 @@ def sniff(name: str, key: str, data: bytes, max_pixels: int, backend: str) -> In
             if image.format != "MPO" and getattr(image, "n_frames", 1) > 1:
                 # ComfyUI's LoadImage turns every frame into a batch item: one upload, many images.
                 raise TerminalError(
-                    f"input image {name} ({key}) is animated; input images must be still images",
+                    f"{label} is animated; input images must be still images",
                     detail=detail,
                 )
             if width * height > max_pixels:
                 raise TerminalError(
-                    f'input image {name} ({key}) is {width}x{height}, over backend "{backend}"\'s limit '
+                    f'{label} is {width}x{height}, over backend "{backend}"\'s limit '
                     f"of {max_pixels} pixels (max_pixels)",
                     detail={**detail, "max_pixels": max_pixels},
                 )
             image.load()  # a truncated or corrupt file fails here, not inside the backend
     except Image.DecompressionBombError:
-        raise TerminalError(
-            f"input image {name} ({key}) has more pixels than any backend accepts", detail=detail
-        ) from None
+        raise TerminalError(f"{label} has more pixels than any backend accepts", detail=detail) from None
     except (_NotAnImage, UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise TerminalError(
-            f"input image {name} ({key}) is not a PNG, JPEG or WebP image", detail=detail
-        ) from None
+        raise TerminalError(f"{label} is not a PNG, JPEG or WebP image", detail=detail) from None
     return InputImage(key=key, data=data, mime_type=mime, width=width, height=height)
 
 

@@ -46,9 +46,9 @@ def _read(name: str, path: Path) -> tuple[bytes, str]:
     except OSError as exc:
         raise InputError(f"--image {name}: cannot read {path}: {exc.strerror or exc}") from None
     try:
-        checked = sniff(name, str(path), data, max_pixels=2**40, backend="")
-    except TerminalError:
-        raise InputError(f"--image {name}: {path} is not a PNG, JPEG or WebP image") from None
+        checked = sniff(name, str(path), data, max_pixels=2**40, backend="", label=f"--image {name}: {path}")
+    except TerminalError as exc:
+        raise InputError(exc.message) from None
     return data, checked.mime_type
 
 

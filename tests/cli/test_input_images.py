@@ -90,6 +90,7 @@ async def test_submit_image_with_supabase_uploads_to_the_owners_folder(
     ("flag", "expected"),
     [
         ("init={tmp}/notes.txt", "--image init: {tmp}/notes.txt is not a PNG, JPEG or WebP image"),
+        ("init={tmp}/moving.webp", "--image init: {tmp}/moving.webp is animated; input images must be still"),
         ("init={tmp}/absent.png", "--image init: cannot read {tmp}/absent.png: No such file or directory"),
         ("Init Photo={tmp}/cat.png", "--image 'Init Photo={tmp}/cat.png': expected NAME=FILE"),
         ("init", "--image 'init': expected NAME=FILE"),
@@ -100,6 +101,8 @@ async def test_a_bad_image_flag_is_refused_in_one_line_and_nothing_is_queued(
 ) -> None:
     (tmp_path / "notes.txt").write_text("not an image")
     photo(tmp_path / "cat.png")
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ("red", "blue")]
+    frames[0].save(tmp_path / "moving.webp", save_all=True, append_images=frames[1:])
     config = write_config(tmp_path, owner_user_id=str(OWNER))
     before = await db.fetchval("SELECT count(*) FROM imagen.jobs")
 
