@@ -228,6 +228,21 @@ async def _storage_result(config: Config, seconds: float) -> CheckResult:
     return CheckResult("storage", True, f"{kind}: images stay on this machine ({why})")
 
 
+def _webhooks_result(config: Config) -> CheckResult | None:
+    """The signing secret a worker with a ``webhooks`` block refuses to start without."""
+    from imagen_worker.webhooks.outbox import read_secret
+
+    hooks = config.webhooks
+    if hooks is None:
+        return None
+    try:
+        read_secret(hooks)
+    except ConfigError as exc:
+        return CheckResult("webhooks", False, str(exc))
+    events = ", ".join(str(event) for event in hooks.events)
+    return CheckResult("webhooks", True, f"signed POSTs to {hooks.url.host} when jobs end ({events})")
+
+
 async def _close_quietly(close: Callable[[], Awaitable[None]], seconds: float) -> None:
     try:
         async with asyncio.timeout(seconds):
@@ -265,7 +280,8 @@ async def run_checks(
         asyncio.gather(*(_backend_result(n, b, seconds) for n, b in config.backend_blocks().items())),
         _storage_result(config, seconds),
     )
-    return [*results, *db_results, *backend_results, storage_result]
+    webhooks = _webhooks_result(config)
+    return [*results, *db_results, *backend_results, storage_result, *([webhooks] if webhooks else [])]
 
 
 def render_table(results: list[CheckResult]) -> Table:

@@ -11,6 +11,7 @@ file can be committed or shown without leaking anything.
 
 from __future__ import annotations
 
+import enum
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -130,6 +131,37 @@ class MetricsConfig(_Block):
     port: int = Field(default=9464, ge=0, le=65535)
 
 
+class WebhookEvent(enum.StrEnum):
+    """The job endings a webhook can announce: the final statuses of a job."""
+
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class WebhooksConfig(_Block):
+    """Completion webhooks: a signed POST per finished job, from a database outbox.
+
+    The signing secret lives only in the environment variable ``secret_env`` names. Attempts
+    wait ``backoff_base`` * 2^n seconds (with jitter, at most ``backoff_max``) in between.
+    """
+
+    url: AnyHttpUrl
+    secret_env: str = Field(default="IMAGEN_WEBHOOK_SECRET", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    events: list[WebhookEvent] = Field(default_factory=lambda: list(WebhookEvent), min_length=1)
+    timeout: float = Field(default=10.0, gt=0, le=300)
+    max_attempts: int = Field(default=8, ge=1, le=50)
+    backoff_base: float = Field(default=1.0, gt=0, le=3600)
+    backoff_max: float = Field(default=300.0, gt=0, le=86400)
+    concurrency: int = Field(default=4, ge=1, le=64)
+    poll_interval: float = Field(default=5.0, gt=0, le=3600)
+
+    @field_validator("events")
+    @classmethod
+    def _unique(cls, value: list[WebhookEvent]) -> list[WebhookEvent]:
+        return list(dict.fromkeys(value))
+
+
 _file_data: ContextVar[dict[str, Any]] = ContextVar("imagen_config_file_data")
 
 
@@ -190,6 +222,7 @@ class Config(BaseSettings):
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    webhooks: WebhooksConfig | None = None
 
     source_path: Path | None = Field(default=None, exclude=True)
 

@@ -27,6 +27,7 @@ from imagen_worker.backends.base import Backend, GenerateRequest, GenerateResult
 from imagen_worker.config import OutputConfig
 from imagen_worker.errors import JobError, TerminalError
 from imagen_worker.queue.jobs import ImageRecord, JobSpec
+from imagen_worker.storage import keys
 from imagen_worker.storage.base import StorageSink
 
 _MAX_SEED = 2**32 - 1
@@ -169,9 +170,8 @@ class Pipeline:
         try:
             stored = await self.sink.put(artifact.storage_key, artifact.image_path, artifact.mime_type)
             if stored.location == artifact.image_path.resolve().as_uri():
-                # Nothing was stored under the key (local storage keeps the output file itself):
-                # the row names that file, never a key a signed URL would look for in vain.
-                artifact.storage_key = stored.location
+                # Nothing was stored under the key: local storage keeps the output file itself.
+                artifact.storage_key = keys.LOCAL_PREFIX + artifact.storage_key
         except JobError as exc:
             if strict_upload:
                 raise

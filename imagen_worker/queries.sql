@@ -443,3 +443,77 @@ WHERE expires_at > now() AND ($1::text IS NULL OR $1 = ANY (backends));
 -- name: server_version
 -- imagen-worker check: the server's own version string ("15.20"), not the driver's parse of it.
 SELECT current_setting('server_version');
+
+-- Completion webhooks: the outbox rows the jobs_queue_webhook trigger (0008) inserts when a
+-- job ends. A claimed row's next_attempt_at is its lease; every write is fenced on
+-- claimed_by, so a worker that lost a row to another never overwrites the other's outcome.
+
+-- name: webhook_settings
+-- Which job endings the trigger queues ($1; empty = webhooks off); each worker writes its own
+-- webhooks block's events when it starts.
+INSERT INTO imagen.webhook_settings (singleton, events) VALUES (true, $1)
+ON CONFLICT (singleton) DO UPDATE SET events = EXCLUDED.events, updated_at = now()
+WHERE imagen.webhook_settings.events IS DISTINCT FROM EXCLUDED.events;
+
+-- name: webhook_claim
+-- Up to $2 due pending deliveries for worker $1, leased for $3 seconds; $4 lists the rows it
+-- still holds, never re-taken by itself.
+WITH due AS (
+    SELECT id FROM imagen.webhook_deliveries
+    WHERE status = 'pending' AND next_attempt_at <= now() AND NOT (id = ANY ($4::uuid[]))
+    ORDER BY next_attempt_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE imagen.webhook_deliveries d
+SET claimed_by = $1, next_attempt_at = now() + make_interval(secs => $3)
+FROM due
+WHERE d.id = due.id
+RETURNING d.id, d.job_id, d.event, d.attempts, d.created_at;
+
+-- name: webhook_renew
+-- Before each attempt: extend the lease by $3 seconds; no row means another worker took it.
+UPDATE imagen.webhook_deliveries
+SET next_attempt_at = now() + make_interval(secs => $3)
+WHERE id = $1 AND claimed_by = $2 AND status = 'pending'
+RETURNING attempts;
+
+-- name: webhook_job
+-- What a delivery tells the receiver: the job's public fields and its images, nothing internal
+-- (an image kept only on a worker's disk, storage_path local:…, has no object to announce).
+SELECT j.id, j.owner_user_id, j.error, j.created_at, j.started_at, j.finished_at, j.image_id,
+       coalesce((SELECT jsonb_agg(jsonb_build_object(
+                            'id', i.id, 'mime_type', i.mime_type,
+                            'storage_path', CASE WHEN i.storage_path LIKE 'local:%' THEN NULL
+                                                 ELSE i.storage_path END,
+                            'width', i.width, 'height', i.height, 'bytes', i.bytes,
+                            'sha256', i.sha256, 'created_at', i.created_at)
+                        ORDER BY i.created_at, i.id)
+                 FROM imagen.images i WHERE i.job_id = j.id), '[]'::jsonb) AS images
+FROM imagen.jobs j
+WHERE j.id = $1;
+
+-- name: webhook_retry_later
+-- A retryable attempt failed: count it, say why ($3), and hold the row until the retry
+-- (in $4 seconds) plus its lease.
+UPDATE imagen.webhook_deliveries
+SET attempts = attempts + 1, last_error = $3, next_attempt_at = now() + make_interval(secs => $4)
+WHERE id = $1 AND claimed_by = $2 AND status = 'pending';
+
+-- name: webhook_delivered
+UPDATE imagen.webhook_deliveries
+SET status = 'delivered', attempts = attempts + 1, delivered_at = now(), claimed_by = NULL
+WHERE id = $1 AND claimed_by = $2 AND status = 'pending';
+
+-- name: webhook_failed
+-- Given up ($3 says why): a rejection or the last attempt; $4 attempts to add (1, or 0 when
+-- no request was sent).
+UPDATE imagen.webhook_deliveries
+SET status = 'failed', attempts = attempts + $4::int, last_error = $3, claimed_by = NULL
+WHERE id = $1 AND claimed_by = $2 AND status = 'pending';
+
+-- name: webhook_release
+-- A clean stop hands this worker's unfinished deliveries to the next claim at once.
+UPDATE imagen.webhook_deliveries
+SET claimed_by = NULL, next_attempt_at = now()
+WHERE claimed_by = $1 AND status = 'pending';

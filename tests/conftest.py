@@ -19,6 +19,7 @@ import pytest
 from imagen_worker.db.connect import connect, create_pool
 from imagen_worker.db.migrate import migrate
 from tests.fakes.comfyui import FakeComfyUI
+from tests.fakes.storage import FakeStorage
 
 
 def _docker_engine_answers() -> bool:
@@ -122,6 +123,16 @@ async def db(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Pool]:
     """The session pool, with the queue tables emptied before the test."""
     await pool.execute("TRUNCATE imagen.jobs, imagen.images, imagen.workers CASCADE")
     yield pool
+
+
+@pytest.fixture
+async def storage(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeStorage]:
+    """A fake Supabase Storage that the environment points at, so cloud sync resolves to it."""
+    async with FakeStorage() as fake:
+        monkeypatch.setenv("SUPABASE_URL", fake.url)
+        monkeypatch.setenv("SUPABASE_SERVICE_KEY", fake.service_key)
+        yield fake
+    assert fake.errors == [], "the fake Storage API raised inside a handler"
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from enum import IntEnum
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import asyncpg
 import typer
@@ -131,6 +131,11 @@ def guarded(program: str, action: Callable[[], Any]) -> Any:
         raise
     except Exception as exc:
         raise fail(program, exc) from None
+
+
+# ``--debug`` on every program: ``main`` takes it from anywhere on the command line; declared so
+# that it shows in the help and the parser accepts it.
+DebugFlag = Annotated[bool, typer.Option("--debug", help="Print tracebacks instead of one line per failure.")]
 
 
 def version_option(program: str) -> Any:

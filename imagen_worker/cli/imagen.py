@@ -30,7 +30,7 @@ from imagen_worker.observability.logging import config_secret_env_names, configu
 from imagen_worker.pipeline import Pipeline, forget
 from imagen_worker.queries import sql
 from imagen_worker.queue.jobs import JobSpec, Queue
-from imagen_worker.storage import create_sink
+from imagen_worker.storage import create_sink, keys
 
 app = typer.Typer(
     add_completion=False,
@@ -68,9 +68,7 @@ Images = Annotated[
 @app.callback()
 def _root(
     _version: Annotated[bool, failures.version_option(PROGRAM)] = False,
-    _debug: Annotated[
-        bool, typer.Option("--debug", help="Print tracebacks instead of one line per failure.")
-    ] = False,
+    _debug: failures.DebugFlag = False,
 ) -> None:
     """imagen: submit prompts to the queue, follow them, or generate in-process."""
 
@@ -208,9 +206,6 @@ def _checked_id(value: str) -> uuid.UUID:
     return ref
 
 
-LOCAL_PREFIX = "file://"
-
-
 def _local_file(image: asyncpg.Record) -> Path | None:
     path = image["local_path"]  # from imagen.image_internals (get_image joins it)
     return Path(path) if path else None
@@ -219,7 +214,7 @@ def _local_file(image: asyncpg.Record) -> Path | None:
 def _uploaded_key(image: asyncpg.Record) -> str | None:
     """The object key in cloud storage; None when the image never left its machine."""
     key = str(image["storage_path"])
-    return None if key.startswith(LOCAL_PREFIX) else key
+    return None if key.startswith(keys.LOCAL_PREFIX) else key
 
 
 async def _signed_url(config: Config, key: str, ttl: int) -> str:
@@ -515,8 +510,11 @@ def sign(
             if row["storage_path"] is None:
                 raise ConfigError(f"job {reference} is {row['job_status']}: it has no image yet")
             key = row["storage_path"]
-        if key.startswith(LOCAL_PREFIX):
-            raise ConfigError(f"the image was not uploaded, so there is nothing to sign; it is at {key}")
+        if key.startswith(keys.LOCAL_PREFIX):
+            raise ConfigError(
+                f"the image was not uploaded, so there is nothing to sign; `imagen open {reference}` "
+                "prints where it is on the worker's disk"
+            )
         sink = create_sink(config)
         try:
             if not sink.is_cloud:

@@ -30,9 +30,7 @@ app = typer.Typer(
 @app.callback()
 def _root(
     _version: Annotated[bool, failures.version_option(PROGRAM)] = False,
-    _debug: Annotated[
-        bool, typer.Option("--debug", help="Print tracebacks instead of one line per failure.")
-    ] = False,
+    _debug: failures.DebugFlag = False,
 ) -> None:
     """imagen-worker: the queue daemon and its admin commands."""
 

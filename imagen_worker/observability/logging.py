@@ -55,7 +55,7 @@ def is_secret_env_name(name: str) -> bool:
 
 
 def config_secret_env_names(config: Any) -> set[str]:
-    """Env var names a config points at for secrets, in its backend and storage blocks.
+    """Env var names a config points at for secrets, in its backend, storage and webhooks blocks.
 
     Those are the values of ``*_env`` keys (``key_env: SUPABASE_SERVICE_KEY``) and of
     ``headers`` mappings (ComfyUI proxy headers: header -> variable name). Pass the result to
@@ -80,6 +80,8 @@ def config_secret_env_names(config: Any) -> set[str]:
 
     walk(getattr(config, "backends", {}))
     walk(getattr(config, "storage", {}))
+    if (webhooks := getattr(config, "webhooks", None)) is not None:
+        names.add(webhooks.secret_env)
     return names
 
 

@@ -30,6 +30,7 @@ log = structlog.get_logger(__name__)
 OUTCOMES: Final = ("done", "failed", "retried", "requeued", "cancelled", "released")
 STAGES: Final = ("generate", "download", "write", "upload", "total")
 QUEUE_STATUSES: Final = ("pending", "running")
+WEBHOOK_OUTCOMES: Final = ("delivered", "retried", "failed")
 
 # Pickup latency: a NOTIFY wake-up is ~1 ms on a LAN, a missed one waits for the 5 s poll,
 # a saturated fleet queues for longer.
@@ -92,6 +93,12 @@ class Metrics:
             ["backend"],
             registry=r,
         )
+        self.webhook_deliveries = Counter(
+            "imagen_webhook_deliveries_total",
+            "Webhook attempts by outcome (delivered|retried|failed); failed = given up for good.",
+            ["outcome"],
+            registry=r,
+        )
 
     def prime(self, backends: Iterable[str]) -> None:
         """Create every label combination at zero so rates and alerts work before the first job."""
@@ -107,6 +114,8 @@ class Metrics:
                 self.stage_duration.labels(backend=backend, stage=stage)
         for status in QUEUE_STATUSES:
             self.queue_depth.labels(status=status)
+        for outcome in WEBHOOK_OUTCOMES:
+            self.webhook_deliveries.labels(outcome=outcome)
 
     async def refresh_queue_depth(self, conn: Any) -> None:
         """Set ``imagen_queue_depth`` from the table; ``conn`` is an asyncpg connection or pool.
@@ -140,6 +149,7 @@ LISTENER_RECONNECTS: Final = METRICS.listener_reconnects
 LISTENER_CONNECTED: Final = METRICS.listener_connected
 BACKEND_HEALTHY: Final = METRICS.backend_healthy
 BACKEND_OUTAGES: Final = METRICS.backend_outages
+WEBHOOK_DELIVERIES: Final = METRICS.webhook_deliveries
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,13 @@ class MissingCredentials(ConfigError):
     """A cloud sink's credentials are not in the environment (``auto`` then falls back to local)."""
 
 
+# ``images.storage_path`` of an image that stayed on its worker's disk (local storage keeping
+# the output file itself): the job's key behind this prefix. Never a host path (web users read
+# this column; the file's path is in the worker-only ``image_internals``) and never a bare key
+# that a signed URL would look for in vain.
+LOCAL_PREFIX = "local:"
+
+
 def object_key(owner_user_id: UUID, job_id: UUID, extension: str) -> str:
     """The one key of a job's image: the owner's folder, the job id, the file type."""
     if not re.fullmatch(r"[a-z0-9]{1,10}", extension):

@@ -38,6 +38,7 @@ from imagen_worker.errors import ConfigError, RetryableError
 from imagen_worker.pipeline import Pipeline
 from imagen_worker.queue.jobs import Job, JobKey, Queue
 from imagen_worker.storage import create_sink
+from imagen_worker.webhooks import outbox as webhooks
 from imagen_worker.worker.context import WorkerJobContext
 from imagen_worker.worker.fleet import Fleet
 from imagen_worker.worker.listener import Listener
@@ -72,6 +73,8 @@ class Worker:
         self.backends: dict[str, Backend] = {}
         self.running: dict[JobKey, RunningJob] = {}
         self.hooks: list[Hook] = []
+        self.webhook_hooks: list[webhooks.OnOutcome] = []
+        self.outbox: webhooks.Outbox | None = None
         self.liveness = Liveness()
         self.wake = asyncio.Event()  # claim now
         self.control = asyncio.Event()  # a control message arrived: re-read cancel flags
@@ -107,6 +110,7 @@ class Worker:
 
     async def _open(self) -> None:
         self._check_default_backend()
+        secret = webhooks.read_secret(self.config.webhooks) if self.config.webhooks else b""
         stack = self._resources
         if self.run_migrations:
             await self._migrate()
@@ -134,6 +138,12 @@ class Worker:
         self.runner = JobRunner(
             self.queue, self.pipeline, self.settings, self.config.output.directory, self._emit
         )
+        await webhooks.configure(self.pool, self.config.webhooks)
+        if self.config.webhooks is not None:
+            self.outbox = webhooks.Outbox(
+                self.pool, self.id, self.config.webhooks, secret, self._webhook_outcome
+            )
+            self.hooks.append(self.outbox.job_ended)
         await self._register()
         stack.push_async_callback(self._unregister)
         await self._recover_expired()
@@ -186,6 +196,8 @@ class Worker:
             async with asyncio.TaskGroup() as loops:
                 heartbeat = loops.create_task(self._heartbeat_loop(), name="imagen-heartbeat")
                 control = loops.create_task(self._control_loop(), name="imagen-control")
+                if self.outbox:
+                    loops.create_task(self.outbox.run(), name="imagen-webhooks")
                 async with asyncio.TaskGroup() as jobs:
                     self._jobs = jobs
                     self.wake.set()
@@ -194,6 +206,8 @@ class Worker:
                     await self._wind_down()
                 heartbeat.cancel()
                 control.cancel()
+                if self.outbox:
+                    self.outbox.stop()
         finally:
             await self.close()
             log.info("worker stopped", worker_id=str(self.id))
@@ -363,6 +377,10 @@ class Worker:
             for key in requested:
                 if (running := self.running.get(key)) is not None:
                     running.stop(StopReason.CANCELLED)
+
+    def _webhook_outcome(self, outcome: webhooks.Outcome) -> None:
+        for hook in self.webhook_hooks:
+            hook(outcome)
 
     def _emit(self, event: Event, **data: Any) -> None:
         for hook in self.hooks:

@@ -49,6 +49,7 @@ class Service:
         self.config = config
         self.worker = Worker(config, dsn, run_migrations=run_migrations)
         self.worker.hooks.append(record_metrics)
+        self.worker.webhook_hooks.append(lambda outcome: m.WEBHOOK_DELIVERIES.labels(outcome=outcome).inc())
         self.serve_metrics = serve_metrics and config.metrics.enabled
         self.notifier = Notifier.from_env()
         self.health: HealthServer | None = None

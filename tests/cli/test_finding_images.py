@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import httpx
-import pytest
 
 from tests.fakes.storage import FakeStorage
 from tests.workers import BIN, insert_job, make_config, running_worker, terminal, worker_env, write_config
@@ -33,14 +31,6 @@ def imagen(*args: str, dsn: str, config: Path, **env: str) -> subprocess.Complet
 def fields(stdout: str) -> dict[str, str]:
     rows = [line.strip().split(None, 1) for line in stdout.splitlines() if line.strip()]
     return {row[0]: row[1] if len(row) > 1 else "" for row in rows}
-
-
-@pytest.fixture
-async def storage(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeStorage]:
-    async with FakeStorage() as fake:
-        monkeypatch.setenv("SUPABASE_URL", fake.url)
-        monkeypatch.setenv("SUPABASE_SERVICE_KEY", fake.service_key)
-        yield fake
 
 
 # The worker's local path is a host internal: the operator reads it from image_internals.

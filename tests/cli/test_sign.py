@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import httpx
-import pytest
 
 from imagen_worker.cli.failures import Code
 from tests.fakes.storage import FakeStorage
@@ -18,14 +16,6 @@ from tests.workers import BIN, insert_job, make_config, running_worker, terminal
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-0000000000d7")
 STORAGE = {"type": "supabase", "max_retries": 0}
-
-
-@pytest.fixture
-async def storage(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeStorage]:
-    async with FakeStorage() as fake:
-        monkeypatch.setenv("SUPABASE_URL", fake.url)
-        monkeypatch.setenv("SUPABASE_SERVICE_KEY", fake.service_key)
-        yield fake
 
 
 async def sign(

@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import httpx
-import pytest
 
 from tests.fakes.storage import FakeStorage
 from tests.workers import (
@@ -26,15 +24,6 @@ from tests.workers import (
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-000000000005")
 STORAGE = {"type": "supabase", "max_retries": 0}
-
-
-@pytest.fixture
-async def storage(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeStorage]:
-    async with FakeStorage() as fake:
-        monkeypatch.setenv("SUPABASE_URL", fake.url)
-        monkeypatch.setenv("SUPABASE_SERVICE_KEY", fake.service_key)
-        yield fake
-    assert fake.errors == []
 
 
 async def insert(db: asyncpg.Pool, prompt: str) -> uuid.UUID:

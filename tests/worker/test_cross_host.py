@@ -9,25 +9,14 @@ stored object: one object, one images row, one render.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
-import pytest
 
 from tests.fakes.storage import FakeStorage
 from tests.workers import eventually, insert_job, job_row, wait_registered, worker_processes, write_config
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-0000000000c5")
-
-
-@pytest.fixture
-async def storage(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeStorage]:
-    async with FakeStorage() as fake:
-        monkeypatch.setenv("SUPABASE_URL", fake.url)
-        monkeypatch.setenv("SUPABASE_SERVICE_KEY", fake.service_key)
-        yield fake
-    assert fake.errors == []
 
 
 def host(tmp_path: Path, name: str) -> Path:

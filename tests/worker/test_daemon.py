@@ -38,8 +38,8 @@ async def test_a_plain_sql_insert_becomes_an_image_file_sidecar_and_linked_row(
     assert local.stat().st_size == image["bytes"]
     sidecar = json.loads(Path(f"{local}.json").read_text())
     assert sidecar["job_id"] == str(job_id) and sidecar["sha256"] == image["sha256"]
-    # Local storage: the row names the local file, never a key that was not uploaded.
-    assert image["storage_path"] == local.resolve().as_uri()
+    # Local storage: never a key that was not uploaded, never a host path (web users read it).
+    assert image["storage_path"] == f"local:{OWNER}/{job_id}.png"
 
 
 async def test_notify_picks_a_job_up_long_before_the_poll_would(

@@ -7,7 +7,6 @@ instance's internal address. Neither may reach the row a web user reads.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -18,14 +17,6 @@ from tests.fakes.storage import FakeStorage
 from tests.workers import insert_job, make_config, running_worker, terminal
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-0000000000e1")
-
-
-@pytest.fixture
-async def storage(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeStorage]:
-    async with FakeStorage() as fake:
-        monkeypatch.setenv("SUPABASE_URL", fake.url)
-        monkeypatch.setenv("SUPABASE_SERVICE_KEY", fake.service_key)
-        yield fake
 
 
 async def test_a_proxys_html_error_page_becomes_one_sentence_and_the_job_leaves_no_files(
