@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from imagen_worker import output, styles
+from imagen_worker import inputs, output, styles
 from imagen_worker.backends.base import Backend, GenerateRequest, GenerateResult, JobContext
 from imagen_worker.config import OutputConfig
 from imagen_worker.errors import JobError, TerminalError
@@ -190,6 +190,9 @@ class Pipeline:
         )  # fmt: skip
         # The adapter's params model and limits, before anything reaches the backend.
         request = backend.check_request(request)
+        request = await inputs.attach(
+            request, self.sink, max_pixels=backend.limits.max_pixels, backend=backend.name
+        )
         started = time.perf_counter()
         result = await backend.generate(request, ctx)
         generated = time.perf_counter()

@@ -39,6 +39,24 @@ class GenerateRequest:
     # A per-job workflow from a trusted source (the operator-only ``jobs.workflow`` column);
     # its shape is the adapter's business, and adapters without workflows refuse it.
     workflow: Mapping[str, Any] | None = None
+    # The job's input images (``params.images``), fetched from its owner's Storage folder and
+    # checked by the pipeline before ``generate``: workflow name -> image.
+    inputs: Mapping[str, InputImage] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """One input image, already read and checked: a PNG, JPEG or WebP within the pixel cap."""
+
+    key: str  # where it came from: a Storage key inside the owner's folder
+    data: bytes
+    mime_type: str
+    width: int
+    height: int
+
+    @property
+    def extension(self) -> str:
+        return {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}[self.mime_type]
 
 
 class Limits(BaseModel):
@@ -247,7 +265,8 @@ class Backend(abc.ABC):
                 detail={"max_steps": limits.max_steps},
             )
         try:
-            parsed = model.model_validate(dict(request.params))
+            # The owner in the context: input image keys must lie in the owner's own folder.
+            parsed = model.model_validate(dict(request.params), context={"owner": request.owner_user_id})
         except ValidationError as exc:
             raise TerminalError(
                 f'backend "{self.name}" refused the job\'s params: {explain(exc, model)}',

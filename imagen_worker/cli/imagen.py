@@ -19,13 +19,14 @@ from rich.table import Table
 
 from imagen_worker import backends as backend_registry
 from imagen_worker import styles as style_presets
-from imagen_worker.cli import common, failures, watch
+from imagen_worker.cli import common, failures, images, watch
 from imagen_worker.cli.common import ConfigOption
 from imagen_worker.cli.config_cmd import app as config_app
 from imagen_worker.cli.db_cmd import app as db_app
 from imagen_worker.cli.failures import Code, InputError
 from imagen_worker.config import Config
 from imagen_worker.errors import ConfigError, JobError
+from imagen_worker.observability.logging import config_secret_env_names, configure_logging
 from imagen_worker.pipeline import Pipeline, forget
 from imagen_worker.queries import sql
 from imagen_worker.queue.jobs import JobSpec, Queue
@@ -53,6 +54,15 @@ Steps = Annotated[int | None, typer.Option("--steps", help="Sampling steps, 1..2
 Seed = Annotated[int | None, typer.Option("--seed", help="Seed; chosen per job when omitted.")]
 Negative = Annotated[str | None, typer.Option("--negative", "-n", help="Negative prompt.")]
 Params = Annotated[list[str], typer.Option("--param", "-p", help="Backend parameter KEY=VALUE (repeatable).")]
+Images = Annotated[
+    list[str],
+    typer.Option(
+        "--image",
+        "-i",
+        help="Input image NAME=FILE (repeatable), e.g. init=./cat.png: uploaded to the owner's "
+        "Storage folder and bound to the workflow's image.NAME.",
+    ),
+]
 
 
 @app.callback()
@@ -108,6 +118,7 @@ def submit(
     workflow: Annotated[
         str | None, typer.Option("--workflow", help="JSON file: this job's own workflow (operator only).")
     ] = None,
+    image: Images = [],  # noqa: B006 - typer needs a literal default
     config_path: ConfigOption = None,
 ) -> None:
     """Enqueue a prompt; prints the job id (or, with --wait, the image path)."""
@@ -115,10 +126,12 @@ def submit(
 
     async def go() -> int:
         _check_input(prompt, size, steps, negative, priority)
+        wanted = images.parse(image)
         config = common.load(config_path)
         spec = _spec(
             config, prompt, backend, style, size, steps, seed, negative, param, priority, owner, dedupe_key
         )
+        spec = await _with_images(config, spec, wanted)
         if workflow is not None:
             spec = dataclasses.replace(spec, workflow=_read_workflow(workflow))
         async with common.database(config) as conn:
@@ -151,6 +164,20 @@ def submit(
         )  # fmt: skip
         raise typer.Exit(Code.INTERRUPTED) from None
     raise typer.Exit(code)
+
+
+async def _with_images(
+    config: Config, spec: JobSpec, wanted: dict[str, Path], *, no_cloud: bool = False
+) -> JobSpec:
+    """The spec with ``params.images`` naming the uploaded files."""
+    if not wanted:
+        return spec
+    keys = await images.upload(config, spec.owner_user_id, wanted, no_cloud=no_cloud)
+    for name, key in keys.items():
+        err.print(f"{wanted[name]} uploaded as {key}", highlight=False)
+    named = spec.params.get("images")
+    merged = {**(named if isinstance(named, dict) else {}), **keys}
+    return dataclasses.replace(spec, params={**spec.params, "images": merged})
 
 
 def _read_workflow(path: str) -> dict[str, Any]:
@@ -386,14 +413,20 @@ def generate(
     no_cloud: Annotated[
         bool, typer.Option("--no-cloud", help="Do not upload, whatever the config says.")
     ] = False,
+    image: Images = [],  # noqa: B006 - typer needs a literal default
     config_path: ConfigOption = None,
 ) -> None:
     """Run the pipeline here, without the queue; prints only the image path on stdout."""
 
     async def go() -> int:
         _check_input(prompt, size, steps, negative)
+        wanted = images.parse(image)
         config = common.load(config_path)
+        # Backends log (structlog's default is stdout): warnings only, on stderr, so stdout
+        # stays the image path alone.
+        configure_logging("warning", secret_env=config_secret_env_names(config))
         spec = _spec(config, prompt, backend, style, size, steps, seed, negative, param)
+        spec = await _with_images(config, spec, wanted, no_cloud=no_cloud)
         name = backend or config.default_backend_name()
         if name not in config.backend_blocks():
             raise ConfigError(f"unknown backend {name!r} (configured: {', '.join(config.backend_blocks())})")

@@ -13,11 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
+from imagen_worker.errors import TerminalError
+
 
 @dataclass(frozen=True)
 class StoredObject:
     key: str
     location: str
+
+
+class ObjectNotFound(TerminalError):
+    """``get`` found no object under the key."""
+
+
+class ObjectTooLarge(TerminalError):
+    """``get`` stopped reading: the object is over the caller's size cap."""
 
 
 class StorageSink(abc.ABC):
@@ -44,6 +54,20 @@ class StorageSink(abc.ABC):
         """Remove ``key``; a key that is not there is no error. Used for transient objects
         (live previews), never for a job's image."""
         raise NotImplementedError(f"storage type {self.type_name} cannot delete objects")
+
+    async def get(self, key: str, max_bytes: int) -> bytes:
+        """The object's bytes (input images), streamed and refused past ``max_bytes``.
+
+        Raises ``ObjectNotFound``, ``ObjectTooLarge``, or ``RetryableError`` on blips.
+        """
+        raise TerminalError(f"storage type {self.type_name!r} cannot read input images")
+
+    async def put_exact(self, key: str, source: Path, mime_type: str) -> StoredObject:
+        """Store ``source`` under exactly ``key`` (an input image a job will ``get``).
+
+        Unlike ``put``, never kept in place: the object must be readable under its key.
+        """
+        return await self.put(key, source, mime_type)
 
     async def check(self) -> None:
         """Raise ``ConfigError`` when credentials or the bucket do not work."""

@@ -19,7 +19,7 @@ from typing import Any, Self
 import anyio
 
 from imagen_worker.errors import ConfigError, RetryableError, TerminalError
-from imagen_worker.storage.base import StorageSink, StoredObject
+from imagen_worker.storage.base import ObjectNotFound, ObjectTooLarge, StorageSink, StoredObject
 from imagen_worker.storage.keys import InvalidStorageKey, check_key
 
 _KEYS = frozenset({"type", "directory"})
@@ -89,6 +89,21 @@ class LocalSink(StorageSink):
 
         await asyncio.to_thread(remove)
 
+    async def get(self, key: str, max_bytes: int) -> bytes:
+        target = self._target(key)
+        return await asyncio.to_thread(_read_capped, key, target, max_bytes)
+
+    async def put_exact(self, key: str, source: Path, mime_type: str) -> StoredObject:
+        target = self._target(key)
+        try:
+            await asyncio.to_thread(_atomic_copy, source, target)
+        except OSError as exc:
+            raise TerminalError(
+                f"could not copy {source} to {target}: {exc.strerror or exc}",
+                detail={"operation": "upload", "sink": "local", "key": key, "target": str(target)},
+            ) from None
+        return StoredObject(key=key, location=target.resolve().as_uri())
+
     async def sign(self, key: str, ttl_seconds: int) -> str:
         """A ``file://`` URI: local files need no signature, ``ttl_seconds`` is only validated."""
         if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds < 1:
@@ -114,6 +129,20 @@ class LocalSink(StorageSink):
 
 def _same_path(a: Path, b: Path) -> bool:
     return a.expanduser().resolve() == b.expanduser().resolve()
+
+
+def _read_capped(key: str, target: Path, max_bytes: int) -> bytes:
+    detail = {"operation": "download", "sink": "local", "key": key}
+    try:
+        with open(target, "rb") as handle:
+            data = handle.read(max_bytes + 1)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise ObjectNotFound(f"no object {key!r} in {target.parent}", detail=detail) from None
+    except OSError as exc:
+        raise RetryableError(f"could not read {target}: {exc.strerror or exc}", detail=detail) from None
+    if len(data) > max_bytes:
+        raise ObjectTooLarge(f"object {key!r} is over {max_bytes} bytes", detail=detail)
+    return data
 
 
 def _atomic_copy(source: Path, target: Path) -> None:

@@ -35,7 +35,7 @@ from tenacity import (
 )
 
 from imagen_worker.errors import ConfigError, RetryableError, TerminalError, public_message
-from imagen_worker.storage.base import StorageSink, StoredObject
+from imagen_worker.storage.base import ObjectNotFound, ObjectTooLarge, StorageSink, StoredObject
 from imagen_worker.storage.keys import MissingCredentials, encode_key
 
 log = structlog.get_logger(__name__)
@@ -333,6 +333,58 @@ class SupabaseSink(StorageSink):
             return  # already gone
         raise self._refused("delete", key, error)
 
+    async def get(self, key: str, max_bytes: int) -> bytes:
+        """Stream the object with the service key; stop reading past ``max_bytes``."""
+        url = self._object_url("object", key)
+        body = bytearray()
+
+        async def attempt_once() -> httpx.Response:
+            body.clear()
+            try:
+                response = await self._http().send(self._http().build_request("GET", url), stream=True)
+            except httpx.TransportError as exc:
+                raise _Transient(
+                    f"{type(exc).__name__} talking to {self.url}", {"transport_error": type(exc).__name__}
+                ) from None
+            try:
+                if not response.is_success:
+                    await response.aread()
+                    error = StorageApiError.from_response(response)
+                    if error.retryable:
+                        raise _Transient(f"HTTP {response.status_code}: {error.message}", error.as_detail())
+                    return response
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > max_bytes:
+                    raise self._too_large(key, max_bytes)
+                async for chunk in response.aiter_bytes():
+                    body.extend(chunk)
+                    if len(body) > max_bytes:
+                        raise self._too_large(key, max_bytes)
+            except httpx.TransportError as exc:
+                raise _Transient(
+                    f"{type(exc).__name__} reading from {self.url}", {"transport_error": type(exc).__name__}
+                ) from None
+            finally:
+                await response.aclose()
+            return response
+
+        response = await self._with_retries("download", key, attempt_once)
+        if not response.is_success:
+            error = StorageApiError.from_response(response)
+            if error.status == "404" or error.code in ("NoSuchKey", "not_found"):
+                raise ObjectNotFound(
+                    f"no object {key!r} in bucket {self.bucket!r}",
+                    detail={"operation": "download", "bucket": self.bucket, "key": key},
+                )
+            raise self._refused("download", key, error)
+        return bytes(body)
+
+    def _too_large(self, key: str, max_bytes: int) -> ObjectTooLarge:
+        return ObjectTooLarge(
+            f"object {key!r} is over {max_bytes} bytes",
+            detail={"operation": "download", "bucket": self.bucket, "key": key, "max_bytes": max_bytes},
+        )
+
     async def sign(self, key: str, ttl_seconds: int) -> str:
         """A host-qualified URL anyone can GET until it expires, with its path percent-encoded."""
         if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds < 1:
@@ -402,7 +454,9 @@ class SupabaseSink(StorageSink):
     # --- errors ------------------------------------------------------------------------
 
     def _refused(self, operation: str, key: str, error: StorageApiError) -> TerminalError:
-        verb = {"upload": "the upload", "sign": "to sign"}.get(operation, operation)
+        verb = {"upload": "the upload", "sign": "to sign", "download": "the download"}.get(
+            operation, operation
+        )
         label = f"{error.status} {error.code}".strip()
         message = f"storage refused {verb} ({label}): {error.message}"
         if hint := self._hint(error):

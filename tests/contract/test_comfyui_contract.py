@@ -9,6 +9,7 @@ queue delete does, and what ``/view`` serves.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import struct
 import uuid
@@ -18,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import websockets
+from PIL import Image
 
 from imagen_worker.backends.comfyui.client import PREVIEW, ComfyUIClient
 from imagen_worker.backends.comfyui.progress import ProgressTracker
@@ -416,3 +418,87 @@ async def test_the_overall_percentage_rises_through_a_real_workflow(comfy: Comfy
     assert percents == sorted(percents) and percents[-1] == 100.0
     # Seven one-weight nodes: each finished node is one seventh, whatever order events come in.
     assert len({round(p) for p in percents if 0 < p < 100}) >= 4
+
+
+# --- input images: /upload/image and LoadImage ---------------------------------------------
+
+
+def _png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
+    from tests.fakes.comfyui import tiny_png
+
+    return tiny_png(rgb, width, height)
+
+
+async def _upload(session: Session, data: bytes, name: str, subfolder: str, **fields: str) -> httpx.Response:
+    form = {"subfolder": subfolder, "type": "input", **fields}
+    return await session.http.post("/upload/image", files={"image": (name, data, "image/png")}, data=form)
+
+
+def _load_invert_save(image: str) -> dict[str, Any]:
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["2", 0], "filename_prefix": "contract/inputs"},
+        },
+    }
+
+
+async def test_an_uploaded_image_loads_by_subfolder_and_name_at_its_own_size(session: Session) -> None:
+    folder = f"imagen/contract-{uuid.uuid4().hex[:8]}"
+    uploaded = await _upload(session, _png(40, 24, (200, 120, 40)), "init.png", folder, overwrite="true")
+    answer = uploaded.json()
+
+    prompt_id, response = await session.submit(_load_invert_save(f"{answer['subfolder']}/{answer['name']}"))
+    entry = await session.finished(prompt_id)
+    saved = entry["outputs"]["3"]["images"][0]
+    view = await session.http.get("/view", params=saved)
+
+    assert (uploaded.status_code, answer) == (200, {"name": "init.png", "subfolder": folder, "type": "input"})
+    assert response.status_code == 200, response.text
+    assert entry["status"]["status_str"] == "success"
+    assert _png_size(view.content) == (40, 24)
+    with Image.open(io.BytesIO(view.content)) as saved:
+        assert saved.convert("RGB").getpixel((5, 5)) == (54, 135, 215)  # inverted in float32, truncated
+
+
+async def test_a_name_clash_without_overwrite_gets_a_new_name_unless_the_bytes_match(
+    session: Session,
+) -> None:
+    folder = f"imagen/contract-{uuid.uuid4().hex[:8]}"
+    first, other = _png(8, 8, (1, 2, 3)), _png(8, 8, (4, 5, 6))
+
+    names = [
+        (await _upload(session, data, "x.png", folder, **extra)).json()["name"]
+        for data, extra in [(first, {}), (first, {}), (other, {}), (other, {"overwrite": "true"})]
+    ]
+
+    assert names == ["x.png", "x.png", "x (1).png", "x.png"]
+
+
+async def test_an_upload_outside_the_input_folder_is_a_bare_400(session: Session) -> None:
+    escaping = await _upload(session, _png(8, 8, (1, 1, 1)), "x.png", "../outside")
+    no_file = await session.http.post("/upload/image", data={"subfolder": "imagen"})
+
+    assert (escaping.status_code, escaping.content) == (400, b"")
+    assert (no_file.status_code, no_file.content) == (400, b"")
+
+
+async def test_an_unknown_load_image_name_is_refused_as_an_invalid_image_file(session: Session) -> None:
+    missing = f"imagen/contract-{uuid.uuid4().hex[:8]}/none.png"
+
+    _, response = await session.submit(_load_invert_save(missing))
+    body = response.json()
+
+    assert response.status_code == 400
+    assert body["error"]["type"] == "prompt_outputs_failed_validation"
+    assert body["node_errors"]["1"]["class_type"] == "LoadImage"
+    assert body["node_errors"]["1"]["errors"] == [
+        {
+            "type": "custom_validation_failed",
+            "message": "Custom validation failed for node",
+            "details": f"image - Invalid image file: {missing}",
+            "extra_info": {"input_name": "image"},
+        }
+    ]

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from imagen_worker.errors import TerminalError
+from imagen_worker.storage.base import ObjectNotFound, ObjectTooLarge
 from imagen_worker.storage.supabase import SupabaseSink
 from tests.contract.conftest import StoragePeer
 
@@ -152,3 +153,32 @@ async def test_the_sink_deletes_an_object_and_a_missing_one_is_no_error(
             await sink.sign(key, 60)
     finally:
         await sink.aclose()
+
+
+# --- the sink's download (input images) ----------------------------------------------------
+
+
+def _sink(storage: StoragePeer) -> SupabaseSink:
+    return SupabaseSink(url=storage.url, key=storage.service_key, bucket=storage.bucket, max_retries=0)
+
+
+async def test_the_sink_downloads_an_object_and_refuses_missing_and_oversized_ones(
+    api: httpx.AsyncClient, storage: StoragePeer
+) -> None:
+    key = _key("uploads/cat.png")
+    data = bytes(range(256)) * 64
+    stored = await api.put(
+        f"/object/{storage.bucket}/{key}", content=data, headers={"Content-Type": "image/png"}
+    )
+    sink = _sink(storage)
+    try:
+        fetched = await sink.get(key, len(data))
+        with pytest.raises(ObjectTooLarge):
+            await sink.get(key, len(data) - 1)
+        with pytest.raises(ObjectNotFound):
+            await sink.get(_key("uploads/missing.png"), len(data))
+    finally:
+        await sink.aclose()
+
+    assert stored.status_code == 200, stored.text
+    assert fetched == data

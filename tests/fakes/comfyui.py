@@ -18,6 +18,14 @@ asked for ``supports_preview_metadata``.
 cancel dequeues a pending prompt or interrupts the running one in one step and answers
 ``{"cancelled": bool}``.
 
+Input images: ``POST /upload/image`` (multipart ``image``, ``subfolder``, ``type``, ``overwrite``)
+stores into ``files`` like the real server (a name clash without ``overwrite`` becomes
+``x (1).png`` unless the bytes are identical; a subfolder or name leaving the directory is a bare
+400), ``LoadImage`` / ``LoadImageMask`` accept only existing names (else the real
+``custom_validation_failed`` "Invalid image file"), and a ``LoadImage`` -> ``ImageInvert`` /
+``ImageScale`` chain saves the real pixels (inverted, scaled), so sizes and colours can be
+checked. The input folder starts with ``example.png``, as a fresh install does.
+
 Control knobs: ``plan`` (per prompt: duration and outcome; by default read from markers such as
 ``[fake:duration=0.5]``, ``[fake:error]``, ``[fake:oom]`` in any string input), ``default_duration``,
 ``history_delay``, ``post_delay`` (a slow ``POST /prompt``: the prompt is queued only after it),
@@ -33,7 +41,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.parser
+import email.policy
 import heapq
+import io
 import itertools
 import json
 import mimetypes
@@ -49,6 +60,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import ClientSession, WSMsgType, web
+from PIL import Image, ImageOps
 
 VERSION = "0.3.64"
 DEFAULT_CHECKPOINTS = (
@@ -90,6 +102,7 @@ _INT = "INT"
 _FLOAT = "FLOAT"
 _STRING = "STRING"
 _COMBO = "COMBO"
+_IMAGE_FILE = "IMAGE_FILE"  # LoadImage's image: any existing input file (its VALIDATE_INPUTS)
 
 
 @dataclass(frozen=True)
@@ -116,7 +129,29 @@ def _node_catalogue(checkpoints: tuple[str, ...]) -> dict[str, NodeSpec]:
         "ImageBlur": NodeSpec(
             {"image": ("IMAGE",), "blur_radius": (_INT, 1, 31, 1), "sigma": (_FLOAT,)}, ("IMAGE",)
         ),
-        "LoadImage": NodeSpec({"image": (_STRING,)}, ("IMAGE", "MASK")),
+        "LoadImage": NodeSpec({"image": (_IMAGE_FILE,)}, ("IMAGE", "MASK")),
+        "LoadImageMask": NodeSpec(
+            {"image": (_IMAGE_FILE,), "channel": (_COMBO, ("alpha", "red", "green", "blue"))}, ("MASK",)
+        ),
+        "PrimitiveString": NodeSpec({"value": (_STRING,)}, ("STRING",)),
+        "PrimitiveInt": NodeSpec({"value": (_INT, -(2**63) + 1, 2**63 - 1, 0)}, ("INT",)),
+        "MaskToImage": NodeSpec({"mask": ("MASK",)}, ("IMAGE",)),
+        "ImageToMask": NodeSpec(
+            {"image": ("IMAGE",), "channel": (_COMBO, ("red", "green", "blue", "alpha"))}, ("MASK",)
+        ),
+        "ImageScale": NodeSpec(
+            {
+                "image": ("IMAGE",),
+                "upscale_method": (_COMBO, ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")),
+                "width": (_INT, 0, 16384, 512),
+                "height": (_INT, 0, 16384, 512),
+                "crop": (_COMBO, ("disabled", "center")),
+            },
+            ("IMAGE",),
+        ),
+        "VAEEncode": NodeSpec({"pixels": ("IMAGE",), "vae": ("VAE",)}, ("LATENT",)),
+        "SetLatentNoiseMask": NodeSpec({"samples": ("LATENT",), "mask": ("MASK",)}, ("LATENT",)),
+        "RepeatLatentBatch": NodeSpec({"samples": ("LATENT",), "amount": (_INT, 1, 64, 1)}, ("LATENT",)),
         "SaveImage": NodeSpec({"images": ("IMAGE",), "filename_prefix": (_STRING,)}, (), True),
         "PreviewImage": NodeSpec({"images": ("IMAGE",)}, (), True),
         "SaveImageWebsocket": NodeSpec({"images": ("IMAGE",)}, (), True),
@@ -247,7 +282,8 @@ class FakeComfyUI:
         self.job_cancels: list[RecordedCancel] = []
         self.executions: list[Execution] = []
         self.max_queued_by_client: dict[str, int] = {}
-        self.files: dict[tuple[str, str, str], bytes] = {}  # (type, subfolder, filename) -> bytes
+        # (type, subfolder, filename) -> bytes; the input folder ships example.png, as ComfyUI does
+        self.files: dict[tuple[str, str, str], bytes] = {("input", "", "example.png"): tiny_png((0, 0, 0))}
         self.nodes = _node_catalogue(checkpoints)
         self.version = VERSION  # what /system_stats reports
         self.honour_prompt_ids = True  # False: mint our own id, as servers before 0.3.56 could
@@ -282,6 +318,7 @@ class FakeComfyUI:
             app.router.add_get(f"{prefix}/history/{{prompt_id}}", self._get_history)
             app.router.add_post(f"{prefix}/history", self._post_history)
             app.router.add_get(f"{prefix}/view", self._view)
+            app.router.add_post(f"{prefix}/upload/image", self._upload_image)
             app.router.add_get(f"{prefix}/system_stats", self._system_stats)
             app.router.add_get(f"{prefix}/object_info", self._object_info)
             app.router.add_get(f"{prefix}/object_info/{{node_class}}", self._object_info)
@@ -669,6 +706,41 @@ class FakeComfyUI:
         headers = {"Content-Disposition": f'filename="{filename}"'}
         return web.Response(body=data, content_type=mime, headers=headers)
 
+    async def _upload_image(self, request: web.Request) -> web.Response:
+        """``server.py`` ``image_upload``: multipart in, ``{"name", "subfolder", "type"}`` out."""
+        form = _multipart(request.headers.get("Content-Type", ""), await request.read())
+        image = form.get("image")
+        if image is None or not image[0]:
+            return web.Response(status=400)
+        filename, data = image[0], image[1]
+        kind = (form.get("type") or (None, b""))[1].decode() or "input"
+        if kind not in ("input", "temp", "output"):
+            kind = "input"
+        subfolder = (form.get("subfolder") or (None, b""))[1].decode()
+        overwrite = (form.get("overwrite") or (None, b""))[1].decode() in ("true", "1")
+        stem, ext = posixpath.splitext(filename)
+        counter = 1
+        while True:
+            path = posixpath.normpath(posixpath.join(subfolder or ".", filename))
+            if path.startswith(("/", "../")) or path in ("..", "."):
+                return web.Response(status=400)  # os.path.commonpath: outside the upload directory
+            key = (kind, posixpath.dirname(path), posixpath.basename(path))
+            if overwrite or key not in self.files or self.files[key] == data:
+                break
+            filename = f"{stem} ({counter}){ext}"
+            counter += 1
+        self.files[key] = data
+        return web.json_response({"name": filename, "subfolder": subfolder, "type": kind})
+
+    def _input_file(self, value: str) -> bytes | None:
+        """``folder_paths.get_annotated_filepath``: ``name [output]`` or a name in the input folder."""
+        kind = "input"
+        for annotation in ("input", "output", "temp"):
+            if value.endswith(f" [{annotation}]"):
+                value, kind = value.removesuffix(f" [{annotation}]"), annotation
+        path = posixpath.normpath(value)
+        return self.files.get((kind, posixpath.dirname(path), posixpath.basename(path)))
+
     async def _system_stats(self, request: web.Request) -> web.Response:
         system = {
             "os": "posix",
@@ -687,7 +759,8 @@ class FakeComfyUI:
         """Node input specs as ComfyUI lists them; unknown classes answer ``{}``."""
         wanted = request.match_info.get("node_class")
         names = [wanted] if wanted else list(self.nodes)
-        return web.json_response({n: _object_info(n, self.nodes[n]) for n in names if n in self.nodes})
+        files = sorted(name for (kind, sub, name) in self.files if kind == "input" and sub == "")
+        return web.json_response({n: _object_info(n, self.nodes[n], files) for n in names if n in self.nodes})
 
     async def _features(self, request: web.Request) -> web.Response:
         return web.json_response({"supports_preview_metadata": True, "max_upload_size": 104857600})
@@ -813,6 +886,14 @@ class FakeComfyUI:
                         )
                     err["extra_info"].update(input_config=config, received_value=value)
                     errors.append(err)
+            elif kind[0] == _IMAGE_FILE and (not isinstance(value, str) or self._input_file(value) is None):
+                err = _node_error(
+                    "custom_validation_failed",
+                    "Custom validation failed for node",
+                    f"{name} - Invalid image file: {value}",
+                    name,
+                )
+                errors.append(err)
             elif kind[0] == _COMBO and value not in kind[1]:
                 details = f"{name}: '{value}' not in {list(kind[1])}"
                 err = _node_error("value_not_in_list", "Value not in list", details, name)
@@ -1060,6 +1141,12 @@ class FakeComfyUI:
         return {"images": images}
 
     def _png(self, item: _Item, nid: str, index: int) -> bytes:
+        link = item.graph[nid].get("inputs", {}).get("images")
+        pixels = self._pixels(item.graph, link[0]) if isinstance(link, list) and len(link) == 2 else None
+        if pixels is not None:
+            out = io.BytesIO()
+            pixels.save(out, "PNG")
+            return out.getvalue()
         digest = zlib.crc32(f"{item.prompt_id}/{nid}/{index}".encode())
         color = _upstream_input(item.graph, nid, "color")
         rgb = int(color) if isinstance(color, int) else digest & 0xFFFFFF
@@ -1068,15 +1155,60 @@ class FakeComfyUI:
         size = (width, height) if isinstance(width, int) and isinstance(height, int) else (8, 8)
         return tiny_png(((rgb >> 16) & 255, (rgb >> 8) & 255, rgb & 255), *size)
 
+    def _pixels(self, graph: dict[str, Any], nid: str) -> Image.Image | None:
+        """The real image of a LoadImage -> ImageInvert / ImageScale chain, else None."""
+        node = graph.get(nid, {})
+        inputs = node.get("inputs", {})
+        upstream = inputs.get("image")
+        source = (
+            self._pixels(graph, upstream[0]) if isinstance(upstream, list) and len(upstream) == 2 else None
+        )
+        if node.get("class_type") == "LoadImage":
+            data = self._input_file(str(inputs.get("image")))
+            if data is None:
+                return None
+            with Image.open(io.BytesIO(data)) as opened:
+                return ImageOps.exif_transpose(opened).convert("RGB")
+        if node.get("class_type") == "ImageInvert" and source is not None:
+            return source.point(_INVERT * len(source.getbands()))
+        if node.get("class_type") == "ImageScale" and source is not None:
+            width, height = int(inputs.get("width", 0)), int(inputs.get("height", 0))
+            return source.resize((width or source.width, height or source.height))
+        return None
+
+
+def _float32(value: float) -> float:
+    return float(struct.unpack("f", struct.pack("f", value))[0])
+
+
+# ImageInvert as ComfyUI computes it: float32 pixels v/255, 1 - v, then 255 * v truncated to a
+# byte on save, so 200 becomes 54, not 55 (the real server's output, byte for byte).
+_INVERT = [int(_float32(255 * _float32(1 - _float32(v / 255)))) for v in range(256)]
+
+
+def _multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """A multipart/form-data body as ``{field: (filename, bytes)}``."""
+    head = f"Content-Type: {content_type}\r\n\r\n".encode()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    fields: dict[str, tuple[str | None, bytes]] = {}
+    for part in message.iter_parts() if message.is_multipart() else []:
+        name = part.get_param("name", header="content-disposition")
+        if isinstance(name, str):
+            payload = part.get_payload(decode=True)
+            fields[name] = (part.get_filename(), payload if isinstance(payload, bytes) else b"")
+    return fields
+
 
 class _NodeFailure(Exception):
     pass
 
 
-def _object_info(name: str, spec: NodeSpec) -> dict[str, Any]:
+def _object_info(name: str, spec: NodeSpec, inputs: list[str]) -> dict[str, Any]:
     required: dict[str, Any] = {}
     for input_name, kind in spec.inputs.items():
-        if kind[0] == _COMBO:
+        if kind[0] == _IMAGE_FILE:
+            required[input_name] = [inputs, {"image_upload": True}]
+        elif kind[0] == _COMBO:
             required[input_name] = [list(kind[1]), {}]
         elif kind[0] == _INT:
             required[input_name] = [_INT, {"default": kind[3], "min": kind[1], "max": kind[2]}]

@@ -73,6 +73,9 @@ async def test_on_supabase_it_creates_the_private_bucket_and_an_owner_read_polic
     assert dict(bucket) == {"id": "imagen-generated", "name": "imagen-generated", "public": False}
     assert sorted((p["policyname"], p["cmd"], p["roles"]) for p in await _policies(scratch)) == [
         (POLICY, "SELECT", ["authenticated"]),
+        ("imagen_uploads_delete_own", "DELETE", ["authenticated"]),  # 0009: input images
+        ("imagen_uploads_insert_own", "INSERT", ["authenticated"]),
+        ("imagen_uploads_update_own", "UPDATE", ["authenticated"]),
     ]
 
 
@@ -85,7 +88,7 @@ async def test_an_existing_bucket_and_policy_are_left_alone(scratch: asyncpg.Con
     await migrate(scratch)
 
     assert await scratch.fetchval("SELECT name FROM storage.buckets WHERE id = 'imagen-generated'") == "mine"
-    assert len(await _policies(scratch)) == 1  # the read policy (0003, replaced by 0005)
+    assert [p["policyname"] for p in await _policies(scratch)].count(POLICY) == 1
 
 
 async def test_a_signed_in_user_sees_only_objects_recorded_as_their_images(

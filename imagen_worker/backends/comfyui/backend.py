@@ -7,7 +7,9 @@ The life of a job:
    prompts; see ``pool.py``). The GPU starts the next prompt while the worker is still
    downloading and uploading the previous result, and the backlog stays in our database
    instead of ComfyUI's volatile, hard-to-cancel queue.
-2. Mint a uuid4 prompt id, store ``<prompt_id>@<base_url>`` as the job's backend ref, then POST.
+2. Upload the job's input images to that instance (``/upload/image`` into ``imagen/<job id>/``,
+   so no job ever loads another's), mint a uuid4 prompt id, store ``<prompt_id>@<base_url>`` as
+   the job's backend ref, then POST.
 3. Follow the socket until ``executing`` with ``node: null`` for our id, beside a slow
    ``/history`` poll so a dead or silent socket cannot hang the job (the events also feed the
    job's overall percentage and preview frames, see ``progress.py``); then read the history
@@ -122,6 +124,11 @@ class _Clock:
     def start(self) -> None:
         if self.started is None:
             self.started = asyncio.get_running_loop().time()
+
+
+def _inputs_folder(request: GenerateRequest) -> str:
+    """The job's folder in ComfyUI's input directory."""
+    return f"imagen/{request.job_id}"
 
 
 class _OverBudget(Exception):
@@ -289,7 +296,11 @@ class ComfyUIBackend(Backend):
             if recovered is not None:
                 return recovered
         prompt_id = str(uuid.uuid4())
-        graph = self._render(workflow, request, prompt_id)  # bad params fail before taking a slot
+        planned = {
+            name: f"{_inputs_folder(request)}/{name}.{image.extension}"
+            for name, image in request.inputs.items()
+        }
+        graph = self._render(workflow, request, prompt_id, planned)  # bad params fail before taking a slot
         clock = self._clock()
         inst = await self._pool.acquire(prompt_id, within=self.config.queue_timeout)
         client = inst.client
@@ -298,6 +309,9 @@ class ComfyUIBackend(Backend):
                 raise failures.unreachable(
                     client.base_url, f"no websocket after {self.config.connect_timeout:g} s"
                 )
+            uploaded = await self._upload_inputs(client, request)
+            if uploaded != planned:
+                graph = self._render(workflow, request, prompt_id, uploaded)
             await ctx.set_backend_ref(make_ref(prompt_id, client.base_url))
         except BaseException:
             self._pool.release(inst, prompt_id)
@@ -407,12 +421,34 @@ class ComfyUIBackend(Backend):
         except WorkflowError as exc:
             raise TerminalError(f"the job's workflow cannot be used: {exc}") from None
 
-    def _render(self, workflow: Workflow, request: GenerateRequest, prompt_id: str) -> dict[str, Any]:
+    async def _upload_inputs(self, client: ComfyUIClient, request: GenerateRequest) -> dict[str, str]:
+        """Each input image into the job's own folder of ComfyUI's input directory.
+
+        Overwriting: a retry replaces its own files, and the folder is the job's alone.
+        """
+        names = {}
+        for name, image in request.inputs.items():
+            filename = f"{name}.{image.extension}"
+            names[name] = await client.upload_image(
+                image.data, filename, _inputs_folder(request), image.mime_type
+            )
+            log.info(
+                "comfyui input uploaded",
+                instance=client.base_url,
+                input=name,
+                name=names[name],
+                bytes=len(image.data),
+            )
+        return names
+
+    def _render(
+        self, workflow: Workflow, request: GenerateRequest, prompt_id: str, images: Mapping[str, str]
+    ) -> dict[str, Any]:
         # Unique per submission: a retry re-saves instead of being handed a cached, maybe
         # deleted file, and no job can ever receive another job's file.
         prefix = f"imagen/{request.job_id}/{prompt_id[:8]}"
         try:
-            return workflow.render(request, prefix)
+            return workflow.render(request, prefix, images)
         except WorkflowError as exc:
             raise TerminalError(str(exc)) from None
 

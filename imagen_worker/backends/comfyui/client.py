@@ -18,6 +18,10 @@ This is the one place that knows how ComfyUI talks:
 - ``/history/{id}`` answers ``{}`` for unknown, pending, deleted and pre-restart ids alike, so
   "gone" is only decided together with ``/queue``; see ``backend.py``.
 - ``/queue``, ``/interrupt`` and ``/history`` POSTs answer 200 with an empty body.
+- ``POST /upload/image`` (multipart ``image``, ``subfolder``, ``type``, ``overwrite``) stores an
+  input file and answers ``{"name", "subfolder", "type"}``; a ``LoadImage`` names it
+  ``subfolder/name``. Without ``overwrite=true`` a name clash becomes ``name (1).ext`` (unless
+  the bytes are identical), and a subfolder leaving the input directory is a bare 400.
 - Newer servers have a Jobs API whose ``POST /api/jobs/{id}/cancel`` dequeues or interrupts
   atomically; older ones answer 404 or 405 (their frontend's static route takes any path, for
   GET only). The first cancel finds out which, once per connection.
@@ -264,6 +268,23 @@ class ComfyUIClient:
     async def queue_remaining(self) -> int:
         data = _as_dict(_json(self._check(await self._request("GET", "/prompt"))))
         return int(_as_dict(data.get("exec_info")).get("queue_remaining", 0))
+
+    async def upload_image(self, data: bytes, filename: str, subfolder: str, mime_type: str) -> str:
+        """``POST /upload/image`` into ``subfolder`` (overwriting); the name ``LoadImage`` takes."""
+        response = await self._request(
+            "POST",
+            "/upload/image",
+            files={"image": (filename, data, mime_type)},
+            data={"subfolder": subfolder, "type": "input", "overwrite": "true"},
+        )
+        answer = _as_dict(_json(self._check(response)))
+        name, folder = answer.get("name"), answer.get("subfolder")
+        if not isinstance(name, str) or not name or not isinstance(folder, str):
+            raise RetryableError(
+                f"ComfyUI at {self.base_url} answered POST /upload/image without a file name",
+                detail={"instance": self.base_url, "body": response.text[:500]},
+            )
+        return f"{folder}/{name}" if folder else name
 
     async def download(self, ref: FileRef) -> tuple[bytes, str]:
         """Stream one output file from ``/view``; returns the bytes and the content type."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from imagen_worker.backends.comfyui.client import ComfyUIClient
 from imagen_worker.backends.comfyui.params import CHOICES, Vocabulary
-from imagen_worker.backends.comfyui.workflows import Workflow
+from imagen_worker.backends.comfyui.workflows import IMAGE_BINDING, Workflow
 
 _SHOWN = 12
 
@@ -50,6 +50,13 @@ async def problems(client: ComfyUIClient, workflow: Workflow, vocabulary: Vocabu
         class_type = node["class_type"]
         if class_type not in specs:
             specs[class_type] = await client.object_info(class_type)
+    # Input-image loaders get each job's uploaded file; their placeholder need not exist.
+    per_job = {
+        (r.node_id, r.input)
+        for p, refs in workflow.bindings.items()
+        if p.startswith(IMAGE_BINDING)
+        for r in refs
+    }
     found: list[str] = []
     for node_id, node in graph.items():
         spec = specs[node["class_type"]]
@@ -57,7 +64,8 @@ async def problems(client: ComfyUIClient, workflow: Workflow, vocabulary: Vocabu
             found.append(f"node {node_id}: {node['class_type']} is not installed")
             continue
         for name, value in (node.get("inputs") or {}).items():
-            options = combo_options(spec, name) if isinstance(value, str) else None
+            per_job_file = (node_id, name) in per_job
+            options = combo_options(spec, name) if isinstance(value, str) and not per_job_file else None
             if options is not None and value not in options:
                 found.append(f"{name} {value!r} (node {node_id}) is not installed; {_there(options)}")
     for param, key in CHOICES.items():

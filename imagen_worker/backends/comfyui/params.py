@@ -3,7 +3,8 @@
 A param exists only if the workflow binds it. The built-in ones have fixed types and ranges;
 those that pick a file or an algorithm (checkpoint, LoRA, sampler, scheduler) take only values
 the operator listed; a custom binding needs a declared type (``params:`` in the block). What
-the row has a column for (prompt, seed, size, steps, ...) is never a param.
+the row has a column for (prompt, seed, size, steps, ...) is never a param. Input images are
+``params.images``: one required Storage key in the owner's folder per ``image.NAME`` binding.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 from pydantic_core import PydanticCustomError
 
 from imagen_worker.backends.base import ROW_FIELDS, Params
-from imagen_worker.backends.comfyui.workflows import RESERVED_PARAMS, Workflow, WorkflowError
+from imagen_worker.backends.comfyui.workflows import IMAGE_BINDING, RESERVED_PARAMS, Workflow, WorkflowError
+from imagen_worker.inputs import IMAGES_PARAM, OwnedKey
 
 # Samplers and schedulers every ComfyUI since 0.3.56 ships (KSampler's sampler_name and
 # scheduler lists); operators may list others their install has.
@@ -112,8 +114,12 @@ def params_model(workflow: Workflow, vocabulary: Vocabulary, *, strict: bool) ->
     """The model for jobs run with ``workflow``; ``strict`` (the configured workflow) refuses
     bindings that have no type, while a per-job workflow's untyped bindings are simply not params."""
     fields: dict[str, Any] = {}
+    if workflow.image_names:
+        keys: dict[str, Any] = {name: (OwnedKey, ...) for name in workflow.image_names}
+        images = create_model("InputImages", __base__=Params, **keys)
+        fields[IMAGES_PARAM] = (images, ...)
     for name in workflow.bindings:
-        if name in ROW_FIELDS:
+        if name in ROW_FIELDS or name.startswith(IMAGE_BINDING):
             continue
         if name in RANGED:
             kind, lowest, highest = RANGED[name]

@@ -5,6 +5,10 @@ A workflow is an API-format graph (``{node_id: {"class_type", "inputs", "_meta"}
 those inputs; it never substitutes strings, so a prompt full of quotes or braces cannot break
 the JSON. Every saver node gets a job-unique ``filename_prefix`` so ComfyUI's node cache can
 never hand back another job's file.
+
+Input images bind as ``image.NAME`` (``image.init -> "Init Image.image"``): the job names the
+image in ``params.images.NAME``, the adapter uploads it to ComfyUI, and rendering sets the bound
+``LoadImage`` / ``LoadImageMask`` input to the uploaded file's name.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from imagen_worker.backends.base import GenerateRequest
+from imagen_worker.inputs import IMAGE_NAME
 
 # Request fields every template may bind; ``params`` keys beyond these must be declared.
 STANDARD_PARAMS = ("prompt", "negative_prompt", "seed", "steps", "width", "height")
 # ``params`` keys that steer the adapter itself and are never bound to an input.
-RESERVED_PARAMS = frozenset({"workflow", "bindings"})
+RESERVED_PARAMS = frozenset({"workflow", "bindings", "images"})
+# Bindings named ``image.NAME`` take the job's input image NAME (``params.images.NAME``).
+IMAGE_BINDING = "image."
 # Templates must bind these: a workflow that ignores the prompt or the seed is a mistake.
 REQUIRED_BINDINGS = ("prompt", "seed")
 # Inputs that name the model file, for ``GenerateResult.model``.
@@ -34,7 +41,7 @@ EXPORT_HINT = (
     "'Save (API Format)'"
 )
 
-# The three built-in templates share node ids (see templates/*.json), hence one binding map.
+# The built-in templates share node ids (see templates/*.json), hence one binding map per kind.
 _BUILTIN_BINDINGS: dict[str, str | list[str]] = {
     "prompt": "6.text",
     "negative_prompt": "7.text",
@@ -48,7 +55,30 @@ _BUILTIN_BINDINGS: dict[str, str | list[str]] = {
     "sampler": "3.sampler_name",
     "scheduler": "3.scheduler",
 }
-BUILTIN_TEMPLATES = ("flux-schnell", "sdxl", "sd15")
+# img2img: node 5 scales the init image to the job's size, 12 repeats its latent per batch.
+_IMG2IMG_BINDINGS: dict[str, str | list[str]] = {
+    **_BUILTIN_BINDINGS,
+    "batch_size": "12.amount",
+    "denoise": "3.denoise",
+    "image.init": "10.image",
+}
+# inpaint: as img2img, plus the mask (white = repaint), scaled to the same size by node 15.
+_INPAINT_BINDINGS: dict[str, str | list[str]] = {
+    **_IMG2IMG_BINDINGS,
+    "width": ["5.width", "15.width"],
+    "height": ["5.height", "15.height"],
+    "image.mask": "13.image",
+}
+_TEMPLATE_BINDINGS = {
+    "flux-schnell": _BUILTIN_BINDINGS,
+    "sdxl": _BUILTIN_BINDINGS,
+    "sd15": _BUILTIN_BINDINGS,
+    "sdxl-img2img": _IMG2IMG_BINDINGS,
+    "sd15-img2img": _IMG2IMG_BINDINGS,
+    "sdxl-inpaint": _INPAINT_BINDINGS,
+    "sd15-inpaint": _INPAINT_BINDINGS,
+}
+BUILTIN_TEMPLATES = tuple(_TEMPLATE_BINDINGS)
 
 
 class WorkflowError(ValueError):
@@ -70,9 +100,26 @@ class Workflow:
     bindings: Mapping[str, tuple[InputRef, ...]]
     defaults: Mapping[str, Any]
 
-    def render(self, request: GenerateRequest, filename_prefix: str) -> dict[str, Any]:
-        """The graph for one job: bound inputs set, every saver writing under ``filename_prefix``."""
+    @property
+    def image_names(self) -> tuple[str, ...]:
+        """The input images this workflow binds (``image.NAME`` bindings)."""
+        return tuple(p.removeprefix(IMAGE_BINDING) for p in self.bindings if p.startswith(IMAGE_BINDING))
+
+    def render(
+        self, request: GenerateRequest, filename_prefix: str, images: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """The graph for one job: bound inputs set, every saver writing under ``filename_prefix``.
+
+        ``images`` maps each bound input image to the file name ComfyUI knows it by.
+        """
         values = {**self.defaults, **_request_values(request)}
+        images = images or {}
+        missing = [name for name in self.image_names if name not in images]
+        if missing:
+            raise WorkflowError(
+                f"{self.source} needs the input image(s) {', '.join(missing)} (params.images)"
+            )
+        values.update({IMAGE_BINDING + name: value for name, value in images.items()})
         if request.style is not None and "style" in self.bindings:
             values["style"] = request.style  # otherwise the pipeline styles the prompt text itself
         unbound = sorted(key for key in values if key not in self.bindings and key not in STANDARD_PARAMS)
@@ -127,6 +174,11 @@ def parse_bindings(graph: Mapping[str, Any], raw: Any, source: str) -> dict[str,
     for param, targets in raw.items():
         if param in RESERVED_PARAMS:
             raise WorkflowError(f"bindings.{param}: {param!r} is reserved")
+        if param.startswith(IMAGE_BINDING) and not IMAGE_NAME.fullmatch(param.removeprefix(IMAGE_BINDING)):
+            raise WorkflowError(
+                f"bindings.{param}: an input image's name is 1-32 lowercase letters, digits or _, "
+                "starting with a letter (image.init, image.mask)"
+            )
         items = [targets] if isinstance(targets, str) else targets
         if not isinstance(items, list) or not items or not all(isinstance(t, str) for t in items):
             raise WorkflowError(f"bindings.{param}: expected 'node.input' or a list of them")
@@ -141,7 +193,7 @@ def load_workflow(spec: str, bindings: Any = None, checkpoint: str | None = None
         graph = check_api_format(json.loads(text), f"built-in template {spec!r}")
         if bindings is not None and not isinstance(bindings, Mapping):
             raise WorkflowError("bindings must be a mapping of parameter -> 'node.input'")
-        parsed = parse_bindings(graph, {**_BUILTIN_BINDINGS, **(bindings or {})}, spec)
+        parsed = parse_bindings(graph, {**_TEMPLATE_BINDINGS[spec], **(bindings or {})}, spec)
         defaults = {"checkpoint": checkpoint} if checkpoint else {}
         return Workflow(source=f"template {spec!r}", graph=graph, bindings=parsed, defaults=defaults)
     if checkpoint is not None:

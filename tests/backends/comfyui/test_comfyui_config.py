@@ -52,7 +52,8 @@ def test_the_registry_builds_the_adapter_with_documented_defaults() -> None:
         ({"base_url": None, "urls": ["http://a:1", "http://a:1/"]}, "urls lists the same instance twice"),
         (
             {"workflow": None},
-            "workflow: name a built-in template (flux-schnell, sdxl, sd15) or an API-format",
+            "workflow: name a built-in template (flux-schnell, sdxl, sd15, sdxl-img2img, sd15-img2img, "
+            "sdxl-inpaint, sd15-inpaint) or an API-format",
         ),
         ({"workflow": "sdxl-turbo"}, "workflow 'sdxl-turbo' is neither a built-in template"),
         (

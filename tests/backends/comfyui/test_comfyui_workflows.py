@@ -12,9 +12,10 @@ import pytest
 from imagen_worker.backends.comfyui import ComfyUIBackend
 from imagen_worker.backends.comfyui.workflows import BUILTIN_TEMPLATES, WorkflowError, load_workflow
 from imagen_worker.errors import ConfigError, TerminalError
+from imagen_worker.inputs import sniff
 from tests.backends.comfyui.conftest import BackendFactory
 from tests.backends.comfyui.support import RecordingContext, make_request
-from tests.fakes.comfyui import FakeComfyUI
+from tests.fakes.comfyui import FakeComfyUI, tiny_png
 
 USER_GRAPH: dict[str, Any] = {
     "10": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl_base_1.0.safetensors"}},
@@ -177,8 +178,12 @@ async def test_every_built_in_template_renders_and_runs(
     fake: FakeComfyUI, make_backend: BackendFactory, name: str
 ) -> None:
     backend = await make_backend(fake, workflow=name)
+    inputs = {
+        n: sniff(n, f"o/{n}.png", tiny_png((9, 9, 9)), 2**20, "gpu")
+        for n in backend.config.workflow.image_names
+    }
 
-    result = await backend.generate(make_request(width=768, height=512), RecordingContext())
+    result = await backend.generate(make_request(width=768, height=512, inputs=inputs), RecordingContext())
 
     graph = fake.calls("POST", "/prompt")[0].body["prompt"]
     assert (graph["5"]["inputs"]["width"], graph["5"]["inputs"]["height"]) == (768, 512)
