@@ -111,10 +111,10 @@ async def _explain_rolled_back(conn: asyncpg.Connection, worker_id: uuid.UUID) -
     tr = conn.transaction()
     await tr.start()
     try:
-        orphans = await conn.fetchval(sql("orphan_backends"))
+        orphans = [row["backend"] for row in await conn.fetch(sql("unserved_backends"))]
         plan = await conn.fetchval(
             "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql("claim"),
-            *(worker_id, "mock", True, orphans, 1, 30.0),
+            *(worker_id, "mock", True, orphans, 1, 30.0, 0.0, []),
         )
     finally:
         await tr.rollback()

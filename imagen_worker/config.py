@@ -77,10 +77,35 @@ class WorkerConfig(_Block):
     backends: list[str] | None = None
     retry_base_seconds: float = Field(default=2.0, gt=0)
     retry_max_seconds: float = Field(default=300.0, gt=0)
+    # A backend no live worker has served for this long is abandoned: its jobs that waited as
+    # long fail ("no worker serves it"). Shorter gaps (restarts, deploys) only make them wait.
+    orphan_after: float = Field(default=600.0, ge=0, le=86400)
+    # How often one job may go back to pending because its backend was down, without
+    # spending an attempt; past it an outage counts as an ordinary retryable failure.
+    max_outage_requeues: int = Field(default=5, ge=0, le=1000)
 
 
 class DatabaseConfig(_Block):
+    """The connection and the limits that keep a stalled server from hanging the worker.
+
+    Timeouts are seconds; 0 turns one off. ``command_timeout`` bounds each statement on the
+    client side (the pool); the others are session settings the server enforces.
+    """
+
     url: str | None = None
+    command_timeout: float = Field(default=30.0, ge=0, le=86400)
+    statement_timeout: float = Field(default=30.0, ge=0, le=86400)
+    lock_timeout: float = Field(default=5.0, ge=0, le=86400)
+    idle_in_transaction_session_timeout: float = Field(default=60.0, ge=0, le=86400)
+
+    def session_settings(self) -> dict[str, str]:
+        """The server-side limits as ``server_settings`` (milliseconds; omitted when 0)."""
+        limits = {
+            "statement_timeout": self.statement_timeout,
+            "lock_timeout": self.lock_timeout,
+            "idle_in_transaction_session_timeout": self.idle_in_transaction_session_timeout,
+        }
+        return {name: str(round(seconds * 1000)) for name, seconds in limits.items() if seconds > 0}
 
 
 class MetricsConfig(_Block):

@@ -17,11 +17,14 @@ WHERE owner_user_id = $1 AND dedupe_key = $2 AND status IN ('pending', 'running'
 
 -- name: claim
 -- One statement, planner-fenced. $2 is the backend this claim serves; $3 true when it is the
--- worker's default (a NULL backend means "the default"); $4 lists backends no live worker
--- serves (see orphan_backends), claimed only so they fail with a clear error. Each branch is an
--- ordered index scan (jobs_claim_named, jobs_claim_default), so other backends' backlogs are
--- never read. Running rows
--- whose lease expired are re-taken first: a dead worker's jobs come back without a sweeper.
+-- worker's default (a NULL backend means "the default"); $4 lists backends no worker has served
+-- for worker.orphan_after ($7 seconds), whose jobs are claimed only so they fail with a clear
+-- error, and only once they have waited that long themselves. $8 lists the jobs this worker
+-- still holds (running or stopping here): the expired-lease branch never re-takes those, so
+-- one worker never runs one job twice. Each branch is an ordered index scan
+-- (jobs_claim_named, jobs_claim_default), so other backends' backlogs are never read. Running
+-- rows whose lease expired are re-taken first: a dead worker's jobs come back without a
+-- sweeper. A claim clears the row's progress (a waiting reason, or an earlier attempt's).
 WITH mine AS MATERIALIZED (
     SELECT id, priority, run_at FROM imagen.jobs
     WHERE status = 'pending' AND backend IS NOT NULL AND backend = $2 AND run_at <= now()
@@ -38,7 +41,8 @@ defaults AS MATERIALIZED (
 ),
 orphans AS MATERIALIZED (
     SELECT id, priority, run_at FROM imagen.jobs
-    WHERE status = 'pending' AND backend IS NOT NULL AND backend = ANY ($4::text[]) AND run_at <= now()
+    WHERE status = 'pending' AND backend IS NOT NULL AND backend = ANY ($4::text[])
+      AND run_at <= now() - make_interval(secs => $7)
     ORDER BY priority DESC, run_at, id
     LIMIT $5
     FOR UPDATE SKIP LOCKED
@@ -47,6 +51,7 @@ stale AS MATERIALIZED (
     SELECT id FROM imagen.jobs
     WHERE status = 'running' AND lease_expires_at < now()
       AND (backend = $2 OR ($3 AND backend IS NULL) OR backend = ANY ($4::text[]))
+      AND NOT (worker_id = $1 AND id = ANY ($8::uuid[]))
     ORDER BY lease_expires_at
     LIMIT $5
     FOR UPDATE SKIP LOCKED
@@ -67,21 +72,79 @@ SET status = 'running',
     attempts = j.attempts + 1,
     lease_expires_at = now() + make_interval(secs => $6),
     started_at = coalesce(j.started_at, now()),
+    progress = NULL,
     updated_at = now()
 FROM picked
 WHERE j.id = picked.id
 RETURNING j.*, extract(epoch FROM (now() - j.run_at))::float8 AS waited_seconds;
 
--- name: orphan_backends
--- Pending jobs' backends that no live worker serves (imagen.orphan_backends() in 0001).
-SELECT imagen.orphan_backends();
+-- name: unserved_backends
+-- Pending jobs' backends that no live worker serves, with seconds unserved (NULL = no registry
+-- entry left); imagen.unserved_backends() in 0004.
+SELECT backend, unserved_seconds FROM imagen.unserved_backends();
+
+-- name: mark_waiting
+-- Says in the row why a pending job is not being claimed ($3: {"state": "waiting", ...}), for
+-- the web UI and `imagen status`. Bounded ($4 rows per call, in claim order) and idempotent:
+-- rows already saying so are not rewritten. $2 true also marks jobs without a backend (the
+-- backend is this worker's default).
+WITH target AS (
+    SELECT id FROM imagen.jobs
+    WHERE status = 'pending' AND (backend = $1 OR ($2 AND backend IS NULL))
+      AND progress IS DISTINCT FROM $3::jsonb
+    ORDER BY priority DESC, run_at, id
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE imagen.jobs j SET progress = $3, updated_at = now()
+FROM target WHERE j.id = target.id;
+
+-- name: clear_waiting
+-- The reason $3 no longer holds (the backend is available again): drop it from pending rows.
+WITH target AS (
+    SELECT id FROM imagen.jobs
+    WHERE status = 'pending' AND (backend = $1 OR ($2 AND backend IS NULL))
+      AND progress ->> 'state' = 'waiting' AND progress ->> 'reason' = $3
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE imagen.jobs j SET progress = NULL, updated_at = now()
+FROM target WHERE j.id = target.id;
 
 -- name: heartbeat
--- Renews every lease this worker holds in one statement; also the poll fallback for cancel.
-UPDATE imagen.jobs
-SET lease_expires_at = now() + make_interval(secs => $2), updated_at = now()
-WHERE worker_id = $1 AND status = 'running' AND id = ANY ($3::uuid[])
-RETURNING id, cancel_requested;
+-- Renews the leases of the (job, attempt) pairs this worker runs. Rows another session holds
+-- locked are skipped, not waited for: a lock delays that one job's renewal, never the others'.
+-- Per pair: renewed, still ours (a skipped row is still ours as of this snapshot; a row
+-- another worker re-took or that ended is not), and cancel_requested, the poll fallback for
+-- a lost control message.
+WITH held AS (
+    SELECT * FROM unnest($3::uuid[], $4::int[]) AS h (id, attempts)
+),
+locked AS (
+    SELECT j.id FROM imagen.jobs j JOIN held h ON h.id = j.id AND h.attempts = j.attempts
+    WHERE j.worker_id = $1 AND j.status = 'running'
+    FOR UPDATE OF j SKIP LOCKED
+),
+renewed AS (
+    UPDATE imagen.jobs j
+    SET lease_expires_at = now() + make_interval(secs => $2), updated_at = now()
+    FROM locked WHERE j.id = locked.id
+    RETURNING j.id, j.cancel_requested
+)
+SELECT h.id, h.attempts,
+       r.id IS NOT NULL AS renewed,
+       coalesce(j.worker_id = $1 AND j.attempts = h.attempts AND j.status = 'running', false) AS ours,
+       coalesce(r.cancel_requested, j.cancel_requested, false) AS cancel_requested
+FROM held h
+LEFT JOIN renewed r ON r.id = h.id
+LEFT JOIN imagen.jobs j ON j.id = h.id;
+
+-- name: cancel_requested
+-- After any imagen_control message (a hint anyone may send): which of the (job, attempt)
+-- pairs this worker runs really have a cancel request on their row.
+SELECT j.id, j.attempts FROM imagen.jobs j
+JOIN unnest($2::uuid[], $3::int[]) AS h (id, attempts) ON h.id = j.id AND h.attempts = j.attempts
+WHERE j.worker_id = $1 AND j.status = 'running' AND j.cancel_requested;
 
 -- name: set_backend_ref
 UPDATE imagen.jobs SET backend_ref = $4, updated_at = now()
@@ -121,20 +184,32 @@ WHERE id = $1 AND worker_id = $2 AND attempts = $3 AND status = 'running'
 RETURNING id;
 
 -- name: mark_cancelled
+-- Only a row whose owner asked (cancel_requested): a control message alone never cancels.
 UPDATE imagen.jobs
 SET status = 'cancelled', error = $4, finished_at = now(), lease_expires_at = NULL, updated_at = now()
+WHERE id = $1 AND worker_id = $2 AND attempts = $3 AND status = 'running' AND cancel_requested
+RETURNING id;
+
+-- name: requeue_outage
+-- The backend's infrastructure failed, not the job: back to pending with the attempt given
+-- back, counted in outage_requeues (the caller enforces worker.max_outage_requeues).
+UPDATE imagen.jobs
+SET status = 'pending', attempts = greatest(attempts - 1, 0), outage_requeues = outage_requeues + 1,
+    error = $4, error_detail = $5, run_at = now() + make_interval(secs => $6),
+    lease_expires_at = NULL, updated_at = now()
 WHERE id = $1 AND worker_id = $2 AND attempts = $3 AND status = 'running'
 RETURNING id;
 
 -- name: release
 -- Graceful shutdown: unfinished work goes back to pending without costing an attempt, and
--- other workers are woken at once.
+-- other workers are woken at once. Fenced per (job, attempt) like every transition.
 WITH released AS (
-    UPDATE imagen.jobs
-    SET status = 'pending', attempts = greatest(attempts - 1, 0), run_at = now(),
+    UPDATE imagen.jobs j
+    SET status = 'pending', attempts = greatest(j.attempts - 1, 0), run_at = now(),
         lease_expires_at = NULL, updated_at = now()
-    WHERE id = ANY ($2::uuid[]) AND worker_id = $1 AND status = 'running'
-    RETURNING id, backend
+    FROM unnest($2::uuid[], $3::int[]) AS h (id, attempts)
+    WHERE j.id = h.id AND j.attempts = h.attempts AND j.worker_id = $1 AND j.status = 'running'
+    RETURNING j.id, j.backend
 )
 SELECT count(*) AS released,
        (SELECT count(pg_notify('imagen_jobs', coalesce(backend, ''))) FROM released) AS notified
@@ -191,13 +266,27 @@ FROM imagen.jobs WHERE status = 'pending' AND run_at > now();
 SELECT status, count(*)::int AS jobs FROM imagen.jobs GROUP BY status;
 
 -- name: register_worker
-INSERT INTO imagen.workers (id, hostname, pid, backends, expires_at)
-VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
+INSERT INTO imagen.workers (id, hostname, pid, backends, default_backend, expires_at)
+VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))
 ON CONFLICT (id) DO UPDATE
-SET backends = EXCLUDED.backends, heartbeat_at = now(), expires_at = EXCLUDED.expires_at;
+SET backends = EXCLUDED.backends, default_backend = EXCLUDED.default_backend,
+    heartbeat_at = now(), expires_at = EXCLUDED.expires_at;
 
 -- name: unregister_worker
-DELETE FROM imagen.workers WHERE id = $1 OR expires_at < now() - interval '1 day';
+-- A clean stop keeps the row, ended now: its backends were served until this moment, so the
+-- orphan check (worker.orphan_after) sees a restart as a short gap, not an abandoned backend.
+-- Entries stopped or expired for a day are removed.
+WITH stopped AS (
+    UPDATE imagen.workers SET expires_at = least(expires_at, now()), stopped_at = now()
+    WHERE id = $1
+)
+DELETE FROM imagen.workers WHERE expires_at < now() - interval '1 day';
+
+-- name: live_default_backends
+-- imagen-worker check: the default backend of each live worker, to warn when they disagree.
+SELECT coalesce(default_backend, '(not recorded)') AS default_backend, count(*)::int AS workers
+FROM imagen.workers WHERE expires_at > now()
+GROUP BY 1 ORDER BY 1;
 
 -- name: ping
 SELECT 1;

@@ -15,7 +15,7 @@ from typing import Any
 
 import asyncpg
 
-from imagen_worker.config import Config, data_dir
+from imagen_worker.config import Config, DatabaseConfig, data_dir
 from imagen_worker.errors import ConfigError
 
 
@@ -56,14 +56,30 @@ async def connect(dsn: str, *, application_name: str = "imagen", **kwargs: Any) 
 
 
 async def create_pool(
-    dsn: str, *, min_size: int = 1, max_size: int = 10, application_name: str = "imagen-worker"
+    dsn: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    application_name: str = "imagen-worker",
+    limits: DatabaseConfig | None = None,
 ) -> asyncpg.Pool:
+    """A pool; with ``limits``, every statement and session is bounded (see ``DatabaseConfig``).
+
+    A stalled server then surfaces as a timeout the caller handles, never as a hang.
+    """
+    settings = {"application_name": application_name}
+    command_timeout = None
+    if limits is not None:
+        settings.update(limits.session_settings())
+        command_timeout = limits.command_timeout or None
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
         init=_init_connection,
-        server_settings={"application_name": application_name},
+        server_settings=settings,
+        command_timeout=command_timeout,
+        timeout=command_timeout or 60,
     )
     assert pool is not None
     return pool

@@ -3,7 +3,8 @@
     pending --claim--> running --complete--> done
                          |  \\--fail--------> failed
                          |   \\--retry-------> pending (run_at = now + backoff)
-                         |    \\--cancel-----> cancelled
+                         |    \\--outage------> pending (attempt given back, outage_requeues + 1)
+                         |     \\--cancel-----> cancelled (only with cancel_requested)
                          \\--release / lease expiry--> pending
     pending --cancel requested--> cancelled      failed|cancelled --retry (operator)--> pending
 
@@ -14,6 +15,7 @@ written. The statements live in ``queries.sql``.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import random
 from collections.abc import Mapping, Sequence
@@ -24,10 +26,12 @@ from uuid import UUID
 
 import asyncpg
 
-from imagen_worker.errors import ConfigError, JobError, LeaseLost
+from imagen_worker.errors import BackendUnavailable, ConfigError, JobError, LeaseLost
 from imagen_worker.queries import sql
 
 Executor: TypeAlias = asyncpg.Pool | asyncpg.Connection
+JobKey: TypeAlias = tuple[UUID, int]
+"""(job id, attempt): one execution. Running work is keyed by it, never by the bare id."""
 
 
 @dataclass(frozen=True)
@@ -71,10 +75,43 @@ class Job:
     cancel_requested: bool
     created_at: datetime
     waited_seconds: float
+    outage_requeues: int = 0
 
     @classmethod
     def from_record(cls, row: Mapping[str, Any]) -> Job:
         return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+
+    @property
+    def key(self) -> JobKey:
+        return self.id, self.attempts
+
+
+class Outcome(enum.StrEnum):
+    """How an attempt that hit an error ended."""
+
+    RETRIED = "retried"
+    REQUEUED = "requeued"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Unserved:
+    """A backend pending jobs name that no live worker serves; ``seconds`` None = never seen."""
+
+    backend: str
+    seconds: float | None
+
+    def orphaned(self, after: float) -> bool:
+        return self.seconds is None or self.seconds >= after
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """One heartbeat answer for a (job, attempt) this worker runs."""
+
+    renewed: bool
+    ours: bool
+    cancel_requested: bool
 
 
 @dataclass(frozen=True)
@@ -164,8 +201,12 @@ class Queue:
             raise RuntimeError("this Queue has no worker id")
         return self.worker_id
 
-    async def register(self, hostname: str, pid: int, backends: Sequence[str], ttl: float) -> None:
-        await self.db.execute(sql("register_worker"), self._me, hostname, pid, list(backends), ttl)
+    async def register(
+        self, hostname: str, pid: int, backends: Sequence[str], ttl: float, default_backend: str | None = None
+    ) -> None:
+        await self.db.execute(
+            sql("register_worker"), self._me, hostname, pid, list(backends), default_backend, ttl
+        )
 
     async def unregister(self) -> None:
         await self.db.execute(sql("unregister_worker"), self._me)
@@ -178,35 +219,71 @@ class Queue:
         limit: int,
         lease_seconds: float,
         orphans: Sequence[str] = (),
+        orphan_after: float = 0.0,
+        held: Sequence[UUID] = (),
     ) -> list[Job]:
-        """Claim up to ``limit`` jobs for ``backend``; ``orphans`` are backends nobody serves."""
+        """Claim up to ``limit`` jobs for ``backend``.
+
+        ``orphans`` are backends nobody has served for ``orphan_after`` seconds: their jobs that
+        waited that long are taken so they fail in words. ``held`` are the jobs this worker
+        still runs or is stopping; their expired leases are never re-taken here.
+        """
         if limit <= 0:
             return []
         rows = await self.db.fetch(
-            sql("claim"), self._me, backend, is_default, list(orphans), limit, float(lease_seconds)
-        )
+            sql("claim"), self._me, backend, is_default, list(orphans), limit, float(lease_seconds),
+            float(orphan_after), list(held),
+        )  # fmt: skip
         return [Job.from_record(row) for row in rows]
 
-    async def orphan_backends(self) -> list[str]:
-        """Backends named by pending jobs that no live worker serves."""
-        names: list[str] = await self.db.fetchval(sql("orphan_backends"))
-        return names
+    async def unserved_backends(self) -> list[Unserved]:
+        """Backends named by pending jobs that no live worker serves right now."""
+        rows = await self.db.fetch(sql("unserved_backends"))
+        return [Unserved(row["backend"], row["unserved_seconds"]) for row in rows]
 
-    async def heartbeat(self, job_ids: Sequence[UUID], lease_seconds: float) -> dict[UUID, bool]:
-        """Renew all leases in one statement; returns renewed id -> cancel_requested."""
-        if not job_ids:
+    async def orphan_backends(self, after: float = 0.0) -> list[str]:
+        """Backends nobody has served for ``after`` seconds (the claim's ``orphans``)."""
+        return [u.backend for u in await self.unserved_backends() if u.orphaned(after)]
+
+    async def mark_waiting(
+        self, backend: str, progress: Mapping[str, Any], *, with_default: bool = False, limit: int = 100
+    ) -> int:
+        """Write why pending jobs of ``backend`` wait into their ``progress`` (bounded, idempotent)."""
+        result = await self.db.execute(sql("mark_waiting"), backend, with_default, dict(progress), limit)
+        return int(result.rsplit(" ", 1)[-1])
+
+    async def clear_waiting(
+        self, backend: str, reason: str, *, with_default: bool = False, limit: int = 1000
+    ) -> int:
+        result = await self.db.execute(sql("clear_waiting"), backend, with_default, reason, limit)
+        return int(result.rsplit(" ", 1)[-1])
+
+    async def heartbeat(self, keys: Sequence[JobKey], lease_seconds: float) -> dict[JobKey, Renewal]:
+        """Renew the leases of ``keys`` in one statement, skipping rows others hold locked."""
+        if not keys:
             return {}
-        rows = await self.db.fetch(sql("heartbeat"), self._me, float(lease_seconds), list(job_ids))
-        return {row["id"]: row["cancel_requested"] for row in rows}
+        rows = await self.db.fetch(sql("heartbeat"), self._me, float(lease_seconds), *_columns(keys))
+        return {
+            (row["id"], row["attempts"]): Renewal(row["renewed"], row["ours"], row["cancel_requested"])
+            for row in rows
+        }
+
+    async def cancel_requested(self, keys: Sequence[JobKey]) -> set[JobKey]:
+        """Which of ``keys`` really have ``cancel_requested`` on their row (control messages are hints)."""
+        if not keys:
+            return set()
+        rows = await self.db.fetch(sql("cancel_requested"), self._me, *_columns(keys))
+        return {(row["id"], row["attempts"]) for row in rows}
 
     async def requeue_expired(self) -> int:
         count: int = await self.db.fetchval(sql("requeue_expired"))
         return count
 
-    async def release(self, job_ids: Sequence[UUID]) -> int:
-        if not job_ids:
+    async def release(self, keys: Sequence[JobKey]) -> int:
+        """Give unfinished (job, attempt)s back to pending without spending the attempt."""
+        if not keys:
             return 0
-        row = await self.db.fetchrow(sql("release"), self._me, list(job_ids))
+        row = await self.db.fetchrow(sql("release"), self._me, *_columns(keys))
         return int(row["released"]) if row else 0
 
     async def _fenced(self, db: Executor, name: str, job: Job, *args: Any) -> None:
@@ -243,24 +320,41 @@ class Queue:
     async def cancelled(self, job: Job, message: str = "cancelled by its owner") -> None:
         await self._fenced(self.db, "mark_cancelled", job, message)
 
-    async def record_error(self, job: Job, error: JobError, *, base: float, cap: float) -> str:
-        """Retry a retryable error with backoff while attempts remain, else fail. Returns the outcome."""
+    async def record_error(
+        self, job: Job, error: JobError, *, base: float, cap: float, max_outage_requeues: int = 0
+    ) -> Outcome:
+        """Decide what an error means for the job and write it.
+
+        A backend outage gives the attempt back (up to ``max_outage_requeues`` times); past the
+        cap it counts like any retryable error. Retryable errors back off while attempts remain;
+        everything else fails the job.
+        """
         detail = {"type": type(error).__name__, "attempt": job.attempts, **error.detail}
+        if isinstance(error, BackendUnavailable) and job.outage_requeues < max_outage_requeues:
+            delay = backoff_seconds(job.outage_requeues + 1, base, cap)
+            detail.update(outage_requeue=job.outage_requeues + 1, retry_in_seconds=round(delay, 3))
+            await self._fenced(self.db, "requeue_outage", job, error.message, detail, delay)
+            return Outcome.REQUEUED
         if error.retryable and job.attempts < job.max_attempts:
             delay = backoff_seconds(job.attempts, base, cap)
             detail["retry_in_seconds"] = round(delay, 3)
             await self._fenced(self.db, "retry_later", job, error.message, detail, delay)
-            return "retried"
+            return Outcome.RETRIED
         message = error.message
         if error.retryable:
             message = f"{message} (gave up after {job.attempts} attempts)"
         await self.fail(job, message, detail)
-        return "failed"
+        return Outcome.FAILED
 
     def _connection(self) -> Any:
         if isinstance(self.db, asyncpg.Pool):
             return self.db.acquire()
         return _Borrowed(self.db)
+
+
+def _columns(keys: Sequence[JobKey]) -> tuple[list[UUID], list[int]]:
+    """(job, attempt) pairs as the two arrays the statements unnest."""
+    return [key[0] for key in keys], [key[1] for key in keys]
 
 
 class _Borrowed:

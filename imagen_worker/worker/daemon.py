@@ -172,7 +172,7 @@ class Worker:
             self._cancel_job(flight.job.id, SHUTDOWN)
         await asyncio.gather(*(f.task for f in leftover), return_exceptions=True)
         if leftover:
-            released = await self.queue.release([f.job.id for f in leftover])
+            released = await self.queue.release([f.job.key for f in leftover])
             for flight in leftover:
                 self._emit("released", job=flight.job, backend=flight.backend)
             log.info("released unfinished jobs back to pending", released=released)
@@ -226,7 +226,7 @@ class Worker:
         """
         now = time.monotonic()
         if now - self._orphans_checked >= self.settings.poll_interval:
-            self._orphans = await self.queue.orphan_backends()
+            self._orphans = await self.queue.orphan_backends(self.settings.orphan_after)
             self._orphans_checked = now
         return self._orphans
 
@@ -238,6 +238,7 @@ class Worker:
                 jobs = await self.queue.claim(
                     name, is_default=is_default, limit=free, lease_seconds=self.settings.lease_seconds,
                     orphans=await self._orphan_backends() if is_default else (),
+                    orphan_after=self.settings.orphan_after, held=list(self.inflight),
                 )  # fmt: skip
                 for job in jobs:
                     self._spawn(job, name)
@@ -261,8 +262,9 @@ class Worker:
 
     async def _register(self) -> None:
         await self.queue.register(
-            socket.gethostname(), os.getpid(), sorted(self.backends), self.settings.lease_seconds * 2
-        )
+            socket.gethostname(), os.getpid(), sorted(self.backends), self.settings.lease_seconds * 2,
+            self.default_backend,
+        )  # fmt: skip
 
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.lease_seconds / 3
@@ -274,12 +276,13 @@ class Worker:
                 log.warning("heartbeat failed", error=str(exc))
 
     async def _heartbeat(self) -> None:
-        ids = list(self.inflight)
-        renewed = await self.queue.heartbeat(ids, self.settings.lease_seconds)
-        for job_id in ids:
-            if job_id not in renewed:
+        keys = [flight.job.key for flight in self.inflight.values()]
+        renewed = await self.queue.heartbeat(keys, self.settings.lease_seconds)
+        for job_id, attempt in keys:
+            renewal = renewed.get((job_id, attempt))
+            if renewal is None or not renewal.ours:
                 self._cancel_job(job_id, LEASE_LOST)
-            elif renewed[job_id]:
+            elif renewal.cancel_requested:
                 self._cancel_job(job_id, CANCEL)
         await self._register()
 

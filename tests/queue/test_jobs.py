@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import asyncpg
 import pytest
 
-from imagen_worker.errors import ConfigError, LeaseLost, RetryableError, TerminalError
-from imagen_worker.queue.jobs import ImageRecord, Job, JobSpec, Queue, backoff_seconds
+from imagen_worker.errors import BackendUnavailable, ConfigError, LeaseLost, RetryableError, TerminalError
+from imagen_worker.queue.jobs import ImageRecord, Job, JobSpec, Outcome, Queue, Renewal, backoff_seconds
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-000000000003")
 
@@ -80,6 +81,55 @@ async def test_a_backend_no_live_worker_serves_is_claimed_as_an_orphan_to_fail_i
     assert await db.fetchval("SELECT status FROM imagen.jobs WHERE id = $1", served_elsewhere) == "pending"
 
 
+async def test_a_cleanly_stopped_worker_keeps_its_backends_served_for_orphan_after(db: asyncpg.Pool) -> None:
+    await enqueue(db, backend="slow")
+    restarting = Queue(db, uuid.uuid4())
+    await restarting.register("host-a", 1, ["slow"], ttl=60, default_backend="slow")
+    await restarting.unregister()
+
+    row = await db.fetchrow("SELECT stopped_at, expires_at <= now() AS ended FROM imagen.workers")
+    assert row["stopped_at"] is not None and row["ended"], "the entry stays, marked stopped"
+    (unserved,) = await worker(db).unserved_backends()
+    assert unserved.backend == "slow" and unserved.seconds is not None and unserved.seconds < 5
+    assert await worker(db).orphan_backends(after=600) == [], "a restart is a gap, not an abandonment"
+    assert await worker(db).orphan_backends(after=0) == ["slow"]
+
+
+async def test_only_jobs_that_waited_orphan_after_are_claimed_as_orphans(db: asyncpg.Pool) -> None:
+    fresh = await enqueue(db, backend="typo")
+    old = await enqueue(db, backend="typo")
+    await db.execute("UPDATE imagen.jobs SET run_at = now() - interval '11 minutes' WHERE id = $1", old)
+    claimed = await claim(worker(db), "mock", orphans=["typo"], orphan_after=600)
+    assert [j.id for j in claimed] == [old]
+    assert await db.fetchval("SELECT status FROM imagen.jobs WHERE id = $1", fresh) == "pending"
+
+
+async def test_waiting_reasons_are_written_bounded_and_cleared_by_the_claim(db: asyncpg.Pool) -> None:
+    jobs = [await enqueue(db, backend="slow") for _ in range(3)]
+    queue = worker(db)
+    waiting = {"state": "waiting", "reason": "no_worker", "message": "no worker serves backend 'slow' yet"}
+    assert await queue.mark_waiting("slow", waiting, limit=2) == 2
+    assert await queue.mark_waiting("slow", waiting, limit=2) == 1, "rows already saying so are skipped"
+    assert await queue.mark_waiting("slow", waiting, limit=2) == 0
+    progress = await db.fetch("SELECT progress FROM imagen.jobs WHERE id = ANY($1)", jobs)
+    assert all(row["progress"] == waiting for row in progress)
+
+    (claimed, *_) = await claim(queue, "slow", limit=1)
+    assert await db.fetchval("SELECT progress FROM imagen.jobs WHERE id = $1", claimed.id) is None
+    assert await queue.clear_waiting("slow", "no_worker") == 2
+    assert await db.fetchval("SELECT count(*) FROM imagen.jobs WHERE progress IS NOT NULL") == 0
+
+
+async def test_the_claim_never_retakes_an_expired_job_its_worker_still_holds(db: asyncpg.Pool) -> None:
+    await enqueue(db)
+    queue = worker(db)
+    (job,) = await claim(queue)
+    await expire_leases(db)
+    assert await claim(queue, held=[job.id]) == [], "still running here: not a second execution"
+    (again,) = await claim(queue, held=[])
+    assert again.id == job.id and again.attempts == 2, "let go of: recoverable even by a lone worker"
+
+
 async def test_claim_retakes_a_running_job_whose_lease_expired(db: asyncpg.Pool) -> None:
     await enqueue(db)
     (first,) = await claim(worker(db))
@@ -129,12 +179,46 @@ async def test_heartbeat_renews_own_leases_and_reports_cancel_requests(db: async
     (a,) = await claim(mine, limit=1)
     (b,) = await claim(theirs, limit=1)
     await db.execute("UPDATE imagen.jobs SET cancel_requested = true WHERE id = $1", a.id)
-    renewed = await mine.heartbeat([a.id, b.id], lease_seconds=120)
-    assert renewed == {a.id: True}, "only own jobs are renewed; the cancel flag rides along"
+    renewed = await mine.heartbeat([a.key, b.key], lease_seconds=120)
+    assert renewed == {
+        a.key: Renewal(renewed=True, ours=True, cancel_requested=True),
+        b.key: Renewal(renewed=False, ours=False, cancel_requested=False),
+    }, "only own jobs are renewed; the cancel flag rides along"
     remaining = await db.fetchval(
         "SELECT extract(epoch FROM lease_expires_at - now()) FROM imagen.jobs WHERE id = $1", a.id
     )
     assert 100 < remaining <= 120
+
+
+async def test_heartbeat_is_fenced_on_the_attempt(db: asyncpg.Pool) -> None:
+    await enqueue(db)
+    queue = worker(db)
+    (first,) = await claim(queue)
+    await expire_leases(db)
+    (second,) = await claim(queue)  # the same worker, a later attempt
+    renewed = await queue.heartbeat([first.key], lease_seconds=120)
+    assert renewed[first.key] == Renewal(renewed=False, ours=False, cancel_requested=False)
+    expired = await db.fetchval("SELECT lease_expires_at < now() + interval '60 s' FROM imagen.jobs")
+    assert expired, "an old attempt's heartbeat does not keep the new attempt's lease alive"
+    assert (await queue.heartbeat([second.key], lease_seconds=120))[second.key].renewed
+
+
+async def test_heartbeat_skips_a_row_locked_by_another_session_and_renews_the_rest(
+    db: asyncpg.Pool, database_url: str
+) -> None:
+    await enqueue(db)
+    await enqueue(db)
+    queue = worker(db)
+    locked, free = await claim(queue, limit=2)
+    holder = await asyncpg.connect(database_url)
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT * FROM imagen.jobs WHERE id = $1 FOR UPDATE", locked.id)
+            renewed = await asyncio.wait_for(queue.heartbeat([locked.key, free.key], 120), timeout=2)
+    finally:
+        await holder.close()
+    assert renewed[locked.key] == Renewal(renewed=False, ours=True, cancel_requested=False)
+    assert renewed[free.key].renewed
 
 
 async def test_retryable_errors_go_back_to_pending_with_backoff(db: asyncpg.Pool) -> None:
@@ -145,7 +229,7 @@ async def test_retryable_errors_go_back_to_pending_with_backoff(db: asyncpg.Pool
     row = await db.fetchrow(
         "SELECT status, error, error_detail, extract(epoch FROM run_at - now()) AS delay FROM imagen.jobs"
     )
-    assert outcome == "retried" and row["status"] == "pending" and row["error"] == "blip"
+    assert outcome is Outcome.RETRIED and row["status"] == "pending" and row["error"] == "blip"
     assert 5 <= row["delay"] <= 10
     assert row["error_detail"]["code"] == 503 and row["error_detail"]["attempt"] == 1
 
@@ -169,7 +253,7 @@ async def test_release_returns_jobs_without_spending_an_attempt_and_wakes_worker
     heard: list[str] = []
     await listener.add_listener("imagen_jobs", lambda *args: heard.append(args[3]))
     try:
-        assert await queue.release([job.id]) == 1
+        assert await queue.release([job.key]) == 1
         await listener.execute("SELECT 1")
     finally:
         await listener.close()
@@ -225,3 +309,32 @@ async def test_an_operator_retry_that_would_clash_with_a_live_dedupe_key_says_so
     await enqueue(db, dedupe_key="nightly")
     with pytest.raises(ConfigError, match="holds its dedupe_key"):
         await Queue(db).retry(first)
+
+
+async def test_a_cancel_is_written_only_when_the_row_asks_for_it(db: asyncpg.Pool) -> None:
+    await enqueue(db)
+    queue = worker(db)
+    (job,) = await claim(queue)
+    with pytest.raises(LeaseLost):
+        await queue.cancelled(job)
+    assert await queue.cancel_requested([job.key]) == set()
+    await Queue(db).request_cancel(job.id)
+    assert await queue.cancel_requested([job.key]) == {job.key}
+    await queue.cancelled(job)
+    assert await db.fetchval("SELECT status FROM imagen.jobs") == "cancelled"
+
+
+async def test_a_backend_outage_requeues_without_spending_an_attempt_up_to_a_cap(db: asyncpg.Pool) -> None:
+    await enqueue(db, max_attempts=2)
+    queue = worker(db)
+    outage = BackendUnavailable("ComfyUI at http://gpu:8188 is unreachable")
+    outcomes = []
+    for _ in range(4):
+        await db.execute("UPDATE imagen.jobs SET run_at = now() WHERE status = 'pending'")
+        (job,) = await claim(queue)
+        outcomes.append(await queue.record_error(job, outage, base=0.01, cap=0.01, max_outage_requeues=2))
+    row = await db.fetchrow("SELECT status, attempts, outage_requeues, error FROM imagen.jobs")
+    assert outcomes == [Outcome.REQUEUED, Outcome.REQUEUED, Outcome.RETRIED, Outcome.FAILED]
+    assert row["outage_requeues"] == 2
+    assert row["status"] == "failed" and row["attempts"] == 2, "past the cap an outage spends attempts"
+    assert row["error"] == "ComfyUI at http://gpu:8188 is unreachable (gave up after 2 attempts)"

@@ -75,7 +75,7 @@ async def _connected_again(worker: object, old_pid: int | None) -> bool:
 async def test_bad_rows_fail_in_words_and_the_daemon_keeps_serving(
     db: asyncpg.Pool, database_url: str, tmp_path: Path
 ) -> None:
-    config = make_config(tmp_path)
+    config = make_config(tmp_path, worker={"orphan_after": 0.5})
     async with running_worker(config, database_url):
         unknown_backend = await insert(db, backend="no-such-backend")
         unknown_style = await insert(db, style="baroque-vaporwave")
