@@ -4,7 +4,8 @@ Three real ``imagen-worker run`` processes, ~150 jobs with random retryable fail
 terminal ones, at least two SIGKILLs of a worker (restarted each time) and one round of
 ``pg_terminate_backend`` on the listener connections; no PostgreSQL restart (other tests share
 the server). Afterwards every invariant of the full run must hold: all jobs terminal, none
-lost, none completed twice, images rows == done jobs, storage objects == images rows.
+lost, none completed twice, none rendered twice at the same time, none wrongly failed, images
+rows == done jobs, storage objects == images rows.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ async def test_short_chaos_run_keeps_every_invariant(
         latency_ms=100.0,
         settle_timeout=30.0,
         seed=7,
+        rolling_restarts=0,
+        blackholes=0,
+        lock_holds=0,
+        backend_outages=0,
     )
     report = await run_chaos(options, tmp_path)
     print_report(report)
@@ -41,6 +46,8 @@ async def test_short_chaos_run_keeps_every_invariant(
     assert report.jobs_inserted == 150
     assert sum(report.statuses.values()) == 150
     assert report.statuses.get("done", 0) == report.images == report.storage_files
+    assert report.executions >= report.images, "every render is in the execution ledger"
+    assert report.lost == report.double == report.wrongly_failed == report.overlapping_executions == 0
     # The chaos really happened: workers died and came back, listeners were cut and reconnected.
     assert report.kills >= 2
     assert report.restarts == report.kills

@@ -2,18 +2,27 @@
 
 ``type: recording`` renders like the mock backend after ``latency_ms``, and appends one JSON
 line to its ``ledger`` file when an execution starts and one when it ends (``ok``,
-``cancelled`` or ``error``), with the job id, the attempt, the worker's pid and wall-clock
-times. Appends of one short line are atomic, so any number of worker processes can share one
-ledger. Worker subprocesses find the adapter through the ``imagen_worker.backends``
-entry-point group, like any third-party adapter: ``register(directory)`` writes the
+``cancelled``, ``error`` or ``unavailable``), with the job id, the attempt, the worker's pid and
+wall-clock times. Appends of one short line are atomic, so any number of worker processes can
+share one ledger.
+
+For chaos runs it can also fail: ``fail_rate`` (retryable), the job parameter
+``fail: terminal``, and an outage switch: while the file named by ``down_file`` exists, the
+backend says it is unavailable, a running render stops with ``BackendUnavailable`` (as when a
+GPU server dies mid-job) and new ones are refused the same way.
+
+Worker subprocesses find the adapter through the ``imagen_worker.backends`` entry-point group,
+like any third-party adapter: ``register(directory)`` writes the
 distribution metadata that declares it, and ``subprocess_env`` puts it on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import random
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from imagen_worker.backends.base import Backend, GenerateRequest, GenerateResult, JobContext, Output
 from imagen_worker.backends.mock import render_png
+from imagen_worker.errors import BackendUnavailable, RetryableError, TerminalError
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRY_POINT = "recording = tests.faults.recording:RecordingBackend"
@@ -36,6 +46,8 @@ class RecordingConfig(BaseModel):
     ledger: Path
     latency_ms: float = Field(default=0.0, ge=0)
     capacity: int = Field(default=4, ge=1)
+    fail_rate: float = Field(default=0.0, ge=0, le=1)
+    down_file: Path | None = None
 
 
 def attempt_of(ctx: JobContext) -> int | None:
@@ -54,6 +66,9 @@ class RecordingBackend(Backend):
     def __init__(self, name: str, config: RecordingConfig) -> None:
         super().__init__(name)
         self.config = config
+        self._random = random.Random()
+        self._down = False
+        self._watcher: asyncio.Task[None] | None = None
 
     @classmethod
     def from_config(cls, name: str, block: Mapping[str, Any]) -> Self:
@@ -62,6 +77,32 @@ class RecordingBackend(Backend):
     @property
     def capacity(self) -> int:
         return self.config.capacity
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        return f'backend "{self.name}" is down (simulated outage)' if self._down else None
+
+    async def start(self) -> None:
+        if self.config.down_file is not None:
+            self._watcher = asyncio.create_task(self._watch_outage(self.config.down_file))
+
+    async def aclose(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+
+    async def _watch_outage(self, path: Path) -> None:
+        while True:
+            down = path.exists()
+            if down != self._down:
+                self._down = down
+                self.notify_change()
+            await asyncio.sleep(0.1)
+
+    def _check_up(self) -> None:
+        if self.config.down_file is not None and self.config.down_file.exists():
+            raise BackendUnavailable(f'backend "{self.name}" is down (simulated outage)')
 
     def _write(self, **entry: Any) -> None:
         line = json.dumps({"backend": self.name, "pid": os.getpid(), "t": time.time(), **entry}) + "\n"
@@ -78,10 +119,19 @@ class RecordingBackend(Backend):
         try:
             steps = 10
             for step in range(1, steps + 1):
+                self._check_up()
                 await asyncio.sleep(self.config.latency_ms / 1000 / steps)
                 ctx.report_progress(step, steps)
+            self._check_up()
+            if request.params.get("fail") == "terminal":
+                raise TerminalError(f'backend "{self.name}": simulated bad request (fail=terminal)')
+            if self._random.random() < self.config.fail_rate:
+                raise RetryableError(f'backend "{self.name}": simulated failure, try again later')
             data = render_png(request.prompt, request.seed, 16, 16)
             outcome = "ok"
+        except BackendUnavailable:
+            outcome = "unavailable"
+            raise
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
