@@ -183,6 +183,9 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(numeric)
+    # httpx logs every request at INFO (health polls, every few seconds): only with debug.
+    quiet = max(numeric, logging.WARNING)
+    logging.getLogger("httpx").setLevel(numeric if numeric <= logging.DEBUG else quiet)
 
     structlog.configure(
         processors=[

@@ -6,15 +6,23 @@ events only reach the prompt's ``client_id`` socket, history is written *after*
 ``execution_success`` (``history_delay`` widens that race), fully cached reruns hand back the old
 filename, 200 answers with ``node_errors`` drop outputs, a pending prompt deleted from the queue
 never produces an event, a reused clientId replaces the socket (and closing the old one unroutes
-the new one), nothing is replayed on reconnect, and ``restart()`` forgets queue, history and
-sockets.
+the new one), nothing is replayed on reconnect, ``stop()`` (a killed process: connections
+refused, queue, history and sockets forgotten) and ``start()`` again on the same port, and
+``status`` broadcasts to every socket on every queue change, whoever's prompt it is.
+
+0.3.64 has no Jobs API: the frontend's static route takes any path for GET only, so
+``POST /api/jobs/{id}/cancel`` answers 405. ``jobs_api=True`` plays a newer server, whose
+cancel dequeues a pending prompt or interrupts the running one in one step and answers
+``{"cancelled": bool}``.
 
 Control knobs: ``plan`` (per prompt: duration and outcome; by default read from markers such as
 ``[fake:duration=0.5]``, ``[fake:error]``, ``[fake:oom]`` in any string input), ``default_duration``,
-``history_delay``, ``pause()``/``resume()``, ``refuse_websockets``, ``mute_events``,
-``fail_next`` (answer the next requests to a route with an HTTP status), ``drop_sockets()`` and
-``restart()``. Instrumentation: ``requests`` (every request), ``interrupts``, ``executions`` (the
-fake GPU's busy intervals, see ``idle_gaps()``) and ``max_queued_by_client``.
+``history_delay``, ``post_delay`` (a slow ``POST /prompt``: the prompt is queued only after it),
+``pause()``/``resume()``, ``refuse_websockets``, ``mute_events``, ``fail_next`` (answer the next
+requests to a route with an HTTP status), ``drop_sockets()``, ``stop()``/``start()``,
+``restart()`` and ``submit_foreign()`` (a prompt from someone else, as from the ComfyUI UI).
+Instrumentation: ``requests`` (every request), ``interrupts``, ``job_cancels``, ``executions``
+(the fake GPU's busy intervals, see ``idle_gaps()``) and ``max_queued_by_client``.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from aiohttp import WSMsgType, web
+from aiohttp import ClientSession, WSMsgType, web
 
 VERSION = "0.3.64"
 DEFAULT_CHECKPOINTS = (
@@ -166,6 +174,15 @@ class RecordedInterrupt:
     at: float
 
 
+@dataclass(frozen=True)
+class RecordedCancel:
+    """One ``POST /api/jobs/{id}/cancel`` and what it did."""
+
+    prompt_id: str
+    outcome: str  # dequeued | interrupted | not_found
+    at: float
+
+
 @dataclass
 class Execution:
     """One busy interval of the fake GPU."""
@@ -206,15 +223,24 @@ class _State:
 
 
 class FakeComfyUI:
-    def __init__(self, *, checkpoints: tuple[str, ...] = DEFAULT_CHECKPOINTS, default_duration: float = 0.02):
+    def __init__(
+        self,
+        *,
+        checkpoints: tuple[str, ...] = DEFAULT_CHECKPOINTS,
+        default_duration: float = 0.02,
+        jobs_api: bool = False,
+    ):
         self.default_duration = default_duration
+        self.jobs_api = jobs_api
         self.plan: Callable[[str, dict[str, Any]], Plan] | None = None
         self.history_delay = 0.0
+        self.post_delay = 0.0
         self.refuse_websockets = False
         self.mute_events = False
         self.fail_next: dict[str, list[int]] = {}
         self.requests: list[RecordedRequest] = []
         self.interrupts: list[RecordedInterrupt] = []
+        self.job_cancels: list[RecordedCancel] = []
         self.executions: list[Execution] = []
         self.max_queued_by_client: dict[str, int] = {}
         self.files: dict[tuple[str, str, str], bytes] = {}  # (type, subfolder, filename) -> bytes
@@ -250,6 +276,9 @@ class FakeComfyUI:
             app.router.add_get(f"{prefix}/system_stats", self._system_stats)
             app.router.add_get(f"{prefix}/features", self._features)
             app.router.add_post(f"{prefix}/free", self._free)
+        if self.jobs_api:
+            app.router.add_post("/api/jobs/{prompt_id}/cancel", self._post_job_cancel)
+        app.router.add_get("/{path:.*}", self._static)  # the frontend: GET only, so other methods get 405
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
@@ -265,6 +294,10 @@ class FakeComfyUI:
         await self.stop()
 
     async def stop(self) -> None:
+        """Kill the process: connections are refused; queue, history, cache and sockets are gone.
+
+        ``start()`` brings it back on the same port, empty, as a restarted ComfyUI.
+        """
         if self._executor is not None:
             self._executor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -274,17 +307,36 @@ class FakeComfyUI:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-
-    async def restart(self, down_for: float = 0.0) -> None:
-        """Kill and start again on the same port: queue, history, cache and sockets are gone."""
-        await self.stop()
         for run in self.executions:
             if run.end is None:
                 run.end, run.outcome = asyncio.get_running_loop().time(), "lost"
         self._state = _State()
         self.files = {key: data for key, data in self.files.items() if key[0] != "temp"}
+
+    @property
+    def stopped(self) -> bool:
+        return self._runner is None
+
+    async def restart(self, down_for: float = 0.0) -> None:
+        """Kill and start again on the same port: queue, history, cache and sockets are gone."""
+        await self.stop()
         await asyncio.sleep(down_for)
         await self.start()
+
+    async def submit_foreign(self, duration: float, client_id: str | None = "comfyui-frontend") -> str:
+        """Queue a prompt as someone else would (the ComfyUI UI, another tool); returns its id."""
+        size = {"width": 8, "height": 8, "batch_size": 1, "color": 1}
+        prefix = f"ui/{uuid.uuid4().hex[:8]}/[fake:duration={duration}]"  # unique: never served from cache
+        graph = {
+            "1": {"class_type": "EmptyImage", "inputs": size},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
+        }
+        body: dict[str, Any] = {"prompt": graph}
+        if client_id is not None:
+            body["client_id"] = client_id
+        async with ClientSession() as http, http.post(f"{self.url}/prompt", json=body) as answer:
+            assert answer.status == 200, await answer.text()
+            return str((await answer.json())["prompt_id"])
 
     async def drop_sockets(self) -> None:
         """Close every websocket from the server side (the clients see a drop)."""
@@ -406,7 +458,8 @@ class FakeComfyUI:
         await self._send_to(ws, "status", {"status": self._exec_info(), "sid": sid})
         state = self._state
         if state.running and state.running.extra.get("client_id") == sid and state.current_node:
-            await self._send_to(ws, "executing", {"node": state.current_node})  # no prompt_id, as on reconnect
+            # No prompt_id, as on a real reconnect.
+            await self._send_to(ws, "executing", {"node": state.current_node})
         first = True
         try:
             async for msg in ws:
@@ -464,6 +517,8 @@ class FakeComfyUI:
 
     async def _post_prompt(self, request: web.Request) -> web.Response:
         data = await request.json()  # not JSON -> aiohttp's text/plain 500, like ComfyUI
+        if self.post_delay:
+            await asyncio.sleep(self.post_delay)  # a slow server: the prompt lands only after this
         state = self._state
         if "number" in data:
             number: float = float(data["number"])
@@ -526,6 +581,25 @@ class FakeComfyUI:
         if prompt_id is None or prompt_id == running:
             self._state.interrupted = True
         return web.Response()
+
+    async def _post_job_cancel(self, request: web.Request) -> web.Response:
+        """The Jobs API cancel: dequeue or interrupt in one step, idempotent."""
+        prompt_id = request.match_info["prompt_id"]
+        state = self._state
+        outcome = "not_found"
+        if any(item.prompt_id == prompt_id for item in state.pending):
+            state.pending = [item for item in state.pending if item.prompt_id != prompt_id]
+            heapq.heapify(state.pending)
+            outcome = "dequeued"
+            await self._broadcast_status()
+        elif self.running_prompt == prompt_id:
+            state.interrupted = True
+            outcome = "interrupted"
+        self.job_cancels.append(RecordedCancel(prompt_id, outcome, asyncio.get_running_loop().time()))
+        return web.json_response({"cancelled": outcome != "not_found"})
+
+    async def _static(self, request: web.Request) -> web.Response:
+        return web.Response(status=404, text="404: Not Found")
 
     async def _get_history_all(self, request: web.Request) -> web.Response:
         items = list(self._state.history.items())

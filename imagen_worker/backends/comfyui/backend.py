@@ -3,8 +3,9 @@
 The life of a job:
 
 1. Wait for a slot: at most ``1 + lookahead`` of our prompts are queued or running in one
-   instance, on the least busy instance. The GPU starts the next prompt while the worker is
-   still downloading and uploading the previous result, and the backlog stays in our database
+   instance, on the least busy *usable* instance (reachable, and not busy with other people's
+   prompts; see ``pool.py``). The GPU starts the next prompt while the worker is still
+   downloading and uploading the previous result, and the backlog stays in our database
    instead of ComfyUI's volatile, hard-to-cancel queue.
 2. Mint a uuid4 prompt id, store ``<prompt_id>@<base_url>`` as the job's backend ref, then POST.
 3. Follow the socket until ``executing`` with ``node: null`` for our id, beside a slow
@@ -12,32 +13,50 @@ The life of a job:
    entry and decide. The slot is freed as soon as ComfyUI is done with the prompt.
 4. Download every output through ``/view``.
 
+Two budgets: ``queue_timeout`` for waiting (for a slot, then in ComfyUI's queue) and ``timeout``
+for running, counted from ComfyUI starting *our* prompt. Past the queue budget the prompt is
+taken back out of the queue and the job raises ``BackendUnavailable`` (the infrastructure was
+busy, the job did nothing wrong); past the run budget it is interrupted and the job raises
+``RetryableError``.
+
+Outages: while every instance is down ``unavailable_reason`` says so and capacity is 0; both
+recover on their own when a socket connects again (``notify_change`` each time). A job whose
+instance dies, or that finds nothing to submit to, raises ``BackendUnavailable``; its retry
+adopts the prompt through the backend ref if it survived.
+
 Cancellation (the worker cancels the task): when the owner cancelled (``ctx.cancel_requested``),
-pending -> ``POST /queue {"delete"}``, running -> ``POST /interrupt {"prompt_id"}``, shielded,
-then ``CancelledError`` propagates; when the worker only lets go, the prompt is left running. A deadline does
-the same interrupt, waits ``interrupt_grace`` and raises ``RetryableError``. A prompt that
-ComfyUI forgot (restart) raises ``RetryableError``; the retry's recovery step resubmits it.
+the prompt is withdrawn: ``POST /api/jobs/{id}/cancel`` where the server has it, else ``POST
+/queue {"delete"}`` while pending and ``POST /interrupt {"prompt_id"}`` while running. A cancel
+during the POST waits for the POST to return first, so a slowly accepted prompt is withdrawn
+too. When the worker only lets go, the prompt is left running for the next owner.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import hashlib
 import uuid
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass
 from typing import Any, Self
 
 import structlog
 
 from imagen_worker.backends.base import Backend, GenerateRequest, GenerateResult, Health, JobContext, Output
 from imagen_worker.backends.comfyui import failures
-from imagen_worker.backends.comfyui.client import SOCKET_CONNECTED, ComfyUIClient, PromptWatch
+from imagen_worker.backends.comfyui.client import (
+    SOCKET_CONNECTED,
+    SOCKET_DOWN,
+    ComfyUIClient,
+    PromptWatch,
+)
 from imagen_worker.backends.comfyui.config import ComfyUIConfig, parse_config
 from imagen_worker.backends.comfyui.history import class_type, finished, output_files, raise_for_outcome
 from imagen_worker.backends.comfyui.pool import Instance, Pool, make_ref, parse_ref
 from imagen_worker.backends.comfyui.workflows import Workflow, WorkflowError, job_workflow, model_name
-from imagen_worker.errors import RetryableError, TerminalError
+from imagen_worker.errors import BackendUnavailable, RetryableError, TerminalError
 
 log = structlog.get_logger(__name__)
 
@@ -45,14 +64,58 @@ log = structlog.get_logger(__name__)
 HISTORY_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8)
 # Consecutive failed polls (ComfyUI unreachable) before the job gives up and retries later.
 MAX_POLL_FAILURES = 3
+# Events that only come once ComfyUI executes the prompt: the run budget starts with the first.
+_STARTED = frozenset(
+    {"execution_start", "execution_cached", "executing", "executed", "progress", "progress_state"}
+)
 
 
-class _DeadlineExceeded(Exception):
-    pass
+class Phase(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
 
 
-class _PromptLost(RetryableError):
-    """ComfyUI has neither history nor a queue entry for the prompt: it restarted or dropped it."""
+class Where(enum.Enum):
+    """Where ComfyUI has our prompt, when it has not finished."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+
+
+class Withdrawal(enum.Enum):
+    """What taking a prompt back out of ComfyUI did."""
+
+    DELETED = "deleted"  # it was pending and is gone
+    INTERRUPTED = "interrupted"  # it was running; it stops at the next node boundary
+    ABSENT = "absent"  # already finished, or it never arrived
+    UNREACHABLE = "unreachable"
+
+
+@dataclass
+class _Clock:
+    """A prompt's two budgets: waiting in the queue, then running from its start."""
+
+    queue_deadline: float
+    run_for: float
+    started: float | None = None
+
+    @property
+    def phase(self) -> Phase:
+        return Phase.QUEUED if self.started is None else Phase.RUNNING
+
+    @property
+    def deadline(self) -> float:
+        return self.queue_deadline if self.started is None else self.started + self.run_for
+
+    def start(self) -> None:
+        if self.started is None:
+            self.started = asyncio.get_running_loop().time()
+
+
+class _OverBudget(Exception):
+    def __init__(self, phase: Phase) -> None:
+        super().__init__(phase.value)
+        self.phase = phase
 
 
 class ComfyUIBackend(Backend):
@@ -67,9 +130,15 @@ class ComfyUIBackend(Backend):
             Instance(ComfyUIClient(url, headers=config.headers, connect_timeout=config.connect_timeout))
             for url in config.urls
         ]
-        self._pool = Pool(self._instances, limit=1 + config.lookahead)
+        self._pool = Pool(
+            self._instances,
+            limit=1 + config.lookahead,
+            recheck=config.poll_interval,
+            on_change=self._pool_changed,
+        )
         self._background: set[asyncio.Task[None]] = set()
         self._started = False
+        self._last_seen: tuple[int, str | None] = (self.capacity, self.unavailable_reason)
 
     @classmethod
     def from_config(cls, name: str, block: Mapping[str, Any]) -> Self:
@@ -77,8 +146,24 @@ class ComfyUIBackend(Backend):
 
     @property
     def capacity(self) -> int:
-        """``instances * (1 + lookahead)`` in ComfyUI plus one per instance in post-processing."""
-        return len(self._instances) * (2 + self.config.lookahead)
+        """Per usable instance ``1 + lookahead`` in ComfyUI plus one in post-processing."""
+        return sum(2 + self.config.lookahead for inst in self._instances if inst.usable)
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        return failures.UNAVAILABLE if self._pool.all_down else None
+
+    def _pool_changed(self) -> None:
+        seen = (self.capacity, self.unavailable_reason)
+        if seen == self._last_seen:
+            return
+        was_down = self._last_seen[1] is not None
+        self._last_seen = seen
+        if seen[1] is not None and not was_down:
+            log.warning("comfyui backend unavailable: no instance answers", backend=self.name)
+        elif seen[1] is None and was_down:
+            log.info("comfyui backend available again", backend=self.name)
+        self.notify_change()
 
     async def start(self) -> None:
         if self._started:
@@ -86,12 +171,14 @@ class ComfyUIBackend(Backend):
         self._started = True
         for inst in self._instances:
             await inst.client.start()
+        self._pool.start()
         await asyncio.gather(*(i.client.wait_connected(self.config.connect_timeout) for i in self._instances))
 
     async def aclose(self) -> None:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await self._pool.aclose()
         for inst in self._instances:
             await inst.client.aclose()
         self._started = False
@@ -131,22 +218,25 @@ class ComfyUIBackend(Backend):
                 return recovered
         prompt_id = str(uuid.uuid4())
         graph = self._render(workflow, request, prompt_id)  # bad params fail before taking a slot
-        inst = await self._pool.acquire()
+        clock = self._clock()
+        inst = await self._pool.acquire(prompt_id, within=self.config.queue_timeout)
         client = inst.client
         try:
             if not await client.wait_connected(self.config.connect_timeout):
-                raise RetryableError(
-                    f"ComfyUI at {client.base_url} is unreachable (no websocket after "
-                    f"{self.config.connect_timeout:g} s)",
-                    detail={"instance": client.base_url},
+                raise failures.unreachable(
+                    client.base_url, f"no websocket after {self.config.connect_timeout:g} s"
                 )
             await ctx.set_backend_ref(make_ref(prompt_id, client.base_url))
         except BaseException:
-            self._pool.release(inst)
+            self._pool.release(inst, prompt_id)
             raise
         with client.watch(prompt_id) as watch:
-            entry = await self._run_in_slot(inst, prompt_id, watch, ctx, submit=graph)
+            entry = await self._run_in_slot(inst, prompt_id, watch, ctx, graph, clock)
         return await self._collect(inst, prompt_id, entry, graph, request)
+
+    def _clock(self) -> _Clock:
+        now = asyncio.get_running_loop().time()
+        return _Clock(queue_deadline=now + self.config.queue_timeout, run_for=self.config.timeout)
 
     async def _run_in_slot(
         self,
@@ -155,29 +245,85 @@ class ComfyUIBackend(Backend):
         watch: PromptWatch,
         ctx: JobContext,
         submit: dict[str, Any] | None,
+        clock: _Clock,
     ) -> dict[str, Any]:
         """Submit (unless recovering) and follow the prompt; free the slot when ComfyUI is done."""
+        posting: asyncio.Task[dict[str, Any]] | None = None
         handed_off = False
         try:
             try:
                 if submit is not None:
-                    answer = await inst.client.submit(submit, prompt_id)
+                    # Shielded: a cancel must not cut the POST short, or the prompt could land
+                    # after we looked for it and run unseen. The cancel acts once it returned.
+                    posting = asyncio.ensure_future(inst.client.submit(submit, prompt_id))
+                    answer = await asyncio.shield(posting)
                     if answer.get("node_errors"):
-                        handed_off = await asyncio.shield(self._abandon(inst, prompt_id))
+                        handed_off = True
+                        await self._hand_off(inst, prompt_id, None, stop=True)
                         raise failures.rejection(answer, queued=True)
-                return await self._until_done(inst, prompt_id, watch, ctx)
+                return await self._until_done(inst, prompt_id, watch, ctx, clock)
             except asyncio.CancelledError:
-                if ctx.cancel_requested:
-                    handed_off = await asyncio.shield(self._abandon(inst, prompt_id))
-                else:
-                    # The worker only lets go (shutdown, lost lease): the prompt runs on for
-                    # whoever takes the job next, who adopts it through backend_ref.
-                    self._spawn(self._release_when_stopped(inst, prompt_id))
-                    handed_off = True
+                handed_off = True
+                await self._hand_off(inst, prompt_id, posting, stop=ctx.cancel_requested)
                 raise
         finally:
             if not handed_off:
-                self._pool.release(inst)
+                self._pool.release(inst, prompt_id)
+
+    async def _hand_off(
+        self, inst: Instance, prompt_id: str, posting: asyncio.Task[Any] | None, *, stop: bool
+    ) -> None:
+        """Give the slot to a background task that stops the prompt (``stop``) and frees it.
+
+        With ``stop`` this waits, up to ``interrupt_grace``, until the prompt was withdrawn, so
+        a cancelled job ends only once ComfyUI dropped its prompt; an interrupted prompt stops
+        only at the next node boundary, and the slot stays taken until it did.
+        """
+        withdrawn = asyncio.Event()
+        self._spawn(self._stop_and_release(inst, prompt_id, posting, stop, withdrawn))
+        if stop:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.interrupt_grace):
+                    await withdrawn.wait()
+
+    async def _stop_and_release(
+        self,
+        inst: Instance,
+        prompt_id: str,
+        posting: asyncio.Task[Any] | None,
+        stop: bool,
+        withdrawn: asyncio.Event,
+    ) -> None:
+        try:
+            if posting is not None:
+                with contextlib.suppress(Exception):
+                    await posting  # a slow POST lands first, then it is withdrawn
+            if stop:
+                outcome = await self._withdraw(inst, prompt_id)
+                withdrawn.set()
+                if outcome is not Withdrawal.INTERRUPTED:
+                    return
+            await self._until_gone(inst, prompt_id)
+        finally:
+            withdrawn.set()
+            self._pool.release(inst, prompt_id)
+
+    async def _until_gone(self, inst: Instance, prompt_id: str) -> None:
+        """Wait (up to ``interrupt_grace``) until ComfyUI no longer holds the prompt."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.config.interrupt_grace
+        while loop.time() < give_up:
+            try:
+                if prompt_id not in await inst.client.queue():
+                    return
+            except RetryableError:
+                return
+            await asyncio.sleep(min(0.1, self.config.poll_interval))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _workflow_for(self, request: GenerateRequest) -> Workflow:
         if "workflow" not in request.params:
@@ -201,30 +347,41 @@ class ComfyUIBackend(Backend):
         except WorkflowError as exc:
             raise TerminalError(str(exc)) from None
 
+    # --- following a prompt -------------------------------------------------------------
+
     async def _until_done(
-        self, inst: Instance, prompt_id: str, watch: PromptWatch, ctx: JobContext
+        self, inst: Instance, prompt_id: str, watch: PromptWatch, ctx: JobContext, clock: _Clock
     ) -> dict[str, Any]:
-        """Follow the prompt to its end; past the deadline stop it and raise ``RetryableError``."""
+        """Follow the prompt to its end, within its budgets (see module docstring)."""
         client = inst.client
-        try:
-            return await self._follow(client, prompt_id, watch, ctx, self.config.timeout)
-        except _DeadlineExceeded:
-            log.warning("comfyui prompt over its deadline", instance=client.base_url, prompt_id=prompt_id)
+        while True:
+            try:
+                return await self._follow(client, prompt_id, watch, ctx, clock)
+            except _OverBudget as over:
+                if over.phase is Phase.RUNNING:
+                    break
+            entry = await self._take_back_unstarted(client, prompt_id)
+            if entry is not None:
+                return entry
+            clock.start()  # it started just as the queue budget ran out: run it
+        log.warning("comfyui prompt over its deadline", instance=client.base_url, prompt_id=prompt_id)
         state = await self._withdraw(inst, prompt_id)
-        outcome = "it was removed from ComfyUI's queue before it started"
-        if state == "absent":  # it ended just as the deadline passed
+        outcome = "it was removed from ComfyUI's queue"
+        if state is Withdrawal.ABSENT:  # it ended just as the deadline passed
             with contextlib.suppress(RetryableError):
                 entry = await client.history(prompt_id)
                 if finished(entry) and entry["status"]["status_str"] == "success":
                     return entry
             outcome = "it is no longer in ComfyUI's queue"
-        elif state == "unreachable":
+        elif state is Withdrawal.UNREACHABLE:
             outcome = "ComfyUI could not be reached to stop it"
-        elif state == "interrupted":
+        elif state is Withdrawal.INTERRUPTED:
             outcome = "it was interrupted"
+            grace = _Clock(queue_deadline=0.0, run_for=self.config.interrupt_grace)
+            grace.start()
             try:
-                entry = await self._follow(client, prompt_id, watch, None, self.config.interrupt_grace)
-            except (_DeadlineExceeded, RetryableError):
+                entry = await self._follow(client, prompt_id, watch, None, grace)
+            except (_OverBudget, RetryableError):
                 outcome += (
                     f" but did not stop within {self.config.interrupt_grace:g} s; "
                     "the instance may need a restart"
@@ -233,10 +390,31 @@ class ComfyUIBackend(Backend):
                 if entry.get("status", {}).get("status_str") == "success":
                     return entry  # it finished during the grace period after all
         raise RetryableError(
-            f"ComfyUI did not finish within {self.config.timeout:g} s (prompt {prompt_id} on "
+            f"ComfyUI did not finish within {self.config.timeout:g} s of starting (prompt {prompt_id} on "
             f"{client.base_url}); {outcome}",
             detail={"instance": client.base_url, "prompt_id": prompt_id, "timeout": self.config.timeout},
         )
+
+    async def _take_back_unstarted(self, client: ComfyUIClient, prompt_id: str) -> dict[str, Any] | None:
+        """The queue budget ran out: delete the prompt if it is still pending, and raise.
+
+        Returns the finished entry if it ended meanwhile, None if it runs now.
+        """
+        queue = await client.queue()
+        if prompt_id in queue.pending:
+            await client.delete_pending(prompt_id)  # pending only: harmless if it just started
+            queue = await client.queue()
+            if prompt_id not in queue.running:
+                log.warning(
+                    "comfyui prompt not started in time", instance=client.base_url, prompt_id=prompt_id
+                )
+                raise failures.not_started(client.base_url, prompt_id, self.config.queue_timeout)
+        if prompt_id in queue.running:
+            return None
+        entry = await client.history(prompt_id)
+        if finished(entry):
+            return entry
+        raise failures.lost(client.base_url, prompt_id)
 
     async def _follow(
         self,
@@ -244,21 +422,22 @@ class ComfyUIBackend(Backend):
         prompt_id: str,
         watch: PromptWatch,
         ctx: JobContext | None,
-        within: float,
+        clock: _Clock,
     ) -> dict[str, Any]:
         """Return the finished history entry. Socket events drive it; the poll backs it up."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + within
         next_poll = loop.time() + self.config.poll_interval
         last_failure: dict[str, Any] | None = None
         poll_failures = 0
         while True:
             now = loop.time()
-            if now >= deadline:
-                raise _DeadlineExceeded
-            event = await watch.get(min(next_poll, deadline) - now)
+            if now >= clock.deadline:
+                raise _OverBudget(clock.phase)
+            event = await watch.get(min(next_poll, clock.deadline) - now)
             kind = event["type"] if event else None
             data: dict[str, Any] = event["data"] if event else {}
+            if kind in _STARTED:
+                clock.start()
             if kind == "executing" and data.get("node") is None:
                 return await self._final_entry(client, prompt_id, last_failure)
             if kind == "progress" and ctx is not None:
@@ -267,36 +446,38 @@ class ComfyUIBackend(Backend):
                 )
             elif kind in ("execution_error", "execution_interrupted"):
                 last_failure = {"type": kind, "data": data}
-            elif kind is None or kind == SOCKET_CONNECTED:
+            elif kind in (None, SOCKET_CONNECTED, SOCKET_DOWN):
                 next_poll = loop.time() + self.config.poll_interval
                 try:
-                    entry = await self._poll(client, prompt_id)
-                except _PromptLost:
+                    where = await self._poll(client, prompt_id)
+                except failures.PromptLost:
                     raise
-                except RetryableError:  # unreachable for a moment; a restart shows up as lost
+                except RetryableError as exc:
                     poll_failures += 1
-                    if poll_failures >= MAX_POLL_FAILURES:
-                        raise
+                    gone = kind == SOCKET_DOWN and isinstance(exc, BackendUnavailable)
+                    if gone or poll_failures >= MAX_POLL_FAILURES:
+                        raise  # a failed reconnect and a dead HTTP port: the instance is gone
                     continue
                 poll_failures = 0
-                if entry is not None:
-                    return entry
+                if where is Where.RUNNING:
+                    clock.start()
+                elif isinstance(where, dict):
+                    return where
 
-    async def _poll(self, client: ComfyUIClient, prompt_id: str) -> dict[str, Any] | None:
-        """The finished entry, None while queued or running; raise if ComfyUI forgot the prompt."""
+    async def _poll(self, client: ComfyUIClient, prompt_id: str) -> dict[str, Any] | Where:
+        """The finished entry, or where the prompt waits; raise if ComfyUI forgot the prompt."""
         entry = await client.history(prompt_id)
         if finished(entry):
             return entry
-        if prompt_id in await client.queue():
-            return None
+        queue = await client.queue()
+        if prompt_id in queue.running:
+            return Where.RUNNING
+        if prompt_id in queue.pending:
+            return Where.PENDING
         entry = await client.history(prompt_id)  # it may have finished between the two reads
         if finished(entry):
             return entry
-        raise _PromptLost(
-            f"ComfyUI at {client.base_url} no longer knows prompt {prompt_id} (restarted, or the prompt "
-            "was removed from its queue); the job will be submitted again",
-            detail={"instance": client.base_url, "prompt_id": prompt_id},
-        )
+        raise failures.lost(client.base_url, prompt_id)
 
     async def _final_entry(
         self, client: ComfyUIClient, prompt_id: str, last_failure: dict[str, Any] | None
@@ -318,60 +499,42 @@ class ComfyUIBackend(Backend):
             detail={"instance": client.base_url, "prompt_id": prompt_id},
         )
 
-    async def _withdraw(self, inst: Instance, prompt_id: str) -> str:
-        """Take our prompt out of ComfyUI: delete it while pending, targeted interrupt if running.
-
-        Returns ``deleted``, ``interrupted``, ``absent`` (already finished or never arrived) or
-        ``unreachable``. Never a bare ``/interrupt``: it would stop whatever runs.
-        """
+    async def _withdraw(self, inst: Instance, prompt_id: str) -> Withdrawal:
+        """Take our prompt out of ComfyUI, whether it waits or runs. Never a bare ``/interrupt``:
+        it would stop whatever runs, maybe someone else's prompt."""
         client = inst.client
         try:
-            queue = await client.queue()
-            if prompt_id in queue.pending:
-                await client.delete_pending(prompt_id)
-                queue = await client.queue()  # it may have started in between
-                if prompt_id not in queue.running:
-                    return "deleted"
-            if prompt_id not in queue.running:
-                return "absent"
-            await client.interrupt(prompt_id)
+            cancelled = await client.cancel(prompt_id)
+            if cancelled is None:
+                outcome = await self._withdraw_in_two_steps(client, prompt_id)
+            elif not cancelled:
+                outcome = Withdrawal.ABSENT
+            elif prompt_id in (await client.queue()).running:
+                outcome = Withdrawal.INTERRUPTED
+            else:
+                outcome = Withdrawal.DELETED
         except (RetryableError, TerminalError) as exc:
             log.warning(
                 "comfyui withdraw failed", instance=client.base_url, prompt_id=prompt_id, error=exc.message
             )
-            return "unreachable"
-        log.info("comfyui prompt interrupted", instance=client.base_url, prompt_id=prompt_id)
-        return "interrupted"
+            return Withdrawal.UNREACHABLE
+        log.info(
+            "comfyui prompt withdrawn", instance=client.base_url, prompt_id=prompt_id, outcome=outcome.value
+        )
+        return outcome
 
-    async def _abandon(self, inst: Instance, prompt_id: str) -> bool:
-        """Withdraw without waiting; True when a background task now owns the slot.
-
-        An interrupt lands only at the next node boundary, so the slot stays taken until
-        ComfyUI has really stopped; the cancelled job does not wait for that.
-        """
-        if await self._withdraw(inst, prompt_id) != "interrupted":
-            return False
-        self._spawn(self._release_when_stopped(inst, prompt_id))
-        return True
-
-    async def _release_when_stopped(self, inst: Instance, prompt_id: str) -> None:
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + self.config.interrupt_grace
-        try:
-            while loop.time() < give_up:
-                try:
-                    if prompt_id not in await inst.client.queue():
-                        return
-                except RetryableError:
-                    return
-                await asyncio.sleep(min(0.1, self.config.poll_interval))
-        finally:
-            self._pool.release(inst)
-
-    def _spawn(self, coro: Any) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    async def _withdraw_in_two_steps(self, client: ComfyUIClient, prompt_id: str) -> Withdrawal:
+        """Servers without the Jobs API: delete while pending, targeted interrupt while running."""
+        queue = await client.queue()
+        if prompt_id in queue.pending:
+            await client.delete_pending(prompt_id)
+            queue = await client.queue()  # it may have started in between
+            if prompt_id not in queue.running:
+                return Withdrawal.DELETED
+        if prompt_id not in queue.running:
+            return Withdrawal.ABSENT
+        await client.interrupt(prompt_id)
+        return Withdrawal.INTERRUPTED
 
     # --- recovery -----------------------------------------------------------------------
 
@@ -391,8 +554,8 @@ class ComfyUIBackend(Backend):
                 log.info("comfyui instance unreachable during recovery", ref=ref, error=exc.message)
                 return None
             if waiting:
-                self._pool.occupy(inst)  # it is in ComfyUI already, whatever the limit says
-                entry = await self._run_in_slot(inst, prompt_id, watch, ctx, submit=None)
+                self._pool.occupy(inst, prompt_id)  # it is in ComfyUI already, whatever the limit says
+                entry = await self._run_in_slot(inst, prompt_id, watch, ctx, None, self._clock())
         if not finished(entry) or entry.get("status", {}).get("status_str") != "success":
             # Unknown (restart, deleted) or failed: the queue asked for a retry, so run it again.
             log.info("comfyui earlier prompt unknown or failed; submitting again", ref=ref)

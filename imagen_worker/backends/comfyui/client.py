@@ -12,17 +12,27 @@ This is the one place that knows how ComfyUI talks:
 - ``/history/{id}`` answers ``{}`` for unknown, pending, deleted and pre-restart ids alike, so
   "gone" is only decided together with ``/queue``; see ``backend.py``.
 - ``/queue``, ``/interrupt`` and ``/history`` POSTs answer 200 with an empty body.
+- Newer servers have a Jobs API whose ``POST /api/jobs/{id}/cancel`` dequeues or interrupts
+  atomically; older ones answer 405 (the frontend's static route takes GET only) or 404. The
+  first cancel finds out which, once per connection.
+- ``status`` messages (queue length) are broadcast to every socket on every queue change, also
+  for other clients' prompts: the owner hears about foreign work through ``on_change``.
+
+The socket also tells whether the instance is there at all (``link``): a drop followed by a
+successful reconnect is a blip, a failed connect attempt means ComfyUI is stopped, restarting
+or cut off.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import uuid
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import httpx
 import structlog
@@ -30,7 +40,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import WebSocketException
 
 from imagen_worker.backends.comfyui import failures
-from imagen_worker.errors import RetryableError, TerminalError
+from imagen_worker.errors import BackendUnavailable, RetryableError, TerminalError
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +50,17 @@ RECONNECT_DELAYS = (0.05, 0.25, 1.0, 2.0, 5.0)  # the last one repeats
 
 # Synthetic events a watch receives besides ComfyUI's own messages.
 SOCKET_CONNECTED = "socket_connected"  # also after a reconnect: events may have been missed
+SOCKET_DOWN = "socket_down"  # a reconnect failed: the instance, and the prompt with it, may be gone
+# 5xx answers that mean "nothing behind the proxy" or "not ready", not "this request broke it".
+_GATEWAY_STATUSES = frozenset({502, 503, 504})
+
+
+class Link(enum.Enum):
+    """Whether the instance is there, as its websocket tells."""
+
+    CONNECTING = "connecting"  # no connect attempt has finished yet
+    UP = "up"  # connected, or dropped with no failed reconnect yet
+    DOWN = "down"  # the last connect attempt failed
 
 
 @dataclass(frozen=True)
@@ -57,9 +78,19 @@ class FileRef:
 class QueueState:
     running: frozenset[str]
     pending: frozenset[str]
+    clients: Mapping[str, str | None] = field(default_factory=dict)  # prompt id -> its client_id
 
     def __contains__(self, prompt_id: object) -> bool:
         return prompt_id in self.running or prompt_id in self.pending
+
+    def foreign(self, ours: Collection[str]) -> frozenset[str]:
+        """Prompts neither in ``ours`` nor sent by any client of this process (another backend
+        of this worker on the same ComfyUI shares it, it does not compete)."""
+        return frozenset(
+            pid
+            for pid in self.running | self.pending
+            if pid not in ours and self.clients.get(pid) not in ComfyUIClient.local_ids
+        )
 
 
 class PromptWatch:
@@ -85,6 +116,8 @@ class PromptWatch:
 class ComfyUIClient:
     """HTTP + websocket to one ComfyUI instance at ``base_url``."""
 
+    local_ids: ClassVar[set[str]] = set()  # the client ids of every started client in this process
+
     def __init__(self, base_url: str, *, headers: Mapping[str, str], connect_timeout: float) -> None:
         self.base_url = base_url.rstrip("/")
         self.client_id = f"imagen-worker-{uuid.uuid4().hex}"
@@ -95,10 +128,15 @@ class ComfyUIClient:
         self._socket_task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._watches: dict[str, PromptWatch] = {}
+        self._jobs_api: bool | None = None  # unknown until the first cancel on this connection
+        self.link = Link.CONNECTING
+        # Called when ``link`` changes or ComfyUI reports a queue change (anyone's prompt).
+        self.on_change: Callable[[], None] = lambda: None
 
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
+        ComfyUIClient.local_ids.add(self.client_id)
         if self._http is None:
             timeout = httpx.Timeout(60.0, connect=self._connect_timeout)
             self._http = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=timeout)
@@ -106,6 +144,7 @@ class ComfyUIClient:
             self._socket_task = asyncio.create_task(self._run_socket(), name=f"comfyui-ws {self.base_url}")
 
     async def aclose(self) -> None:
+        ComfyUIClient.local_ids.discard(self.client_id)
         if self._socket_task is not None:
             self._socket_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -154,10 +193,15 @@ class ComfyUIClient:
     async def queue(self) -> QueueState:
         data = _as_dict(_json(self._check(await self._request("GET", "/queue"))))
 
-        def ids(items: Any) -> frozenset[str]:
-            return frozenset(str(item[1]) for item in items or [] if isinstance(item, list) and len(item) > 1)
+        def rows(key: str) -> list[list[Any]]:
+            return [row for row in data.get(key) or [] if isinstance(row, list) and len(row) > 1]
 
-        return QueueState(running=ids(data.get("queue_running")), pending=ids(data.get("queue_pending")))
+        running, pending = rows("queue_running"), rows("queue_pending")
+        return QueueState(
+            running=frozenset(str(row[1]) for row in running),
+            pending=frozenset(str(row[1]) for row in pending),
+            clients={str(row[1]): _client_id(row) for row in running + pending},
+        )
 
     async def delete_pending(self, prompt_id: str) -> None:
         """Remove a pending prompt. Silent: no event will ever come for it."""
@@ -166,6 +210,23 @@ class ComfyUIClient:
     async def interrupt(self, prompt_id: str) -> None:
         """Interrupt our prompt only if it is the running one (0.3.56+). Never a bare interrupt."""
         self._check(await self._request("POST", "/interrupt", json={"prompt_id": prompt_id}))
+
+    async def cancel(self, prompt_id: str) -> bool | None:
+        """``POST /api/jobs/{id}/cancel``: dequeue or interrupt in one step where the server can.
+
+        True when it cancelled something, False when the prompt was not there (finished or
+        unknown), None when the server has no Jobs API (then use ``delete_pending`` and
+        ``interrupt``).
+        """
+        if self._jobs_api is False:
+            return None
+        response = await self._request("POST", f"/api/jobs/{prompt_id}/cancel")
+        if response.status_code in (404, 405):
+            self._jobs_api = False
+            return None
+        answer = _as_dict(_json(self._check(response)))
+        self._jobs_api = True
+        return bool(answer.get("cancelled"))
 
     async def system_stats(self) -> dict[str, Any]:
         stats = _as_dict(_json(self._check(await self._request("GET", "/system_stats"))))
@@ -209,11 +270,8 @@ class ComfyUIClient:
             raise RuntimeError("ComfyUIClient.start() was not called")
         return self._http
 
-    def _unreachable(self, exc: Exception) -> RetryableError:
-        return RetryableError(
-            f"ComfyUI at {self.base_url} is unreachable: {type(exc).__name__}: {exc}".rstrip(": "),
-            detail={"instance": self.base_url, "exception_type": type(exc).__name__},
-        )
+    def _unreachable(self, exc: Exception) -> BackendUnavailable:
+        return failures.unreachable(self.base_url, type(exc).__name__, str(exc))
 
     def _check(self, response: httpx.Response) -> httpx.Response:
         status = response.status_code
@@ -221,6 +279,8 @@ class ComfyUIClient:
             return response
         where = f"{response.request.method} {response.request.url.path}"
         detail = {"instance": self.base_url, "status": status, "body": response.text[:500]}
+        if status in _GATEWAY_STATUSES:
+            raise failures.gateway(self.base_url, status, where, detail)
         if status >= 500:
             raise RetryableError(f"ComfyUI at {self.base_url} answered {status} to {where}", detail=detail)
         if status in (401, 403, 404, 407):
@@ -244,6 +304,8 @@ class ComfyUIClient:
         """Keep one socket open for the client's lifetime; reconnect with backoff after a drop."""
         failures_in_a_row = 0
         while True:
+            opened = False
+            error = "closed by the server"
             try:
                 async with connect(
                     self._socket_url(),
@@ -254,21 +316,27 @@ class ComfyUIClient:
                     open_timeout=self._connect_timeout,
                     close_timeout=2.0,
                 ) as socket:
+                    opened = True
                     failures_in_a_row = 0
                     self._connected.set()
                     self.version = None  # a reconnect may mean a restarted (upgraded) server
+                    self._jobs_api = None
                     log.info("comfyui socket connected", instance=self.base_url)
+                    self._set_link(Link.UP)
                     self._notify_all({"type": SOCKET_CONNECTED, "data": {}})
                     async for frame in socket:
                         if isinstance(frame, str):
                             self._dispatch(frame)
             except (OSError, TimeoutError, WebSocketException) as exc:
-                if failures_in_a_row == 0:
-                    log.warning(
-                        "comfyui socket lost", instance=self.base_url, error=f"{type(exc).__name__}: {exc}"
-                    )
+                error = f"{type(exc).__name__}: {exc}".rstrip(": ")
             finally:
                 self._connected.clear()
+            if opened:
+                log.warning("comfyui socket lost; reconnecting", instance=self.base_url, error=error)
+            elif self.link is not Link.DOWN:
+                log.warning("comfyui instance not answering", instance=self.base_url, error=error)
+                self._set_link(Link.DOWN)
+                self._notify_all({"type": SOCKET_DOWN, "data": {}})
             delay = RECONNECT_DELAYS[min(failures_in_a_row, len(RECONNECT_DELAYS) - 1)]
             failures_in_a_row += 1
             await asyncio.sleep(delay)
@@ -280,10 +348,18 @@ class ComfyUIClient:
             return
         if not isinstance(message, dict) or not isinstance(message.get("data"), dict):
             return
+        if message.get("type") == "status":
+            self.on_change()  # the queue changed: maybe someone else's prompt
+            return
         prompt_id = message["data"].get("prompt_id")
         watch = self._watches.get(prompt_id) if isinstance(prompt_id, str) else None
         if watch is not None:
             watch.put(message)
+
+    def _set_link(self, link: Link) -> None:
+        if link is not self.link:
+            self.link = link
+            self.on_change()
 
     def _notify_all(self, event: dict[str, Any]) -> None:
         for watch in self._watches.values():
@@ -297,6 +373,13 @@ def _json(response: httpx.Response) -> Any:
         return response.json()
     except ValueError:
         return {}
+
+
+def _client_id(row: list[Any]) -> str | None:
+    """``extra_data.client_id`` of a ``/queue`` row ``[number, id, graph, extra_data, outputs]``."""
+    extra = row[3] if len(row) > 3 and isinstance(row[3], dict) else {}
+    client_id = extra.get("client_id")
+    return client_id if isinstance(client_id, str) else None
 
 
 def _as_dict(value: Any) -> dict[str, Any]:

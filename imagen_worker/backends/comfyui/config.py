@@ -33,6 +33,8 @@ KEYS = frozenset(
         "poll_interval",
         "interrupt_grace",
         "connect_timeout",
+        # outages and other people's work
+        "queue_timeout",
     }
 )
 
@@ -48,6 +50,8 @@ class ComfyUIConfig:
     connect_timeout: float = 10.0
     allow_job_workflows: bool = False
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # Outages and other people's work: how long a job may wait for ComfyUI to start it.
+    queue_timeout: float = 1800.0
 
 
 def parse_config(name: str, block: Mapping[str, Any]) -> ComfyUIConfig:
@@ -95,6 +99,7 @@ def parse_config(name: str, block: Mapping[str, Any]) -> ComfyUIConfig:
         connect_timeout=_positive(block, "connect_timeout", 10.0, fail),
         allow_job_workflows=allow,
         headers=_headers(block.get("headers"), fail),
+        queue_timeout=_positive(block, "queue_timeout", 1800.0, fail),
     )
 
 

@@ -4,6 +4,11 @@ Rejections (400, or 200 with ``node_errors``) are terminal: the same graph is re
 Execution errors are terminal too unless the cause is transient: out of memory (another job
 may have held the VRAM), a CUDA/driver fault (the instance needs a restart) or a network error
 inside an API node. The graph and seed are deterministic, so any other exception would recur.
+
+When the instance itself is missing (unreachable, restarted, busy with other people's work for
+longer than ``queue_timeout``) the error is ``BackendUnavailable``: the job goes back to the queue
+without spending an attempt. Those sentences name no host: they may reach a web user while the
+job waits; the instance is in ``detail``.
 """
 
 from __future__ import annotations
@@ -11,10 +16,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from imagen_worker.errors import JobError, RetryableError, TerminalError
+from imagen_worker.errors import BackendUnavailable, JobError, RetryableError, TerminalError
 
 MAX_DETAIL_CHARS = 2000
 MAX_TRACEBACK_FRAMES = 5
+
+# ``Backend.unavailable_reason`` while no instance answers: for the web user, no host names.
+UNAVAILABLE = "the image server is not answering (it may be restarting); the job will start when it is back"
 
 _TRANSIENT_TYPES = ("OutOfMemoryError", "ConnectionError", "TimeoutError", "ConnectTimeout", "ReadTimeout")
 _TRANSIENT_TEXT = ("out of memory", "cuda error", "cudnn", "device-side assert", "cublas")
@@ -70,6 +78,53 @@ def interrupted(data: Mapping[str, Any], instance: str) -> RetryableError:
     return RetryableError(
         f"ComfyUI at {instance} interrupted the prompt{node}; it was cancelled on the ComfyUI side",
         detail={"instance": instance, "prompt_id": data.get("prompt_id"), "node_id": data.get("node_id")},
+    )
+
+
+def unreachable(instance: str, cause: str, text: str = "") -> BackendUnavailable:
+    """ComfyUI did not answer at all (refused, timed out, no websocket)."""
+    return BackendUnavailable(
+        f"ComfyUI is unreachable ({cause}); the job waits until it answers again",
+        detail={"instance": instance, "exception_type": cause, "exception_message": text[:MAX_DETAIL_CHARS]},
+    )
+
+
+def gateway(instance: str, status: int, where: str, detail: dict[str, Any]) -> BackendUnavailable:
+    """502/503/504: a proxy with nothing behind it, or a server not ready yet."""
+    return BackendUnavailable(
+        f"ComfyUI answered {status} to {where} (it, or a proxy in front of it, is down); "
+        "the job waits until it answers again",
+        detail={**detail, "instance": instance},
+    )
+
+
+class PromptLost(BackendUnavailable):
+    """Neither history nor queue knows the prompt: ComfyUI restarted, or someone removed it."""
+
+
+def lost(instance: str, prompt_id: str) -> PromptLost:
+    return PromptLost(
+        f"ComfyUI no longer knows prompt {prompt_id} (it restarted, or the prompt was removed from its "
+        "queue); the job will be submitted again",
+        detail={"instance": instance, "prompt_id": prompt_id},
+    )
+
+
+def not_started(instance: str, prompt_id: str, within: float) -> BackendUnavailable:
+    """Our prompt waited in ComfyUI's queue past ``queue_timeout``; it was taken back out."""
+    return BackendUnavailable(
+        f"ComfyUI did not start the job within {within:g} s (busy with other work); "
+        "the job goes back to the queue",
+        detail={"instance": instance, "prompt_id": prompt_id, "queue_timeout": within},
+    )
+
+
+def no_free_instance(within: float) -> BackendUnavailable:
+    """No instance took the job within ``queue_timeout``: all busy with other work or gone."""
+    return BackendUnavailable(
+        f"no ComfyUI instance was free within {within:g} s (busy with other work); "
+        "the job goes back to the queue",
+        detail={"queue_timeout": within},
     )
 
 

@@ -11,7 +11,7 @@ from imagen_worker.errors import RetryableError
 
 
 def output_files(entry: Mapping[str, Any]) -> list[FileRef]:
-    """Every file in ``history.outputs``, images first; ``temp`` files only if nothing else: a preview is only a fallback."""
+    """Every file in ``history.outputs``, images first; ``temp`` (preview) files only as a fallback."""
     refs: list[FileRef] = []
     for node_id, node_outputs in (entry.get("outputs") or {}).items():
         if not isinstance(node_outputs, Mapping):

@@ -3,15 +3,33 @@
 Each instance holds at most ``1 + lookahead`` of our prompts, so the GPU always has the next
 prompt queued while the worker downloads and uploads the previous result, but the backlog stays
 in PostgreSQL, where it survives restarts and can be cancelled.
+
+Only *usable* instances take prompts: not down (see ``client.Link``; one still connecting
+counts) and ComfyUI's queue holds nothing but ours; connected ones first. An instance busy
+with other people's prompts (someone using the ComfyUI UI, another worker) takes no more of
+ours until it frees up; a tracker per instance re-reads ``/queue`` whenever ComfyUI broadcasts
+a queue change, to know.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import uuid
+from collections.abc import Callable
 
-from imagen_worker.backends.comfyui.client import ComfyUIClient
+import structlog
+
+from imagen_worker.backends.comfyui import failures
+from imagen_worker.backends.comfyui.client import ComfyUIClient, Link
+from imagen_worker.errors import JobError
+
+log = structlog.get_logger(__name__)
+
+# Our prompts that just left an instance: a /queue answer read before they left must not
+# make them look foreign.
+RETIRED_KEPT = 64
 
 
 def make_ref(prompt_id: str, base_url: str) -> str:
@@ -29,44 +47,134 @@ def parse_ref(ref: str) -> tuple[str, str] | None:
 
 
 class Instance:
-    """One ComfyUI process and how many of our prompts it holds right now."""
+    """One ComfyUI process: our prompts in it, and the foreign ones seen at the last look."""
 
     def __init__(self, client: ComfyUIClient) -> None:
         self.client = client
-        self.active = 0
+        self.prompts: set[str] = set()  # ours, from just before the POST until they left ComfyUI
+        self.retired: collections.deque[str] = collections.deque(maxlen=RETIRED_KEPT)
+        self.foreign: frozenset[str] = frozenset()
         self.served = 0
+        self.dirty = asyncio.Event()  # ComfyUI's queue changed: read /queue again
+
+    @property
+    def active(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def usable(self) -> bool:
+        return self.client.link is not Link.DOWN and not self.foreign
 
 
 class Pool:
-    """Hands out instances, least busy first, never more than ``limit`` of our prompts each."""
+    """Hands out usable instances, least busy first, never more than ``limit`` of our prompts each."""
 
-    def __init__(self, instances: list[Instance], limit: int) -> None:
+    def __init__(
+        self, instances: list[Instance], limit: int, recheck: float, on_change: Callable[[], None]
+    ) -> None:
         self.instances = instances
         self.limit = limit
+        self._recheck = recheck
+        self._on_change = on_change
         self._changed = asyncio.Event()
+        self._trackers: list[asyncio.Task[None]] = []
+        for inst in instances:
+            inst.client.on_change = self._signal_for(inst)
 
-    async def acquire(self) -> Instance:
-        """Wait for a slot. While any instance is connected, unconnected ones are not used."""
+    @property
+    def all_down(self) -> bool:
+        return all(inst.client.link is Link.DOWN for inst in self.instances)
+
+    def start(self) -> None:
+        if not self._trackers:
+            self._trackers = [
+                asyncio.create_task(self._track(inst), name=f"comfyui-queue {inst.client.base_url}")
+                for inst in self.instances
+            ]
+
+    async def aclose(self) -> None:
+        for task in self._trackers:
+            task.cancel()
+        await asyncio.gather(*self._trackers, return_exceptions=True)
+        self._trackers = []
+
+    async def acquire(self, prompt_id: str, within: float) -> Instance:
+        """Wait up to ``within`` seconds for a slot on a usable instance.
+
+        Raises ``BackendUnavailable`` at once when every instance is down, and when the wait
+        runs out (all busy with other work, or still connecting).
+        """
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + within
         while True:
-            free = [inst for inst in self.instances if inst.active < self.limit]
-            if any(inst.client.connected for inst in self.instances):
-                free = [inst for inst in free if inst.client.connected]
+            usable = [inst for inst in self.instances if inst.usable]
+            if any(inst.client.connected for inst in usable):
+                usable = [inst for inst in usable if inst.client.connected]
+            free = [inst for inst in usable if inst.active < self.limit]
             if free:
                 best = min(free, key=lambda inst: (inst.active, inst.served))
-                self.occupy(best)
+                self.occupy(best, prompt_id)
                 return best
+            if self.all_down:
+                raise failures.unreachable(
+                    ", ".join(inst.client.base_url for inst in self.instances), "no instance answers"
+                )
+            left = give_up - loop.time()
+            if left <= 0:
+                raise failures.no_free_instance(within)
             changed = self._changed
-            # A release wakes us; the timeout notices an instance that (re)connected.
+            # A release or a state change wakes us; the timeout is only a backstop.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.5):
+                async with asyncio.timeout(min(left, 0.5)):
                     await changed.wait()
 
-    def occupy(self, instance: Instance) -> None:
+    def occupy(self, instance: Instance, prompt_id: str) -> None:
         """Count a prompt against ``instance`` (recovery: it is already there, limit or not)."""
-        instance.active += 1
+        instance.prompts.add(prompt_id)
         instance.served += 1
 
-    def release(self, instance: Instance) -> None:
-        instance.active -= 1
+    def release(self, instance: Instance, prompt_id: str) -> None:
+        instance.prompts.discard(prompt_id)
+        instance.retired.append(prompt_id)
+        self._changed_now()
+
+    # --- foreign work and reachability --------------------------------------------------
+
+    def _signal_for(self, inst: Instance) -> Callable[[], None]:
+        def signal() -> None:
+            inst.dirty.set()
+            self._changed_now()
+
+        return signal
+
+    async def _track(self, inst: Instance) -> None:
+        """Keep ``inst.foreign`` current; while it is busy with others, also look every ``recheck``."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._recheck if inst.foreign else None):
+                    await inst.dirty.wait()
+            inst.dirty.clear()
+            if inst.client.link is not Link.UP:
+                foreign: frozenset[str] = frozenset()  # a restarted ComfyUI has an empty queue
+            else:
+                try:
+                    queue = await inst.client.queue()
+                except JobError:
+                    continue  # the socket will say whether it is gone
+                foreign = queue.foreign(inst.prompts | set(inst.retired))
+            if foreign != inst.foreign:
+                if bool(foreign) != bool(inst.foreign):
+                    log.info(
+                        "comfyui instance busy with other work; it takes none of ours"
+                        if foreign
+                        else "comfyui instance free of other work again",
+                        instance=inst.client.base_url,
+                        foreign_prompts=len(foreign),
+                    )
+                inst.foreign = foreign
+                self._changed_now()
+
+    def _changed_now(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+        self._on_change()

@@ -1,8 +1,9 @@
-"""Stopping a prompt: user cancel (running or pending) and the per-job deadline."""
+"""Stopping a prompt: user cancel (running, pending or still being posted) and the per-job deadline."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -10,6 +11,13 @@ from imagen_worker.errors import RetryableError
 from tests.backends.comfyui.conftest import BackendFactory
 from tests.backends.comfyui.support import RecordingContext, make_request
 from tests.fakes.comfyui import FakeComfyUI
+
+
+@pytest.fixture
+async def newer_fake() -> AsyncIterator[FakeComfyUI]:
+    """A server with the Jobs API (``POST /api/jobs/{id}/cancel``)."""
+    async with FakeComfyUI(jobs_api=True) as server:
+        yield server
 
 
 async def test_cancelling_a_running_prompt_interrupts_exactly_that_prompt(
@@ -100,7 +108,8 @@ async def test_a_prompt_over_its_deadline_is_interrupted_and_retried(
 
     prompt_id = fake.calls("POST", "/prompt")[0].body["prompt_id"]
     assert caught.value.message == (
-        f"ComfyUI did not finish within 0.3 s (prompt {prompt_id} on {fake.url}); it was interrupted"
+        f"ComfyUI did not finish within 0.3 s of starting (prompt {prompt_id} on {fake.url}); "
+        "it was interrupted"
     )
     assert [i.prompt_id for i in fake.interrupts] == [prompt_id]
     assert fake.executions[0].outcome == "interrupted"
@@ -123,3 +132,75 @@ async def test_a_prompt_that_ignores_the_interrupt_is_reported_as_stuck(
     assert caught.value.message.endswith(
         "it was interrupted but did not stop within 0.3 s; the instance may need a restart"
     )
+
+
+@pytest.mark.parametrize("comfyui", ["waiting", "free"])
+async def test_a_cancel_during_a_slow_post_still_stops_the_prompt_once_it_lands(
+    fake: FakeComfyUI, make_backend: BackendFactory, comfyui: str
+) -> None:
+    backend = await make_backend(fake)
+    fake.post_delay = 0.5  # the prompt is queued only when the POST returns
+    if comfyui == "waiting":
+        fake.pause()
+    job = asyncio.create_task(
+        backend.generate(make_request("slow [fake:duration=5]", steps=50), RecordingContext())
+    )
+    await fake.wait_until(lambda: len(fake.calls("POST", "/prompt")) == 1)
+    prompt_id = fake.calls("POST", "/prompt")[0].body["prompt_id"]
+
+    job.cancel()  # before the prompt exists in ComfyUI
+    with pytest.raises(asyncio.CancelledError):
+        await job
+
+    if comfyui == "waiting":
+        assert [r.body for r in fake.calls("POST", "/queue")] == [{"delete": [prompt_id]}]
+        assert fake.executions == []
+    else:
+        assert [i.prompt_id for i in fake.interrupts] == [prompt_id]
+        await fake.wait_until(lambda: fake.history_entry(prompt_id) is not None)
+        assert fake.executions[0].outcome == "interrupted"
+    assert fake.pending_prompts == [] and fake.running_prompt is None
+
+
+async def test_without_the_jobs_api_the_cancel_probes_once_then_deletes_and_interrupts(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    backend = await make_backend(fake)
+    for _ in range(2):
+        job = asyncio.create_task(
+            backend.generate(make_request("slow [fake:duration=5]", steps=50), RecordingContext())
+        )
+        await fake.wait_running()
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        await fake.wait_until(lambda: fake.running_prompt is None)
+
+    probes = fake.calls("POST", "/jobs/")
+    assert len(probes) == 1  # 0.3.64 answers 405; asked once per connection
+    assert len(fake.interrupts) == 2 and fake.job_cancels == []
+
+
+@pytest.mark.parametrize("comfyui", ["waiting", "running"])
+async def test_the_jobs_api_cancel_is_used_where_the_server_has_it(
+    newer_fake: FakeComfyUI, make_backend: BackendFactory, comfyui: str
+) -> None:
+    backend = await make_backend(newer_fake)
+    if comfyui == "waiting":
+        newer_fake.pause()
+    job = asyncio.create_task(
+        backend.generate(make_request("slow [fake:duration=5]", steps=50), RecordingContext())
+    )
+    await newer_fake.wait_until(lambda: len(newer_fake.calls("POST", "/prompt")) == 1)
+    prompt_id = newer_fake.calls("POST", "/prompt")[0].body["prompt_id"]
+    if comfyui == "running":
+        await newer_fake.wait_running()
+
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+
+    outcome = "dequeued" if comfyui == "waiting" else "interrupted"
+    assert [(c.prompt_id, c.outcome) for c in newer_fake.job_cancels] == [(prompt_id, outcome)]
+    assert newer_fake.interrupts == [] and newer_fake.calls("POST", "/queue") == []
+    assert newer_fake.pending_prompts == []

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from imagen_worker.errors import RetryableError, TerminalError
+from imagen_worker.backends.comfyui.failures import UNAVAILABLE
+from imagen_worker.errors import BackendUnavailable, RetryableError, TerminalError
 from tests.backends.comfyui.conftest import BackendFactory
 from tests.backends.comfyui.support import RecordingContext, make_request
 from tests.fakes.comfyui import FakeComfyUI
@@ -122,25 +123,46 @@ async def test_out_of_memory_is_retryable(fake: FakeComfyUI, make_backend: Backe
     assert "out of GPU memory" in caught.value.message
 
 
-async def test_a_5xx_answer_is_retryable(fake: FakeComfyUI, make_backend: BackendFactory) -> None:
+async def test_a_500_answer_is_retryable(fake: FakeComfyUI, make_backend: BackendFactory) -> None:
     backend = await make_backend(fake)
-    fake.fail_next["/prompt"] = [502]
+    fake.fail_next["/prompt"] = [500]
 
     with pytest.raises(RetryableError) as caught:
         await backend.generate(make_request(), RecordingContext())
 
-    assert caught.value.message == f"ComfyUI at {fake.url} answered 502 to POST /prompt"
+    assert not isinstance(caught.value, BackendUnavailable)  # it may be this job's graph: spend an attempt
+    assert caught.value.message == f"ComfyUI at {fake.url} answered 500 to POST /prompt"
 
 
-async def test_an_unreachable_instance_is_retryable(make_backend: BackendFactory) -> None:
+async def test_a_gateway_error_is_an_outage_not_the_jobs_fault(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    backend = await make_backend(fake)
+    fake.fail_next["/prompt"] = [502]
+
+    with pytest.raises(BackendUnavailable) as caught:
+        await backend.generate(make_request(), RecordingContext())
+
+    assert caught.value.message == (
+        "ComfyUI answered 502 to POST /prompt (it, or a proxy in front of it, is down); "
+        "the job waits until it answers again"
+    )
+    assert caught.value.detail["instance"] == fake.url
+
+
+async def test_an_unreachable_instance_makes_the_backend_unavailable(make_backend: BackendFactory) -> None:
     backend = await make_backend(["http://127.0.0.1:9"], connect_timeout=0.2)
     ctx = RecordingContext()
 
-    with pytest.raises(RetryableError) as caught:
+    with pytest.raises(BackendUnavailable) as caught:
         await backend.generate(make_request(), ctx)
 
-    assert caught.value.message == "ComfyUI at http://127.0.0.1:9 is unreachable (no websocket after 0.2 s)"
+    assert caught.value.message == (
+        "ComfyUI is unreachable (no instance answers); the job waits until it answers again"
+    )
+    assert caught.value.detail["instance"] == "http://127.0.0.1:9"
     assert ctx.refs == []
+    assert (backend.capacity, backend.unavailable_reason) == (0, UNAVAILABLE)
     health = await backend.health()
     assert not health.ok and "unreachable" in health.detail
 

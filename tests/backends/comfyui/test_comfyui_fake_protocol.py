@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import httpx
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.fakes.comfyui import FakeComfyUI
@@ -99,3 +100,47 @@ async def test_a_prompt_without_client_id_sends_no_execution_events(fake: FakeCo
 
     assert {m["type"] for m in seen} <= {"status", "progress_state"}
     assert fake.history_entry(answer.json()["prompt_id"])["status"]["status_str"] == "success"  # type: ignore[index]
+
+
+async def test_0_3_64_has_no_jobs_api_and_a_newer_server_cancels_in_one_step(fake: FakeComfyUI) -> None:
+    async with FakeComfyUI(jobs_api=True) as newer, httpx.AsyncClient() as http:
+        fake.pause()
+        newer.pause()
+        old_id = (await http.post(f"{fake.url}/prompt", json={"prompt": GRAPH})).json()["prompt_id"]
+        new_id = (await http.post(f"{newer.url}/prompt", json={"prompt": GRAPH})).json()["prompt_id"]
+
+        old = await http.post(f"{fake.url}/api/jobs/{old_id}/cancel")
+        new = await http.post(f"{newer.url}/api/jobs/{new_id}/cancel")
+        again = await http.post(f"{newer.url}/api/jobs/{new_id}/cancel")
+
+        assert (old.status_code, old.text) == (405, "405: Method Not Allowed")
+        assert fake.pending_prompts == [old_id]
+        assert (new.status_code, new.json(), again.json()) == (200, {"cancelled": True}, {"cancelled": False})
+        assert newer.pending_prompts == []
+
+
+async def test_a_stopped_fake_refuses_connections_and_comes_back_empty_on_the_same_port(
+    fake: FakeComfyUI,
+) -> None:
+    async with httpx.AsyncClient(base_url=fake.url) as http:
+        fake.pause()
+        await http.post("/prompt", json={"prompt": GRAPH})
+        port = fake.port
+
+        await fake.stop()
+        with pytest.raises(httpx.ConnectError):
+            await http.get("/queue")
+        await fake.start()
+
+        assert fake.port == port
+        assert (await http.get("/queue")).json() == {"queue_running": [], "queue_pending": []}
+
+
+async def test_a_foreign_prompt_is_broadcast_as_a_queue_change_to_every_socket(fake: FakeComfyUI) -> None:
+    async with connect(f"ws://127.0.0.1:{fake.port}/ws?clientId=worker") as ws:
+        await _messages(ws, 0.1)  # the connect status
+        foreign = await fake.submit_foreign(duration=0.05)
+        seen = await _messages(ws, 0.3)
+
+    assert [m["type"] for m in seen] == ["status"] * 3  # put, start, done: nothing of the prompt itself
+    assert fake.history_entry(foreign) is not None

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from imagen_worker.errors import RetryableError
+from imagen_worker.errors import BackendUnavailable
 from tests.backends.comfyui.conftest import BackendFactory
 from tests.backends.comfyui.support import RecordingContext, make_request
 from tests.fakes.comfyui import FakeComfyUI
@@ -46,7 +46,7 @@ async def test_the_history_poll_finishes_a_job_whose_socket_failed(
     assert len(fake.calls("GET", "/history/")) >= 2
 
 
-async def test_a_restart_that_forgets_the_prompt_is_retryable_and_the_retry_resubmits(
+async def test_a_restart_that_forgets_the_prompt_is_an_outage_and_the_retry_resubmits(
     fake: FakeComfyUI, make_backend: BackendFactory
 ) -> None:
     backend = await make_backend(fake)
@@ -54,14 +54,11 @@ async def test_a_restart_that_forgets_the_prompt_is_retryable_and_the_retry_resu
     job = asyncio.create_task(backend.generate(make_request("[fake:duration=5]", steps=20), ctx))
     first = await fake.wait_running()
 
-    await fake.restart(down_for=0.1)
-    with pytest.raises(RetryableError) as caught:
+    await fake.restart()
+    with pytest.raises(BackendUnavailable) as caught:  # gone, or not reachable for a moment: either way
         await asyncio.wait_for(job, 5)
 
-    assert caught.value.message == (
-        f"ComfyUI at {fake.url} no longer knows prompt {first} (restarted, or the prompt was removed "
-        "from its queue); the job will be submitted again"
-    )
+    assert caught.value.detail["instance"] == fake.url
     retry = RecordingContext(backend_ref=ctx.refs[0])
     result = await asyncio.wait_for(backend.generate(make_request(), retry), 5)
     assert result.metadata["prompt_id"] != first
@@ -126,3 +123,23 @@ async def test_binary_frames_and_socket_only_outputs_are_ignored(
 
     assert [o["node_id"] for o in result.metadata["outputs"]] == ["3", "3"]
     assert (0, 2, {"node": "2"}) in ctx.progress  # SaveImageWebsocket's own progress still arrives
+
+
+async def test_a_prompt_removed_from_comfyuis_queue_by_someone_else_is_resubmitted_without_blame(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    backend = await make_backend(fake, poll_interval=0.1)
+    fake.pause()
+    job = asyncio.create_task(backend.generate(make_request(), RecordingContext()))
+    await fake.wait_until(lambda: len(fake.pending_prompts) == 1)
+    prompt_id = fake.pending_prompts[0]
+
+    async with httpx.AsyncClient(base_url=fake.url) as http:  # the ComfyUI UI's "delete" button
+        await http.post("/queue", json={"delete": [prompt_id]})
+    with pytest.raises(BackendUnavailable) as caught:
+        await asyncio.wait_for(job, 5)
+
+    assert caught.value.message == (
+        f"ComfyUI no longer knows prompt {prompt_id} (it restarted, or the prompt was removed from its "
+        "queue); the job will be submitted again"
+    )
