@@ -131,7 +131,10 @@ class Fleet:
         await self.wait_registered(*workers)
 
     async def stop(self) -> None:
-        """SIGTERM every running worker at once and wait, without blocking the event loop."""
+        """Heal every path, SIGTERM every running worker at once and wait (without blocking the
+        event loop, which may run a fake the workers still talk to)."""
+        for w in self.workers:
+            w.proxy.restore()
         await asyncio.gather(*(w.stop() for w in self.workers if w.alive), return_exceptions=True)
 
     def close(self) -> None:
