@@ -98,6 +98,7 @@ async def _database_results(dsn: str | None, seconds: float) -> list[CheckResult
         )
         results.append(await _migration_result(conn))
         results.append(await _listen_result(conn, seconds))
+        results.extend(await _fleet_results(conn))
     finally:
         await conn.close()
     return results
@@ -122,6 +123,20 @@ async def _migration_result(conn: asyncpg.Connection) -> CheckResult:
             "migrations", True, f"up to date ({latest}); the database also has newer {', '.join(newer)}"
         )
     return CheckResult("migrations", True, f"up to date ({latest})")
+
+
+async def _fleet_results(conn: asyncpg.Connection) -> list[CheckResult]:
+    """A warning line when live workers disagree about ``default_backend`` (else nothing):
+    jobs without a backend would then render with whichever worker claims them first."""
+    try:
+        rows = await conn.fetch(sql("live_default_backends"))
+    except asyncpg.PostgresError:
+        return []  # the schema predates the registry's default_backend: the migrations line says so
+    if len(rows) < 2:
+        return []
+    views = ", ".join(f"{row['default_backend']} ({row['workers']})" for row in rows)
+    detail = f"warning: live workers disagree about default_backend: {views}"
+    return [CheckResult("workers", True, detail)]
 
 
 async def _listen_result(conn: asyncpg.Connection, seconds: float) -> CheckResult:

@@ -217,12 +217,18 @@ FROM released;
 
 -- name: requeue_expired
 -- Boot-time recovery: running rows whose lease expired (their worker is gone) go back to
--- pending. A live worker's rows have unexpired leases and are never touched.
-WITH requeued AS (
-    UPDATE imagen.jobs
-    SET status = 'pending', run_at = now(), lease_expires_at = NULL, updated_at = now()
+-- pending. A live worker's rows have unexpired leases and are never touched. Rows another
+-- session holds (a worker booting at the same moment) are skipped, not waited for.
+WITH expired AS (
+    SELECT id FROM imagen.jobs
     WHERE status = 'running' AND lease_expires_at < now()
-    RETURNING id
+    FOR UPDATE SKIP LOCKED
+),
+requeued AS (
+    UPDATE imagen.jobs j
+    SET status = 'pending', run_at = now(), lease_expires_at = NULL, updated_at = now()
+    FROM expired WHERE j.id = expired.id
+    RETURNING j.id
 )
 SELECT count(*) FROM requeued;
 

@@ -182,3 +182,31 @@ def test_render_table_keeps_bracketed_text() -> None:
 def test_describe_dsn_never_shows_the_password() -> None:
     assert describe_dsn("postgresql://u:pw@db.internal:6432/imagen") == "db.internal:6432/imagen"
     assert describe_dsn("host=/run/postgresql dbname=imagen password=x") == "the configured database"
+
+
+async def test_live_workers_that_disagree_about_the_default_backend_are_a_warning(
+    database_url: str, tmp_path: Path
+) -> None:
+    import uuid
+
+    import asyncpg
+
+    from imagen_worker.queue.jobs import Queue
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("DELETE FROM imagen.workers")
+        await Queue(conn, uuid.uuid4()).register("a", 1, ["mock"], ttl=60, default_backend="mock")
+        agreed = _by_name(await run_checks(_config(tmp_path), dsn=database_url))
+        await Queue(conn, uuid.uuid4()).register("b", 2, ["sdxl"], ttl=60, default_backend="sdxl")
+        await Queue(conn, uuid.uuid4()).register("c", 3, ["sdxl"], ttl=60, default_backend="sdxl")
+        results = await run_checks(_config(tmp_path), dsn=database_url)
+    finally:
+        await conn.execute("DELETE FROM imagen.workers")
+        await conn.close()
+    assert "workers" not in agreed
+    warning = _by_name(results)["workers"]
+    assert (
+        warning.ok
+        and warning.detail == "warning: live workers disagree about default_backend: mock (1), sdxl (2)"
+    )

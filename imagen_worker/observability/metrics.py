@@ -27,7 +27,7 @@ from imagen_worker.queries import sql
 
 log = structlog.get_logger(__name__)
 
-OUTCOMES: Final = ("done", "failed", "retried", "cancelled", "released")
+OUTCOMES: Final = ("done", "failed", "retried", "requeued", "cancelled", "released")
 STAGES: Final = ("generate", "download", "write", "upload", "total")
 QUEUE_STATUSES: Final = ("pending", "running")
 
@@ -49,7 +49,8 @@ class Metrics:
         )
         self.jobs_finished = Counter(
             "imagen_jobs_finished_total",
-            "Attempts that ended, by outcome (done|failed|retried|cancelled|released).",
+            "Attempts that ended, by outcome (done|failed|retried|requeued|cancelled|released); "
+            "requeued = back to pending without spending an attempt because the backend was down.",
             ["backend", "outcome"],
             registry=r,
         )
@@ -81,7 +82,13 @@ class Metrics:
         )
         self.backend_healthy = Gauge(
             "imagen_backend_healthy",
-            "1 if the last health check passed.",
+            "1 if the last health check passed and the backend takes work.",
+            ["backend"],
+            registry=r,
+        )
+        self.backend_outages = Counter(
+            "imagen_backend_outages_total",
+            "Times a backend became unavailable (its jobs then wait in the queue).",
             ["backend"],
             registry=r,
         )
@@ -93,6 +100,7 @@ class Metrics:
             self.pickup_latency.labels(backend=backend)
             self.jobs_in_flight.labels(backend=backend)
             self.backend_healthy.labels(backend=backend)
+            self.backend_outages.labels(backend=backend)
             for outcome in OUTCOMES:
                 self.jobs_finished.labels(backend=backend, outcome=outcome)
             for stage in STAGES:
@@ -131,22 +139,32 @@ JOBS_IN_FLIGHT: Final = METRICS.jobs_in_flight
 LISTENER_RECONNECTS: Final = METRICS.listener_reconnects
 LISTENER_CONNECTED: Final = METRICS.listener_connected
 BACKEND_HEALTHY: Final = METRICS.backend_healthy
+BACKEND_OUTAGES: Final = METRICS.backend_outages
 
 
 @dataclass(frozen=True)
 class Readiness:
-    """What ``/readyz`` reports: ready = database reachable, listener up, one backend healthy."""
+    """What ``/readyz`` reports: ready = database reachable, listener up, one backend available.
+
+    ``unavailable`` maps each backend that takes no work right now to the reason.
+    """
 
     database: bool
     listener: bool
     backends: dict[str, bool] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
         return self.database and self.listener and any(self.backends.values())
 
     def as_dict(self) -> dict[str, Any]:
-        return {"database": self.database, "listener": self.listener, "backends": dict(self.backends)}
+        return {
+            "database": self.database,
+            "listener": self.listener,
+            "backends": dict(self.backends),
+            "unavailable": dict(self.unavailable),
+        }
 
 
 ReadinessCallback = Callable[[], Awaitable[Readiness]]

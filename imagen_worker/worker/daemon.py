@@ -1,10 +1,17 @@
 """``imagen-worker run``: claim jobs, run them through the pipeline, record the outcome.
 
-Wake-ups come from the listener (milliseconds after an INSERT commits), from a finished job
-freeing capacity, and from the safety poll (``worker.poll_interval``, shortened to the next
-``run_at``). Every wake drains the backlog up to free capacity. Heartbeats run in their own
-task so job work can never starve them. The daemon never dies on a bad row: every failure is
-recorded on its job and the loop goes on.
+Three loops run side by side in one task group, and each running job is a task in another:
+
+- the claim loop wakes on a NOTIFY (the listener), on a finished job, on a backend's change
+  hook, or on the safety poll (``worker.poll_interval``, shortened to the next ``run_at``),
+  and claims up to the free capacity of every available backend;
+- the heartbeat loop renews the leases of the running (job, attempt)s every third of a
+  lease, and stops any job whose lease it could not renew for two thirds of a lease, so the
+  lease never expires while this worker still runs the job;
+- the control loop re-reads the rows after any ``imagen_control`` message: a message is a
+  hint, only a row's ``cancel_requested`` cancels.
+
+The daemon never dies on a bad row: every failure is recorded on its job and the loops go on.
 """
 
 from __future__ import annotations
@@ -16,55 +23,42 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import uuid4
 
 import asyncpg
 import structlog
 
 from imagen_worker import backends as backend_registry
-from imagen_worker import pipeline as pipeline_module
 from imagen_worker.backends.base import Backend
 from imagen_worker.config import Config
 from imagen_worker.db import migrate as migrations
-from imagen_worker.db.connect import create_pool
-from imagen_worker.errors import ConfigError, JobError, LeaseLost, RetryableError
-from imagen_worker.pipeline import Artifact, Pipeline
-from imagen_worker.queue.jobs import ImageRecord, Job, JobSpec, Queue
+from imagen_worker.db.connect import connect, create_pool
+from imagen_worker.errors import ConfigError, RetryableError
+from imagen_worker.pipeline import Pipeline
+from imagen_worker.queue.jobs import Job, JobKey, Queue
 from imagen_worker.storage import create_sink
-from imagen_worker.storage.base import StorageSink
 from imagen_worker.worker.context import WorkerJobContext
+from imagen_worker.worker.fleet import Fleet
 from imagen_worker.worker.listener import Listener
+from imagen_worker.worker.running import DB_ERRORS, Event, JobRunner, RunningJob, StopReason
 
 log = structlog.get_logger("imagen.worker")
 
-# Why a running job's task was cancelled: decides what (if anything) is written afterwards.
-CANCEL, LEASE_LOST, SHUTDOWN = "cancel", "lease_lost", "shutdown"
+Hook = Callable[[Event, dict[str, Any]], None]
 
 
-@dataclass
-class InFlight:
-    job: Job
-    backend: str
-    ctx: WorkerJobContext
-    task: asyncio.Task[None]
+class Liveness:
+    """When the claim and heartbeat loops last made progress; feeds the systemd watchdog."""
 
+    def __init__(self) -> None:
+        self.claim_busy_since: float | None = None
+        self.heartbeat_at = time.monotonic()
 
-def spec_of(job: Job) -> JobSpec:
-    return JobSpec(
-        owner_user_id=job.owner_user_id, prompt=job.prompt, negative_prompt=job.negative_prompt,
-        backend=job.backend, style=job.style, width=job.width, height=job.height, steps=job.steps,
-        seed=job.seed, params=job.params, max_attempts=job.max_attempts,
-    )  # fmt: skip
-
-
-def image_record(artifact: Artifact) -> ImageRecord:
-    return ImageRecord(
-        storage_path=artifact.storage_key, mime_type=artifact.mime_type, bytes=artifact.bytes,
-        sha256=artifact.sha256, backend=artifact.backend, seed=artifact.seed,
-        latency_ms=artifact.latency_ms, sidecar=artifact.sidecar, model=artifact.model,
-    )  # fmt: skip
+    def progressing(self, within: float) -> bool:
+        now = time.monotonic()
+        claim_ok = self.claim_busy_since is None or now - self.claim_busy_since < within
+        return claim_ok and now - self.heartbeat_at < within
 
 
 class Worker:
@@ -72,83 +66,150 @@ class Worker:
         self.config = config
         self.dsn = dsn
         self.run_migrations = run_migrations
-        self.id = uuid4()
         self.settings = config.worker
-        self.inflight: dict[UUID, InFlight] = {}
-        self.backends: dict[str, Backend] = {}
+        self.id = uuid4()
         self.default_backend = config.default_backend_name()
-        self.wake = asyncio.Event()
-        self.stopping = False
-        self.force = asyncio.Event()
+        self.backends: dict[str, Backend] = {}
+        self.running: dict[JobKey, RunningJob] = {}
+        self.hooks: list[Hook] = []
+        self.liveness = Liveness()
+        self.wake = asyncio.Event()  # claim now
+        self.control = asyncio.Event()  # a control message arrived: re-read cancel flags
         self.ready = asyncio.Event()
-        self.hooks: list[Callable[[str, dict[str, Any]], None]] = []
-        self._cancel_reasons: dict[UUID, str] = {}
-        self._orphans: list[str] = []
-        self._orphans_checked = float("-inf")
-        self._tasks: list[asyncio.Task[None]] = []
+        self.draining = asyncio.Event()  # first stop signal
+        self.force = asyncio.Event()  # second stop signal
+        self._resources = contextlib.AsyncExitStack()
         self.pool: asyncpg.Pool
         self.queue: Queue
-        self.sink: StorageSink
         self.pipeline: Pipeline
         self.listener: Listener
+        self.fleet: Fleet
+        self.runner: JobRunner
+        self._jobs: asyncio.TaskGroup
+
+    @property
+    def stopping(self) -> bool:
+        return self.draining.is_set()
 
     # --- lifecycle -------------------------------------------------------------------
 
     async def run(self) -> None:
         await self.start()
-        try:
-            await self.claim_loop()
-        finally:
-            await self.shutdown()
+        await self.serve()
 
     async def start(self) -> None:
-        self.pool = await create_pool(self.dsn, min_size=2, max_size=self.settings.concurrency + 4)
+        """Open everything the loops need; on failure, close what was opened and raise."""
+        try:
+            await self._open()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _open(self) -> None:
+        self._check_default_backend()
+        stack = self._resources
         if self.run_migrations:
-            async with self.pool.acquire() as conn:
-                applied = await migrations.migrate(conn)
-            if applied:
-                log.info("migrations applied", versions=applied)
+            await self._migrate()
+        limits = self.config.database
+        self.pool = await create_pool(
+            self.dsn, min_size=2, max_size=self.settings.concurrency + 4, limits=limits
+        )
+        stack.push_async_callback(self._close_pool)
         blocks = self.config.backend_blocks()
         for name in self.config.served_backends():
-            if name not in blocks:
-                raise ConfigError(f"worker.backends names unknown backend {name!r}")
             backend = backend_registry.create(name, blocks[name])
             await backend.start()
+            stack.push_async_callback(backend.aclose)
+            backend.watch(self.wake.set)
             self.backends[name] = backend
-        if self.default_backend not in self.backends:
-            self.default_backend = next(iter(self.backends))
-        self.sink = create_sink(self.config)
+        sink = create_sink(self.config)
+        stack.push_async_callback(sink.aclose)
         try:
-            await self.sink.check()  # a wrong key or a missing bucket stops the worker here
+            await sink.check()  # a wrong key or a missing bucket stops the worker here
         except RetryableError as exc:
             log.warning("storage unreachable at start; uploads will retry", error=exc.message)
-        self.pipeline = Pipeline(self.backends, self.default_backend, self.sink, self.config.output)
+        self.pipeline = Pipeline(self.backends, self.default_backend, sink, self.config.output)
         self.queue = Queue(self.pool, self.id)
-        await self._register()
-        requeued = await self.queue.requeue_expired()
-        log.info("recovered expired leases", requeued=requeued)
-        self.listener = Listener(self.dsn, self.wake.set, self._on_cancel)
-        await self.listener.start()
-        self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="imagen-heartbeat"))
-        log.info(
-            "worker started",
-            worker_id=str(self.id),
-            backends=sorted(self.backends),
-            default_backend=self.default_backend,
-            storage=self.sink.type_name,
-            concurrency=self.settings.concurrency,
+        self.fleet = Fleet(self.queue, self.backends, self.default_backend, self.settings, self._emit)
+        self.runner = JobRunner(
+            self.queue, self.pipeline, self.settings, self.config.output.directory, self._emit
         )
-        self.wake.set()
-        self.ready.set()
+        await self._register()
+        stack.push_async_callback(self._unregister)
+        await self._recover_expired()
+        self.listener = Listener(
+            self.dsn, self.wake.set, self.control.set, server_settings=limits.session_settings()
+        )
+        await self.listener.start()
+        stack.push_async_callback(self.listener.stop)
+        log.info(
+            "worker started", worker_id=str(self.id), backends=sorted(self.backends),
+            default_backend=self.default_backend, storage=sink.type_name,
+            concurrency=self.settings.concurrency,
+        )  # fmt: skip
+
+    async def _recover_expired(self) -> None:
+        """Dead workers' jobs back to pending now; the claim would re-take them anyway."""
+        try:
+            requeued = await self.queue.requeue_expired()
+        except DB_ERRORS as exc:
+            log.warning("could not recover expired leases at start; claims will", error=str(exc))
+            return
+        log.info("recovered expired leases", requeued=requeued)
+
+    def _check_default_backend(self) -> None:
+        """One meaning of "no backend": this worker's default, which it must serve."""
+        served = self.config.served_backends()
+        unknown = [name for name in served if name not in self.config.backend_blocks()]
+        if unknown:
+            raise ConfigError(f"worker.backends names unknown backend {unknown[0]!r}")
+        if self.default_backend not in served:
+            implicit = "" if self.config.default_backend else " (the first configured backend)"
+            raise ConfigError(
+                f"default_backend: {self.default_backend!r}{implicit} is not served by this worker "
+                f"(it serves {', '.join(served)}); set default_backend to one of them"
+            )
+
+    async def _migrate(self) -> None:
+        # Its own connection, without the statement timeout: a migration may take long.
+        conn = await connect(self.dsn, application_name="imagen-worker migrate")
+        try:
+            applied = await migrations.migrate(conn)
+        finally:
+            await conn.close()
+        if applied:
+            log.info("migrations applied", versions=applied)
+
+    async def serve(self) -> None:
+        """The loops, until a stop signal; then finish or hand back the running jobs."""
+        try:
+            async with asyncio.TaskGroup() as loops:
+                heartbeat = loops.create_task(self._heartbeat_loop(), name="imagen-heartbeat")
+                control = loops.create_task(self._control_loop(), name="imagen-control")
+                async with asyncio.TaskGroup() as jobs:
+                    self._jobs = jobs
+                    self.wake.set()
+                    self.ready.set()
+                    await self._claim_loop()
+                    await self._wind_down()
+                heartbeat.cancel()
+                control.cancel()
+        finally:
+            await self.close()
+            log.info("worker stopped", worker_id=str(self.id))
+
+    async def close(self) -> None:
+        """Stop the listener, mark this worker stopped, close backends, sink and pool (once)."""
+        await self._resources.aclose()
 
     def request_stop(self) -> None:
-        """First signal: stop claiming and drain. Second: stop waiting for in-flight jobs."""
+        """First signal: stop claiming and drain. Second: stop waiting for running jobs."""
         if self.stopping:
-            log.warning("second stop signal: releasing in-flight jobs now")
+            log.warning("second stop signal: releasing running jobs now")
             self.force.set()
-            return
-        log.info("stop requested: finishing in-flight jobs", in_flight=len(self.inflight))
-        self.stopping = True
+        else:
+            log.info("stop requested: finishing running jobs", running=len(self.running))
+            self.draining.set()
         self.wake.set()
 
     def install_signal_handlers(self) -> None:
@@ -156,109 +217,124 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
 
-    async def shutdown(self) -> None:
-        pending: set[asyncio.Future[Any]] = {f.task for f in self.inflight.values()}
-        if pending:
-            force: asyncio.Future[Any] = asyncio.ensure_future(self.force.wait())
-            deadline = time.monotonic() + self.settings.shutdown_grace
-            while pending and not force.done() and (left := deadline - time.monotonic()) > 0:
-                _, pending = await asyncio.wait(
-                    {*pending, force}, timeout=left, return_when=asyncio.FIRST_COMPLETED
-                )
-                pending.discard(force)
-            force.cancel()
-        leftover = list(self.inflight.values())
-        for flight in leftover:
-            self._cancel_job(flight.job.id, SHUTDOWN)
-        await asyncio.gather(*(f.task for f in leftover), return_exceptions=True)
-        if leftover:
-            released = await self.queue.release([f.job.key for f in leftover])
-            for flight in leftover:
-                self._emit("released", job=flight.job, backend=flight.backend)
-            log.info("released unfinished jobs back to pending", released=released)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.listener.stop()
-        for backend in self.backends.values():
-            await backend.aclose()
-        await self.sink.aclose()
+    async def _wind_down(self) -> None:
+        """Let running jobs finish within ``shutdown_grace``; hand the rest back to pending."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.shutdown_grace):
+                while self.running and not self.force.is_set():
+                    self.wake.clear()
+                    await self.wake.wait()
+        for running in list(self.running.values()):
+            running.stop(StopReason.SHUTDOWN)
+
+    async def _close_pool(self) -> None:
         try:
-            await self.queue.unregister()
-        finally:
-            await self.pool.close()
-        log.info("worker stopped", worker_id=str(self.id))
+            async with asyncio.timeout(10):
+                await self.pool.close()
+        except TimeoutError:
+            self.pool.terminate()
 
-    # --- claiming ----------------------------------------------------------------------
+    # --- the claim loop -------------------------------------------------------------
 
-    async def _poll_timeout(self) -> float:
-        timeout = self.settings.poll_interval
-        try:
-            until_next = await self.queue.seconds_until_next_run()
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
-            return timeout
-        if until_next is not None:
-            timeout = min(timeout, max(until_next, 0.01))
-        return timeout
-
-    async def claim_loop(self) -> None:
-        while not self.stopping:
+    async def _claim_loop(self) -> None:
+        timeout = 0.0
+        while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), await self._poll_timeout())
+                async with asyncio.timeout(timeout):
+                    await self.wake.wait()
             self.wake.clear()
             if self.stopping:
-                break
+                return
+            self.liveness.claim_busy_since = time.monotonic()
             try:
+                await self.fleet.refresh()
                 await self._drain()
-            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+                timeout = await self._poll_timeout()
+            except DB_ERRORS as exc:
                 log.warning("claim failed; retrying at the next wake-up", error=str(exc))
-                await asyncio.sleep(min(1.0, self.settings.poll_interval))
-
-    def _free_slots(self, backend: str) -> int:
-        busy = sum(1 for f in self.inflight.values() if f.backend == backend)
-        total_free = self.settings.concurrency - len(self.inflight)
-        return max(0, min(self.backends[backend].capacity - busy, total_free))
-
-    async def _orphan_backends(self) -> list[str]:
-        """Backends no live worker serves, refreshed at most once per poll interval.
-
-        The default backend's claims take their jobs so they fail with a clear error.
-        """
-        now = time.monotonic()
-        if now - self._orphans_checked >= self.settings.poll_interval:
-            self._orphans = await self.queue.orphan_backends(self.settings.orphan_after)
-            self._orphans_checked = now
-        return self._orphans
+                timeout = min(1.0, self.settings.poll_interval)
+            except Exception:
+                log.exception("claim loop iteration failed; retrying at the next wake-up")
+                timeout = self.settings.poll_interval
+            finally:
+                self.liveness.claim_busy_since = None
 
     async def _drain(self) -> None:
-        """Claim until every backend is full or the backlog is empty."""
+        """Claim until every available backend is full or the backlog is empty."""
         for name in self.backends:
+            if not await self.fleet.available(name):
+                continue
+            is_default = name == self.default_backend
             while not self.stopping and (free := self._free_slots(name)) > 0:
-                is_default = name == self.default_backend
+                sent = time.monotonic()
                 jobs = await self.queue.claim(
                     name, is_default=is_default, limit=free, lease_seconds=self.settings.lease_seconds,
-                    orphans=await self._orphan_backends() if is_default else (),
-                    orphan_after=self.settings.orphan_after, held=list(self.inflight),
+                    orphans=self.fleet.orphans if is_default else (),
+                    orphan_after=self.settings.orphan_after, held=[key[0] for key in self.running],
                 )  # fmt: skip
                 for job in jobs:
-                    self._spawn(job, name)
+                    self._start_job(job, name, sent)
                 if len(jobs) < free:
                     break
 
-    def _spawn(self, job: Job, backend: str) -> None:
-        ctx = WorkerJobContext(self.queue, job)
-        task = asyncio.create_task(self._run_job(job, backend, ctx), name=f"imagen-job-{job.id}")
-        self.inflight[job.id] = InFlight(job, backend, ctx, task)
-        self._emit("claimed", job=job, backend=backend)
+    def _free_slots(self, backend: str) -> int:
+        busy = sum(1 for running in self.running.values() if running.backend == backend)
+        total_free = self.settings.concurrency - len(self.running)
+        return max(0, min(self.backends[backend].capacity - busy, total_free))
 
-        def finished(_: asyncio.Task[None]) -> None:
-            self.inflight.pop(job.id, None)
-            self._cancel_reasons.pop(job.id, None)
-            self.wake.set()
+    async def _poll_timeout(self) -> float:
+        until_next = await self.queue.seconds_until_next_run()
+        if until_next is None:
+            return self.settings.poll_interval
+        return min(self.settings.poll_interval, max(until_next, 0.01))
 
-        task.add_done_callback(finished)
+    def _start_job(self, job: Job, backend: str, claimed_at: float) -> None:
+        running = RunningJob(job, backend, WorkerJobContext(self.queue, job))
+        self.running[running.key] = running
+        running.renewed(claimed_at, self._stop_after)
+        running.task = self._jobs.create_task(self.runner.run(running), name=f"imagen-job-{job.id}")
+        running.task.add_done_callback(lambda _: self._job_finished(running))
+        self._emit(Event.CLAIMED, job=job, backend=backend)
 
-    # --- heartbeats and cancellation ---------------------------------------------------
+    def _job_finished(self, running: RunningJob) -> None:
+        running.finished()
+        self.running.pop(running.key, None)
+        self.wake.set()
+
+    # --- the heartbeat loop ---------------------------------------------------------
+
+    @property
+    def _stop_after(self) -> float:
+        """Stop a job this long after its last renewal: before the lease could expire."""
+        return self.settings.lease_seconds * 2 / 3
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.settings.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                async with asyncio.timeout(interval):
+                    await self._heartbeat()
+            except DB_ERRORS as exc:
+                log.warning("heartbeat failed", error=str(exc) or type(exc).__name__)
+            except Exception:
+                log.exception("heartbeat failed")
+            self.liveness.heartbeat_at = time.monotonic()
+
+    async def _heartbeat(self) -> None:
+        sent = time.monotonic()
+        renewals = await self.queue.heartbeat(list(self.running), self.settings.lease_seconds)
+        for key, renewal in renewals.items():
+            running = self.running.get(key)
+            if running is None:
+                continue
+            if not renewal.ours:
+                running.stop(StopReason.LEASE_LOST)
+            elif renewal.cancel_requested:
+                running.stop(StopReason.CANCELLED)
+            elif renewal.renewed:
+                running.renewed(sent, self._stop_after)
+        await self._register()
 
     async def _register(self) -> None:
         await self.queue.register(
@@ -266,131 +342,30 @@ class Worker:
             self.default_backend,
         )  # fmt: skip
 
-    async def _heartbeat_loop(self) -> None:
-        interval = self.settings.lease_seconds / 3
+    async def _unregister(self) -> None:
+        try:
+            await self.queue.unregister()
+        except DB_ERRORS as exc:
+            log.warning("could not mark this worker stopped in the registry", error=str(exc))
+
+    # --- the control loop -----------------------------------------------------------
+
+    async def _control_loop(self) -> None:
         while True:
-            await asyncio.sleep(interval)
+            await self.control.wait()
+            self.control.clear()
             try:
-                await self._heartbeat()
-            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
-                log.warning("heartbeat failed", error=str(exc))
+                requested = await self.queue.cancel_requested(list(self.running))
+            except DB_ERRORS as exc:
+                log.warning("could not re-read cancel requests; the heartbeat will", error=str(exc))
+                continue
+            for key in requested:
+                if (running := self.running.get(key)) is not None:
+                    running.stop(StopReason.CANCELLED)
 
-    async def _heartbeat(self) -> None:
-        keys = [flight.job.key for flight in self.inflight.values()]
-        renewed = await self.queue.heartbeat(keys, self.settings.lease_seconds)
-        for job_id, attempt in keys:
-            renewal = renewed.get((job_id, attempt))
-            if renewal is None or not renewal.ours:
-                self._cancel_job(job_id, LEASE_LOST)
-            elif renewal.cancel_requested:
-                self._cancel_job(job_id, CANCEL)
-        await self._register()
-
-    def _on_cancel(self, job_id: UUID) -> None:
-        self._cancel_job(job_id, CANCEL)
-
-    def _cancel_job(self, job_id: UUID, reason: str) -> None:
-        flight = self.inflight.get(job_id)
-        if flight is None or flight.task.done() or job_id in self._cancel_reasons:
-            return
-        self._cancel_reasons[job_id] = reason
-        flight.ctx.cancel_requested = reason == CANCEL
-        flight.task.cancel()
-
-    # --- one job -------------------------------------------------------------------------
-
-    async def _run_job(self, job: Job, backend: str, ctx: WorkerJobContext) -> None:
-        # Bound in this job's own task context, so every line logged while it runs (the
-        # backend's and the storage sink's too) carries the job's id, backend and attempt.
-        structlog.contextvars.bind_contextvars(
-            job_id=str(job.id), backend=job.backend or backend, attempt=job.attempts
-        )
-        jlog = log
-        jlog.info("job claimed", waited_seconds=round(job.waited_seconds, 4))
-        try:
-            await self._execute(job, ctx, jlog)
-        except LeaseLost as exc:
-            jlog.warning("lease lost; another worker owns the job now", detail=str(exc))
-        except asyncio.CancelledError:
-            await ctx.close()
-            reason = self._cancel_reasons.get(job.id)
-            if reason is None:
-                raise
-            if reason == CANCEL:
-                await self._quietly(self.queue.cancelled(job), jlog)
-                self._emit("cancelled", job=job, backend=backend)
-                jlog.info("job cancelled by its owner")
-            elif reason == LEASE_LOST:
-                jlog.warning("lease lost; stopped working on the job")
-        except Exception as exc:  # a bug below us must not kill the daemon
-            jlog.exception("unexpected error while running the job")
-            error = RetryableError(f"internal error: {type(exc).__name__}: {exc}")
-            await self._record_error(job, backend, error, jlog)
-
-    async def _execute(self, job: Job, ctx: WorkerJobContext, jlog: Any) -> None:
-        if job.attempts > job.max_attempts:
-            message = (
-                f"gave up after {job.max_attempts} attempts: the worker running this job "
-                "stopped responding each time"
-            )
-            await self.queue.fail(job, message, {"attempts": job.attempts})
-            self._emit("failed", job=job, backend=job.backend or self.default_backend)
-            jlog.error("job failed", error=message)
-            return
-        if job.cancel_requested:
-            await self.queue.cancelled(job)
-            self._emit("cancelled", job=job, backend=job.backend or self.default_backend)
-            return
-        try:
-            artifact = await self.pipeline.run(job.id, spec_of(job), ctx)
-        except JobError as error:
-            await ctx.close()
-            await self._record_error(job, job.backend or self.default_backend, error, jlog)
-            return
-        await ctx.close()
-        try:
-            image_id = await self.queue.complete(job, image_record(artifact))
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
-            # The image is on disk and in storage; the journal makes the retry reuse both.
-            lost = RetryableError(f"could not record the result in the database: {exc}")
-            await self._record_error(job, artifact.backend, lost, jlog)
-            return
-        pipeline_module.forget(self.config.output.directory, job.id)
-        self._emit("done", job=job, backend=artifact.backend, artifact=artifact)
-        jlog.info(
-            "job done",
-            image_id=str(image_id),
-            path=str(artifact.image_path),
-            storage_path=artifact.storage_key,
-            reused_local_image=artifact.reused,
-        )
-
-    async def _record_error(self, job: Job, backend: str, error: JobError, jlog: Any) -> None:
-        outcome = await self._quietly(
-            self.queue.record_error(
-                job, error, base=self.settings.retry_base_seconds, cap=self.settings.retry_max_seconds
-            ),
-            jlog,
-        )
-        if outcome is not None:
-            self._emit(outcome, job=job, backend=backend, error=error)
-            log_method = jlog.warning if outcome == "retried" else jlog.error
-            log_method(f"job {outcome}", error=error.message, retryable=error.retryable)
-
-    async def _quietly(self, write: Any, jlog: Any) -> Any:
-        """A final write that may fail (lease lost, database down): the lease then expires and
-        another attempt picks the job up, so logging is all that is left to do."""
-        try:
-            return await asyncio.shield(write)
-        except LeaseLost:
-            jlog.warning("lease lost before the outcome was recorded")
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
-            jlog.error("could not record the outcome; the lease will expire", error=str(exc))
-        return None
-
-    def _emit(self, event: str, **data: Any) -> None:
+    def _emit(self, event: Event, **data: Any) -> None:
         for hook in self.hooks:
             try:
                 hook(event, data)
             except Exception:
-                log.exception("event hook failed", hook_event=event)
+                log.exception("event hook failed", hook_event=str(event))

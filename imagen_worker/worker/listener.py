@@ -1,7 +1,9 @@
 """The dedicated LISTEN connection: a wake-up hint, never the source of truth.
 
 It lives outside the pool and never runs a transaction (a listener inside a transaction gets
-nothing until it ends). Notifications only set events; the claim loop re-reads the table. A
+nothing until it ends). Notifications only set events; the claim loop re-reads the table, and
+a message on ``imagen_control`` only makes the worker re-read its running jobs' rows: anyone
+who can connect can send one, so its payload is never trusted. A
 lost connection is reconnected with backoff and then reported as a wake-up, so the loop runs
 a catch-up claim: LISTEN first, then claim, so nothing falls into the gap. A notification that
 arrived while disconnected is gone forever, which is why the safety poll exists.
@@ -10,10 +12,8 @@ arrived while disconnected is gone forever, which is why the safety poll exists.
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
-from uuid import UUID
 
 import asyncpg
 import structlog
@@ -33,14 +33,16 @@ class Listener:
         self,
         dsn: str,
         on_wake: Callable[[], None],
-        on_cancel: Callable[[UUID], None],
+        on_control: Callable[[], None],
         *,
         health_interval: float = 5.0,
+        server_settings: Mapping[str, str] | None = None,
     ) -> None:
         self.dsn = dsn
         self.on_wake = on_wake
-        self.on_cancel = on_cancel
+        self.on_control = on_control
         self.health_interval = health_interval
+        self.server_settings = dict(server_settings or {})
         self.connected = False
         self.reconnects = 0
         self.backend_pid: int | None = None
@@ -61,7 +63,12 @@ class Listener:
         self.connected = False
 
     async def _connect(self) -> None:
-        conn = await connect(self.dsn, application_name="imagen-worker listener", timeout=10)
+        conn = await connect(
+            self.dsn,
+            application_name="imagen-worker listener",
+            timeout=10,
+            server_settings=self.server_settings,
+        )
         conn.add_termination_listener(self._terminated)
         await conn.add_listener(JOBS_CHANNEL, self._notified)
         await conn.add_listener(CONTROL_CHANNEL, self._notified)
@@ -76,12 +83,9 @@ class Listener:
 
     def _notified(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
         if channel == CONTROL_CHANNEL:
-            try:
-                self.on_cancel(UUID(json.loads(payload)["cancel"]))
-            except (ValueError, KeyError, TypeError):
-                log.warning("ignoring malformed control message", payload=payload[:200])
-            return
-        self.on_wake()
+            self.on_control()
+        else:
+            self.on_wake()
 
     async def _healthy(self) -> bool:
         conn = self._conn
@@ -116,3 +120,4 @@ class Listener:
             self.reconnects += 1
             log.info("listener reconnected", reconnects=self.reconnects)
             self.on_wake()
+            self.on_control()  # a cancel announced while disconnected is re-read from the rows

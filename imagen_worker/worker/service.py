@@ -7,7 +7,6 @@ the worker emits events, and this module turns them into metrics.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import structlog
@@ -18,21 +17,25 @@ from imagen_worker.observability.metrics import HealthServer, Readiness
 from imagen_worker.observability.sdnotify import Notifier
 from imagen_worker.queries import sql
 from imagen_worker.worker.daemon import Worker
+from imagen_worker.worker.running import Event
 
 log = structlog.get_logger("imagen.service")
 
-_OUTCOMES = {"done", "failed", "retried", "cancelled", "released"}
+_OUTCOMES = {Event.DONE, Event.FAILED, Event.RETRIED, Event.REQUEUED, Event.CANCELLED, Event.RELEASED}
 
 
-def record_metrics(event: str, data: dict[str, Any]) -> None:
+def record_metrics(event: Event, data: dict[str, Any]) -> None:
     backend = str(data.get("backend"))
-    if event == "claimed":
+    if event is Event.CLAIMED:
         m.JOBS_CLAIMED.labels(backend=backend).inc()
         m.PICKUP_LATENCY.labels(backend=backend).observe(max(data["job"].waited_seconds, 0.0))
         m.JOBS_IN_FLIGHT.labels(backend=backend).inc()
         return
+    if event is Event.BACKEND_UNAVAILABLE:
+        m.BACKEND_OUTAGES.labels(backend=backend).inc()
+        return
     if event in _OUTCOMES:
-        m.JOBS_FINISHED.labels(backend=backend, outcome=event).inc()
+        m.JOBS_FINISHED.labels(backend=backend, outcome=event.value).inc()
         m.JOBS_IN_FLIGHT.labels(backend=backend).dec()
     artifact = data.get("artifact")
     if artifact is not None:
@@ -50,7 +53,6 @@ class Service:
         self.notifier = Notifier.from_env()
         self.health: HealthServer | None = None
         self._backend_health: dict[str, bool] = {}
-        self._last_loop_tick = time.monotonic()
 
     async def readiness(self) -> Readiness:
         try:
@@ -58,17 +60,22 @@ class Service:
             database = True
         except Exception:
             database = False
+        unavailable = {
+            name: reason
+            for name, backend in self.worker.backends.items()
+            if (reason := backend.unavailable_reason) is not None
+        }
         return Readiness(
             database=database,
             listener=self.worker.listener.connected,
-            backends=dict(self._backend_health),
+            backends={name: ok and name not in unavailable for name, ok in self._backend_health.items()},
+            unavailable=unavailable,
         )
 
     async def _observe(self) -> None:
-        """Every few seconds: listener and backend gauges, queue depth, loop liveness."""
+        """Every few seconds: listener and backend gauges, queue depth."""
         seen_reconnects = 0
         while True:
-            self._last_loop_tick = time.monotonic()
             listener = self.worker.listener
             m.LISTENER_CONNECTED.set(1 if listener.connected else 0)
             if listener.reconnects > seen_reconnects:
@@ -81,7 +88,8 @@ class Service:
                 except Exception:
                     healthy = False
                 self._backend_health[name] = healthy
-                m.BACKEND_HEALTHY.labels(backend=name).set(1 if healthy else 0)
+                available = healthy and backend.unavailable_reason is None
+                m.BACKEND_HEALTHY.labels(backend=name).set(1 if available else 0)
             try:
                 await m.METRICS.refresh_queue_depth(self.worker.pool)
             except Exception as exc:
@@ -89,8 +97,20 @@ class Service:
             await asyncio.sleep(5)
 
     def _alive(self) -> bool:
-        """Withhold watchdog pings when the observe loop has stalled for long."""
-        return time.monotonic() - self._last_loop_tick < 60
+        """Feed the watchdog only while the claim and heartbeat loops make progress.
+
+        Every database wait of either loop ends within ``command_timeout`` (plus a heartbeat
+        interval), so a loop silent for longer than that and a lease is wedged, not waiting on
+        an unreachable database: then systemd may restart the worker.
+        """
+        interval = self.notifier.watchdog_interval or 0.0
+        bound = self.config.worker.lease_seconds + self.config.database.command_timeout
+        return self.worker.liveness.progressing(max(interval * 2, bound))
+
+    async def _announce_stop(self) -> None:
+        await self.worker.draining.wait()
+        self.notifier.stopping()
+        self.notifier.status(f"draining {len(self.worker.running)} running jobs")
 
     async def run(self) -> None:
         worker = self.worker
@@ -98,28 +118,26 @@ class Service:
         self.notifier.status("starting: migrating and connecting")
         await worker.start()
         m.METRICS.prime(worker.backends)
-        tasks = [
-            asyncio.create_task(self._observe()),
-            asyncio.create_task(self.notifier.keepalive(self._alive)),
-        ]
-        if self.serve_metrics:
-            self.health = HealthServer(self.config.metrics.host, self.config.metrics.port, self.readiness)
-            port = await self.health.start()
-            log.info("metrics and health endpoints listening", host=self.config.metrics.host, port=port)
-        self.notifier.ready()
-        self.notifier.status(f"serving {', '.join(sorted(worker.backends))}")
         try:
-            await worker.claim_loop()
+            if self.serve_metrics:
+                self.health = HealthServer(self.config.metrics.host, self.config.metrics.port, self.readiness)
+                port = await self.health.start()
+                log.info("metrics and health endpoints listening", host=self.config.metrics.host, port=port)
+            async with asyncio.TaskGroup() as group:
+                helpers = [
+                    group.create_task(self._observe()),
+                    group.create_task(self.notifier.keepalive(self._alive)),
+                    group.create_task(self._announce_stop()),
+                ]
+                self.notifier.ready()
+                self.notifier.status(f"serving {', '.join(sorted(worker.backends))}")
+                try:
+                    await worker.serve()
+                finally:
+                    for helper in helpers:
+                        helper.cancel()
         finally:
-            self.notifier.stopping()
-            self.notifier.status("draining in-flight jobs")
-            released_before = len(worker.inflight)
-            await worker.shutdown()
-            if released_before:
-                log.info("shutdown complete", in_flight_at_stop=released_before)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await worker.close()  # already closed by serve() unless it never started
             if self.health is not None:
                 await self.health.stop()
             self.notifier.close()

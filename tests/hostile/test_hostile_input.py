@@ -192,6 +192,7 @@ async def worker(
     monkeypatch.setenv("IMAGEN_WORKER__RETRY_BASE_SECONDS", "0.02")
     monkeypatch.setenv("IMAGEN_WORKER__RETRY_MAX_SECONDS", "0.05")
     monkeypatch.setenv("IMAGEN_WORKER__SHUTDOWN_GRACE", "5")
+    monkeypatch.setenv("IMAGEN_WORKER__ORPHAN_AFTER", "0")  # unknown backends fail at once here
     worker = Worker(load_config(), database_url, run_migrations=False)
     task = asyncio.create_task(worker.run())
     try:

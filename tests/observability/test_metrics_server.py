@@ -24,6 +24,7 @@ EXPECTED = {
     "imagen_listener_reconnects": ("counter", ()),
     "imagen_listener_connected": ("gauge", ()),
     "imagen_backend_healthy": ("gauge", ("backend",)),
+    "imagen_backend_outages": ("counter", ("backend",)),
 }
 
 
@@ -124,7 +125,9 @@ async def test_readyz_follows_the_callback(served: tuple[str, _Probe, Metrics]) 
     base, probe, _ = served
     status, content_type, body = await _get(base + "/readyz")
     assert (status, content_type) == (200, "application/json")
-    assert json.loads(body) == {"ready": True, "database": True, "listener": True, "backends": {"mock": True}}
+    assert json.loads(body) == {
+        "ready": True, "database": True, "listener": True, "backends": {"mock": True}, "unavailable": {}
+    }  # fmt: skip
 
     probe.state = Readiness(database=True, listener=False, backends={"mock": True})
     status, _, body = await _get(base + "/readyz")
@@ -135,6 +138,11 @@ async def test_readyz_follows_the_callback(served: tuple[str, _Probe, Metrics]) 
 
     probe.state = Readiness(database=True, listener=True, backends={"mock": False, "comfy": True})
     assert (await _get(base + "/readyz"))[0] == 200
+
+    down = "ComfyUI at http://gpu:8188 is unreachable"
+    probe.state = Readiness(True, True, backends={"comfy": False}, unavailable={"comfy": down})
+    status, _, body = await _get(base + "/readyz")
+    assert status == 503 and json.loads(body)["unavailable"] == {"comfy": down}
 
 
 async def test_readyz_is_503_when_the_callback_fails_or_hangs(served: tuple[str, _Probe, Metrics]) -> None:

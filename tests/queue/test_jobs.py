@@ -338,3 +338,21 @@ async def test_a_backend_outage_requeues_without_spending_an_attempt_up_to_a_cap
     assert row["outage_requeues"] == 2
     assert row["status"] == "failed" and row["attempts"] == 2, "past the cap an outage spends attempts"
     assert row["error"] == "ComfyUI at http://gpu:8188 is unreachable (gave up after 2 attempts)"
+
+
+async def test_boot_recovery_skips_rows_another_booting_worker_holds(
+    db: asyncpg.Pool, database_url: str
+) -> None:
+    await enqueue(db)
+    await enqueue(db)
+    held, free = await claim(worker(db), limit=2)
+    await expire_leases(db)
+    other = await asyncpg.connect(database_url)
+    try:
+        async with other.transaction():
+            await other.execute("SELECT 1 FROM imagen.jobs WHERE id = $1 FOR UPDATE", held.id)
+            assert await asyncio.wait_for(worker(db).requeue_expired(), timeout=2) == 1
+    finally:
+        await other.close()
+    statuses = dict(await db.fetch("SELECT id, status FROM imagen.jobs"))
+    assert statuses == {held.id: "running", free.id: "pending"}

@@ -10,7 +10,9 @@ import asyncpg
 import httpx
 import pytest
 
+from imagen_worker.backends.mock import MockBackend
 from imagen_worker.config import load_config
+from imagen_worker.observability.metrics import Readiness
 from imagen_worker.worker.service import Service
 from tests.workers import eventually, insert_job, terminal, write_config
 
@@ -39,7 +41,10 @@ async def test_a_running_service_is_ready_counts_its_jobs_and_talks_to_systemd(
         base = f"http://127.0.0.1:{service.health.port}"  # type: ignore[union-attr]
         async with httpx.AsyncClient(base_url=base) as http:
             ready = await eventually(lambda: _ready(http), within=10)
-            assert ready == {"ready": True, "database": True, "listener": True, "backends": {"mock": True}}
+            assert ready == {
+                "ready": True, "database": True, "listener": True,
+                "backends": {"mock": True}, "unavailable": {},
+            }  # fmt: skip
 
             before = metric((await http.get("/metrics")).text, "imagen_jobs_finished_total",
                             backend="mock", outcome="done")  # fmt: skip
@@ -75,3 +80,36 @@ def _drain(sock: socket.socket) -> list[str]:
             lines.extend(sock.recv(4096).decode().splitlines())
         except BlockingIOError:
             return lines
+
+
+class Unavailable(MockBackend):
+    @property
+    def unavailable_reason(self) -> str | None:
+        return "ComfyUI at http://gpu:8188 is unreachable"
+
+
+async def test_readiness_names_each_unavailable_backend_and_its_reason(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    config = load_config(write_config(tmp_path, backends={"mock": {"type": "mock"}, "gpu": {"type": "mock"}}))
+    service = Service(config, database_url, run_migrations=False, serve_metrics=False)
+    running = asyncio.create_task(service.run())
+    try:
+        await eventually(lambda: _started(service), within=20)
+        service.worker.backends["gpu"] = Unavailable.from_config("gpu", {"type": "mock"})
+        state = await eventually(lambda: _reports(service, "gpu"), within=10)
+    finally:
+        service.worker.request_stop()
+        await asyncio.wait_for(running, timeout=30)
+    assert state.ready, "one available backend keeps the worker ready"
+    assert state.backends == {"mock": True, "gpu": False}
+    assert state.unavailable == {"gpu": "ComfyUI at http://gpu:8188 is unreachable"}
+
+
+async def _started(service: Service) -> bool:
+    return service.worker.ready.is_set()
+
+
+async def _reports(service: Service, name: str) -> Readiness | None:
+    state = await service.readiness()
+    return state if name in state.unavailable and name in state.backends else None

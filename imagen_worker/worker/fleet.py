@@ -1,0 +1,95 @@
+"""What the claim loop must know beyond its own jobs: which backends nobody serves, and which
+of its own backends are unavailable right now.
+
+Both end up in words on the waiting jobs' rows (``jobs.progress``), so the web UI and
+``imagen status`` can say why a job is still pending:
+
+    {"state": "waiting", "reason": "no_worker", "backend": "slow",
+     "message": "no worker serves backend 'slow' yet"}
+    {"state": "waiting", "reason": "backend_unavailable", "backend": "gpu",
+     "message": "<the adapter's unavailable_reason>"}
+
+The claim clears the row's progress; a backend that becomes available again clears its own
+reason at once. Writes are bounded per call and skip rows that already say the same.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import structlog
+
+from imagen_worker.backends.base import Backend
+from imagen_worker.config import WorkerConfig
+from imagen_worker.queue.jobs import Queue
+from imagen_worker.worker.running import Emit, Event
+
+log = structlog.get_logger("imagen.worker")
+
+NO_WORKER = "no_worker"
+UNAVAILABLE = "backend_unavailable"
+
+
+def waiting(reason: str, backend: str, message: str) -> dict[str, str]:
+    return {"state": "waiting", "reason": reason, "backend": backend, "message": message}
+
+
+class Fleet:
+    def __init__(
+        self,
+        queue: Queue,
+        backends: Mapping[str, Backend],
+        default_backend: str,
+        settings: WorkerConfig,
+        emit: Emit,
+    ) -> None:
+        self.queue = queue
+        self.backends = backends
+        self.default_backend = default_backend
+        self.settings = settings
+        self.emit = emit
+        self.orphans: list[str] = []
+        self.outages: dict[str, str] = {}  # backend -> the reason its rows show
+        self._refreshed = float("-inf")
+
+    async def refresh(self) -> None:
+        """At most once per poll interval: find unserved backends and say so on their rows.
+
+        A backend is orphaned (its jobs that waited ``orphan_after`` fail) only when no worker
+        has served it for ``orphan_after``; a shorter gap, like a restart, only makes it wait.
+        """
+        now = time.monotonic()
+        if now - self._refreshed < self.settings.poll_interval:
+            return
+        self._refreshed = now
+        unserved = await self.queue.unserved_backends()
+        self.orphans = [u.backend for u in unserved if u.orphaned(self.settings.orphan_after)]
+        for u in unserved:
+            note = waiting(NO_WORKER, u.backend, f"no worker serves backend {u.backend!r} yet")
+            await self.queue.mark_waiting(u.backend, note)
+        for name, reason in self.outages.items():
+            await self._mark(name, reason)
+
+    async def available(self, name: str) -> bool:
+        """Whether to claim for ``name`` now; records outages and their end on the rows."""
+        reason = self.backends[name].unavailable_reason
+        previous = self.outages.get(name)
+        if reason is None:
+            if previous is not None:
+                del self.outages[name]
+                self.emit(Event.BACKEND_AVAILABLE, backend=name)
+                log.info("backend available again; claiming", backend=name)
+                await self.queue.clear_waiting(name, UNAVAILABLE, with_default=name == self.default_backend)
+            return True
+        if reason != previous:
+            self.outages[name] = reason
+            if previous is None:
+                self.emit(Event.BACKEND_UNAVAILABLE, backend=name, reason=reason)
+                log.warning("backend unavailable; its jobs wait in the queue", backend=name, reason=reason)
+            await self._mark(name, reason)
+        return False
+
+    async def _mark(self, name: str, reason: str) -> None:
+        note = waiting(UNAVAILABLE, name, reason)
+        await self.queue.mark_waiting(name, note, with_default=name == self.default_backend)

@@ -1,0 +1,252 @@
+"""One running job: its task, its context, why it was stopped, and the code that runs it.
+
+A job is keyed by (job id, attempt): one execution. Whatever stops it early (its owner's
+cancel, a lease another worker took, a lease this worker could not renew in time, shutdown)
+is recorded as a ``StopReason`` before its task is cancelled, so the task knows what to
+write afterwards. Once the outcome is being written the job is ``settled`` and no longer
+stoppable: a final write is never interrupted halfway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import asyncpg
+import structlog
+
+from imagen_worker import pipeline as pipeline_module
+from imagen_worker.config import WorkerConfig
+from imagen_worker.errors import BackendUnavailable, JobError, LeaseLost, RetryableError
+from imagen_worker.pipeline import Artifact, Pipeline
+from imagen_worker.queue.jobs import ImageRecord, Job, JobKey, JobSpec, Outcome, Queue
+from imagen_worker.worker.context import WorkerJobContext
+
+log = structlog.get_logger("imagen.worker")
+
+T = TypeVar("T")
+DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+class StopReason(enum.Enum):
+    """Why a running job's task was cancelled; decides what is written afterwards."""
+
+    CANCELLED = "cancelled by its owner"
+    LEASE_LOST = "another worker owns the job now"
+    LEASE_UNRENEWED = "its lease could not be renewed in time"
+    SHUTDOWN = "the worker is shutting down"
+
+
+class Event(enum.StrEnum):
+    """What the worker tells its hooks (metrics, tests, benchmarks)."""
+
+    CLAIMED = "claimed"
+    DONE = "done"
+    FAILED = "failed"
+    RETRIED = "retried"
+    REQUEUED = "requeued"
+    CANCELLED = "cancelled"
+    RELEASED = "released"
+    BACKEND_UNAVAILABLE = "backend_unavailable"
+    BACKEND_AVAILABLE = "backend_available"
+
+
+Emit = Callable[..., None]
+
+
+@dataclass(eq=False)
+class RunningJob:
+    job: Job
+    backend: str
+    ctx: WorkerJobContext
+    task: asyncio.Task[None] | None = None
+    stop_reason: StopReason | None = None
+    settled: bool = False
+    _deadline: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+    @property
+    def key(self) -> JobKey:
+        return self.job.key
+
+    def stop(self, reason: StopReason) -> None:
+        """Cancel the job's task for ``reason``; the first reason wins."""
+        if self.stop_reason is not None or self.settled or self.task is None or self.task.done():
+            return
+        self.stop_reason = reason
+        self.ctx.cancel_requested = reason is StopReason.CANCELLED
+        self.task.cancel()
+
+    def renewed(self, sent_at: float, stop_after: float) -> None:
+        """The lease was renewed by a statement sent at ``sent_at`` (monotonic).
+
+        Unless renewed again, the job stops ``stop_after`` seconds later, before the lease
+        can expire: a lease is only ever re-taken after its holder let go.
+        """
+        if self._deadline is not None:
+            self._deadline.cancel()
+        delay = max(0.0, sent_at + stop_after - time.monotonic())
+        self._deadline = asyncio.get_running_loop().call_later(delay, self.stop, StopReason.LEASE_UNRENEWED)
+
+    def finished(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+
+
+def spec_of(job: Job) -> JobSpec:
+    return JobSpec(
+        owner_user_id=job.owner_user_id, prompt=job.prompt, negative_prompt=job.negative_prompt,
+        backend=job.backend, style=job.style, width=job.width, height=job.height, steps=job.steps,
+        seed=job.seed, params=job.params, max_attempts=job.max_attempts,
+    )  # fmt: skip
+
+
+def image_record(artifact: Artifact) -> ImageRecord:
+    return ImageRecord(
+        storage_path=artifact.storage_key, mime_type=artifact.mime_type, bytes=artifact.bytes,
+        sha256=artifact.sha256, backend=artifact.backend, seed=artifact.seed,
+        latency_ms=artifact.latency_ms, sidecar=artifact.sidecar, model=artifact.model,
+    )  # fmt: skip
+
+
+class JobRunner:
+    """Runs one claimed job to its recorded outcome; never raises (the daemon never dies)."""
+
+    def __init__(
+        self, queue: Queue, pipeline: Pipeline, settings: WorkerConfig, output_dir: Path, emit: Emit
+    ) -> None:
+        self.queue = queue
+        self.pipeline = pipeline
+        self.settings = settings
+        self.output_dir = output_dir
+        self.emit = emit
+
+    async def run(self, running: RunningJob) -> None:
+        job = running.job
+        # Bound in this job's own task context, so every line logged while it runs (the
+        # backend's and the storage sink's too) carries the job's id, backend and attempt.
+        structlog.contextvars.bind_contextvars(
+            job_id=str(job.id), backend=running.backend, attempt=job.attempts
+        )
+        log.info("job claimed", waited_seconds=round(job.waited_seconds, 4))
+        try:
+            await self._execute(running)
+        except LeaseLost as exc:
+            log.warning("lease lost; another worker owns the job now", detail=str(exc))
+        except asyncio.CancelledError:
+            if running.stop_reason is None:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # the stop is handled here; later awaits must not see it again
+            try:
+                async with asyncio.timeout(self.settings.lease_seconds / 3):
+                    await running.ctx.close()
+                    await self._stopped(running, running.stop_reason)
+            except TimeoutError:
+                log.warning("could not record why the job stopped; its lease will expire")
+        except Exception as exc:  # a bug below us must not kill the daemon
+            log.exception("unexpected error while running the job")
+            running.settled = True
+            await self._record_error(running, RetryableError(f"internal error: {type(exc).__name__}: {exc}"))
+
+    async def _execute(self, running: RunningJob) -> None:
+        job = running.job
+        if job.attempts > job.max_attempts:
+            running.settled = True
+            message = (
+                f"gave up after {job.max_attempts} attempts: the worker running this job "
+                "stopped responding each time"
+            )
+            await self.queue.fail(job, message, {"attempts": job.attempts})
+            self.emit(Event.FAILED, job=job, backend=running.backend)
+            log.error("job failed", error=message)
+            return
+        if job.cancel_requested:
+            running.settled = True
+            await self.queue.cancelled(job)
+            self.emit(Event.CANCELLED, job=job, backend=running.backend)
+            return
+        try:
+            artifact = await self.pipeline.run(job.id, spec_of(job), running.ctx)
+        except JobError as error:
+            running.settled = True
+            await running.ctx.close()
+            await self._record_error(running, error)
+            return
+        running.settled = True
+        await running.ctx.close()
+        try:
+            image_id = await self.queue.complete(job, image_record(artifact))
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+            # The image is on disk and in storage; the journal makes the retry reuse both.
+            await self._record_error(
+                running, RetryableError(f"could not record the result in the database: {exc}")
+            )
+            return
+        pipeline_module.forget(self.output_dir, job.id)
+        self.emit(Event.DONE, job=job, backend=artifact.backend, artifact=artifact)
+        log.info(
+            "job done",
+            image_id=str(image_id),
+            path=str(artifact.image_path),
+            storage_path=artifact.storage_key,
+            reused_local_image=artifact.reused,
+        )
+
+    async def _stopped(self, running: RunningJob, reason: StopReason) -> None:
+        job = running.job
+        if reason is StopReason.CANCELLED:
+            if await self._quietly(self._write_cancelled(job)):
+                self.emit(Event.CANCELLED, job=job, backend=running.backend)
+                log.info("job cancelled by its owner")
+        elif reason is StopReason.LEASE_LOST:
+            log.warning("lease lost; stopped working on the job")
+        else:
+            # Shutdown, or a lease this worker could not renew (database stalled, row locked):
+            # hand the job back without spending its attempt. When the database cannot be
+            # reached the lease simply expires and another worker takes the job.
+            released = await self._quietly(self.queue.release([job.key]))
+            if released:
+                self.emit(Event.RELEASED, job=job, backend=running.backend)
+            log.warning("job stopped and handed back", why=reason.value, released=bool(released))
+
+    async def _record_error(self, running: RunningJob, error: JobError) -> None:
+        job = running.job
+        outcome = await self._quietly(
+            self.queue.record_error(
+                job, error, base=self.settings.retry_base_seconds, cap=self.settings.retry_max_seconds,
+                max_outage_requeues=self.settings.max_outage_requeues,
+            )
+        )  # fmt: skip
+        if outcome is None:
+            return
+        self.emit(Event(outcome.value), job=job, backend=running.backend, error=error)
+        if outcome is Outcome.REQUEUED:
+            log.warning("backend unavailable; job back to pending without spending an attempt",
+                        error=error.message, outage_requeues=job.outage_requeues + 1)  # fmt: skip
+        elif outcome is Outcome.RETRIED:
+            log.warning("job retried", error=error.message, retryable=error.retryable)
+        else:
+            log.error("job failed", error=error.message, retryable=error.retryable)
+        if isinstance(error, BackendUnavailable) and outcome is not Outcome.REQUEUED:
+            log.warning("outage requeues used up; the outage counted as an attempt")
+
+    async def _write_cancelled(self, job: Job) -> bool:
+        await self.queue.cancelled(job)
+        return True
+
+    async def _quietly(self, write: Awaitable[T]) -> T | None:
+        """A final write that may fail (lease lost, database down): the lease then expires and
+        another attempt picks the job up, so logging is all that is left to do. None = failed."""
+        try:
+            return await asyncio.shield(write)
+        except LeaseLost:
+            log.warning("lease lost before the outcome was recorded")
+        except DB_ERRORS as exc:
+            log.error("could not record the outcome; the lease will expire", error=str(exc))
+        return None
