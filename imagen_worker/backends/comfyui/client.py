@@ -13,8 +13,8 @@ This is the one place that knows how ComfyUI talks:
   "gone" is only decided together with ``/queue``; see ``backend.py``.
 - ``/queue``, ``/interrupt`` and ``/history`` POSTs answer 200 with an empty body.
 - Newer servers have a Jobs API whose ``POST /api/jobs/{id}/cancel`` dequeues or interrupts
-  atomically; older ones answer 405 (the frontend's static route takes GET only) or 404. The
-  first cancel finds out which, once per connection.
+  atomically; older ones answer 404 or 405 (their frontend's static route takes any path, for
+  GET only). The first cancel finds out which, once per connection.
 - ``status`` messages (queue length) are broadcast to every socket on every queue change, also
   for other clients' prompts: the owner hears about foreign work through ``on_change``.
 

@@ -119,3 +119,17 @@ async def test_with_several_instances_capacity_counts_the_healthy_ones_and_work_
     await second_fake.start()
     await until(lambda: backend.capacity == 6)
     assert wakeups.count >= 2
+
+
+async def test_a_worker_booting_while_comfyui_is_down_starts_unavailable_and_picks_up_when_it_is_up(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    await fake.stop()
+
+    backend = await make_backend(fake, connect_timeout=0.3)
+    wakeups = Wakeups(backend)
+
+    assert (backend.capacity, backend.unavailable_reason) == (0, UNAVAILABLE)
+    await fake.start()
+    await until(lambda: backend.unavailable_reason is None)
+    assert backend.capacity == 3 and wakeups.count == 1
