@@ -1,6 +1,8 @@
-"""Chaos run: worker processes killed and restarted, database paths blackholed, rows locked,
-the backend taken down, listener connections terminated and PostgreSQL restarted while several
-hundred jobs with random failures go through the queue.
+"""Chaos run: workers killed, restarted, cut off, blocked and left without a backend under load.
+
+Worker processes are killed and restarted, database paths blackholed, rows locked, the backend
+taken down, listener connections terminated and PostgreSQL restarted while several hundred
+jobs with random failures go through the queue.
 
 Three ``imagen-worker run`` subprocesses, each reaching PostgreSQL through its own fault proxy
 (``tests/faults/proxy.py``), serve a recording backend (``tests/faults/recording.py``: latency,

@@ -31,7 +31,7 @@ async def test_two_workers_booting_together_recover_each_expired_job_once(
         uuid.uuid4(),  # a worker that crashed: no registry row, no live process
     )
     async with Fleet(database_url, tmp_path) as fleet:
-        backends = {"gpu": fleet.backend(latency_ms=400, capacity=4)}
+        backends = {"gpu": fleet.backend(latency_ms=800, capacity=4)}
         settings = {"poll_interval": 0.5, "concurrency": 4}
         first = fleet.add("first", backends=backends, worker=settings)
         second = fleet.add("second", backends=backends, worker=settings)
