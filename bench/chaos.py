@@ -1,17 +1,33 @@
-"""Chaos run: worker processes killed with SIGKILL, listener connections terminated and
-PostgreSQL restarted while several hundred jobs with random failures go through the queue.
+"""Chaos run: workers killed, restarted, cut off, blocked and left without a backend under load.
 
-Three ``imagen-worker run`` subprocesses serve a mock backend with latency and a random
-retryable failure rate, lease 3 s. Jobs are inserted in bursts during the first half of the
-run. Meanwhile: every few seconds a random worker gets SIGKILL and is started again; listener
-connections (the ones whose last statement was ``LISTEN`` or the listener's health ping) are
-ended with ``pg_terminate_backend``; once, PostgreSQL itself is restarted with
-``pg_ctlcluster`` where this process has the rights (skipped otherwise, and said so). Then
-every job must reach a terminal state and the invariants below must hold:
+Worker processes are killed and restarted, database paths blackholed, rows locked, the backend
+taken down, listener connections terminated and PostgreSQL restarted while several hundred
+jobs with random failures go through the queue.
+
+Three ``imagen-worker run`` subprocesses, each reaching PostgreSQL through its own fault proxy
+(``tests/faults/proxy.py``), serve a recording backend (``tests/faults/recording.py``: latency,
+a random retryable failure rate, and a ledger of every execution with its start and end), lease
+3 s. Jobs are inserted in bursts during the first half of the run. Meanwhile:
+
+* every few seconds a random worker gets SIGKILL and is started again;
+* rolling restarts: each worker in turn gets SIGTERM, stays down longer than a poll interval
+  and comes back, as in a deploy;
+* blackholes: one worker's database path forwards nothing for longer than the lease, then heals;
+* lock holders: a client holds ``SELECT ... FOR UPDATE`` on a running job's row for longer than
+  the lease;
+* backend outages: the backend says it is down and its running renders die, then it is back;
+* listener connections are ended with ``pg_terminate_backend``;
+* once, PostgreSQL itself is restarted with ``pg_ctlcluster`` where this process has the rights
+  (skipped otherwise, and said so).
+
+Then every job must reach a terminal state and the invariants below must hold:
 
 * none lost: every inserted job is still there, and every one is terminal;
 * none completed twice: at most one ``imagen.images`` row per job, exactly one for every done
   job (and ``jobs.image_id`` points at it), none for a job that is not done;
+* none rendered twice at once: no two executions of one job overlap in time (an execution cut
+  short by SIGKILL ends when its process was killed), and none is left open;
+* none wrongly failed: the only failed jobs are those told to fail (``fail: terminal``);
 * images rows == done jobs;
 * storage holds exactly the images rows: the local storage directory's files are the
   ``storage_path`` of the images rows, no more, no fewer.
@@ -52,6 +68,9 @@ from bench.common import (
     write_result,
     write_worker_config,
 )
+from tests.faults.ledger import overlapping, read_ledger
+from tests.faults.proxy import FaultProxy
+from tests.faults.recording import subprocess_env
 
 T = TypeVar("T")
 
@@ -76,6 +95,15 @@ class ChaosOptions:
     max_attempts: int = 6
     settle_timeout: float = 180.0
     seed: int | None = None
+    poll_interval: float = 1.0
+    rolling_restarts: int = 1
+    down_seconds: float = 2.0  # each worker of a rolling restart; more than a poll interval
+    blackholes: int = 1
+    blackhole_seconds: float = 8.0  # more than two leases
+    lock_holds: int = 1
+    lock_seconds: float = 30.0
+    backend_outages: int = 1
+    outage_seconds: float = 10.0
 
 
 @dataclass
@@ -95,12 +123,32 @@ class ChaosReport:
     attempts: dict[str, int] = field(default_factory=dict)
     failure_reasons: dict[str, int] = field(default_factory=dict)
     lease_lost_logged: int = 0
+    rolling_restarts: int = 0
+    graceful_restarts: int = 0
+    blackholes: int = 0
+    lock_holds: int = 0
+    backend_outages: int = 0
+    executions: int = 0
+    overlapping_executions: int = 0
+    open_executions: int = 0
+    lost: int = 0
+    double: int = 0
+    wrongly_failed: int = 0
     seconds: float = 0.0
     violations: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.violations
+
+    @property
+    def faults(self) -> int:
+        """Every fault injected: kills, graceful restarts, blackholes, lock holds, outages,
+        listener terminations and a PostgreSQL restart."""
+        return (
+            self.kills + self.graceful_restarts + self.blackholes + self.lock_holds
+            + self.backend_outages + self.listener_terminations + int(self.postgres_restarted)
+        )  # fmt: skip
 
 
 # --- PostgreSQL restart ------------------------------------------------------------------------
@@ -136,30 +184,39 @@ class Chaos:
         self.rng = random.Random(options.seed)
         self.storage_dir = workdir / "storage"
         self.logs = workdir / "logs"
+        self.ledger = workdir / "ledger.jsonl"
+        self.down_file = workdir / "backend-down"
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.proxies: list[FaultProxy] = []
+        self.kill_times: dict[int, float] = {}
+        self.maintenance: set[int] = set()  # workers a rolling restart is cycling: not killed
         self.inserted: list[uuid.UUID] = []
+        self.terminal_jobs: set[uuid.UUID] = set()
         self.report = ChaosReport(options=asdict(options))
         config = write_worker_config(
             workdir,
             backends={
-                "mock": {
-                    "type": "mock",
+                "gpu": {
+                    "type": "recording",
+                    "ledger": str(self.ledger),
                     "latency_ms": options.latency_ms,
                     "fail_rate": options.fail_rate,
                     "capacity": 4,
+                    "down_file": str(self.down_file),
                 }
             },
             storage={"type": "local", "directory": str(self.storage_dir)},
             worker={
                 "concurrency": 4,
                 "lease_seconds": options.lease_seconds,
-                "poll_interval": 1.0,
+                "poll_interval": options.poll_interval,
                 "retry_base_seconds": 0.2,
                 "retry_max_seconds": 1.0,
                 "shutdown_grace": 5.0,
             },
         )
-        self.env = worker_env(dsn, config)
+        self.config_path = config
+        self.entry_points = subprocess_env(workdir / "entry-points")
 
     async def connect(self, *, timeout: float = 60.0) -> asyncpg.Connection:
         """A fresh connection, retried while PostgreSQL restarts."""
@@ -197,15 +254,25 @@ class Chaos:
         return await self._retried(fetch)
 
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
-        return spawn_worker(self.env, self.logs / f"worker-{index}.log")
+        env = worker_env(self.proxies[index].dsn(self.dsn), self.config_path, **self.entry_points)
+        return spawn_worker(env, self.logs / f"worker-{index}.log")
+
+    def _kill(self, index: int) -> None:
+        proc = self.procs[index]
+        if proc.poll() is None:
+            self.kill_times[proc.pid] = time.time()
+        kill_worker(proc)
 
     async def insert_batch(self, count: int) -> None:
         owner = uuid.uuid4()
         rows = []
         for i in range(count):
             terminal = self.rng.random() < self.options.terminal_share
-            params = {"mock_fail": "terminal"} if terminal else {}
-            rows.append((uuid.uuid4(), owner, f"chaos job {len(self.inserted) + i}", json.dumps(params)))
+            params = {"fail": "terminal"} if terminal else {}
+            job_id = uuid.uuid4()
+            if terminal:
+                self.terminal_jobs.add(job_id)
+            rows.append((job_id, owner, f"chaos job {len(self.inserted) + i}", json.dumps(params)))
 
         async def insert(conn: asyncpg.Connection) -> None:
             await conn.executemany(
@@ -239,13 +306,92 @@ class Chaos:
         self.report.postgres_restarted = True
         print(f"  restarted PostgreSQL ({note})", flush=True)
 
+    # --- the faults that take a while run as their own tasks ---------------------------
+
+    async def rolling_restart(self) -> None:
+        """SIGTERM each worker in turn; it stays down ``down_seconds`` and comes back."""
+        for index in range(len(self.procs)):
+            while index in self.maintenance:  # the kill loop is restarting this one
+                await asyncio.sleep(0.05)
+            self.maintenance.add(index)
+            try:
+                await asyncio.to_thread(stop_worker, self.procs[index], timeout=30)
+                await asyncio.sleep(self.options.down_seconds)
+                self.procs[index] = self._spawn(index)
+                self.report.graceful_restarts += 1
+                await asyncio.sleep(self.options.down_seconds)  # let it boot and work a little
+            finally:
+                self.maintenance.discard(index)
+        self.report.rolling_restarts += 1
+
+    async def blackhole(self) -> None:
+        proxy = self.proxies[self.rng.randrange(len(self.proxies))]
+        proxy.blackhole()
+        self.report.blackholes += 1
+        try:
+            await asyncio.sleep(self.options.blackhole_seconds)
+        finally:
+            proxy.restore()
+
+    async def hold_lock(self) -> None:
+        """Hold a running job's row with ``SELECT ... FOR UPDATE`` for ``lock_seconds``."""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            conn = await self.connect()
+            try:
+                async with conn.transaction():
+                    locked = await conn.fetchval(
+                        "SELECT id FROM imagen.jobs WHERE status = 'running' LIMIT 1 FOR UPDATE"
+                    )
+                    if locked is not None:
+                        self.report.lock_holds += 1
+                        await asyncio.sleep(self.options.lock_seconds)
+                        return
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                pass  # PostgreSQL restarted under us: try again
+            finally:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+            await asyncio.sleep(0.2)
+
+    async def backend_outage(self) -> None:
+        self.down_file.touch()
+        self.report.backend_outages += 1
+        try:
+            await asyncio.sleep(self.options.outage_seconds)
+        finally:
+            self.down_file.unlink(missing_ok=True)
+
+    def _schedule(self) -> list[asyncio.Task[None]]:
+        """Each long fault once per requested count, at a random moment of the run."""
+        opts = self.options
+        faults: list[Callable[[], Awaitable[None]]] = [
+            *[self.rolling_restart] * opts.rolling_restarts,
+            *[self.blackhole] * opts.blackholes,
+            *[self.hold_lock] * opts.lock_holds,
+            *[self.backend_outage] * opts.backend_outages,
+        ]
+
+        async def later(at: float, fault: Callable[[], Awaitable[None]]) -> None:
+            await asyncio.sleep(at)
+            await fault()
+
+        return [
+            asyncio.create_task(later(self.rng.uniform(0.1, 0.5) * opts.duration, fault)) for fault in faults
+        ]
+
     async def run(self) -> ChaosReport:
         opts = self.options
         started = time.monotonic()
         self.storage_dir.mkdir(parents=True, exist_ok=True)
+        self.proxies = [FaultProxy.for_dsn(self.dsn) for _ in range(opts.workers)]
+        for proxy in self.proxies:
+            proxy.start()
+        faults: list[asyncio.Task[None]] = []
         try:
             self.procs = [self._spawn(i) for i in range(opts.workers)]
             await self._wait_registered(opts.workers)
+            faults = self._schedule()
             batches = 8
             insert_at = [opts.duration * 0.5 * i / batches for i in range(batches)]
             per_batch = [opts.jobs // batches + (1 if i < opts.jobs % batches else 0) for i in range(batches)]
@@ -260,11 +406,16 @@ class Chaos:
                     await self.insert_batch(per_batch.pop(0))
                 if now >= next_kill:
                     victim = self.rng.randrange(len(self.procs))
-                    kill_worker(self.procs[victim])
-                    self.report.kills += 1
-                    await asyncio.sleep(self.rng.uniform(0.1, 1.0))
-                    self.procs[victim] = self._spawn(victim)
-                    self.report.restarts += 1
+                    if victim not in self.maintenance:
+                        self.maintenance.add(victim)
+                        try:
+                            self._kill(victim)
+                            self.report.kills += 1
+                            await asyncio.sleep(self.rng.uniform(0.1, 1.0))
+                            self.procs[victim] = self._spawn(victim)
+                            self.report.restarts += 1
+                        finally:
+                            self.maintenance.discard(victim)
                     next_kill = now + opts.kill_every * self.rng.uniform(0.7, 1.3)
                 if listener_at and now >= listener_at[0]:
                     listener_at.pop(0)
@@ -275,13 +426,21 @@ class Chaos:
                 await asyncio.sleep(0.1)
             for batch in per_batch:  # a duration too short for all bursts: insert the rest now
                 await self.insert_batch(batch)
+            await asyncio.gather(*faults)
             for index, proc in enumerate(self.procs):
                 if proc.poll() is not None:
                     self.procs[index] = self._spawn(index)
             await self._wait_terminal(opts.settle_timeout)
         finally:
-            for proc in self.procs:
-                stop_worker(proc, timeout=15)
+            for task in faults:
+                task.cancel()
+            await asyncio.gather(*faults, return_exceptions=True)
+            for proxy in self.proxies:
+                proxy.restore()
+            await asyncio.gather(*(asyncio.to_thread(stop_worker, proc, timeout=15) for proc in self.procs))
+            for proxy in self.proxies:
+                proxy.close()
+            self.down_file.unlink(missing_ok=True)
         self.report.seconds = round(time.monotonic() - started, 1)
         await self.check()
         return self.report
@@ -319,6 +478,16 @@ class Chaos:
         )
         ids = {row["id"] for row in jobs}
         lost = set(self.inserted) - ids
+        report.lost = len(lost) + sum(
+            1 for row in jobs if row["status"] not in ("done", "failed", "cancelled")
+        )
+        wrongly = [row for row in jobs if row["status"] == "failed" and row["id"] not in self.terminal_jobs]
+        report.wrongly_failed = len(wrongly)
+        if wrongly:
+            violations.append(
+                f"{len(wrongly)} jobs failed that were not told to, e.g. {wrongly[0]['error']!r}"
+            )
+        self.check_ledger()
         if lost:
             violations.append(f"{len(lost)} inserted jobs are missing, e.g. {sorted(map(str, lost))[:3]}")
         if len(jobs) != len(self.inserted):
@@ -330,6 +499,7 @@ class Chaos:
             )
         per_job = Counter(row["job_id"] for row in images)
         twice = {job_id: n for job_id, n in per_job.items() if n > 1}
+        report.double = len(twice) + report.overlapping_executions
         if twice:
             violations.append(f"{len(twice)} jobs have more than one images row")
         if None in per_job:
@@ -366,6 +536,27 @@ class Chaos:
             report.listener_reconnects_logged += text.count("listener connection lost")
             report.lease_lost_logged += text.count("lease lost")
 
+    def check_ledger(self) -> None:
+        """No two executions of one job overlapped; a SIGKILLed one ended at its kill."""
+        report = self.report
+        executions = read_ledger(self.ledger)
+        for run in executions:
+            if run.end is None and run.pid in self.kill_times:
+                run.end, run.outcome = self.kill_times[run.pid], "killed"
+        report.executions = len(executions)
+        still_open = [run for run in executions if run.end is None]
+        report.open_executions = len(still_open)
+        if still_open:
+            report.violations.append(f"{len(still_open)} executions never ended, e.g. {still_open[0]}")
+        pairs = overlapping(executions)
+        report.overlapping_executions = len({a.job for a, _ in pairs})
+        if pairs:
+            a, b = pairs[0]
+            report.violations.append(
+                f"{report.overlapping_executions} jobs rendered twice at the same time, e.g. job {a.job}: "
+                f"attempt {a.attempt} on pid {a.pid} and attempt {b.attempt} on pid {b.pid}"
+            )
+
 
 async def run_chaos(options: ChaosOptions, workdir: Path | None = None) -> ChaosReport:
     """One chaos run in a scratch database (dropped afterwards); returns the report."""
@@ -378,15 +569,19 @@ async def run_chaos(options: ChaosOptions, workdir: Path | None = None) -> Chaos
 
 def print_report(report: ChaosReport) -> None:
     print("\nChaos run")
-    for key in ("seconds", "jobs_inserted", "kills", "restarts", "listener_terminations",
-                "listener_reconnects_logged", "postgres_restarted", "postgres_restart_note", "statuses",
-                "images", "storage_files", "storage_temp_files", "attempts", "lease_lost_logged",
-                "failure_reasons"):  # fmt: skip
+    for key in ("seconds", "jobs_inserted", "kills", "restarts", "rolling_restarts", "graceful_restarts",
+                "blackholes", "lock_holds", "backend_outages", "listener_terminations",
+                "listener_reconnects_logged", "postgres_restarted", "postgres_restart_note", "faults",
+                "statuses", "images", "storage_files", "storage_temp_files", "attempts", "executions",
+                "overlapping_executions", "lease_lost_logged", "failure_reasons", "lost", "double",
+                "wrongly_failed"):  # fmt: skip
         print(f"  {key:28s} {getattr(report, key)}")
     checks = [
         "every job terminal",
         "no job lost",
         "no job completed twice (<= 1 images row per job; exactly 1 per done job)",
+        "no job rendered twice at the same time (execution ledger)",
+        "no job failed that was not told to",
         "images rows == done jobs",
         "storage objects == images rows",
     ]
@@ -409,6 +604,13 @@ def main() -> None:
     parser.add_argument("--no-postgres-restart", action="store_true")
     parser.add_argument("--fail-rate", type=float, default=0.15)
     parser.add_argument("--latency-ms", type=float, default=150.0)
+    parser.add_argument("--rolling-restarts", type=int, default=1)
+    parser.add_argument("--blackholes", type=int, default=1)
+    parser.add_argument("--blackhole-seconds", type=float, default=8.0)
+    parser.add_argument("--lock-holds", type=int, default=1)
+    parser.add_argument("--lock-seconds", type=float, default=30.0)
+    parser.add_argument("--backend-outages", type=int, default=1)
+    parser.add_argument("--outage-seconds", type=float, default=10.0)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--keep", type=Path, help="keep logs and storage in this directory")
     args = parser.parse_args()
@@ -416,10 +618,13 @@ def main() -> None:
         jobs=args.jobs, workers=args.workers, duration=args.duration, kill_every=args.kill_every,
         listener_kills=args.listener_kills, restart_postgres=not args.no_postgres_restart,
         fail_rate=args.fail_rate, latency_ms=args.latency_ms, seed=args.seed,
+        rolling_restarts=args.rolling_restarts, blackholes=args.blackholes,
+        blackhole_seconds=args.blackhole_seconds, lock_holds=args.lock_holds, lock_seconds=args.lock_seconds,
+        backend_outages=args.backend_outages, outage_seconds=args.outage_seconds,
     )  # fmt: skip
     report = asyncio.run(run_chaos(options, args.keep))
     print_report(report)
-    write_result("chaos", {**asdict(report), "ok": report.ok})
+    write_result("chaos", {**asdict(report), "faults": report.faults, "ok": report.ok})
     raise SystemExit(0 if report.ok else 1)
 
 

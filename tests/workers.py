@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -134,13 +134,15 @@ def worker_env(dsn: str, config_path: Path) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """A real ``imagen-worker run`` subprocess."""
+    """A real ``imagen-worker run`` subprocess; ``env`` adds variables (e.g. ``PYTHONPATH``)."""
 
-    def __init__(self, dsn: str, config_path: Path, log_path: Path) -> None:
+    def __init__(
+        self, dsn: str, config_path: Path, log_path: Path, *, env: Mapping[str, str] | None = None
+    ) -> None:
         self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [str(BIN / "imagen-worker"), "run", "--no-migrate", "--no-metrics", "--log-format", "json"],
-            env=worker_env(dsn, config_path),
+            env={**worker_env(dsn, config_path), **(env or {})},
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
@@ -158,6 +160,15 @@ class WorkerProcess:
 
     def wait(self, timeout: float) -> int:
         return self.proc.wait(timeout=timeout)
+
+    async def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM and wait for the exit without blocking the event loop (fakes may live in it)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.to_thread(self.proc.wait, timeout)
+        finally:
+            self.stop()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
