@@ -15,7 +15,7 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -153,12 +153,19 @@ class Pipeline:
         return backend
 
     async def run(
-        self, job_id: UUID, spec: JobSpec, ctx: JobContext, *, strict_upload: bool = True
+        self,
+        job_id: UUID,
+        spec: JobSpec,
+        ctx: JobContext,
+        *,
+        strict_upload: bool = True,
+        rendered: Callable[[], None] = lambda: None,
     ) -> Artifact:
         """Generate (or reuse a journaled result), write locally, then store.
 
         With ``strict_upload`` an upload failure raises (the worker retries the job); without
-        it the error is returned on the artifact (the CLI reports it and exits 0).
+        it the error is returned on the artifact (the CLI reports it and exits 0). ``rendered``
+        is called once the image is on local disk, before the upload.
         """
         # File work (fsync, hashing) runs in a thread: heartbeats share this event loop.
         directory = self.output.directory
@@ -166,6 +173,7 @@ class Pipeline:
         if artifact is None:
             artifact = await self._generate(job_id, spec, ctx)
             await asyncio.to_thread(_write_journal, directory, job_id, artifact)
+        rendered()
         started = time.perf_counter()
         try:
             stored = await self.sink.put(artifact.storage_key, artifact.image_path, artifact.mime_type)

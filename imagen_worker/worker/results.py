@@ -9,6 +9,7 @@ cancelled are removed; those of a job that will be retried stay as the same-host
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -21,12 +22,18 @@ from imagen_worker.queue.jobs import ImageRecord, Job, JobSpec, Queue
 
 
 async def produce(
-    pipeline: Pipeline, queue: Queue, job: Job, spec: JobSpec, ctx: JobContext
+    pipeline: Pipeline,
+    queue: Queue,
+    job: Job,
+    spec: JobSpec,
+    ctx: JobContext,
+    rendered: Callable[[], None] = lambda: None,
 ) -> tuple[ImageRecord, Artifact | None]:
     """The images row to write, and the artifact when this attempt generated it."""
     if job.result is not None:
+        rendered()
         return ImageRecord.from_result(job.result), None
-    artifact = await pipeline.run(job.id, spec, ctx)
+    artifact = await pipeline.run(job.id, spec, ctx, rendered=rendered)
     record = artifact.image_record()
     try:
         await queue.record_upload(job, record)

@@ -68,6 +68,9 @@ class RunningJob:
     task: asyncio.Task[None] | None = None
     stop_reason: StopReason | None = None
     settled: bool = False
+    # The image is on local disk: a shutdown lets the upload and the final write finish (each
+    # has its own timeouts) instead of throwing the render away for another worker to repeat.
+    rendered: bool = False
     _deadline: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     @property
@@ -78,9 +81,14 @@ class RunningJob:
         """Cancel the job's task for ``reason``; the first reason wins."""
         if self.stop_reason is not None or self.settled or self.task is None or self.task.done():
             return
+        if reason is StopReason.SHUTDOWN and self.rendered:
+            return
         self.stop_reason = reason
         self.ctx.cancel_requested = reason is StopReason.CANCELLED
         self.task.cancel()
+
+    def mark_rendered(self) -> None:
+        self.rendered = True
 
     def renewed(self, sent_at: float, stop_after: float) -> None:
         """The lease was renewed by a statement sent at ``sent_at`` (monotonic).
@@ -169,7 +177,7 @@ class JobRunner:
             return
         try:
             record, artifact = await results.produce(
-                self.pipeline, self.queue, job, spec_of(job), running.ctx
+                self.pipeline, self.queue, job, spec_of(job), running.ctx, running.mark_rendered
             )
             running.settled = True
             await running.ctx.close()

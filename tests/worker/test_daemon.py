@@ -13,6 +13,7 @@ import asyncpg
 from imagen_worker.backends.base import GenerateRequest, GenerateResult, JobContext
 from imagen_worker.backends.mock import MockBackend
 from imagen_worker.queue.jobs import JobSpec, Queue
+from tests.fakes.storage import FakeStorage
 from tests.workers import eventually, image_row, insert_job, job_row, make_config, running_worker, terminal
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-000000000001")
@@ -235,3 +236,23 @@ async def test_the_backend_is_told_to_stop_remote_work_only_when_the_owner_cance
         await eventually(lambda: _status_is(db, released, "running"))
     assert backend.seen == [True, False], "owner cancel stops remote work; shutdown lets it run on"
     assert (await job_row(db, released))["status"] == "pending"
+
+
+async def test_a_shutdown_finishes_the_upload_of_a_rendered_image_instead_of_throwing_it_away(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, storage: FakeStorage
+) -> None:
+    storage.upload_latency = 1.5  # the grace runs out while the rendered image is uploading
+    config = make_config(tmp_path, worker={"shutdown_grace": 0.2}, storage={"type": "supabase"})
+    async with running_worker(config, database_url) as worker:
+        job_id = await insert(db, "rendered before the deploy")
+        await eventually(lambda: _uploading(storage))
+        worker.request_stop()
+
+    job = await job_row(db, job_id)
+    assert job["status"] == "done", job["error"]
+    assert job["attempts"] == 1
+    assert storage.object_count() == 1
+
+
+async def _uploading(storage: FakeStorage) -> bool:
+    return any(r.method == "PUT" for r in storage.requests)
