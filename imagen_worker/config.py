@@ -34,7 +34,7 @@ from imagen_worker.errors import ConfigError
 DEFAULT_PATH = Path("~/.config/imagen.yaml")
 CloudSync = Literal["auto", "on", "off"]
 
-_SWITCH_WORDS = {"true": "on", "yes": "on", "false": "off", "no": "off"}
+SWITCH_WORDS = {"true": "on", "yes": "on", "false": "off", "no": "off"}
 
 _SECRET_KEY = re.compile(
     r"^(api[_-]?key|apikey|token|access[_-]?token|auth[_-]?token|password|passwd|secret|"
@@ -67,8 +67,8 @@ class OutputConfig(_Block):
         """YAML reads a plain ``off``/``on``/``yes``/``no`` as a boolean: take it as meant."""
         if isinstance(value, bool):
             return "on" if value else "off"
-        if isinstance(value, str) and value.strip().lower() in _SWITCH_WORDS:
-            return _SWITCH_WORDS[value.strip().lower()]
+        if isinstance(value, str) and value.strip().lower() in SWITCH_WORDS:
+            return SWITCH_WORDS[value.strip().lower()]
         return value
 
     @field_validator("directory")

@@ -16,6 +16,7 @@ import os
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Literal, cast
 
+from imagen_worker.config import SWITCH_WORDS
 from imagen_worker.errors import ConfigError
 from imagen_worker.storage.base import StorageSink, StoredObject
 from imagen_worker.storage.keys import InvalidStorageKey, MissingCredentials
@@ -69,6 +70,7 @@ def effective_cloud_sync(config: Config, *, no_cloud: bool = False) -> CloudSync
     raw = os.environ.get(CLOUD_SYNC_ENV)
     if raw is not None and raw.strip():
         value = raw.strip().lower()
+        value = SWITCH_WORDS.get(value, value)  # on/off the way the config file takes them
         if value not in _MODES:
             raise ConfigError(f"${CLOUD_SYNC_ENV}={raw!r}: use auto, on or off")
         return value

@@ -152,7 +152,8 @@ class SupabaseSink(StorageSink):
             )
         if not bucket or "/" in bucket:
             raise ConfigError(f"storage.bucket: {bucket!r} is not a bucket name")
-        self.url = url.rstrip("/")
+        # The project URL; one copied with the API path (``…/storage/v1``) means the same server.
+        self.url = url.rstrip("/").removesuffix("/storage/v1")
         self.api = self.url + "/storage/v1"
         self.bucket = bucket
         self.timeout = timeout

@@ -59,12 +59,21 @@ def test_no_cloud_beats_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert effective_cloud_sync(config, no_cloud=True) == "off"
 
 
+@pytest.mark.parametrize(("raw", "mode"), [("false", "off"), ("No", "off"), ("true", "on"), ("yes", "on")])
+def test_imagen_cloud_sync_takes_the_same_switch_words_as_the_file(
+    raw: str, mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IMAGEN_CLOUD_SYNC", raw)
+
+    assert effective_cloud_sync(_config(tmp_path)) == mode
+
+
 def test_an_invalid_imagen_cloud_sync_is_a_config_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("IMAGEN_CLOUD_SYNC", "yes")
+    monkeypatch.setenv("IMAGEN_CLOUD_SYNC", "sometimes")
 
-    with pytest.raises(ConfigError, match=r"\$IMAGEN_CLOUD_SYNC='yes': use auto, on or off"):
+    with pytest.raises(ConfigError, match=r"\$IMAGEN_CLOUD_SYNC='sometimes': use auto, on or off"):
         effective_cloud_sync(_config(tmp_path))
 
 

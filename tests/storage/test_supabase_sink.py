@@ -65,6 +65,16 @@ async def test_put_streams_the_file_with_service_key_headers_and_lowercase_upser
     assert "transfer-encoding" not in request.headers
 
 
+async def test_a_url_copied_with_the_api_path_reaches_the_same_server(
+    fake_storage: FakeStorage, make_sink: Make, image_file: Path
+) -> None:
+    await make_sink(url=fake_storage.url + "/storage/v1/").put(KEY, image_file, "image/png")
+
+    (request,) = fake_storage.requests
+    assert request.raw_path == f"/storage/v1/object/imagen-generated/{KEY}"
+    assert fake_storage.get(KEY) is not None
+
+
 @pytest.mark.parametrize("failure", [500, 503, 429, 544, "drop"])
 async def test_put_retries_transient_failures_then_succeeds_with_one_object(
     fake_storage: FakeStorage, make_sink: Make, image_file: Path, failure: int | str

@@ -207,15 +207,15 @@ def load_workflow(spec: str, bindings: Any = None, checkpoint: str | None = None
     try:
         data = json.loads(path.read_text("utf-8"))
     except OSError as exc:
-        raise WorkflowError(f"cannot read workflow {spec}: {exc.strerror or exc}") from None
+        raise WorkflowError(f"cannot read workflow file {spec}: {exc.strerror or exc}") from None
     except json.JSONDecodeError as exc:
-        raise WorkflowError(f"workflow {spec} is not valid JSON: {exc}") from None
-    graph = check_api_format(data, f"workflow {spec}")
+        raise WorkflowError(f"workflow file {spec} is not valid JSON: {exc}") from None
+    graph = check_api_format(data, f"workflow file {spec}")
     parsed = parse_bindings(graph, bindings, spec)
     missing = [name for name in REQUIRED_BINDINGS if name not in parsed]
     if missing:
-        raise WorkflowError(f"workflow {spec}: bindings must include {', '.join(missing)}")
-    return Workflow(source=f"workflow {spec}", graph=graph, bindings=parsed, defaults={})
+        raise WorkflowError(f"workflow file {spec}: bindings must include {', '.join(missing)}")
+    return Workflow(source=f"workflow file {spec}", graph=graph, bindings=parsed, defaults={})
 
 
 def job_workflow(spec: Mapping[str, Any]) -> Workflow:

@@ -58,7 +58,7 @@ def test_the_registry_builds_the_adapter_with_documented_defaults() -> None:
         ({"workflow": "sdxl-turbo"}, "workflow 'sdxl-turbo' is neither a built-in template"),
         (
             {"workflow": "/nowhere/wf.json"},
-            "cannot read workflow /nowhere/wf.json: No such file or directory",
+            "cannot read workflow file /nowhere/wf.json: No such file or directory",
         ),
         ({"lookahead": -1}, "lookahead: input should be greater than or equal to 0 (got -1)"),
         ({"lookahead": 17}, "lookahead: input should be less than or equal to 16 (got 17)"),
