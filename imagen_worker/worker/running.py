@@ -24,6 +24,7 @@ from imagen_worker import pipeline as pipeline_module
 from imagen_worker.config import WorkerConfig
 from imagen_worker.errors import BackendUnavailable, JobError, LeaseLost, RetryableError
 from imagen_worker.pipeline import Pipeline
+from imagen_worker.queue.batch import CompletionBatcher
 from imagen_worker.queue.jobs import Job, JobKey, JobSpec, Outcome, Queue
 from imagen_worker.worker import results
 from imagen_worker.worker.context import WorkerJobContext
@@ -117,6 +118,7 @@ class JobRunner:
         self.settings = settings
         self.output_dir = output_dir
         self.emit = emit
+        self.completions = CompletionBatcher(queue)
 
     async def run(self, running: RunningJob) -> None:
         job = running.job
@@ -173,7 +175,7 @@ class JobRunner:
             )
             running.settled = True
             await running.ctx.close()
-            image_id = await self.queue.complete(job, record)
+            image_id = await self.completions.complete(job, record)
         except JobError as error:
             running.settled = True
             await running.ctx.close()
