@@ -103,7 +103,7 @@ def _write_journal(directory: Path, job_id: UUID, artifact: Artifact) -> None:
     raw.pop("upload_error")
     raw["image_path"] = str(artifact.image_path)
     raw["sidecar_path"] = str(artifact.sidecar_path) if artifact.sidecar_path else None
-    output.write_image(_journal_path(directory, job_id), json.dumps(raw, default=str).encode())
+    output.write_copy(_journal_path(directory, job_id), json.dumps(raw, default=str).encode())
 
 
 def forget(directory: Path, job_id: UUID) -> None:
