@@ -257,5 +257,5 @@ class Pipeline:
             image_path=image_path, sidecar_path=sidecar_path, storage_key=names.storage_key,
             mime_type=facts.mime_type, bytes=len(data), sha256=sha256, seed=seed,
             backend=backend.name, model=result.model, latency_ms=latency_ms, sidecar=sidecar,
-            timings={"generate": generate_seconds}, width=facts.width, height=facts.height,
+            timings={"generate": generate_seconds, **result.timings}, width=facts.width, height=facts.height,
         )  # fmt: skip

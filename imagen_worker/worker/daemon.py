@@ -291,6 +291,7 @@ class Worker:
 
     def _start_job(self, job: Job, backend: str, claimed_at: float) -> None:
         running = RunningJob(job, backend, WorkerJobContext(self.queue, job))
+        running.claim_seconds = time.monotonic() - claimed_at
         self.running[running.key] = running
         running.renewed(claimed_at, self._stop_after)
         running.task = self._jobs.create_task(self.runner.run(running), name=f"imagen-job-{job.id}")

@@ -69,6 +69,7 @@ class RunningJob:
     task: asyncio.Task[None] | None = None
     stop_reason: StopReason | None = None
     settled: bool = False
+    claim_seconds: float = 0.0  # the claim statement's round trip, the job's first stage
     _deadline: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     @property
@@ -171,11 +172,15 @@ class JobRunner:
             return
         try:
             record, artifact = await results.produce(
-                self.pipeline, self.queue, job, spec_of(job), running.ctx
+                self.pipeline, self.queue, job, spec_of(job), running.ctx, claim_seconds=running.claim_seconds
             )
             running.settled = True
             await running.ctx.close()
+            recording = time.perf_counter()
             image_id = await self.completions.complete(job, record)
+            if artifact is not None:
+                recorded = time.perf_counter() - recording
+                artifact.timings["record"] = artifact.timings.get("record", 0.0) + recorded
         except JobError as error:
             running.settled = True
             await running.ctx.close()

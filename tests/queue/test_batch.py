@@ -15,7 +15,8 @@ from tests.queue.test_jobs import claim, enqueue, expire_leases, image, worker
 
 
 async def statuses(db: asyncpg.Pool, jobs: list[Job]) -> dict[uuid.UUID, str]:
-    rows = await db.fetch("SELECT id, status FROM imagen.jobs WHERE id = ANY($1::uuid[])", [j.id for j in jobs])
+    ids = [j.id for j in jobs]
+    rows = await db.fetch("SELECT id, status FROM imagen.jobs WHERE id = ANY($1::uuid[])", ids)
     return {row["id"]: row["status"] for row in rows}
 
 
