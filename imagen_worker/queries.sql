@@ -234,11 +234,7 @@ UPDATE imagen.job_runs w SET result = NULL, error_detail = NULL, updated_at = no
 FROM done WHERE w.job_id = done.id;
 
 -- name: complete_batch
--- Several jobs' completions in one statement and one commit (the worker's completion batcher).
--- $2 is a JSON array, one element per (job, attempt) with its images row. Each job is fenced
--- on its own (id, worker $1, attempt, running): a job whose lease was lost, or whose images
--- row conflicts with an existing one, is left untouched and reported, never failing the
--- others. Per input job: fenced (still ours) and image_id (NULL when nothing was written).
+-- Many completions, one commit, each job fenced alone (Queue.complete_many says more).
 WITH input AS (
     SELECT * FROM jsonb_to_recordset($2::jsonb) AS x (
         job_id uuid, attempt int, owner_user_id uuid, prompt text, prompt_hash text, backend text,

@@ -346,8 +346,11 @@ class Queue:
     async def complete_many(self, items: Sequence[tuple[Job, ImageRecord]]) -> list[Completion]:
         """Several completions in one statement and one commit, each job fenced on its own.
 
-        A job that is no longer ours, or whose images row conflicts with an existing one, is
-        reported (``Completion``) and left untouched; the others are recorded all the same.
+        The jobs go as one JSON array; each is fenced on (id, worker, attempt, running) under a
+        row lock. A job that is no longer ours, or whose images row conflicts with an existing
+        one, is reported (``Completion``) and left untouched; the others are recorded all the
+        same. (The statement keeps its images INSERT within the first 1,024 characters, so
+        ``pg_stat_activity`` shows it.)
         """
         payload = [_completion_row(job, image) for job, image in items]
         rows = await self.db.fetch(sql("complete_batch"), self._me, payload)
