@@ -17,7 +17,7 @@ from bench import backlog_scale, fairness, gpu_utilisation, memory, pickup_laten
 BENCHMARKS: dict[str, Callable[[], Awaitable[Any]]] = {
     "pickup_latency": lambda: pickup_latency.run(jobs=1000, backlog_rows=10_000),
     "throughput": lambda: throughput.run(jobs=4000),
-    "memory": lambda: memory.run(jobs=10_000),
+    "memory": lambda: memory.run(jobs=memory.SOAK_JOBS),
     "backlog_scale": lambda: backlog_scale.run((0, 100_000, 1_000_000)),
     "fairness": lambda: fairness.run(rows=1_000_000, owners=10_000),
     "gpu_utilisation": lambda: gpu_utilisation.run(jobs=200, gpu_ms=200, upload_ms=150),

@@ -88,6 +88,12 @@ async def _imagen_queue_worker(dsn: str) -> None:
         )  # fmt: skip
         await completions.complete(job, record)
 
+    freed = asyncio.Event()
+
+    def finished(task: asyncio.Task[Any]) -> None:
+        inflight.discard(task)
+        freed.set()
+
     print("READY", flush=True)
     while True:
         free = CONCURRENCY - len(inflight)
@@ -95,9 +101,13 @@ async def _imagen_queue_worker(dsn: str) -> None:
         for job in jobs:
             task = asyncio.create_task(finish(job))
             inflight.add(task)
-            task.add_done_callback(inflight.discard)
+            task.add_done_callback(finished)
         if not jobs:
-            await asyncio.sleep(0.002 if inflight else 0.01)
+            # Like the daemon: claim again when a job finishes (or, idle, at a short poll).
+            freed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(None if inflight else 0.01):
+                    await freed.wait()
 
 
 RESULTS_TABLE = """
