@@ -75,7 +75,7 @@ async def _imagen_queue_worker(dsn: str) -> None:
     from imagen_worker.queue.batch import CompletionBatcher
     from imagen_worker.queue.jobs import ImageRecord, Job, Queue
 
-    pool = await create_pool(dsn, min_size=4, max_size=CONCURRENCY + 2)
+    pool = await create_pool(dsn, min_size=4, max_size=CONCURRENCY + 2, full_reset=False)
     queue = Queue(pool, uuid.uuid4())
     completions = CompletionBatcher(queue)
     await queue.register("bench", os.getpid(), ["mock"], 60)

@@ -112,7 +112,7 @@ class Worker:
             await self._migrate()
         limits = self.config.database
         self.pool = await create_pool(
-            self.dsn, min_size=2, max_size=self.settings.concurrency + 4, limits=limits
+            self.dsn, min_size=2, max_size=self.settings.concurrency + 4, limits=limits, full_reset=False
         )
         stack.push_async_callback(self._close_pool)
         blocks = self.config.backend_blocks()
