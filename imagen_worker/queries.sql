@@ -234,7 +234,7 @@ UPDATE imagen.job_runs w SET result = NULL, error_detail = NULL, updated_at = no
 FROM done WHERE w.job_id = done.id;
 
 -- name: complete_batch
--- Many completions, one commit, each job fenced alone (Queue.complete_many says more).
+-- Many completions, one commit, each job fenced alone, rows locked in id order (see complete_many).
 WITH input AS (
     SELECT * FROM jsonb_to_recordset($2::jsonb) AS x (
         job_id uuid, attempt int, owner_user_id uuid, prompt text, prompt_hash text, backend text,
@@ -247,6 +247,7 @@ fenced AS MATERIALIZED (
     JOIN input i ON i.job_id = j.id AND i.attempt = j.attempts
     JOIN imagen.job_runs w ON w.job_id = j.id AND w.worker_id = $1
     WHERE j.status = 'running'
+    ORDER BY j.id
     FOR UPDATE OF j
 ),
 image AS (
