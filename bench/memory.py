@@ -41,6 +41,21 @@ def _mb(value: int) -> float:
     return round(value / 2**20, 1)
 
 
+def _anon(pid: int) -> int:
+    """Anonymous resident memory (heap, arenas; no mapped files), Linux's ``RssAnon``; 0 elsewhere.
+
+    RSS also counts pages of shared libraries the first time a code path touches them, which
+    looks like growth but is not; the anonymous part is where a leak would show.
+    """
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 async def run(jobs: int = 10_000, warmup: int | None = None) -> dict[str, Any]:
     warmup = warmup if warmup is not None else min(max(jobs // 10, 1_000), jobs)
     info = await machine_info()
@@ -62,14 +77,17 @@ async def run(jobs: int = 10_000, warmup: int | None = None) -> dict[str, Any]:
                 started = time.monotonic()
                 peak = idle
                 warm: int | None = None
+                warm_anon = 0
                 samples = []
                 while True:
                     rss = ps.memory_info().rss
                     peak = max(peak, rss)
                     done = await conn.fetchval("SELECT count(*) FROM imagen.jobs WHERE status = 'done'")
-                    samples.append((round(time.monotonic() - started, 2), done, _mb(rss)))
+                    samples.append(
+                        (round(time.monotonic() - started, 2), done, _mb(rss), _mb(_anon(proc.pid)))
+                    )
                     if warm is None and done >= warmup:
-                        warm = rss
+                        warm, warm_anon = rss, _anon(proc.pid)
                     if done >= jobs:
                         break
                     if time.monotonic() - started > max(900, jobs / 20):
@@ -78,11 +96,12 @@ async def run(jobs: int = 10_000, warmup: int | None = None) -> dict[str, Any]:
                 elapsed = time.monotonic() - started
                 after = ps.memory_info().rss
                 await asyncio.sleep(5)
-                settled = ps.memory_info().rss
+                settled, settled_anon = ps.memory_info().rss, _anon(proc.pid)
             finally:
                 stop_worker(proc)
                 await conn.close()
-    warm = warm if warm is not None else after
+    if warm is None:
+        warm, warm_anon = after, settled_anon
     rows = [
         ("idle (3 s after start)", _mb(idle)),
         (f"after warm-up ({warmup:,} jobs done)", _mb(warm)),
@@ -90,6 +109,9 @@ async def run(jobs: int = 10_000, warmup: int | None = None) -> dict[str, Any]:
         (f"right after {jobs:,} jobs", _mb(after)),
         ("5 s later", _mb(settled)),
         ("growth after warm-up (5 s later - warm-up)", _mb(settled - warm)),
+        ("anonymous part: after warm-up", _mb(warm_anon)),
+        ("anonymous part: 5 s later", _mb(settled_anon)),
+        ("anonymous growth after warm-up", _mb(settled_anon - warm_anon)),
     ]
     print_table(f"Worker RSS ({jobs:,} jobs in {elapsed:.1f} s)", ["moment", "RSS MiB"], rows)
     growth = _mb(settled - warm)
@@ -104,6 +126,9 @@ async def run(jobs: int = 10_000, warmup: int | None = None) -> dict[str, Any]:
             "after": _mb(after),
             "settled": _mb(settled),
             "growth_after_warmup": growth,
+            "anon_warm": _mb(warm_anon),
+            "anon_settled": _mb(settled_anon),
+            "anon_growth_after_warmup": _mb(settled_anon - warm_anon),
         },
         "seconds": round(elapsed, 2),
         "samples": samples[:: max(1, len(samples) // 60)],
