@@ -1,4 +1,4 @@
-"""``python -m bench`` (``make bench``): every benchmark in sequence, about 10 minutes here.
+"""``python -m bench`` (``make bench``): every benchmark in sequence; the 100,000-job soak is the longest.
 
 Each prints its table and writes ``bench/results/<name>.json``. ``--only NAME ...`` runs a
 subset. The chaos run is separate: ``python -m bench.chaos`` (``make chaos``).
