@@ -16,7 +16,7 @@ from bench import backlog_scale, fairness, gpu_utilisation, memory, overhead, pi
 
 BENCHMARKS: dict[str, Callable[[], Awaitable[Any]]] = {
     "pickup_latency": lambda: pickup_latency.run(jobs=1000, backlog_rows=10_000),
-    "throughput": lambda: throughput.run(jobs=4000),
+    "throughput": lambda: throughput.run(jobs=4000, repeat=2),
     "overhead": lambda: overhead.run(jobs=300),
     "memory": lambda: memory.run(jobs=memory.SOAK_JOBS),
     "backlog_scale": lambda: backlog_scale.run((0, 100_000, 1_000_000)),
