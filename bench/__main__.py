@@ -1,4 +1,4 @@
-"""``python -m bench`` (``make bench``): every benchmark in sequence, about 10 minutes here.
+"""``python -m bench`` (``make bench``): every benchmark in sequence; the 100,000-job soak is the longest.
 
 Each prints its table and writes ``bench/results/<name>.json``. ``--only NAME ...`` runs a
 subset. The chaos run is separate: ``python -m bench.chaos`` (``make chaos``).
@@ -12,12 +12,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bench import backlog_scale, fairness, gpu_utilisation, memory, pickup_latency, throughput
+from bench import backlog_scale, fairness, gpu_utilisation, memory, overhead, pickup_latency, throughput
 
 BENCHMARKS: dict[str, Callable[[], Awaitable[Any]]] = {
     "pickup_latency": lambda: pickup_latency.run(jobs=1000, backlog_rows=10_000),
-    "throughput": lambda: throughput.run(jobs=4000),
-    "memory": lambda: memory.run(jobs=10_000),
+    "throughput": lambda: throughput.run(jobs=4000, repeat=2),
+    "overhead": lambda: overhead.run(jobs=300),
+    "memory": lambda: memory.run(jobs=memory.SOAK_JOBS),
     "backlog_scale": lambda: backlog_scale.run((0, 100_000, 1_000_000)),
     "fairness": lambda: fairness.run(rows=1_000_000, owners=10_000),
     "gpu_utilisation": lambda: gpu_utilisation.run(jobs=200, gpu_ms=200, upload_ms=150),

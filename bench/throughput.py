@@ -7,13 +7,14 @@ last job is recorded as finished (polled every 20 ms). What each system does per
 
 * ``imagen end-to-end`` (``imagen-worker run`` subprocesses, mock backend with 0 ms latency,
   64x64 images, local storage): a batched claim (UPDATE ... RETURNING, up to free capacity),
-  the pipeline (render a tiny PNG in a thread, write the image, its JSON sidecar and a journal
-  file, each fsync'ed and renamed), then one transaction that INSERTs the ``imagen.images``
-  row and UPDATEs the job to ``done``, plus heartbeats; two NOTIFYs per job from the status
-  trigger (running, done). Concurrency 16 per process.
-* ``imagen queue only`` (``Queue`` API, no files): the same claim and the same images-row +
-  done transaction, nothing else; 16 jobs in flight per process. This is the queue's cost
-  without the image pipeline, the like-for-like number for the comparison.
+  the pipeline (render a tiny PNG in a thread, write the image (fsync'ed with its directory),
+  its JSON sidecar and a journal file (renamed, not fsync'ed)), the upload record, then the
+  completion: the ``imagen.images`` row and ``done``, batched with the jobs finishing at the
+  same moment into one fenced statement and one commit, plus heartbeats; two NOTIFYs per job
+  from the status trigger (running, done). Concurrency 16 per process.
+* ``imagen queue only`` (``Queue`` API, no files): the same claim and the same batched
+  images-row + done completion, nothing else; 16 jobs in flight per process. This is the
+  queue's cost without the image pipeline, the like-for-like number for pgqueuer's no-op.
 * ``pgqueuer`` (``QueueManager`` over an ``AsyncpgDriver``, default durable tables, batch_size
   10): batched dequeue (UPDATE to ``picked``), a no-op async entrypoint, completion buffered and
   flushed in batches (DELETE from the queue + INSERT into ``pgqueuer_log``), heartbeats; a
@@ -22,6 +23,11 @@ last job is recorded as finished (polled every 20 ms). What each system does per
   in procrastinate 3): one job per fetch (``procrastinate_fetch_job_v2``), a no-op async task,
   one finish call per job (status ``succeeded``, rows kept, events written by triggers);
   LISTEN/NOTIFY on, concurrency 16 per process.
+* ``pgqueuer + result`` and ``procrastinate + result``: the same, but every task writes a
+  result row like our images row (storage path, sha256, a JSON sidecar) with one INSERT on its
+  own asyncpg pool. Neither library lets a task write in the transaction that completes its
+  job, so this is one extra transaction per job; imagen writes its row in the completing one.
+  With and without, the table separates what the queue costs from what the work costs.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,10 +72,12 @@ CONCURRENCY = 16
 
 async def _imagen_queue_worker(dsn: str) -> None:
     from imagen_worker.db.connect import create_pool
+    from imagen_worker.queue.batch import CompletionBatcher
     from imagen_worker.queue.jobs import ImageRecord, Job, Queue
 
-    pool = await create_pool(dsn, min_size=4, max_size=CONCURRENCY + 2)
+    pool = await create_pool(dsn, min_size=4, max_size=CONCURRENCY + 2, full_reset=False)
     queue = Queue(pool, uuid.uuid4())
+    completions = CompletionBatcher(queue)
     await queue.register("bench", os.getpid(), ["mock"], 60)
     inflight: set[asyncio.Task[Any]] = set()
 
@@ -77,7 +86,13 @@ async def _imagen_queue_worker(dsn: str) -> None:
             storage_path=f"bench/{job.id}.png", mime_type="image/png", bytes=0, sha256="0" * 64,
             backend="mock", seed=1, latency_ms=0, sidecar={},
         )  # fmt: skip
-        await queue.complete(job, record)
+        await completions.complete(job, record)
+
+    freed = asyncio.Event()
+
+    def finished(task: asyncio.Task[Any]) -> None:
+        inflight.discard(task)
+        freed.set()
 
     print("READY", flush=True)
     while True:
@@ -86,42 +101,83 @@ async def _imagen_queue_worker(dsn: str) -> None:
         for job in jobs:
             task = asyncio.create_task(finish(job))
             inflight.add(task)
-            task.add_done_callback(inflight.discard)
+            task.add_done_callback(finished)
         if not jobs:
-            await asyncio.sleep(0.002 if inflight else 0.01)
+            # Like the daemon: claim again when a job finishes (or, idle, at a short poll).
+            freed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(None if inflight else 0.01):
+                    await freed.wait()
 
 
-def _procrastinate_app(dsn: str) -> Any:
+RESULTS_TABLE = """
+CREATE TABLE IF NOT EXISTS bench_results (
+    id           bigserial PRIMARY KEY,
+    job_id       text NOT NULL,
+    storage_path text NOT NULL UNIQUE,
+    sha256       text NOT NULL,
+    sidecar      jsonb NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now()
+)
+"""
+INSERT_RESULT = "INSERT INTO bench_results (job_id, storage_path, sha256, sidecar) VALUES ($1, $2, $3, $4)"
+
+
+class _ResultWriter:
+    """The per-job work of the ``+ result`` variants: one result row, like our images row."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        self.pool = await asyncpg.create_pool(self.dsn, min_size=2, max_size=CONCURRENCY)
+
+    async def write(self, job_id: str) -> None:
+        assert self.pool is not None
+        sidecar = '{"backend": "mock", "seed": 1, "width": 64, "height": 64}'
+        await self.pool.execute(INSERT_RESULT, job_id, f"bench/{job_id}.png", "0" * 64, sidecar)
+
+
+def _procrastinate_app(dsn: str, results: _ResultWriter | None = None) -> Any:
     import procrastinate
 
     app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
 
-    @app.task(name="noop")
-    async def noop() -> None:
-        return None
+    @app.task(name="noop", pass_context=True)
+    async def noop(context: Any) -> None:
+        if results is not None:
+            await results.write(str(context.job.id))
 
     return app
 
 
-async def _procrastinate_worker(dsn: str) -> None:
-    app = _procrastinate_app(dsn)
+async def _procrastinate_worker(dsn: str, with_result: bool = False) -> None:
+    results = _ResultWriter(dsn) if with_result else None
+    if results is not None:
+        await results.open()
+    app = _procrastinate_app(dsn, results)
     async with app.open_async():
         print("READY", flush=True)
         await app.run_worker_async(concurrency=CONCURRENCY, wait=True, install_signal_handlers=True)
 
 
-async def _pgqueuer_worker(dsn: str) -> None:
+async def _pgqueuer_worker(dsn: str, with_result: bool = False) -> None:
     from pgqueuer import Queries
     from pgqueuer.db import AsyncpgDriver
     from pgqueuer.models import Job
     from pgqueuer.qm import QueueManager
 
+    results = _ResultWriter(dsn) if with_result else None
+    if results is not None:
+        await results.open()
     conn = await asyncpg.connect(dsn)
     qm = QueueManager(Queries(AsyncpgDriver(conn)))
 
     @qm.entrypoint("noop")
     async def noop(job: Job) -> None:
-        return None
+        if results is not None:
+            await results.write(str(job.id))
 
     print("READY", flush=True)
     await qm.run(batch_size=10)
@@ -130,8 +186,11 @@ async def _pgqueuer_worker(dsn: str) -> None:
 WORKERS: dict[str, Callable[[str], Awaitable[None]]] = {
     "imagen-queue": _imagen_queue_worker,
     "pgqueuer": _pgqueuer_worker,
+    "pgqueuer+result": lambda dsn: _pgqueuer_worker(dsn, with_result=True),
     "procrastinate": _procrastinate_worker,
+    "procrastinate+result": lambda dsn: _procrastinate_worker(dsn, with_result=True),
 }
+SYSTEMS = ("imagen", "imagen-queue", "pgqueuer", "pgqueuer+result", "procrastinate", "procrastinate+result")
 
 
 def _spawn_python_worker(kind: str, dsn: str, log: Path) -> subprocess.Popen[bytes]:
@@ -170,19 +229,22 @@ async def _poll(done: Callable[[], Awaitable[bool]], timeout: float) -> float:
 
 
 async def measure(system: str, processes: int, jobs: int, workdir: Path) -> dict[str, Any]:
+    base = system.removesuffix("+result")
     async with scratch_database(
-        f"bench_tp_{system.replace('-', '_')}", migrated=system.startswith("imagen")
+        f"bench_tp_{base.replace('-', '_')}", migrated=system.startswith("imagen")
     ) as dsn:
         conn = await asyncpg.connect(dsn)
         procs: list[subprocess.Popen[bytes]] = []
         log = workdir / f"{system}-{processes}.log"
         try:
-            if system == "pgqueuer":
+            if system.endswith("+result"):
+                await conn.execute(RESULTS_TABLE)
+            if base == "pgqueuer":
                 from pgqueuer import Queries
                 from pgqueuer.db import AsyncpgDriver
 
                 await Queries(AsyncpgDriver(conn)).install()
-            elif system == "procrastinate":
+            elif base == "procrastinate":
                 app = _procrastinate_app(dsn)
                 async with app.open_async():
                     await app.schema_manager.apply_schema_async()
@@ -209,7 +271,7 @@ async def measure(system: str, processes: int, jobs: int, workdir: Path) -> dict
                     return bool(
                         await conn.fetchval("SELECT count(*) FROM imagen.jobs WHERE status = 'done'") >= jobs
                     )
-            elif system == "pgqueuer":
+            elif base == "pgqueuer":
                 from pgqueuer import Queries
                 from pgqueuer.db import AsyncpgDriver
 
@@ -236,6 +298,9 @@ async def measure(system: str, processes: int, jobs: int, workdir: Path) -> dict
                 bad = await conn.fetchval("SELECT count(*) FROM imagen.jobs WHERE status <> 'done'")
                 images = await conn.fetchval("SELECT count(*) FROM imagen.images")
                 assert bad == 0 and images == jobs, (bad, images)
+            if system.endswith("+result"):
+                written = await conn.fetchval("SELECT count(*) FROM bench_results")
+                assert written == jobs, (written, jobs)
         finally:
             for proc in procs:
                 stop_worker(proc, timeout=20)
@@ -252,39 +317,81 @@ async def measure(system: str, processes: int, jobs: int, workdir: Path) -> dict
     }
 
 
-async def run(jobs: int = 4000, imagen_jobs: int | None = None) -> dict[str, Any]:
+async def run(
+    jobs: int = 4000,
+    imagen_jobs: int | None = None,
+    *,
+    systems: tuple[str, ...] = SYSTEMS,
+    process_counts: tuple[int, ...] = (1, 4),
+    repeat: int = 1,
+) -> dict[str, Any]:
+    """Every system at every process count; with ``repeat`` > 1 the rounds interleave the
+    systems (A B C, A B C, ...) and the table shows each system's median."""
     info = await machine_info()
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="imagen-bench-tp-") as tmp:
-        for system in ("imagen", "imagen-queue", "pgqueuer", "procrastinate"):
-            for processes in (1, 4):
-                n = imagen_jobs or jobs if system == "imagen" else jobs
-                result = await measure(system, processes, n, Path(tmp))
-                results.append(result)
-                print(f"  {system:14s} x{processes}: {result['jobs_per_second']:>9,.1f} jobs/s", flush=True)
-    by = {(r["system"], r["processes"]): r["jobs_per_second"] for r in results}
+        for round_ in range(repeat):
+            for processes in process_counts:
+                for system in systems:
+                    n = imagen_jobs or jobs if system == "imagen" else jobs
+                    result = await measure(system, processes, n, Path(tmp))
+                    result["round"] = round_
+                    results.append(result)
+                    print(
+                        f"  {system:20s} x{processes}: {result['jobs_per_second']:>9,.1f} jobs/s", flush=True
+                    )
+    by: dict[tuple[str, int], float] = {}
+    for system in systems:
+        for processes in process_counts:
+            rates = [
+                r["jobs_per_second"] for r in results if (r["system"], r["processes"]) == (system, processes)
+            ]
+            by[(system, processes)] = statistics.median(rates)
     rows = []
-    for r in results:
-        base = by[("imagen", r["processes"])]
-        queue_base = by[("imagen-queue", r["processes"])]
-        rows.append((
-            r["system"], r["processes"], r["jobs"], r["seconds"], r["jobs_per_second"],
-            round(r["jobs_per_second"] / base, 2), round(r["jobs_per_second"] / queue_base, 2),
-        ))  # fmt: skip
+    for system in systems:
+        for processes in process_counts:
+            rate = by[(system, processes)]
+            rows.append((
+                system, processes, jobs, repeat, rate,
+                _ratio(rate, by.get(("imagen", processes))),
+                _ratio(rate, by.get(("imagen-queue", processes))),
+            ))  # fmt: skip
     print_table(
-        "Throughput (burn-down of a pre-enqueued batch; ratios: this system / imagen)",
-        ["system", "procs", "jobs", "seconds", "jobs/s", "x imagen e2e", "x imagen queue"],
+        "Throughput (burn-down of a pre-enqueued batch; median jobs/s; ratios: this system / imagen)",
+        ["system", "procs", "jobs", "runs", "jobs/s", "x imagen e2e", "x imagen queue"],
         rows,
     )
+    goals = []
+    for processes in process_counts:
+        goals.append(
+            (
+                f"queue only / pgqueuer, {processes} proc",
+                ">= 1.0",
+                _ratio(by.get(("imagen-queue", processes)), by.get(("pgqueuer", processes))),
+            )
+        )
+        goals.append(
+            (
+                f"end to end / procrastinate no-op, {processes} proc",
+                ">= 2.0",
+                _ratio(by.get(("imagen", processes)), by.get(("procrastinate", processes))),
+            )
+        )
+    print_table("Goals (ratios from this run)", ["ratio", "goal", "measured"], goals)
     result = {
         "machine": info,
-        "parameters": {"jobs": jobs, "concurrency_per_process": CONCURRENCY},
+        "parameters": {"jobs": jobs, "concurrency_per_process": CONCURRENCY, "repeat": repeat},
         "versions": _versions(),
         "runs": results,
+        "median_jobs_per_second": {f"{s} x{p}": v for (s, p), v in by.items()},
         "recorded": datetime.now(UTC).isoformat(),
     }
     write_result(NAME, result)
     return result
+
+
+def _ratio(a: float | None, b: float | None) -> float | str:
+    return round(a / b, 2) if a and b else "-"
 
 
 def _versions() -> dict[str, str]:
@@ -300,6 +407,9 @@ def _versions() -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=4000)
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument("--processes", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--repeat", type=int, default=1, help="interleaved rounds; the table shows medians")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--dsn", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -307,7 +417,9 @@ def main() -> None:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(WORKERS[args.worker](args.dsn))
         return
-    asyncio.run(run(args.jobs))
+    asyncio.run(
+        run(args.jobs, systems=tuple(args.systems), process_counts=tuple(args.processes), repeat=args.repeat)
+    )
 
 
 if __name__ == "__main__":

@@ -136,14 +136,27 @@ def sidecar_path(image_path: Path) -> Path:
     return image_path.with_suffix(image_path.suffix + ".json")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write and rename, so a reader never sees half a file.
+
+    ``durable`` also fsyncs the file and then its directory (the rename), so the file survives
+    a power cut once this returns: the image must, before the database says ``done``. The
+    sidecar and the journal are copies of what the database records, and skip both fsyncs.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as handle:
         handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
     os.replace(tmp, path)
+    if durable:
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
 
 def claim_path(directory: Path, relative: Path, job_id: UUID) -> Path:
@@ -166,8 +179,13 @@ def write_image(path: Path, data: bytes) -> None:
     _atomic_write(path, data)
 
 
+def write_copy(path: Path, data: bytes) -> None:
+    """A cache file (the journal): atomic, not fsynced; losing it costs a re-render, never a result."""
+    _atomic_write(path, data, durable=False)
+
+
 def write_sidecar(image_path: Path, sidecar: Mapping[str, Any]) -> Path:
     target = sidecar_path(image_path)
     body = json.dumps(sidecar, indent=2, sort_keys=True, ensure_ascii=False, default=str)
-    _atomic_write(target, body.encode("utf-8") + b"\n")
+    _atomic_write(target, body.encode("utf-8") + b"\n", durable=False)
     return target

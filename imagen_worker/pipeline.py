@@ -103,7 +103,7 @@ def _write_journal(directory: Path, job_id: UUID, artifact: Artifact) -> None:
     raw.pop("upload_error")
     raw["image_path"] = str(artifact.image_path)
     raw["sidecar_path"] = str(artifact.sidecar_path) if artifact.sidecar_path else None
-    output.write_image(_journal_path(directory, job_id), json.dumps(raw, default=str).encode())
+    output.write_copy(_journal_path(directory, job_id), json.dumps(raw, default=str).encode())
 
 
 def forget(directory: Path, job_id: UUID) -> None:
@@ -268,5 +268,5 @@ class Pipeline:
             image_path=image_path, sidecar_path=sidecar_path, storage_key=names.storage_key,
             mime_type=facts.mime_type, bytes=len(data), sha256=sha256, seed=seed,
             backend=backend.name, model=result.model, latency_ms=latency_ms, sidecar=sidecar,
-            timings={"generate": generate_seconds}, width=facts.width, height=facts.height,
+            timings={"generate": generate_seconds, **result.timings}, width=facts.width, height=facts.height,
         )  # fmt: skip

@@ -233,6 +233,54 @@ WITH done AS (
 UPDATE imagen.job_runs w SET result = NULL, error_detail = NULL, updated_at = now()
 FROM done WHERE w.job_id = done.id;
 
+-- name: complete_batch
+-- Many completions, one commit, each job fenced alone, rows locked in id order (see complete_many).
+WITH input AS (
+    SELECT * FROM jsonb_to_recordset($2::jsonb) AS x (
+        job_id uuid, attempt int, owner_user_id uuid, prompt text, prompt_hash text, backend text,
+        model text, seed bigint, steps int, width int, height int, latency_ms int,
+        cost_usd_estimate numeric, storage_path text, mime_type text, bytes bigint, sha256 text,
+        sidecar jsonb, internals jsonb)
+),
+fenced AS MATERIALIZED (
+    SELECT j.id FROM imagen.jobs j
+    JOIN input i ON i.job_id = j.id AND i.attempt = j.attempts
+    JOIN imagen.job_runs w ON w.job_id = j.id AND w.worker_id = $1
+    WHERE j.status = 'running'
+    ORDER BY j.id
+    FOR UPDATE OF j
+),
+image AS (
+    INSERT INTO imagen.images (owner_user_id, job_id, prompt, prompt_hash, backend, model, seed,
+                               steps, width, height, latency_ms, cost_usd_estimate, storage_path,
+                               mime_type, bytes, sha256, sidecar)
+    SELECT i.owner_user_id, i.job_id, i.prompt, i.prompt_hash, i.backend, i.model, i.seed, i.steps,
+           i.width, i.height, i.latency_ms, i.cost_usd_estimate, i.storage_path, i.mime_type,
+           i.bytes, i.sha256, coalesce(i.sidecar, '{}'::jsonb)
+    FROM input i JOIN fenced f ON f.id = i.job_id
+    ON CONFLICT DO NOTHING
+    RETURNING id, job_id
+),
+internals AS (
+    INSERT INTO imagen.image_internals (image_id, local_path, backend_metadata)
+    SELECT image.id, i.internals ->> 'local_path', coalesce(i.internals -> 'backend_metadata', '{}'::jsonb)
+    FROM image JOIN input i ON i.job_id = image.job_id
+),
+done AS (
+    UPDATE imagen.jobs j
+    SET status = 'done', image_id = image.id, finished_at = now(), lease_expires_at = NULL,
+        error = NULL, updated_at = now(), seed = coalesce(j.seed, i.seed)
+    FROM image JOIN input i ON i.job_id = image.job_id
+    WHERE j.id = image.job_id
+    RETURNING j.id
+),
+cleared AS (
+    UPDATE imagen.job_runs w SET result = NULL, error_detail = NULL, updated_at = now()
+    FROM done WHERE w.job_id = done.id
+)
+SELECT i.job_id, i.attempt, f.id IS NOT NULL AS fenced, image.id AS image_id
+FROM input i LEFT JOIN fenced f ON f.id = i.job_id LEFT JOIN image ON image.job_id = i.job_id;
+
 -- name: fail
 -- $4 is the sentence the owner reads, $5 the operator's full record (worker-only).
 WITH ended AS (

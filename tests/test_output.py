@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from imagen_worker import output
 from imagen_worker.output import ImageFacts, check_naming, claim_path, image_facts, plan_names, slugify
 
 JOB = uuid.UUID("12345678-1234-4234-8234-123456789abc")
@@ -123,3 +125,48 @@ def test_a_file_that_is_no_still_image_keeps_the_declared_type_and_no_size() -> 
         None, None, "video/mp4"
     )
     assert image_facts(b"\x89PNG\r\n\x1a\ntruncated", "image/png") == ImageFacts(None, None, "image/png")
+
+
+def _count_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    return calls
+
+
+def test_an_image_is_fsynced_with_its_directory_and_a_sidecar_or_cache_is_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _count_fsyncs(monkeypatch)
+    image = tmp_path / "a.png"
+    output.write_image(image, b"png")
+    assert len(calls) == 2, "the file, then the directory that holds the rename"
+    output.write_sidecar(image, {"job_id": "x"})
+    output.write_copy(tmp_path / ".journal" / "x.json", b"{}")
+    assert len(calls) == 2
+    assert image.read_bytes() == b"png" and output.sidecar_path(image).is_file()
+
+
+async def test_one_job_through_the_pipeline_costs_two_fsyncs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imagen_worker.backends.mock import MockBackend
+    from imagen_worker.config import OutputConfig
+    from imagen_worker.pipeline import Pipeline
+    from imagen_worker.queue.jobs import JobSpec
+    from imagen_worker.storage.local import LocalSink
+    from tests.test_pipeline import CountingContext
+
+    backend = MockBackend.from_config("mock", {"type": "mock", "latency_ms": 0})
+    sink = LocalSink.from_config({"type": "local"}, output_directory=tmp_path)
+    pipe = Pipeline({"mock": backend}, "mock", sink, OutputConfig(directory=tmp_path))
+    calls = _count_fsyncs(monkeypatch)
+    spec = JobSpec(owner_user_id=uuid.uuid4(), prompt="a heron", width=64, height=64)
+    artifact = await pipe.run(uuid.uuid4(), spec, CountingContext())
+    assert artifact.image_path.is_file() and artifact.sidecar_path and artifact.sidecar_path.is_file()
+    assert len(calls) == 2, "image file and its directory; the sidecar and journal are not fsynced"

@@ -140,6 +140,9 @@ class GenerateResult:
     metadata: dict[str, Any] = field(default_factory=dict)
     model: str | None = None
     extra_outputs: list[Output] = field(default_factory=list)
+    # Seconds per stage the backend can tell apart (submit, execute, download), for the
+    # per-stage timing in the images row's sidecar and in metrics.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import random
 import struct
+import time
 import zlib
 from collections.abc import Mapping
 from typing import Any, Literal, Self
@@ -90,6 +91,7 @@ class MockBackend(Backend):
         return self.config
 
     async def generate(self, request: GenerateRequest, ctx: JobContext) -> GenerateResult:
+        started = time.perf_counter()
         steps = request.steps or 4
         per_step = self.config.latency_ms / 1000 / steps
         for step in range(1, steps + 1):
@@ -114,4 +116,5 @@ class MockBackend(Backend):
             image=Output(data=data, mime_type="image/png", name="mock.png"),
             metadata={"renderer": "mock-gradient"},
             model="mock-gradient-v1",
+            timings={"execute": time.perf_counter() - started},
         )

@@ -47,6 +47,12 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _reset_transaction_only(conn: asyncpg.Connection) -> None:
+    """Only a connection left inside a transaction needs the full reset (it rolls back)."""
+    if conn.is_in_transaction():
+        await conn.reset()
+
+
 async def connect(dsn: str, *, application_name: str = "imagen", **kwargs: Any) -> asyncpg.Connection:
     """A connection named in ``pg_stat_activity``, so operators can tell ours apart."""
     settings = {"application_name": application_name, **kwargs.pop("server_settings", {})}
@@ -62,10 +68,14 @@ async def create_pool(
     max_size: int = 10,
     application_name: str = "imagen-worker",
     limits: DatabaseConfig | None = None,
+    full_reset: bool = True,
 ) -> asyncpg.Pool:
     """A pool; with ``limits``, every statement and session is bounded (see ``DatabaseConfig``).
 
-    A stalled server then surfaces as a timeout the caller handles, never as a hang.
+    A stalled server then surfaces as a timeout the caller handles, never as a hang. Without
+    ``full_reset`` a connection goes back to the pool without asyncpg's reset statement, for
+    code that takes no session state on pool connections (no SET, LISTEN, cursor or session
+    advisory lock): the worker, where that statement was one round trip per release.
     """
     settings = {"application_name": application_name}
     command_timeout = None
@@ -80,6 +90,7 @@ async def create_pool(
         server_settings=settings,
         command_timeout=command_timeout,
         timeout=command_timeout or 60,
+        **({} if full_reset else {"reset": _reset_transaction_only}),
     )
     assert pool is not None
     return pool

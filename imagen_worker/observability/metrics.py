@@ -28,7 +28,9 @@ from imagen_worker.queries import sql
 log = structlog.get_logger(__name__)
 
 OUTCOMES: Final = ("done", "failed", "retried", "requeued", "cancelled", "released")
-STAGES: Final = ("generate", "download", "write", "upload", "total")
+STAGES: Final = (
+    "claim", "submit", "execute", "download", "generate", "write", "upload", "record", "total"
+)  # fmt: skip
 QUEUE_STATUSES: Final = ("pending", "running")
 WEBHOOK_OUTCOMES: Final = ("delivered", "retried", "failed")
 
@@ -64,7 +66,9 @@ class Metrics:
         )
         self.stage_duration = Histogram(
             "imagen_stage_duration_seconds",
-            "Duration of each pipeline stage (generate|download|write|upload|total).",
+            "Duration of each stage of a job: claim|submit|execute|download|write|upload|record; "
+            "generate is the backend's whole call (submit + execute + download), total is "
+            "claim + generate + write + upload + record.",
             ["backend", "stage"],
             buckets=STAGE_BUCKETS,
             registry=r,

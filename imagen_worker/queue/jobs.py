@@ -343,6 +343,20 @@ class Queue:
             await self._fenced(conn, "complete", job, image_id, image.seed)
         return image_id
 
+    async def complete_many(self, items: Sequence[tuple[Job, ImageRecord]]) -> list[Completion]:
+        """Several completions in one statement and one commit, each job fenced on its own.
+
+        The jobs go as one JSON array; each is fenced on (id, worker, attempt, running) under a
+        row lock. A job that is no longer ours, or whose images row conflicts with an existing
+        one, is reported (``Completion``) and left untouched; the others are recorded all the
+        same. (The statement keeps its images INSERT within the first 1,024 characters, so
+        ``pg_stat_activity`` shows it.)
+        """
+        payload = [_completion_row(job, image) for job, image in items]
+        rows = await self.db.fetch(sql("complete_batch"), self._me, payload)
+        by_key = {(row["job_id"], row["attempt"]): Completion(row["fenced"], row["image_id"]) for row in rows}
+        return [by_key.get(job.key, Completion(False, None)) for job, _ in items]
+
     async def fail(self, job: Job, message: str, detail: Mapping[str, Any] | None = None) -> None:
         """End the job failed: its owner reads one clean sentence, the operator everything."""
         public = public_message(message)
@@ -384,6 +398,27 @@ class Queue:
         if isinstance(self.db, asyncpg.Pool):
             return self.db.acquire()
         return _Borrowed(self.db)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One job's answer from ``complete_many``: still ours, and the images row written."""
+
+    fenced: bool
+    image_id: UUID | None
+
+
+def _completion_row(job: Job, image: ImageRecord) -> dict[str, Any]:
+    """One element of ``complete_batch``'s JSON input: the fence and the images row."""
+    return {
+        "job_id": str(job.id), "attempt": job.attempts, "owner_user_id": str(job.owner_user_id),
+        "prompt": job.prompt, "prompt_hash": prompt_hash(job.prompt), "backend": image.backend,
+        "model": image.model, "seed": image.seed, "steps": job.steps, "width": image.width,
+        "height": image.height, "latency_ms": image.latency_ms,
+        "cost_usd_estimate": image.cost_usd_estimate, "storage_path": image.storage_path,
+        "mime_type": image.mime_type, "bytes": image.bytes, "sha256": image.sha256,
+        "sidecar": dict(image.sidecar), "internals": dict(image.internals),
+    }  # fmt: skip
 
 
 def _duplicate_image(job: Job, image: ImageRecord, exc: asyncpg.UniqueViolationError) -> TerminalError:

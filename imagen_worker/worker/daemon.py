@@ -117,7 +117,7 @@ class Worker:
             await self._migrate()
         limits = self.config.database
         self.pool = await create_pool(
-            self.dsn, min_size=2, max_size=self.settings.concurrency + 4, limits=limits
+            self.dsn, min_size=2, max_size=self.settings.concurrency + 4, limits=limits, full_reset=False
         )
         stack.push_async_callback(self._close_pool)
         blocks = self.config.backend_blocks()
@@ -310,6 +310,7 @@ class Worker:
             keep=self.config.output.keep_previews,
         )  # fmt: skip
         running = RunningJob(job, backend, WorkerJobContext(self.queue, job, previews=previews))
+        running.claim_seconds = time.monotonic() - claimed_at
         self.running[running.key] = running
         running.renewed(claimed_at, self._stop_after)
         running.task = self._jobs.create_task(self.runner.run(running), name=f"imagen-job-{job.id}")

@@ -9,7 +9,8 @@ cancelled are removed; those of a job that will be retried stay as the same-host
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import asyncpg
@@ -20,6 +21,15 @@ from imagen_worker.errors import RetryableError
 from imagen_worker.pipeline import Artifact, Pipeline
 from imagen_worker.queue.jobs import ImageRecord, Job, JobSpec, Queue
 
+# The stages a job's time is told apart by, in order; "generate" (the backend's whole call)
+# covers submit, execute and download, and "total" is claim + generate + write + upload + record.
+STAGES = ("claim", "submit", "execute", "download", "generate", "write", "upload", "record")
+
+
+def stage_milliseconds(timings: Mapping[str, float]) -> dict[str, float]:
+    """Stage seconds as the milliseconds the images row's sidecar keeps (``timings_ms``)."""
+    return {stage: round(timings[stage] * 1000, 3) for stage in STAGES if stage in timings}
+
 
 async def produce(
     pipeline: Pipeline,
@@ -27,6 +37,8 @@ async def produce(
     job: Job,
     spec: JobSpec,
     ctx: JobContext,
+    *,
+    claim_seconds: float = 0.0,
     rendered: Callable[[], None] = lambda: None,
 ) -> tuple[ImageRecord, Artifact | None]:
     """The images row to write, and the artifact when this attempt generated it."""
@@ -34,7 +46,10 @@ async def produce(
         rendered()
         return ImageRecord.from_result(job.result), None
     artifact = await pipeline.run(job.id, spec, ctx, rendered=rendered)
+    artifact.timings["claim"] = claim_seconds
+    artifact.sidecar["timings_ms"] = stage_milliseconds(artifact.timings)
     record = artifact.image_record()
+    started = time.perf_counter()
     try:
         await queue.record_upload(job, record)
     except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
@@ -43,6 +58,7 @@ async def produce(
         raise RetryableError(
             "could not record the upload in the database", detail={"error": str(exc)}
         ) from None
+    artifact.timings["record"] = time.perf_counter() - started
     return record, artifact
 
 

@@ -24,6 +24,7 @@ from imagen_worker import pipeline as pipeline_module
 from imagen_worker.config import WorkerConfig
 from imagen_worker.errors import BackendUnavailable, JobError, LeaseLost, RetryableError
 from imagen_worker.pipeline import Pipeline
+from imagen_worker.queue.batch import CompletionBatcher
 from imagen_worker.queue.jobs import Job, JobKey, JobSpec, Outcome, Queue
 from imagen_worker.worker import results
 from imagen_worker.worker.context import WorkerJobContext
@@ -71,6 +72,7 @@ class RunningJob:
     # The image is on local disk: a shutdown lets the upload and the final write finish (each
     # has its own timeouts) instead of throwing the render away for another worker to repeat.
     rendered: bool = False
+    claim_seconds: float = 0.0  # the claim statement's round trip, the job's first stage
     _deadline: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     @property
@@ -125,6 +127,7 @@ class JobRunner:
         self.settings = settings
         self.output_dir = output_dir
         self.emit = emit
+        self.completions = CompletionBatcher(queue)
 
     async def run(self, running: RunningJob) -> None:
         job = running.job
@@ -177,11 +180,21 @@ class JobRunner:
             return
         try:
             record, artifact = await results.produce(
-                self.pipeline, self.queue, job, spec_of(job), running.ctx, running.mark_rendered
+                self.pipeline,
+                self.queue,
+                job,
+                spec_of(job),
+                running.ctx,
+                claim_seconds=running.claim_seconds,
+                rendered=running.mark_rendered,
             )
             running.settled = True
             await running.ctx.close()
-            image_id = await self.queue.complete(job, record)
+            recording = time.perf_counter()
+            image_id = await self.completions.complete(job, record)
+            if artifact is not None:
+                recorded = time.perf_counter() - recording
+                artifact.timings["record"] = artifact.timings.get("record", 0.0) + recorded
         except JobError as error:
             running.settled = True
             await running.ctx.close()

@@ -41,6 +41,7 @@ import contextlib
 import dataclasses
 import enum
 import hashlib
+import time
 import uuid
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
@@ -302,6 +303,7 @@ class ComfyUIBackend(Backend):
         }
         graph = self._render(workflow, request, prompt_id, planned)  # bad params fail before taking a slot
         clock = self._clock()
+        started = time.perf_counter()
         inst = await self._pool.acquire(prompt_id, within=self.config.queue_timeout)
         client = inst.client
         try:
@@ -316,9 +318,17 @@ class ComfyUIBackend(Backend):
         except BaseException:
             self._pool.release(inst, prompt_id)
             raise
+        # submit: a slot, a live socket, the prompt id recorded; execute: POST /prompt until
+        # ComfyUI says it is done; download: /history and /view of every output.
+        submitted = time.perf_counter()
         with client.watch(prompt_id) as watch:
             entry = await self._run_in_slot(inst, prompt_id, watch, ctx, graph, clock)
-        return await self._collect(inst, prompt_id, entry, graph, request)
+        executed = time.perf_counter()
+        result = await self._collect(inst, prompt_id, entry, graph, request)
+        result.timings.update(
+            submit=submitted - started, execute=executed - submitted, download=time.perf_counter() - executed
+        )
+        return result
 
     def _clock(self) -> _Clock:
         now = asyncio.get_running_loop().time()
