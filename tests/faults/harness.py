@@ -190,7 +190,8 @@ async def settled(db: asyncpg.Pool, jobs: list[uuid.UUID], *, within: float) -> 
 
 async def running_on(db: asyncpg.Pool, worker: FaultWorker) -> list[uuid.UUID]:
     rows = await db.fetch(
-        "SELECT j.id FROM imagen.jobs j JOIN imagen.workers w ON w.id = j.worker_id "
+        "SELECT j.id FROM imagen.jobs j JOIN imagen.job_runs r ON r.job_id = j.id "
+        "JOIN imagen.workers w ON w.id = r.worker_id "
         "WHERE j.status = 'running' AND w.pid = $1",
         worker.pid,
     )

@@ -23,12 +23,18 @@ async def test_two_workers_booting_together_recover_each_expired_job_once(
     db: asyncpg.Pool, database_url: str, tmp_path: Path
 ) -> None:
     jobs = await insert_jobs(db, 24, backend="gpu")
+    crashed = uuid.uuid4()  # a worker that crashed: no registry row, no live process
     await db.execute(
-        "UPDATE imagen.jobs SET status = 'running', worker_id = $2, attempts = 1, "
+        "UPDATE imagen.jobs SET status = 'running', attempts = 1, "
         "started_at = now() - interval '2 minutes', lease_expires_at = now() - interval '1 minute' "
         "WHERE id = ANY($1::uuid[])",
         jobs,
-        uuid.uuid4(),  # a worker that crashed: no registry row, no live process
+    )
+    await db.execute(
+        "INSERT INTO imagen.job_runs (job_id, worker_id, attempt) SELECT unnest($1::uuid[]), $2, 1 "
+        "ON CONFLICT (job_id) DO UPDATE SET worker_id = EXCLUDED.worker_id, attempt = 1",
+        jobs,
+        crashed,
     )
     async with Fleet(database_url, tmp_path) as fleet:
         backends = {"gpu": fleet.backend(latency_ms=800, capacity=4)}
