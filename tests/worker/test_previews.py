@@ -144,7 +144,8 @@ async def test_previews_go_up_at_most_once_per_interval_and_the_latest_frame_win
         await asyncio.sleep(0.2)
         assert _stored(storage, key) == b"frame-1", "not before the interval passed"
         await eventually(_holds(storage, key, b"frame-4"), within=4)
-        assert previews.uploads == 2 and keys == [key, key]
+        await eventually(_counted(previews, 2), within=2)  # the answer reaches the sink last
+        assert keys == [key, key]
         previews.offer(b"gif?", "image/gif")  # not a preview format: ignored
         await previews.close()
     finally:
@@ -155,6 +156,13 @@ async def test_previews_go_up_at_most_once_per_interval_and_the_latest_frame_win
 def _stored(storage: FakeStorage, key: str) -> bytes | None:
     blob = storage.get(key)
     return blob.data if blob is not None else None
+
+
+def _counted(previews: Previews, uploads: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return previews.uploads == uploads
+
+    return check
 
 
 def _holds(storage: FakeStorage, key: str, data: bytes) -> Callable[[], Awaitable[bool]]:
