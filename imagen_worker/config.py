@@ -57,6 +57,13 @@ class OutputConfig(_Block):
     naming: str = "{date}-{slug}-{seed}.{ext}"
     write_metadata_json: bool = True
     cloud_sync: CloudSync = "auto"
+    # What a job gets unless its own jobs.format / jobs.quality say otherwise.
+    format: Literal["png", "webp", "jpeg"] = "png"
+    quality: int = Field(default=90, ge=1, le=100)
+    # Prompt, seed and workflow inside the image file (PNG text, EXIF); false strips them all.
+    embed_metadata: bool = True
+    # Longer side of the WebP thumbnail uploaded beside each image; 0 makes none.
+    thumbnail_size: int = Field(default=256, ge=0, le=2048)
 
     @field_validator("cloud_sync", mode="before")
     @classmethod

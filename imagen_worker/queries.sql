@@ -7,8 +7,10 @@
 -- name: enqueue
 -- Idempotent on (owner, dedupe_key) among live jobs: a conflict inserts nothing.
 INSERT INTO imagen.jobs (owner_user_id, prompt, negative_prompt, backend, style, width, height,
-                         steps, seed, params, priority, run_at, max_attempts, dedupe_key, workflow)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, coalesce($12, now()), $13, $14, $15)
+                         steps, seed, params, priority, run_at, max_attempts, dedupe_key, workflow,
+                         n, format, quality)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, coalesce($12, now()), $13, $14, $15, $16,
+        $17, $18)
 ON CONFLICT (owner_user_id, dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('pending', 'running')
 DO NOTHING
 RETURNING id;
@@ -204,13 +206,14 @@ WHERE w.job_id = $1 AND w.worker_id = $2 AND w.attempt = $3
   AND j.id = w.job_id AND j.attempts = $3 AND j.status = 'running';
 
 -- name: insert_image
--- The images row its owner reads, and the host-side facts ($18: local_path, backend_metadata)
--- in the worker-only imagen.image_internals.
+-- One image of the job's batch ($19 its index, $20 its thumbnail's key): the images row its
+-- owner reads, and the host-side facts ($18: local_path, backend_metadata) in the worker-only
+-- imagen.image_internals.
 WITH image AS (
     INSERT INTO imagen.images (owner_user_id, job_id, prompt, prompt_hash, backend, model, seed,
                                steps, width, height, latency_ms, cost_usd_estimate, storage_path,
-                               mime_type, bytes, sha256, sidecar)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+                               mime_type, bytes, sha256, sidecar, index, thumbnail_path)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $19, $20)
     RETURNING id
 ),
 internals AS (

@@ -1,4 +1,4 @@
-"""A job's image: linked from an earlier attempt's upload, or produced and recorded now.
+"""A job's images: linked from an earlier attempt's upload, or produced and recorded now.
 
 The upload record (``job_runs.result``) is written the moment the object is stored, so an
 attempt that dies between the upload and the images row leaves the next attempt, on any host,
@@ -17,26 +17,26 @@ from imagen_worker import pipeline as pipeline_module
 from imagen_worker.backends.base import JobContext
 from imagen_worker.errors import RetryableError
 from imagen_worker.pipeline import Artifact, Pipeline
-from imagen_worker.queue.jobs import ImageRecord, Job, JobSpec, Queue
+from imagen_worker.queue.jobs import ImageRecord, Job, JobSpec, Queue, images_from_result
 
 
 async def produce(
     pipeline: Pipeline, queue: Queue, job: Job, spec: JobSpec, ctx: JobContext
-) -> tuple[ImageRecord, Artifact | None]:
-    """The images row to write, and the artifact when this attempt generated it."""
+) -> tuple[list[ImageRecord], Artifact | None]:
+    """The images rows to write (main image first), and the artifact when this attempt made it."""
     if job.result is not None:
-        return ImageRecord.from_result(job.result), None
+        return images_from_result(job.result), None
     artifact = await pipeline.run(job.id, spec, ctx)
-    record = artifact.image_record()
+    records = artifact.image_records()
     try:
-        await queue.record_upload(job, record)
+        await queue.record_upload(job, records)
     except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
         # The object is stored and the local journal still knows it: a retry here uploads the
         # same file to the same key.
         raise RetryableError(
             "could not record the upload in the database", detail={"error": str(exc)}
         ) from None
-    return record, artifact
+    return records, artifact
 
 
 async def discard(output_directory: Path, job: Job) -> None:

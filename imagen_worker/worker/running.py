@@ -103,6 +103,7 @@ def spec_of(job: Job) -> JobSpec:
         owner_user_id=job.owner_user_id, prompt=job.prompt, negative_prompt=job.negative_prompt,
         backend=job.backend, style=job.style, width=job.width, height=job.height, steps=job.steps,
         seed=job.seed, params=job.params, max_attempts=job.max_attempts, workflow=job.workflow,
+        n=job.n, format=job.format, quality=job.quality,
     )  # fmt: skip
 
 
@@ -168,12 +169,12 @@ class JobRunner:
             self.emit(Event.CANCELLED, job=job, backend=running.backend)
             return
         try:
-            record, artifact = await results.produce(
+            records, artifact = await results.produce(
                 self.pipeline, self.queue, job, spec_of(job), running.ctx
             )
             running.settled = True
             await running.ctx.close()
-            image_id = await self.queue.complete(job, record)
+            image_id = await self.queue.complete(job, records)
         except JobError as error:
             running.settled = True
             await running.ctx.close()
@@ -188,12 +189,13 @@ class JobRunner:
             await self._record_error(running, unrecorded)
             return
         pipeline_module.forget(self.output_dir, job.id)
-        self.emit(Event.DONE, job=job, backend=record.backend, artifact=artifact)
+        self.emit(Event.DONE, job=job, backend=records[0].backend, artifact=artifact)
         log.info(
             "job done",
             image_id=str(image_id),
             path=str(artifact.image_path) if artifact else None,
-            storage_path=record.storage_path,
+            storage_path=records[0].storage_path,
+            images=len(records),
             linked_earlier_upload=artifact is None,
             reused_local_image=bool(artifact and artifact.reused),
         )
