@@ -359,6 +359,13 @@ SELECT i.*, n.local_path, n.backend_metadata
 FROM imagen.images i LEFT JOIN imagen.image_internals n ON n.image_id = i.id
 WHERE i.id = $1;
 
+-- name: job_images
+-- `imagen status` and `submit --wait`: every image of a job's batch, main image first.
+SELECT i.*, n.local_path
+FROM imagen.images i LEFT JOIN imagen.image_internals n ON n.image_id = i.id
+WHERE i.job_id = $1
+ORDER BY i.index;
+
 -- name: storage_path_of
 -- `imagen sign`: an image id, or a job id (with the job's status when it has no image yet).
 SELECT i.storage_path, NULL::text AS job_status FROM imagen.images i WHERE i.id = $1
