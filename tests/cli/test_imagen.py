@@ -9,7 +9,7 @@ from pathlib import Path
 
 import asyncpg
 
-from tests.workers import BIN, TEST_OWNER, wait_registered, worker_env, worker_processes, write_config
+from tests.workers import BIN, wait_registered, worker_env, worker_processes, write_config
 
 
 def imagen(*args: str, dsn: str, config: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -136,4 +136,4 @@ async def test_submit_n_4_webp_wait_prints_four_paths_and_status_shows_all_four(
     assert lines["thumbnail.3"] == f"local:{job['owner_user_id']}/{job_id}/3.thumb.webp"
 
     refused = await run_imagen("submit", "x", "-n", "17", dsn=database_url, config=config)
-    assert refused.returncode != 0 and "17" in refused.stderr
+    assert refused.returncode == 64 and "'-n' / '--count'" in refused.stderr and "16" in refused.stderr
