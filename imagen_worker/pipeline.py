@@ -281,10 +281,14 @@ class Pipeline:
         when = datetime.now().astimezone()
         latency_ms = int(generate_seconds * 1000)
         outputs = [result.image, *result.extra_outputs]
-        pictures = [
-            self._write_picture(index, produced, spec, backend, request, result, when, latency_ms)
-            for index, produced in enumerate(outputs)
-        ]
+        try:
+            pictures = [
+                self._write_picture(index, produced, spec, backend, request, result, when, latency_ms)
+                for index, produced in enumerate(outputs)
+            ]
+        finally:
+            for produced in outputs:
+                produced.discard()  # a backend's temporary files, written into place or not
         return Artifact(
             pictures=pictures, seed=request.seed, backend=backend.name, model=result.model,
             latency_ms=latency_ms, timings={"generate": generate_seconds},
@@ -335,7 +339,6 @@ class Pipeline:
             thumbnail_path = image_path.with_name(f"{image_path.stem}.thumb.webp")
             output.write_image(thumbnail_path, small)
             thumbnail_key = keys.thumbnail_key(spec.owner_user_id, job_id, index)
-        produced.discard()
         sha256 = hashlib.sha256(data).hexdigest()
         sidecar: dict[str, Any] = {
             "job_id": str(job_id),

@@ -33,6 +33,7 @@ import re
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import httpx
@@ -54,6 +55,14 @@ SOCKET_CONNECTED = "socket_connected"  # also after a reconnect: events may have
 SOCKET_DOWN = "socket_down"  # a reconnect failed: the instance, and the prompt with it, may be gone
 # 5xx answers that mean "nothing behind the proxy" or "not ready", not "this request broke it".
 _GATEWAY_STATUSES = frozenset({502, 503, 504})
+
+
+class OutputTooLarge(Exception):
+    """An output went past the backend's ``max_output_bytes``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"over {limit} bytes")
+        self.limit = limit
 
 
 class Link(enum.Enum):
@@ -262,6 +271,37 @@ class ComfyUIClient:
                 return bytes(chunks), mime.strip()
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from exc
+
+    async def download_to(self, ref: FileRef, target: Path, limit: int) -> tuple[int, str]:
+        """Stream one output file from ``/view`` into ``target``, refusing more than ``limit`` bytes.
+
+        Returns the size and the content type; the file is never held in memory whole.
+        """
+        params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
+        http = self._client()
+        written = 0
+        try:
+            async with http.stream("GET", "/view", params=params) as response:
+                if response.status_code != 200:
+                    raise RetryableError(
+                        f"ComfyUI at {self.base_url} answered {response.status_code} for output file "
+                        f"{ref.subfolder}/{ref.filename} ({ref.type})",
+                        detail={"instance": self.base_url, "file": ref.__dict__},
+                    )
+                with open(target, "wb") as handle:  # noqa: ASYNC230 - small chunks into the page cache
+                    async for chunk in response.aiter_bytes():
+                        written += len(chunk)
+                        if written > limit:
+                            raise OutputTooLarge(limit)
+                        handle.write(chunk)
+                mime = response.headers.get("content-type", "application/octet-stream").split(";")[0]
+                return written, mime.strip()
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from exc
+
+    async def delete_history(self, prompt_ids: Collection[str]) -> None:
+        """``POST /history {"delete": [...]}``: ComfyUI forgets the entries (not the files)."""
+        self._check(await self._request("POST", "/history", json={"delete": list(prompt_ids)}))
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
