@@ -86,7 +86,7 @@ def _spec(
 ) -> JobSpec:  # fmt: skip
     width, height = common.parse_size(size)
     if fmt is not None and fmt not in ("png", "webp", "jpeg"):
-        raise ConfigError(f"--format {fmt!r}: use png, webp or jpeg")
+        raise InputError(f"--format {fmt!r}: use png, webp or jpeg")
     return JobSpec(
         owner_user_id=common.owner_of(config, owner), prompt=prompt, negative_prompt=negative,
         backend=backend, style=style, width=width, height=height, steps=steps, seed=seed,
