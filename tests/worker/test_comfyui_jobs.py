@@ -161,7 +161,7 @@ async def test_a_comfyui_job_with_n_4_in_jpeg_gives_four_rows_and_leaves_no_hist
         r["sidecar"]["output"]["filename"] for r in rows
     )
     assert comfy.history_entry(posted.body["prompt_id"]) is None, "our history entry was deleted"
-    assert not list(Path(tempfile.gettempdir()).glob("imagen-comfyui-*")) or all(
-        p.stat().st_mtime < job["started_at"].timestamp()
-        for p in Path(tempfile.gettempdir()).glob("imagen-comfyui-*")
-    ), "the downloads' temporary files are gone"
+    spools = list(Path(tempfile.gettempdir()).glob("imagen-comfyui-*"))
+    assert not [
+        f for spool in spools for f in spool.iterdir() if f.stat().st_mtime >= job["started_at"].timestamp()
+    ], "the downloads' temporary files are gone once written into place"

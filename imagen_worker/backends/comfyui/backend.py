@@ -42,6 +42,7 @@ import dataclasses
 import enum
 import hashlib
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Coroutine, Mapping
@@ -163,6 +164,9 @@ class ComfyUIBackend(Backend):
         self._background: set[asyncio.Task[None]] = set()
         # Per prompt, the nodes whose ``executed`` event arrived, in the order they ran.
         self._executed: dict[str, list[str]] = {}
+        # Where outputs are streamed until the pipeline has written them into place; removed
+        # with everything left in it when the backend closes.
+        self._spool: Path | None = None
         self._started = False
         self._last_seen: tuple[int, str | None] = (self.capacity, self.unavailable_reason)
 
@@ -261,6 +265,9 @@ class ComfyUIBackend(Backend):
         await self._pool.aclose()
         for inst in self._instances:
             await inst.client.aclose()
+        if self._spool is not None:
+            await asyncio.to_thread(shutil.rmtree, self._spool, True)
+            self._spool = None
         self._started = False
 
     async def health(self) -> Health:
@@ -730,12 +737,14 @@ class ComfyUIBackend(Backend):
     async def _download_all(
         self, client: ComfyUIClient, prompt_id: str, files: list[FileRef], graph: Mapping[str, Any]
     ) -> list[Output]:
-        """Each file into its own temporary file, all together within ``max_output_bytes``."""
+        """Each file into its own file in the spool directory, all together within ``max_output_bytes``."""
         outputs: list[Output] = []
         budget = self.config.max_output_bytes
+        if self._spool is None:
+            self._spool = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="imagen-comfyui-"))
         try:
             for ref in files:
-                handle, name = await asyncio.to_thread(tempfile.mkstemp, prefix="imagen-comfyui-")
+                handle, name = await asyncio.to_thread(tempfile.mkstemp, dir=self._spool)
                 os.close(handle)
                 path = Path(name)
                 outputs.append(Output(path=path, name=ref.filename))

@@ -78,6 +78,9 @@ async def test_outputs_stream_to_temporary_files_within_max_output_bytes(
     assert all(path is not None and path.is_file() for path in files) and result.image.data == b""
     result.image.discard()
     assert result.image.path is not None and not result.image.path.exists()
+    spool = files[1].parent if files[1] else None
+    await backend.aclose()
+    assert spool is not None and not spool.exists(), "closing the backend removes what is left"
 
     small = await make_backend(fake, max_output_bytes=1024)
     with pytest.raises(TerminalError, match=r"larger than backend \"gpu\"'s max_output_bytes \(1024 bytes\)"):
