@@ -252,26 +252,6 @@ class ComfyUIClient:
         data = _as_dict(_json(self._check(await self._request("GET", "/prompt"))))
         return int(_as_dict(data.get("exec_info")).get("queue_remaining", 0))
 
-    async def download(self, ref: FileRef) -> tuple[bytes, str]:
-        """Stream one output file from ``/view``; returns the bytes and the content type."""
-        params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
-        http = self._client()
-        try:
-            async with http.stream("GET", "/view", params=params) as response:
-                if response.status_code != 200:
-                    raise RetryableError(
-                        f"ComfyUI at {self.base_url} answered {response.status_code} for output file "
-                        f"{ref.subfolder}/{ref.filename} ({ref.type})",
-                        detail={"instance": self.base_url, "file": ref.__dict__},
-                    )
-                chunks = bytearray()
-                async for chunk in response.aiter_bytes():
-                    chunks.extend(chunk)
-                mime = response.headers.get("content-type", "application/octet-stream").split(";")[0]
-                return bytes(chunks), mime.strip()
-        except httpx.HTTPError as exc:
-            raise self._unreachable(exc) from exc
-
     async def download_to(self, ref: FileRef, target: Path, limit: int) -> tuple[int, str]:
         """Stream one output file from ``/view`` into ``target``, refusing more than ``limit`` bytes.
 
