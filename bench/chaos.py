@@ -469,7 +469,7 @@ class Chaos:
         violations = report.violations
         report.jobs_inserted = len(self.inserted)
         jobs = await self.query("SELECT id, status, attempts, error, image_id FROM imagen.jobs")
-        images = await self.query("SELECT id, job_id, storage_path FROM imagen.images")
+        images = await self.query("SELECT id, job_id, storage_path, thumbnail_path FROM imagen.images")
         report.statuses = dict(Counter(row["status"] for row in jobs))
         report.images = len(images)
         report.attempts = {str(k): v for k, v in sorted(Counter(row["attempts"] for row in jobs).items())}
@@ -524,6 +524,7 @@ class Chaos:
         report.storage_files = len(objects)
         report.storage_temp_files = len(temp)
         paths = {row["storage_path"] for row in images}
+        paths |= {row["thumbnail_path"] for row in images if row["thumbnail_path"]}  # beside each image
         if objects != paths:
             stray, missing = objects - paths, paths - objects
             violations.append(

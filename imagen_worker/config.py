@@ -60,6 +60,13 @@ class OutputConfig(_Block):
     cloud_sync: CloudSync = "auto"
     # Live previews are deleted from Storage when their job ends, unless kept.
     keep_previews: bool = False
+    # What a job gets unless its own jobs.format / jobs.quality say otherwise.
+    format: Literal["png", "webp", "jpeg"] = "png"
+    quality: int = Field(default=90, ge=1, le=100)
+    # Prompt, seed and workflow inside the image file (PNG text, EXIF); false strips them all.
+    embed_metadata: bool = True
+    # Longer side of the WebP thumbnail uploaded beside each image; 0 makes none.
+    thumbnail_size: int = Field(default=256, ge=0, le=2048)
 
     @field_validator("cloud_sync", mode="before")
     @classmethod

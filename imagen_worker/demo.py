@@ -1,8 +1,9 @@
 """``make demo``: the whole product end to end on the embedded default.
 
 Starts ``imagen-worker run`` with no configuration (embedded PostgreSQL, mock backend, local
-storage), enqueues one job with ``imagen submit --wait`` and one with a plain SQL INSERT the
-way the web UI does, prints the image paths and rows, and stops the worker with SIGTERM.
+storage), enqueues one job with ``imagen submit --wait``, one with a plain SQL INSERT the way
+the web UI does, and a batch of four WebP images with ``imagen submit -n 4 --format webp``,
+prints the image paths, rows and thumbnails, and stops the worker with SIGTERM.
 
 Everything lives in a throwaway directory (its own embedded server, its own images), so the
 demo never touches the user's queue; the server is stopped and its data deleted at the end.
@@ -36,6 +37,8 @@ BIN = Path(sys.executable).parent
 WEB_UI_INSERT = """INSERT INTO imagen.jobs (owner_user_id, prompt, style, width, height)
 VALUES ($1, 'a lighthouse on a cliff at dawn', 'watercolor', 768, 512)
 RETURNING id"""
+BATCH_QUERY = """SELECT index, storage_path, thumbnail_path, mime_type, width, height, bytes
+FROM imagen.images WHERE job_id = $1 ORDER BY index"""
 
 
 def _use_scratch_directory() -> Path:
@@ -108,6 +111,31 @@ async def _show_when_done(dsn: str, job_id: uuid.UUID, within: float = 30) -> bo
     return bool(job["status"] == "done")
 
 
+async def _show_batch(dsn: str, paths: list[str]) -> bool:
+    """The batch's images rows, each with its thumbnail on disk beside the image."""
+    conn = await connect(dsn)
+    try:
+        job_id = await conn.fetchval(
+            "SELECT job_id FROM imagen.images i JOIN imagen.image_internals n ON n.image_id = i.id "
+            "WHERE n.local_path = $1",
+            paths[0],
+        )
+        rows = await conn.fetch(BATCH_QUERY, job_id)
+    finally:
+        await conn.close()
+    console.print(f"imagen.images of job {job_id} (one row per image, index 0 is jobs.image_id):")
+    for row in rows:
+        console.print(
+            f"  {row['index']}  {row['mime_type']}  {row['width']}x{row['height']}  {row['bytes']} B  "
+            f"{row['storage_path']}  thumbnail {row['thumbnail_path']}",
+            soft_wrap=True, highlight=False,
+        )  # fmt: skip
+    thumbs = [Path(p).with_name(f"{Path(p).stem}.thumb.webp") for p in paths]
+    for thumb in thumbs:
+        console.print("thumbnail:", str(thumb), f"({thumb.stat().st_size} bytes)", soft_wrap=True)
+    return len(rows) == 4 and all(thumb.is_file() for thumb in thumbs)
+
+
 async def _insert_like_the_web_ui(dsn: str) -> uuid.UUID:
     conn = await connect(dsn)
     try:
@@ -152,8 +180,24 @@ def _run_demo() -> int:
         job_id = asyncio.run(_insert_like_the_web_ui(dsn))
         if not asyncio.run(_show_when_done(dsn, job_id)):
             return 1
+
+        console.rule("3. a batch: imagen submit -n 4 --format webp --wait")
+        batch = subprocess.run(
+            [str(BIN / "imagen"), "submit", "a paper boat on a pond", "--size", "512x384", "-n", "4",
+             "--format", "webp", "--quality", "80", "--wait"],
+            env=env, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        sys.stderr.write(batch.stderr)
+        paths = batch.stdout.split()
+        if batch.returncode != 0 or len(paths) != 4:
+            console.print(f"[red]imagen submit -n 4 failed ({batch.returncode})")
+            return 1
+        for path in paths:
+            console.print("image:", path, soft_wrap=True)
+        if not asyncio.run(_show_batch(dsn, paths)):
+            return 1
     finally:
-        console.rule("3. SIGTERM: the worker drains and exits")
+        console.rule("4. SIGTERM: the worker drains and exits")
         worker.send_signal(signal.SIGTERM)
         code = worker.wait(timeout=90)
         console.print(f"worker exited with code {code}")

@@ -5,6 +5,11 @@ characters, so nothing a prompt contains can leave the output directory. The sam
 used for every placeholder of one file, so its parts never drift apart across midnight. The
 storage key does not depend on the name: it is ``<owner id>/<job id>.<ext>``
 (``storage.keys.object_key``), the same on every host and attempt.
+
+``encode`` turns what a backend produced into the format the job asks for (``png``, ``webp``,
+``jpeg``), with the prompt, seed and workflow embedded (PNG text chunks, EXIF for WebP and
+JPEG) or every metadata chunk stripped; ``thumbnail`` makes the small WebP a gallery shows.
+Both are CPU work: callers run them in a thread.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from imagen_worker.errors import ConfigError
 from imagen_worker.storage.keys import object_key
@@ -39,6 +44,66 @@ _EXTENSIONS = {
 
 
 _FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
+# What a job may ask for (jobs.format, output.format) and how Pillow writes it.
+PILLOW_FORMAT = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}
+MIME_OF_FORMAT = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+_EXIF_IMAGE_DESCRIPTION = 0x010E
+_EXIF_SOFTWARE = 0x0131
+
+
+def encode(data: bytes, fmt: str, quality: int, metadata: Mapping[str, Any] | None) -> tuple[bytes, str]:
+    """The image in ``fmt``, with ``metadata`` embedded, or with no metadata at all when None.
+
+    PNG gets one text chunk per key (a ComfyUI PNG's own ``prompt``/``workflow`` chunks are
+    kept only when metadata is embedded); WebP and JPEG get the metadata as JSON in the EXIF
+    ImageDescription. Bytes Pillow cannot read (a video) are returned as they are.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as source:
+            source.load()
+            image = ImageOps.exif_transpose(source) if fmt != "png" else source.copy()
+            text = dict(source.info) if source.format == "PNG" else {}
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return data, image_facts(data, "application/octet-stream").mime_type
+    if fmt == "jpeg" and image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    elif image.mode not in ("RGB", "RGBA", "L", "LA"):
+        image = image.convert("RGBA" if "transparency" in image.info or "A" in image.mode else "RGB")
+    options: dict[str, Any] = {}
+    if fmt == "png":
+        info = PngImagePlugin.PngInfo()
+        if metadata is not None:
+            for key, value in text.items():
+                if isinstance(key, str) and isinstance(value, str) and key not in metadata:
+                    info.add_text(key, value)
+            for key, value in metadata.items():
+                info.add_text(key, value if isinstance(value, str) else json.dumps(value, default=str))
+        options.update(pnginfo=info, compress_level=6)
+    else:
+        options.update(quality=quality)
+        if metadata is not None:
+            exif = Image.Exif()
+            exif[_EXIF_IMAGE_DESCRIPTION] = json.dumps(metadata, default=str, ensure_ascii=True)
+            exif[_EXIF_SOFTWARE] = "imagen-worker"
+            options["exif"] = exif.tobytes()
+    out = io.BytesIO()
+    image.save(out, format=PILLOW_FORMAT[fmt], **options)
+    return out.getvalue(), MIME_OF_FORMAT[fmt]
+
+
+def thumbnail(data: bytes, size: int) -> bytes | None:
+    """A WebP at most ``size`` pixels on its longer side, without metadata; None for non-images."""
+    try:
+        with Image.open(io.BytesIO(data)) as source:
+            image = ImageOps.exif_transpose(source)
+            image.thumbnail((size, size))
+            if image.mode not in ("RGB", "RGBA"):
+                image = image.convert("RGBA" if "A" in image.mode else "RGB")
+            out = io.BytesIO()
+            image.save(out, format="WEBP", quality=80)
+            return out.getvalue()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -113,6 +178,7 @@ def plan_names(
     job_id: UUID,
     owner_user_id: UUID,
     when: datetime,
+    index: int = 0,
 ) -> Naming:
     ext = extension_for(mime_type)
     slug = slugify(prompt)
@@ -129,7 +195,9 @@ def plan_names(
     relative = Path(template.format(**values))
     if relative.is_absolute() or ".." in relative.parts:
         raise ConfigError(f"output.naming produced an unsafe path: {relative}")
-    return Naming(relative=relative, storage_key=object_key(owner_user_id, job_id, ext))
+    if index:
+        relative = relative.with_name(f"{relative.stem}-{index}{relative.suffix}")
+    return Naming(relative=relative, storage_key=object_key(owner_user_id, job_id, ext, index))
 
 
 def sidecar_path(image_path: Path) -> Path:

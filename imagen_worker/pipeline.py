@@ -1,7 +1,9 @@
 """The one generate path, shared by the worker and ``imagen generate``.
 
-resolve backend -> style -> ``backend.generate`` -> image + sidecar on local disk -> storage
-sink. The storage key is ``<owner id>/<job id>.<ext>``, the same on every host and attempt.
+resolve backend -> style -> ``backend.generate`` -> each image of the batch converted to the
+job's format (with metadata embedded or stripped), its thumbnail and sidecar on local disk ->
+storage sink. The keys are a pure function of owner, job and index (``storage.keys``), the same
+on every host and attempt.
 The worker records the upload in the database as it completes (``job_runs.result``), so a
 retry on any host links the stored object instead of generating again. A small per-job
 journal in the output directory is only a cache on top: a retry on the same host after a
@@ -23,7 +25,7 @@ from typing import Any
 from uuid import UUID
 
 from imagen_worker import inputs, output, styles
-from imagen_worker.backends.base import Backend, GenerateRequest, GenerateResult, JobContext
+from imagen_worker.backends.base import Backend, GenerateRequest, GenerateResult, JobContext, Output
 from imagen_worker.config import OutputConfig
 from imagen_worker.errors import JobError, TerminalError
 from imagen_worker.queue.jobs import ImageRecord, JobSpec
@@ -42,35 +44,94 @@ def derived_seed(job_id: UUID) -> int:
 
 
 @dataclass
-class Artifact:
-    """What the pipeline produced for one job."""
+class Picture:
+    """One image of a job's batch, on local disk, with the key it is stored under."""
 
+    index: int
     image_path: Path
-    sidecar_path: Path | None
     storage_key: str
     mime_type: str
     bytes: int
     sha256: str
+    sidecar: dict[str, Any]
+    sidecar_path: Path | None = None
+    width: int | None = None  # read from the file; None when it is not a still image
+    height: int | None = None
+    thumbnail_path: Path | None = None
+    thumbnail_key: str | None = None
+
+
+@dataclass
+class Artifact:
+    """What the pipeline produced for one job: its batch, main image first."""
+
+    pictures: list[Picture]
     seed: int
     backend: str
     model: str | None
     latency_ms: int
-    sidecar: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
     upload_error: JobError | None = None
     reused: bool = False
-    width: int | None = None  # read from the file; None when it is not a still image
-    height: int | None = None
+
+    @property
+    def main(self) -> Picture:
+        return self.pictures[0]
+
+    # The main image's facts, for callers that show one image.
+    @property
+    def image_path(self) -> Path:
+        return self.main.image_path
+
+    @property
+    def sidecar_path(self) -> Path | None:
+        return self.main.sidecar_path
+
+    @property
+    def storage_key(self) -> str:
+        return self.main.storage_key
+
+    @property
+    def mime_type(self) -> str:
+        return self.main.mime_type
+
+    @property
+    def sha256(self) -> str:
+        return self.main.sha256
+
+    @property
+    def sidecar(self) -> dict[str, Any]:
+        return self.main.sidecar
+
+    @property
+    def width(self) -> int | None:
+        return self.main.width
+
+    @property
+    def height(self) -> int | None:
+        return self.main.height
+
+    def image_records(self) -> list[ImageRecord]:
+        """The images rows: each sidecar without host internals, which travel apart."""
+        return [self._record(picture) for picture in self.pictures]
 
     def image_record(self) -> ImageRecord:
-        """The images row: the sidecar without host internals, which travel apart."""
-        public = {k: v for k, v in self.sidecar.items() if k not in INTERNAL_SIDECAR_KEYS}
-        internals = {k: self.sidecar[k] for k in INTERNAL_SIDECAR_KEYS if k in self.sidecar}
+        return self._record(self.main)
+
+    def _record(self, picture: Picture) -> ImageRecord:
+        public = {k: v for k, v in picture.sidecar.items() if k not in INTERNAL_SIDECAR_KEYS}
+        internals = {k: picture.sidecar[k] for k in INTERNAL_SIDECAR_KEYS if k in picture.sidecar}
         return ImageRecord(
-            storage_path=self.storage_key, mime_type=self.mime_type, bytes=self.bytes,
-            sha256=self.sha256, backend=self.backend, seed=self.seed, latency_ms=self.latency_ms,
-            sidecar=public, model=self.model, width=self.width, height=self.height, internals=internals,
+            storage_path=picture.storage_key, mime_type=picture.mime_type, bytes=picture.bytes,
+            sha256=picture.sha256, backend=self.backend, seed=self.seed, latency_ms=self.latency_ms,
+            sidecar=public, model=self.model, width=picture.width, height=picture.height,
+            internals=internals, index=picture.index, thumbnail_path=picture.thumbnail_key,
         )  # fmt: skip
+
+
+def _picture(raw: dict[str, Any]) -> Picture:
+    paths = ("image_path", "sidecar_path", "thumbnail_path")
+    return Picture(**{**raw, **{name: raw[name] and Path(raw[name]) for name in paths}})
 
 
 def _journal_path(directory: Path, job_id: UUID) -> Path:
@@ -81,19 +142,16 @@ def _read_journal(directory: Path, job_id: UUID) -> Artifact | None:
     path = _journal_path(directory, job_id)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-        artifact = Artifact(
-            **{
-                **raw,
-                "image_path": Path(raw["image_path"]),
-                "sidecar_path": raw["sidecar_path"] and Path(raw["sidecar_path"]),
-            }
-        )
+        artifact = Artifact(**{**raw, "pictures": [_picture(p) for p in raw["pictures"]]})
     except (OSError, ValueError, TypeError, KeyError):
         return None
-    if not artifact.image_path.exists():
-        return None
-    if hashlib.sha256(artifact.image_path.read_bytes()).hexdigest() != artifact.sha256:
-        return None
+    for picture in artifact.pictures:
+        if not picture.image_path.exists():
+            return None
+        if hashlib.sha256(picture.image_path.read_bytes()).hexdigest() != picture.sha256:
+            return None
+        if picture.thumbnail_path is not None and not picture.thumbnail_path.exists():
+            return None
     artifact.reused = True
     return artifact
 
@@ -101,8 +159,6 @@ def _read_journal(directory: Path, job_id: UUID) -> Artifact | None:
 def _write_journal(directory: Path, job_id: UUID, artifact: Artifact) -> None:
     raw = asdict(artifact)
     raw.pop("upload_error")
-    raw["image_path"] = str(artifact.image_path)
-    raw["sidecar_path"] = str(artifact.sidecar_path) if artifact.sidecar_path else None
     output.write_copy(_journal_path(directory, job_id), json.dumps(raw, default=str).encode())
 
 
@@ -112,15 +168,14 @@ def forget(directory: Path, job_id: UUID) -> None:
 
 
 def discard(directory: Path, job_id: UUID) -> None:
-    """A failed or cancelled job leaves nothing behind: its image, extras, sidecar, journal."""
+    """A failed or cancelled job leaves nothing behind: its images, thumbnails, sidecars, journal."""
     path = _journal_path(directory, job_id)
+    files: list[Path] = []
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-        image = Path(raw["image_path"])
-        extras = raw.get("sidecar", {}).get("extra_outputs") or []
-        files = [image, *(image.with_name(str(name)) for name in extras)]
-        if raw.get("sidecar_path"):
-            files.append(Path(raw["sidecar_path"]))
+        for picture in raw["pictures"]:
+            names = (picture.get(key) for key in ("image_path", "sidecar_path", "thumbnail_path"))
+            files.extend(Path(name) for name in names if name)
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         files = []
     for file in files:
@@ -176,16 +231,30 @@ class Pipeline:
         rendered()
         started = time.perf_counter()
         try:
-            stored = await self.sink.put(artifact.storage_key, artifact.image_path, artifact.mime_type)
-            if stored.location == artifact.image_path.resolve().as_uri():
-                # Nothing was stored under the key: local storage keeps the output file itself.
-                artifact.storage_key = keys.LOCAL_PREFIX + artifact.storage_key
+            for picture in artifact.pictures:
+                picture.storage_key = await self._store(
+                    picture.storage_key, picture.image_path, picture.mime_type
+                )
+                if picture.thumbnail_path is not None and picture.thumbnail_key is not None:
+                    picture.thumbnail_key = await self._store(
+                        picture.thumbnail_key, picture.thumbnail_path, "image/webp"
+                    )
         except JobError as exc:
             if strict_upload:
                 raise
             artifact.upload_error = exc
         artifact.timings["upload"] = time.perf_counter() - started
         return artifact
+
+    async def _store(self, key: str, path: Path, mime_type: str) -> str:
+        """Upload one file; the key the images row records (``local:`` when it stayed here)."""
+        if key.startswith(keys.LOCAL_PREFIX):
+            return key  # a journaled artifact that local storage kept before
+        stored = await self.sink.put(key, path, mime_type)
+        if stored.location == (await asyncio.to_thread(path.resolve)).as_uri():
+            # Nothing was stored under the key: local storage keeps the output file itself.
+            return keys.LOCAL_PREFIX + key
+        return key
 
     async def _generate(self, job_id: UUID, spec: JobSpec, ctx: JobContext) -> Artifact:
         backend = self.resolve(spec.backend)
@@ -194,7 +263,7 @@ class Pipeline:
         request = GenerateRequest(
             job_id=job_id, prompt=prompt, negative_prompt=negative, width=spec.width,
             height=spec.height, steps=spec.steps, seed=seed, params=dict(spec.params), style=spec.style,
-            owner_user_id=spec.owner_user_id, workflow=spec.workflow,
+            owner_user_id=spec.owner_user_id, workflow=spec.workflow, n=spec.n,
         )  # fmt: skip
         # The adapter's params model and limits, before anything reaches the backend.
         request = backend.check_request(request)
@@ -219,27 +288,73 @@ class Pipeline:
         result: GenerateResult,
         generate_seconds: float,
     ) -> Artifact:
-        """The image, its extra outputs and the sidecar on local disk, before any upload."""
-        job_id, seed = request.job_id, request.seed
+        """Every image of the batch, its thumbnail and its sidecar on local disk, before any upload."""
         when = datetime.now().astimezone()
-        data = result.image.data
-        facts = output.image_facts(data, result.image.mime_type)
+        latency_ms = int(generate_seconds * 1000)
+        outputs = [result.image, *result.extra_outputs]
+        try:
+            pictures = [
+                self._write_picture(index, produced, spec, backend, request, result, when, latency_ms)
+                for index, produced in enumerate(outputs)
+            ]
+        finally:
+            for produced in outputs:
+                produced.discard()  # a backend's temporary files, written into place or not
+        return Artifact(
+            pictures=pictures, seed=request.seed, backend=backend.name, model=result.model,
+            latency_ms=latency_ms, timings={"generate": generate_seconds, **result.timings},
+        )  # fmt: skip
+
+    def _embedded(self, spec: JobSpec, request: GenerateRequest, result: GenerateResult) -> dict[str, Any]:
+        """What goes inside the image file: enough to make it again."""
+        embedded: dict[str, Any] = {
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "seed": request.seed,
+            "steps": spec.steps,
+            "model": result.model,
+            "params": dict(request.params),
+        }
+        workflow = result.metadata.get("workflow_graph")
+        if workflow is not None:
+            embedded["workflow"] = workflow
+        return {"imagen": embedded}
+
+    def _write_picture(
+        self,
+        index: int,
+        produced: Output,
+        spec: JobSpec,
+        backend: Backend,
+        request: GenerateRequest,
+        result: GenerateResult,
+        when: datetime,
+        latency_ms: int,
+    ) -> Picture:
+        job_id, seed = request.job_id, request.seed
+        fmt = spec.format or self.output.format
+        quality = spec.quality or self.output.quality
+        embedded = self._embedded(spec, request, result) if self.output.embed_metadata else None
+        data, _ = output.encode(produced.read(), fmt, quality, embedded)
+        facts = output.image_facts(data, produced.mime_type)
         names = output.plan_names(
             self.output.naming, prompt=spec.prompt, seed=seed, backend=backend.name,
             mime_type=facts.mime_type, job_id=job_id, owner_user_id=spec.owner_user_id, when=when,
+            index=index,
         )  # fmt: skip
         image_path = output.claim_path(self.output.directory, names.relative, job_id)
         output.write_image(image_path, data)
-        extra_paths = []
-        for index, extra in enumerate(result.extra_outputs, start=1):
-            ext = output.extension_for(extra.mime_type)
-            extra_path = image_path.with_name(f"{image_path.stem}-{index}.{ext}")
-            output.write_image(extra_path, extra.data)
-            extra_paths.append(extra_path.name)
+        thumbnail_path = thumbnail_key = None
+        small = output.thumbnail(data, self.output.thumbnail_size) if self.output.thumbnail_size else None
+        if small is not None:
+            thumbnail_path = image_path.with_name(f"{image_path.stem}.thumb.webp")
+            output.write_image(thumbnail_path, small)
+            thumbnail_key = keys.thumbnail_key(spec.owner_user_id, job_id, index)
         sha256 = hashlib.sha256(data).hexdigest()
-        latency_ms = int(generate_seconds * 1000)
         sidecar: dict[str, Any] = {
             "job_id": str(job_id),
+            "index": index,
+            "batch_size": len(result.extra_outputs) + 1,
             "prompt": spec.prompt,
             "styled_prompt": request.prompt,
             "negative_prompt": request.negative_prompt,
@@ -257,16 +372,17 @@ class Pipeline:
             "bytes": len(data),
             "sha256": sha256,
             "storage_path": names.storage_key,
+            "thumbnail_path": thumbnail_key,
             "local_path": str(image_path),
             "created_at": when.isoformat(),
             "latency_ms": latency_ms,
-            "extra_outputs": extra_paths,
-            "backend_metadata": result.metadata,
+            "output": produced.origin,
+            "backend_metadata": result.metadata if index == 0 else {},
         }
         sidecar_path = output.write_sidecar(image_path, sidecar) if self.output.write_metadata_json else None
-        return Artifact(
-            image_path=image_path, sidecar_path=sidecar_path, storage_key=names.storage_key,
-            mime_type=facts.mime_type, bytes=len(data), sha256=sha256, seed=seed,
-            backend=backend.name, model=result.model, latency_ms=latency_ms, sidecar=sidecar,
-            timings={"generate": generate_seconds, **result.timings}, width=facts.width, height=facts.height,
+        return Picture(
+            index=index, image_path=image_path, storage_key=names.storage_key, mime_type=facts.mime_type,
+            bytes=len(data), sha256=sha256, sidecar=sidecar, sidecar_path=sidecar_path,
+            width=facts.width, height=facts.height, thumbnail_path=thumbnail_path,
+            thumbnail_key=thumbnail_key,
         )  # fmt: skip

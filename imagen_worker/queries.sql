@@ -7,8 +7,10 @@
 -- name: enqueue
 -- Idempotent on (owner, dedupe_key) among live jobs: a conflict inserts nothing.
 INSERT INTO imagen.jobs (owner_user_id, prompt, negative_prompt, backend, style, width, height,
-                         steps, seed, params, priority, run_at, max_attempts, dedupe_key, workflow)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, coalesce($12, now()), $13, $14, $15)
+                         steps, seed, params, priority, run_at, max_attempts, dedupe_key, workflow,
+                         n, format, quality)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, coalesce($12, now()), $13, $14, $15, $16,
+        $17, $18)
 ON CONFLICT (owner_user_id, dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('pending', 'running')
 DO NOTHING
 RETURNING id;
@@ -204,13 +206,14 @@ WHERE w.job_id = $1 AND w.worker_id = $2 AND w.attempt = $3
   AND j.id = w.job_id AND j.attempts = $3 AND j.status = 'running';
 
 -- name: insert_image
--- The images row its owner reads, and the host-side facts ($18: local_path, backend_metadata)
--- in the worker-only imagen.image_internals.
+-- One image of the job's batch ($19 its index, $20 its thumbnail's key): the images row its
+-- owner reads, and the host-side facts ($18: local_path, backend_metadata) in the worker-only
+-- imagen.image_internals.
 WITH image AS (
     INSERT INTO imagen.images (owner_user_id, job_id, prompt, prompt_hash, backend, model, seed,
                                steps, width, height, latency_ms, cost_usd_estimate, storage_path,
-                               mime_type, bytes, sha256, sidecar)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+                               mime_type, bytes, sha256, sidecar, index, thumbnail_path)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $19, $20)
     RETURNING id
 ),
 internals AS (
@@ -234,13 +237,14 @@ UPDATE imagen.job_runs w SET result = NULL, error_detail = NULL, updated_at = no
 FROM done WHERE w.job_id = done.id;
 
 -- name: complete_batch
--- Many completions, one commit, each job fenced alone, rows locked in id order (see complete_many).
+-- Many one-image completions, one commit, each job fenced alone, rows locked in id order (see
+-- complete_many; a job with several images goes through insert_image + complete).
 WITH input AS (
     SELECT * FROM jsonb_to_recordset($2::jsonb) AS x (
         job_id uuid, attempt int, owner_user_id uuid, prompt text, prompt_hash text, backend text,
         model text, seed bigint, steps int, width int, height int, latency_ms int,
         cost_usd_estimate numeric, storage_path text, mime_type text, bytes bigint, sha256 text,
-        sidecar jsonb, internals jsonb)
+        sidecar jsonb, internals jsonb, index int, thumbnail_path text)
 ),
 fenced AS MATERIALIZED (
     SELECT j.id FROM imagen.jobs j
@@ -253,10 +257,10 @@ fenced AS MATERIALIZED (
 image AS (
     INSERT INTO imagen.images (owner_user_id, job_id, prompt, prompt_hash, backend, model, seed,
                                steps, width, height, latency_ms, cost_usd_estimate, storage_path,
-                               mime_type, bytes, sha256, sidecar)
+                               mime_type, bytes, sha256, sidecar, index, thumbnail_path)
     SELECT i.owner_user_id, i.job_id, i.prompt, i.prompt_hash, i.backend, i.model, i.seed, i.steps,
            i.width, i.height, i.latency_ms, i.cost_usd_estimate, i.storage_path, i.mime_type,
-           i.bytes, i.sha256, coalesce(i.sidecar, '{}'::jsonb)
+           i.bytes, i.sha256, coalesce(i.sidecar, '{}'::jsonb), i.index, i.thumbnail_path
     FROM input i JOIN fenced f ON f.id = i.job_id
     ON CONFLICT DO NOTHING
     RETURNING id, job_id
@@ -403,6 +407,13 @@ LIMIT $2;
 SELECT i.*, n.local_path, n.backend_metadata
 FROM imagen.images i LEFT JOIN imagen.image_internals n ON n.image_id = i.id
 WHERE i.id = $1;
+
+-- name: job_images
+-- `imagen status` and `submit --wait`: every image of a job's batch, main image first.
+SELECT i.*, n.local_path
+FROM imagen.images i LEFT JOIN imagen.image_internals n ON n.image_id = i.id
+WHERE i.job_id = $1
+ORDER BY i.index;
 
 -- name: storage_path_of
 -- `imagen sign`: an image id, or a job id (with the job's status when it has no image yet).

@@ -14,7 +14,17 @@ import pytest
 from PIL import Image
 
 from imagen_worker import output
-from imagen_worker.output import ImageFacts, check_naming, claim_path, image_facts, plan_names, slugify
+from imagen_worker.output import (
+    ImageFacts,
+    check_naming,
+    claim_path,
+    encode,
+    image_facts,
+    plan_names,
+    slugify,
+    thumbnail,
+)
+from imagen_worker.storage.keys import object_key, thumbnail_key
 
 JOB = uuid.UUID("12345678-1234-4234-8234-123456789abc")
 OWNER = uuid.UUID("00000000-0000-4000-8000-00000000a11c")
@@ -170,3 +180,75 @@ async def test_one_job_through_the_pipeline_costs_two_fsyncs(
     artifact = await pipe.run(uuid.uuid4(), spec, CountingContext())
     assert artifact.image_path.is_file() and artifact.sidecar_path and artifact.sidecar_path.is_file()
     assert len(calls) == 2, "image file and its directory; the sidecar and journal are not fsynced"
+
+
+def _png_with_comfy_chunks() -> bytes:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", '{"3": {"class_type": "KSampler"}}')
+    info.add_text("workflow", '{"nodes": []}')
+    out = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(out, format="PNG", pnginfo=info)
+    return out.getvalue()
+
+
+EMBEDDED = {"imagen": {"prompt": "a heron", "seed": 7, "workflow": {"3": {"class_type": "KSampler"}}}}
+
+
+def test_png_keeps_its_workflow_chunks_and_gains_the_imagen_chunk() -> None:
+
+    data, mime = encode(_png_with_comfy_chunks(), "png", 90, EMBEDDED)
+    with Image.open(io.BytesIO(data)) as image:
+        assert mime == "image/png" and image.format == "PNG"
+        assert json.loads(image.info["imagen"]) == EMBEDDED["imagen"]
+        assert image.info["workflow"] == '{"nodes": []}'
+
+
+@pytest.mark.parametrize(("fmt", "pillow"), [("webp", "WEBP"), ("jpeg", "JPEG")])
+def test_webp_and_jpeg_carry_the_metadata_in_exif(fmt: str, pillow: str) -> None:
+
+    data, mime = encode(_png_with_comfy_chunks(), fmt, 80, EMBEDDED)
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == pillow and mime == f"image/{fmt}" and image.size == (40, 30)
+        assert json.loads(image.getexif()[0x010E]) == EMBEDDED
+
+
+@pytest.mark.parametrize("fmt", ["png", "webp", "jpeg"])
+def test_embed_metadata_false_strips_every_chunk(fmt: str) -> None:
+
+    data, _ = encode(_png_with_comfy_chunks(), fmt, 80, None)
+    with Image.open(io.BytesIO(data)) as image:
+        assert not image.getexif()
+        assert not {"prompt", "workflow", "imagen", "exif", "xmp"} & set(image.info)
+    assert b"KSampler" not in data
+
+
+def test_quality_changes_the_lossy_size() -> None:
+
+    noisy = Image.effect_noise((128, 128), 64).convert("RGB")
+    out = io.BytesIO()
+    noisy.save(out, format="PNG")
+    low, _ = encode(out.getvalue(), "jpeg", 10, None)
+    high, _ = encode(out.getvalue(), "jpeg", 95, None)
+    assert len(low) < len(high)
+
+
+def test_a_thumbnail_is_a_small_webp_keeping_the_aspect_ratio() -> None:
+
+    out = io.BytesIO()
+    Image.new("RGB", (1024, 512)).save(out, format="PNG")
+    small = thumbnail(out.getvalue(), 256)
+    assert small is not None
+    with Image.open(io.BytesIO(small)) as image:
+        assert (image.format, image.size) == ("WEBP", (256, 128))
+    assert thumbnail(b"not an image", 256) is None
+
+
+def test_batch_keys_are_a_pure_function_of_owner_job_and_index() -> None:
+
+    assert object_key(OWNER, JOB, "webp", 0) == f"{OWNER}/{JOB}.webp"
+    assert object_key(OWNER, JOB, "webp", 3) == f"{OWNER}/{JOB}-3.webp"
+    assert thumbnail_key(OWNER, JOB, 3) == f"{OWNER}/{JOB}/3.thumb.webp"
+    with pytest.raises(ValueError):
+        object_key(OWNER, JOB, "png", -1)

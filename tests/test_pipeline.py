@@ -89,7 +89,12 @@ async def test_a_failed_upload_keeps_the_image_and_the_retry_uploads_the_same_fi
     artifact = await pipeline(tmp_path, store).run(job_id, SPEC, CountingContext())
     assert artifact.reused and CountingMock.calls == 1, "the retry does not generate again"
     assert artifact.image_path == images[0]
-    assert store.objects == {artifact.storage_key: images[0].read_bytes()}
+    thumbnail = artifact.main.thumbnail_path
+    assert artifact.main.thumbnail_key and thumbnail is not None
+    assert store.objects == {
+        artifact.storage_key: images[0].read_bytes(),
+        artifact.main.thumbnail_key: thumbnail.read_bytes(),
+    }
     assert hashlib.sha256(images[0].read_bytes()).hexdigest() == artifact.sha256
 
 
@@ -134,7 +139,8 @@ async def test_discarding_a_failed_job_leaves_nothing_of_it_on_disk(tmp_path: Pa
     discard(tmp_path, job_id)
 
     left = {p for p in tmp_path.rglob("*") if p.is_file()}
-    assert left == {kept.image_path, kept.sidecar_path, tmp_path / ".imagen-journal" / f"{other}.json"}
+    journal = tmp_path / ".imagen-journal" / f"{other}.json"
+    assert left == {kept.image_path, kept.sidecar_path, kept.main.thumbnail_path, journal}
 
 
 async def test_the_images_row_keeps_host_internals_apart_from_the_sidecar(tmp_path: Path) -> None:
@@ -173,5 +179,37 @@ async def test_params_are_checked_before_the_backend_runs(tmp_path: Path) -> Non
     spec = JobSpec(owner_user_id=OWNER, prompt="x", width=64, height=64, params={"width": 4096})
 
     with pytest.raises(TerminalError, match=r"^params.width is not allowed"):
+        await pipeline(tmp_path, FlakyStore(0)).run(uuid.uuid4(), spec, CountingContext())
+    assert CountingMock.calls == 0
+
+
+async def test_a_batch_of_four_webp_is_four_files_four_thumbnails_and_four_uploads(tmp_path: Path) -> None:
+    store = FlakyStore(0)
+    job_id = uuid.uuid4()
+    spec = JobSpec(owner_user_id=OWNER, prompt="a heron", width=64, height=48, n=4, format="webp", quality=60)
+    artifact = await pipeline(tmp_path, store).run(job_id, spec, CountingContext())
+
+    records = artifact.image_records()
+    assert [r.index for r in records] == [0, 1, 2, 3]
+    assert [r.storage_path for r in records] == [
+        f"{OWNER}/{job_id}.webp",
+        *(f"{OWNER}/{job_id}-{i}.webp" for i in (1, 2, 3)),
+    ]
+    assert [r.thumbnail_path for r in records] == [f"{OWNER}/{job_id}/{i}.thumb.webp" for i in range(4)]
+    assert set(store.objects) == {r.storage_path for r in records} | {str(r.thumbnail_path) for r in records}
+    assert all(r.mime_type == "image/webp" and (r.width, r.height) == (64, 48) for r in records)
+    assert len({r.sha256 for r in records}) == 4
+    assert [r.sidecar["index"] for r in records] == [0, 1, 2, 3]
+
+    retried = await pipeline(tmp_path, store).run(job_id, spec, CountingContext())
+    assert retried.reused and retried.image_records() == records, "the journal keeps the whole batch"
+    discard(tmp_path, job_id)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()], "discard removes every file of the batch"
+
+
+async def test_n_over_max_batch_is_refused_before_the_backend_runs(tmp_path: Path) -> None:
+    spec = JobSpec(owner_user_id=OWNER, prompt="a heron", width=64, height=64, n=5)
+    CountingMock.calls = 0
+    with pytest.raises(TerminalError, match=r"^n 5 is over backend \"mock\"'s limit of 4 images per job"):
         await pipeline(tmp_path, FlakyStore(0)).run(uuid.uuid4(), spec, CountingContext())
     assert CountingMock.calls == 0

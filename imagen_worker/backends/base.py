@@ -13,6 +13,7 @@ import abc
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, Self
 from uuid import UUID
 
@@ -42,6 +43,8 @@ class GenerateRequest:
     # The job's input images (``params.images``), fetched from its owner's Storage folder and
     # checked by the pipeline before ``generate``: workflow name -> image.
     inputs: Mapping[str, InputImage] = field(default_factory=dict)
+    # How many images the job asks for (jobs.n); an adapter returns them as image + extras.
+    n: int = 1
 
 
 @dataclass(frozen=True)
@@ -125,16 +128,29 @@ def config_error(name: str, exc: ValidationError, model: type[BaseModel] | None 
 
 @dataclass(frozen=True)
 class Output:
-    """One artifact a backend produced, held in memory once."""
+    """One artifact a backend produced: in memory, or streamed to a file (``path``) it owns.
 
-    data: bytes
-    mime_type: str
+    The pipeline reads it once and then discards it; ``origin`` says where it came from (a
+    ComfyUI node and file) for the image's sidecar.
+    """
+
+    data: bytes = b""
+    mime_type: str = "application/octet-stream"
     name: str = ""
+    path: Path | None = None
+    origin: Mapping[str, Any] = field(default_factory=dict)
+
+    def read(self) -> bytes:
+        return self.path.read_bytes() if self.path is not None else self.data
+
+    def discard(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 @dataclass
 class GenerateResult:
-    """The primary image plus anything else the backend produced (kept beside it locally)."""
+    """The main image, then the rest of the batch; each becomes its own images row."""
 
     image: Output
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -279,6 +295,12 @@ class Backend(abc.ABC):
             raise TerminalError(
                 f'params.batch_size {parsed.batch()} is over backend "{self.name}"\'s limit of '
                 f"{limits.max_batch} (max_batch)",
+                detail={"max_batch": limits.max_batch},
+            )
+        if request.n > limits.max_batch:
+            raise TerminalError(
+                f'n {request.n} is over backend "{self.name}"\'s limit of {limits.max_batch} images '
+                "per job (max_batch)",
                 detail={"max_batch": limits.max_batch},
             )
         return dataclasses.replace(request, params=parsed.model_dump(exclude_unset=True))

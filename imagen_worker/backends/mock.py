@@ -1,8 +1,9 @@
 """The ``mock`` backend: a real PNG that depends only on prompt, seed and size.
 
-It makes the whole product runnable without a GPU (``make demo``, tests, benchmarks) and can
-simulate latency and failures. Its only job param is ``mock_fail``; the pipeline refuses
-anything else before ``generate`` runs (see ``Backend.check_request``).
+It makes the whole product runnable without a GPU (``make demo``, tests, benchmarks), renders
+a batch of ``n`` (image i from seed + i) and can simulate latency and failures. Its only job
+param is ``mock_fail``; the pipeline refuses anything else before ``generate`` runs (see
+``Backend.check_request``).
 """
 
 from __future__ import annotations
@@ -109,12 +110,21 @@ class MockBackend(Backend):
             raise TerminalError(f'backend "{self.name}": simulated bad request (mock_fail=terminal)')
         if forced == "retryable" or self._random.random() < self.config.fail_rate:
             raise RetryableError(f'backend "{self.name}": simulated outage, try again later')
-        data = await asyncio.to_thread(
-            render_png, request.prompt, request.seed, request.width, request.height
-        )
+        # Image i of a batch is rendered from seed + i, as samplers number a latent batch.
+        outputs = [
+            Output(
+                data=await asyncio.to_thread(
+                    render_png, request.prompt, (request.seed + i) % 2**32, request.width, request.height
+                ),
+                mime_type="image/png",
+                name=f"mock-{i}.png",
+            )
+            for i in range(request.n)
+        ]
         return GenerateResult(
-            image=Output(data=data, mime_type="image/png", name="mock.png"),
+            image=outputs[0],
             metadata={"renderer": "mock-gradient"},
             model="mock-gradient-v1",
             timings={"execute": time.perf_counter() - started},
+            extra_outputs=outputs[1:],
         )

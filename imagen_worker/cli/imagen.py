@@ -52,7 +52,10 @@ Size = Annotated[str, typer.Option("--size", help="WIDTHxHEIGHT, multiples of 8 
 Priority = Annotated[int, typer.Option("--priority", help="-100..100; higher runs first.")]
 Steps = Annotated[int | None, typer.Option("--steps", help="Sampling steps, 1..200.")]
 Seed = Annotated[int | None, typer.Option("--seed", help="Seed; chosen per job when omitted.")]
-Negative = Annotated[str | None, typer.Option("--negative", "-n", help="Negative prompt.")]
+Negative = Annotated[str | None, typer.Option("--negative", help="Negative prompt.")]
+Count = Annotated[int, typer.Option("-n", "--count", min=1, max=16, help="Images in the batch (1..16).")]
+Format = Annotated[str | None, typer.Option("--format", help="png, webp or jpeg (default: output.format).")]
+Quality = Annotated[int | None, typer.Option("--quality", min=1, max=100, help="1..100 for webp and jpeg.")]
 Params = Annotated[list[str], typer.Option("--param", "-p", help="Backend parameter KEY=VALUE (repeatable).")]
 Images = Annotated[
     list[str],
@@ -86,14 +89,17 @@ def _check_input(prompt: str, size: str, steps: int | None, negative: str | None
 def _spec(
     config: Config, prompt: str, backend: str | None, style: str | None, size: str, steps: int | None,
     seed: int | None, negative: str | None, params: list[str], priority: int = 0,
-    owner: str | None = None, dedupe_key: str | None = None,
+    owner: str | None = None, dedupe_key: str | None = None, n: int = 1, fmt: str | None = None,
+    quality: int | None = None,
 ) -> JobSpec:  # fmt: skip
     width, height = common.parse_size(size)
+    if fmt is not None and fmt not in ("png", "webp", "jpeg"):
+        raise InputError(f"--format {fmt!r}: use png, webp or jpeg")
     return JobSpec(
         owner_user_id=common.owner_of(config, owner), prompt=prompt, negative_prompt=negative,
         backend=backend, style=style, width=width, height=height, steps=steps, seed=seed,
         params=common.parse_params(params), priority=priority, max_attempts=config.worker.max_attempts,
-        dedupe_key=dedupe_key,
+        dedupe_key=dedupe_key, n=n, format=fmt, quality=quality,
     )  # fmt: skip
 
 
@@ -108,6 +114,9 @@ def submit(
     negative: Negative = None,
     param: Params = [],  # noqa: B006 - typer needs a literal default
     priority: Priority = 0,
+    count: Count = 1,
+    fmt: Format = None,
+    quality: Quality = None,
     owner: Annotated[str | None, typer.Option("--owner", help="Owner user id (UUID).")] = None,
     dedupe_key: Annotated[
         str | None, typer.Option("--dedupe-key", help="Reuse a live job with this key.")
@@ -121,7 +130,7 @@ def submit(
     image: Images = [],  # noqa: B006 - typer needs a literal default
     config_path: ConfigOption = None,
 ) -> None:
-    """Enqueue a prompt; prints the job id (or, with --wait, the image path)."""
+    """Enqueue a prompt; prints the job id (or, with --wait, each image's path)."""
     submitted: list[uuid.UUID] = []
 
     async def go() -> int:
@@ -129,8 +138,9 @@ def submit(
         wanted = images.parse(image)
         config = common.load(config_path)
         spec = _spec(
-            config, prompt, backend, style, size, steps, seed, negative, param, priority, owner, dedupe_key
-        )
+            config, prompt, backend, style, size, steps, seed, negative, param, priority, owner, dedupe_key,
+            count, fmt, quality,
+        )  # fmt: skip
         spec = await _with_images(config, spec, wanted)
         if workflow is not None:
             spec = dataclasses.replace(spec, workflow=_read_workflow(workflow))
@@ -143,7 +153,8 @@ def submit(
                 return 0
             row = await watch.follow(conn, job_id, err)
             if row["status"] == "done":
-                out.print(await watch.image_path(conn, row["image_id"]), highlight=False, soft_wrap=True)
+                for path in await watch.image_paths(conn, job_id):
+                    out.print(path, highlight=False, soft_wrap=True)
                 return 0
             err.print(f"[red]job {row['status']}[/red]: {row['error'] or 'no reason recorded'}")
             return Code.FAILED if row["status"] == "failed" else Code.CANCELLED
@@ -252,15 +263,22 @@ def status(
         ]  # fmt: skip
         if row["status"] == "pending" and (waiting := watch.pending_label(row)) != "pending":
             lines.append(("waiting", waiting.removeprefix("pending: ")))
-        image = await conn.fetchrow(sql("get_image"), row["image_id"]) if row["image_id"] else None
-        if image is not None:
-            local = _local_file(image)
-            object_key = _uploaded_key(image)
+        images = await conn.fetch(sql("job_images"), ref)
+        image = images[0] if images else None
+        if len(images) > 1:
+            lines.append(("images", len(images)))
+        for each in images:
+            # The main image's lines keep their plain names; the rest of a batch carry ".<index>".
+            at = f".{each['index']}" if each["index"] else ""
+            local = _local_file(each)
+            object_key = _uploaded_key(each)
             here = local is not None and local.exists()
-            lines.append(("local_path", f"{local}{'' if here else ' (not on this machine)'}"))
-            lines.append(("storage_key", object_key or "not uploaded (local storage)"))
+            lines.append((f"local_path{at}", f"{local}{'' if here else ' (not on this machine)'}"))
+            lines.append((f"storage_key{at}", object_key or "not uploaded (local storage)"))
+            if each["thumbnail_path"]:
+                lines.append((f"thumbnail{at}", each["thumbnail_path"]))
             if sign_url and object_key:
-                lines.append(("signed_url", await _signed_url(config, object_key, 3600)))
+                lines.append((f"signed_url{at}", await _signed_url(config, object_key, 3600)))
         for key, value in lines:
             print(f"{key:13} {'' if value is None else value}".rstrip())
         if sign_url and image is not None and _uploaded_key(image) is None:
@@ -410,13 +428,16 @@ def generate(
     seed: Seed = None,
     negative: Negative = None,
     param: Params = [],  # noqa: B006 - typer needs a literal default
+    count: Count = 1,
+    fmt: Format = None,
+    quality: Quality = None,
     no_cloud: Annotated[
         bool, typer.Option("--no-cloud", help="Do not upload, whatever the config says.")
     ] = False,
     image: Images = [],  # noqa: B006 - typer needs a literal default
     config_path: ConfigOption = None,
 ) -> None:
-    """Run the pipeline here, without the queue; prints only the image path on stdout."""
+    """Run the pipeline here, without the queue; prints only the image paths on stdout."""
 
     async def go() -> int:
         _check_input(prompt, size, steps, negative)
@@ -425,7 +446,10 @@ def generate(
         # Backends log (structlog's default is stdout): warnings only, on stderr, so stdout
         # stays the image path alone.
         configure_logging("warning", secret_env=config_secret_env_names(config))
-        spec = _spec(config, prompt, backend, style, size, steps, seed, negative, param)
+        spec = _spec(
+            config, prompt, backend, style, size, steps, seed, negative, param, n=count, fmt=fmt,
+            quality=quality,
+        )  # fmt: skip
         spec = await _with_images(config, spec, wanted, no_cloud=no_cloud)
         name = backend or config.default_backend_name()
         if name not in config.backend_blocks():
@@ -446,7 +470,8 @@ def generate(
         forget(config.output.directory, job_id)
         if artifact.upload_error is not None:
             err.print(f"imagen: cloud sync: {artifact.upload_error.message}", highlight=False)
-        print(artifact.image_path)
+        for picture in artifact.pictures:
+            print(picture.image_path)
         return 0
 
     raise typer.Exit(common.run(PROGRAM, go))

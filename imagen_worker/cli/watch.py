@@ -100,3 +100,9 @@ async def image_path(conn: asyncpg.Connection, image_id: UUID) -> str:
     if row is None:
         return ""
     return str(row["local_path"] or row["storage_path"])
+
+
+async def image_paths(conn: asyncpg.Connection, job_id: UUID) -> list[str]:
+    """Every image of the job's batch, main image first: the local path, else the storage key."""
+    rows = await conn.fetch(sql("job_images"), job_id)
+    return [str(row["local_path"] or row["storage_path"]) for row in rows]

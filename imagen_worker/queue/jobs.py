@@ -59,6 +59,9 @@ class JobSpec:
     run_at: datetime | None = None
     max_attempts: int = 3
     dedupe_key: str | None = None
+    n: int = 1  # images in the batch (jobs.n)
+    format: str | None = None  # png, webp or jpeg (jobs.format); None: the worker's output.format
+    quality: int | None = None  # 1..100 for webp and jpeg (jobs.quality)
     # Operator-only (``imagen submit --workflow``): ``authenticated`` cannot write the column.
     workflow: Mapping[str, Any] | None = None
 
@@ -86,6 +89,9 @@ class Job:
     waited_seconds: float
     workflow: Mapping[str, Any] | None = None
     outage_requeues: int = 0
+    n: int = 1
+    format: str | None = None
+    quality: int | None = None
     # The upload an earlier attempt recorded (``ImageRecord.as_result``): link it, render nothing.
     result: Mapping[str, Any] | None = None
 
@@ -144,6 +150,8 @@ class ImageRecord:
     height: int | None = None
     # Host-side facts (local path, backend instance and ids): imagen.image_internals only.
     internals: Mapping[str, Any] = field(default_factory=dict)
+    index: int = 0  # place in the job's batch; 0 is the main image (jobs.image_id)
+    thumbnail_path: str | None = None  # Storage key of the small WebP beside it
 
     def as_result(self) -> dict[str, Any]:
         """The upload record kept in ``job_runs.result`` until the job is done."""
@@ -152,6 +160,19 @@ class ImageRecord:
     @classmethod
     def from_result(cls, result: Mapping[str, Any]) -> ImageRecord:
         return cls(**{name: result[name] for name in cls.__dataclass_fields__ if name in result})
+
+
+def batch_result(images: Sequence[ImageRecord]) -> dict[str, Any]:
+    """A job's upload record: every image of the batch, main image first."""
+    return {"images": [image.as_result() for image in images]}
+
+
+def images_from_result(result: Mapping[str, Any]) -> list[ImageRecord]:
+    """The images an upload record holds (a record written before batches held one image)."""
+    entries = result.get("images")
+    if isinstance(entries, list):
+        return [ImageRecord.from_result(entry) for entry in entries]
+    return [ImageRecord.from_result(result)]
 
 
 def prompt_hash(prompt: str) -> str:
@@ -178,7 +199,8 @@ class Queue:
         args = (
             spec.owner_user_id, spec.prompt, spec.negative_prompt, spec.backend, spec.style,
             spec.width, spec.height, spec.steps, spec.seed, dict(spec.params), spec.priority,
-            spec.run_at, spec.max_attempts, spec.dedupe_key, spec.workflow,
+            spec.run_at, spec.max_attempts, spec.dedupe_key, spec.workflow, spec.n, spec.format,
+            spec.quality,
         )  # fmt: skip
         for _ in range(3):
             new_id = await self.db.fetchval(sql("enqueue"), *args)
@@ -323,25 +345,33 @@ class Queue:
     async def set_progress(self, job: Job, progress: Mapping[str, Any]) -> None:
         await self._fenced(self.db, "set_progress", job, dict(progress))
 
-    async def record_upload(self, job: Job, image: ImageRecord) -> None:
-        """Remember the stored object as soon as it is uploaded: any later attempt links it."""
-        await self._fenced(self.db, "record_upload", job, image.as_result())
+    async def record_upload(self, job: Job, images: ImageRecord | Sequence[ImageRecord]) -> None:
+        """Remember the stored objects as soon as they are uploaded: any later attempt links them."""
+        batch = [images] if isinstance(images, ImageRecord) else list(images)
+        await self._fenced(self.db, "record_upload", job, batch_result(batch))
 
-    async def complete(self, job: Job, image: ImageRecord) -> UUID:
-        """Insert the image row and mark the job done, atomically: never one without the other."""
+    async def complete(self, job: Job, images: ImageRecord | Sequence[ImageRecord]) -> UUID:
+        """Insert the image rows and mark the job done, atomically: never one without the other.
+
+        Returns the first image's id (``jobs.image_id``).
+        """
+        batch = [images] if isinstance(images, ImageRecord) else list(images)
+        ids: list[UUID] = []
         async with self._connection() as conn, conn.transaction():
-            try:
-                image_id: UUID = await conn.fetchval(
-                    sql("insert_image"),
-                    job.owner_user_id, job.id, job.prompt, prompt_hash(job.prompt), image.backend,
-                    image.model, image.seed, job.steps, image.width, image.height, image.latency_ms,
-                    image.cost_usd_estimate, image.storage_path, image.mime_type, image.bytes,
-                    image.sha256, dict(image.sidecar), dict(image.internals),
-                )  # fmt: skip
-            except asyncpg.UniqueViolationError as exc:
-                raise _duplicate_image(job, image, exc) from None
-            await self._fenced(conn, "complete", job, image_id, image.seed)
-        return image_id
+            for image in batch:
+                try:
+                    ids.append(await conn.fetchval(
+                        sql("insert_image"),
+                        job.owner_user_id, job.id, job.prompt, prompt_hash(job.prompt), image.backend,
+                        image.model, image.seed, job.steps, image.width, image.height, image.latency_ms,
+                        image.cost_usd_estimate, image.storage_path, image.mime_type, image.bytes,
+                        image.sha256, dict(image.sidecar), dict(image.internals), image.index,
+                        image.thumbnail_path,
+                    ))  # fmt: skip
+                except asyncpg.UniqueViolationError as exc:
+                    raise _duplicate_image(job, image, exc) from None
+            await self._fenced(conn, "complete", job, ids[0], batch[0].seed)
+        return ids[0]
 
     async def complete_many(self, items: Sequence[tuple[Job, ImageRecord]]) -> list[Completion]:
         """Several completions in one statement and one commit, each job fenced on its own.
@@ -417,13 +447,14 @@ def _completion_row(job: Job, image: ImageRecord) -> dict[str, Any]:
         "height": image.height, "latency_ms": image.latency_ms,
         "cost_usd_estimate": image.cost_usd_estimate, "storage_path": image.storage_path,
         "mime_type": image.mime_type, "bytes": image.bytes, "sha256": image.sha256,
-        "sidecar": dict(image.sidecar), "internals": dict(image.internals),
+        "sidecar": dict(image.sidecar), "internals": dict(image.internals), "index": image.index,
+        "thumbnail_path": image.thumbnail_path,
     }  # fmt: skip
 
 
 def _duplicate_image(job: Job, image: ImageRecord, exc: asyncpg.UniqueViolationError) -> TerminalError:
     """An images row that already exists is a fact to report, not a lost lease."""
-    if exc.constraint_name == "images_job_id_key":
+    if exc.constraint_name in ("images_job_id_key", "images_job_index_key"):
         message = f"job {job.id} already has an image: another attempt finished it"
     else:
         message = (

@@ -1,8 +1,10 @@
 """Storage keys: where a job's image lives, and what no sink may accept.
 
-A job's key is a pure function of its owner and its id, ``<owner id>/<job id>.<ext>``: every
-attempt on every host writes the same object, two owners can never collide, and the Storage
-read policy checks the first folder against the caller's user id.
+A job's keys are a pure function of its owner, its id and the image's index in the batch:
+``<owner id>/<job id>.<ext>`` for the first image, ``<owner id>/<job id>-<index>.<ext>`` for the
+others, ``<owner id>/<job id>/<index>.thumb.webp`` for each thumbnail. Every attempt on every
+host writes the same objects, two owners can never collide, and the Storage read policy checks
+the first folder against the caller's user id.
 
 Keys use only ``[a-z0-9.-]`` segments, but a sink must
 not trust that: httpx silently collapses ``..`` segments (the object lands somewhere else),
@@ -47,11 +49,21 @@ class MissingCredentials(ConfigError):
 LOCAL_PREFIX = "local:"
 
 
-def object_key(owner_user_id: UUID, job_id: UUID, extension: str) -> str:
-    """The one key of a job's image: the owner's folder, the job id, the file type."""
+def object_key(owner_user_id: UUID, job_id: UUID, extension: str, index: int = 0) -> str:
+    """The key of a job's image ``index``: the owner's folder, the job id, the index, the type."""
     if not re.fullmatch(r"[a-z0-9]{1,10}", extension):
         raise ValueError(f"not a file extension: {extension!r}")
-    return f"{UUID(str(owner_user_id))}/{UUID(str(job_id))}.{extension}"
+    if index < 0:
+        raise ValueError(f"not an image index: {index}")
+    suffix = f"-{index}" if index else ""
+    return f"{UUID(str(owner_user_id))}/{UUID(str(job_id))}{suffix}.{extension}"
+
+
+def thumbnail_key(owner_user_id: UUID, job_id: UUID, index: int = 0) -> str:
+    """The key of image ``index``'s thumbnail, in the job's own folder beside its previews."""
+    if index < 0:
+        raise ValueError(f"not an image index: {index}")
+    return f"{UUID(str(owner_user_id))}/{UUID(str(job_id))}/{index}.thumb.webp"
 
 
 def check_key(key: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""A job's image: linked from an earlier attempt's upload, or produced and recorded now.
+"""A job's images: linked from an earlier attempt's upload, or produced and recorded now.
 
 The upload record (``job_runs.result``) is written the moment the object is stored, so an
 attempt that dies between the upload and the images row leaves the next attempt, on any host,
@@ -19,7 +19,7 @@ from imagen_worker import pipeline as pipeline_module
 from imagen_worker.backends.base import JobContext
 from imagen_worker.errors import RetryableError
 from imagen_worker.pipeline import Artifact, Pipeline
-from imagen_worker.queue.jobs import ImageRecord, Job, JobSpec, Queue
+from imagen_worker.queue.jobs import ImageRecord, Job, JobSpec, Queue, images_from_result
 
 # The stages a job's time is told apart by, in order; "generate" (the backend's whole call)
 # covers submit, execute and download, and "total" is claim + generate + write + upload + record.
@@ -40,18 +40,18 @@ async def produce(
     *,
     claim_seconds: float = 0.0,
     rendered: Callable[[], None] = lambda: None,
-) -> tuple[ImageRecord, Artifact | None]:
-    """The images row to write, and the artifact when this attempt generated it."""
+) -> tuple[list[ImageRecord], Artifact | None]:
+    """The images rows to write (main image first), and the artifact when this attempt made it."""
     if job.result is not None:
         rendered()
-        return ImageRecord.from_result(job.result), None
+        return images_from_result(job.result), None
     artifact = await pipeline.run(job.id, spec, ctx, rendered=rendered)
     artifact.timings["claim"] = claim_seconds
     artifact.sidecar["timings_ms"] = stage_milliseconds(artifact.timings)
-    record = artifact.image_record()
+    records = artifact.image_records()
     started = time.perf_counter()
     try:
-        await queue.record_upload(job, record)
+        await queue.record_upload(job, records)
     except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
         # The object is stored and the local journal still knows it: a retry here uploads the
         # same file to the same key.
@@ -59,7 +59,7 @@ async def produce(
             "could not record the upload in the database", detail={"error": str(exc)}
         ) from None
     artifact.timings["record"] = time.perf_counter() - started
-    return record, artifact
+    return records, artifact
 
 
 async def discard(output_directory: Path, job: Job) -> None:

@@ -113,6 +113,7 @@ def spec_of(job: Job) -> JobSpec:
         owner_user_id=job.owner_user_id, prompt=job.prompt, negative_prompt=job.negative_prompt,
         backend=job.backend, style=job.style, width=job.width, height=job.height, steps=job.steps,
         seed=job.seed, params=job.params, max_attempts=job.max_attempts, workflow=job.workflow,
+        n=job.n, format=job.format, quality=job.quality,
     )  # fmt: skip
 
 
@@ -179,7 +180,7 @@ class JobRunner:
             self.emit(Event.CANCELLED, job=job, backend=running.backend)
             return
         try:
-            record, artifact = await results.produce(
+            records, artifact = await results.produce(
                 self.pipeline,
                 self.queue,
                 job,
@@ -191,7 +192,12 @@ class JobRunner:
             running.settled = True
             await running.ctx.close()
             recording = time.perf_counter()
-            image_id = await self.completions.complete(job, record)
+            # One-image jobs are group-committed with others finishing alongside; a batch of
+            # images goes in its own transaction.
+            if len(records) == 1:
+                image_id = await self.completions.complete(job, records[0])
+            else:
+                image_id = await self.queue.complete(job, records)
             if artifact is not None:
                 recorded = time.perf_counter() - recording
                 artifact.timings["record"] = artifact.timings.get("record", 0.0) + recorded
@@ -209,12 +215,13 @@ class JobRunner:
             await self._record_error(running, unrecorded)
             return
         pipeline_module.forget(self.output_dir, job.id)
-        self.emit(Event.DONE, job=job, backend=record.backend, artifact=artifact)
+        self.emit(Event.DONE, job=job, backend=records[0].backend, artifact=artifact)
         log.info(
             "job done",
             image_id=str(image_id),
             path=str(artifact.image_path) if artifact else None,
-            storage_path=record.storage_path,
+            storage_path=records[0].storage_path,
+            images=len(records),
             linked_earlier_upload=artifact is None,
             reused_local_image=bool(artifact and artifact.reused),
         )

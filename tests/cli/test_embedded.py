@@ -63,4 +63,7 @@ def test_the_demo_never_touches_the_users_queue(tmp_path: Path) -> None:
     images = Path(scratch.split("Images live in ", 1)[1].strip())
     assert images.is_relative_to(scratch_root)
     assert len(list(images.glob("*.png"))) == 2 and len(list(images.glob("*.png.json"))) == 2
+    batch = sorted(p for p in images.glob("*.webp") if not p.name.endswith(".thumb.webp"))
+    assert len(batch) == 4 and len(list(images.glob("*.thumb.webp"))) == 6, "a batch of four WebP, thumbnails"
+    assert "imagen.images of job" in demo.stdout and demo.stdout.count(".thumb.webp") >= 8
     assert not (images.parent / "pgdata").exists(), "the demo's database is deleted at the end"

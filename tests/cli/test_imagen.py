@@ -111,3 +111,29 @@ def test_styles_and_backends_are_listed(tmp_path: Path) -> None:
     assert styles.returncode == 0 and "watercolor" in styles.stdout
     backends = imagen("backends", dsn="", config=config)
     assert backends.returncode == 0 and "mock" in backends.stdout and "yes" in backends.stdout
+
+
+async def test_submit_n_4_webp_wait_prints_four_paths_and_status_shows_all_four(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path)
+    with worker_processes(database_url, config, 1, tmp_path) as procs:
+        await wait_registered(db, *procs)
+        done = await run_imagen(
+            "submit", "four lanterns", "--size", "128x128", "-n", "4", "--format", "webp", "--quality", "70",
+            "--wait", dsn=database_url, config=config,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    paths = [Path(line) for line in done.stdout.splitlines()]
+    assert len(paths) == 4 and all(p.suffix == ".webp" and p.read_bytes()[8:12] == b"WEBP" for p in paths)
+    job = await db.fetchrow("SELECT id, owner_user_id FROM imagen.jobs WHERE prompt = 'four lanterns'")
+    job_id = job["id"]
+
+    status = await run_imagen("status", str(job_id), dsn=database_url, config=config)
+    lines = dict(line.split(None, 1) for line in status.stdout.splitlines() if " " in line)
+    assert lines["images"] == "4"
+    assert [lines[f"local_path{at}"] for at in ("", ".1", ".2", ".3")] == [str(p) for p in paths]
+    assert lines["thumbnail.3"] == f"local:{job['owner_user_id']}/{job_id}/3.thumb.webp"
+
+    refused = await run_imagen("submit", "x", "-n", "17", dsn=database_url, config=config)
+    assert refused.returncode == 64 and "'-n' / '--count'" in refused.stderr and "16" in refused.stderr

@@ -445,6 +445,24 @@ def _load_invert_save(image: str) -> dict[str, Any]:
     }
 
 
+def two_savers(batch: int = 3, size: int = 32) -> dict[str, Any]:
+    """An "Intermediate" and a "Final" SaveImage over one batch; Final runs after an invert."""
+    return {
+        "1": {"class_type": "EmptyImage", "inputs": empty(size, size, batch=batch)},
+        "7": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "2": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["7", 0], "filename_prefix": "contract/final"},
+            "_meta": {"title": "Final"},
+        },
+        "9": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["1", 0], "filename_prefix": "contract/intermediate"},
+            "_meta": {"title": "Intermediate"},
+        },
+    }
+
+
 async def test_an_uploaded_image_loads_by_subfolder_and_name_at_its_own_size(session: Session) -> None:
     folder = f"imagen/contract-{uuid.uuid4().hex[:8]}"
     uploaded = await _upload(session, _png(40, 24, (200, 120, 40)), "init.png", folder, overwrite="true")
@@ -502,3 +520,42 @@ async def test_an_unknown_load_image_name_is_refused_as_an_invalid_image_file(se
             "extra_info": {"input_name": "image"},
         }
     ]
+
+
+async def test_two_savers_with_batch_3_each_save_3_files_and_executed_events_name_them_in_run_order(
+    session: Session,
+) -> None:
+    prompt_id, answer = await session.submit(two_savers())
+    entry = await session.finished(prompt_id)
+
+    assert answer.status_code == 200 and entry["status"]["status_str"] == "success"
+    executed = [e["data"] for e in session.of(prompt_id) if e["type"] == "executed"]
+    assert sorted(e["node"] for e in executed) == ["2", "9"], "one executed event per saver, none for others"
+    assert set(entry["outputs"]) == {"2", "9"}
+    for event in executed:
+        # The event carries exactly the files history lists for that node: the event order can
+        # stand in for history's, whose order comes from a set.
+        assert event["output"] == entry["outputs"][event["node"]]
+        assert len(event["output"]["images"]) == 3
+        assert all(image["type"] == "output" for image in event["output"]["images"])
+    starts = [e["data"]["node"] for e in session.of(prompt_id) if e["type"] == "executing"]
+    assert starts.index("7") < starts.index("2"), "a saver runs after the node it takes its images from"
+    assert [e["node"] for e in executed] == ["9", "2"], (
+        "a ready saver runs first: Final, behind the invert, last"
+    )
+
+
+async def test_history_delete_forgets_the_entry_but_the_files_stay_on_the_server(session: Session) -> None:
+    prompt_id, _ = await session.submit(tiny("contract/forget"))
+    entry = await session.finished(prompt_id)
+    image = entry["outputs"]["2"]["images"][0]
+
+    deleted = await session.http.post("/history", json={"delete": [prompt_id]})
+    after = await session.http.get(f"/history/{prompt_id}")
+    view = await session.http.get("/view", params=image)
+
+    assert deleted.status_code == 200
+    assert after.json() == {}, "the entry is gone"
+    assert view.status_code == 200 and view.content.startswith(b"\x89PNG"), (
+        "0.3.64 has no API that deletes output files: /view still serves them"
+    )

@@ -8,7 +8,10 @@ filename, 200 answers with ``node_errors`` drop outputs, a pending prompt delete
 never produces an event, a reused clientId replaces the socket (and closing the old one unroutes
 the new one), nothing is replayed on reconnect, ``stop()`` (a killed process: connections
 refused, queue, history and sockets forgotten) and ``start()`` again on the same port, and
-``status`` broadcasts to every socket on every queue change, whoever's prompt it is.
+``status`` broadcasts to every socket on every queue change, whoever's prompt it is, and
+history ``outputs`` in an order unrelated to execution (the real server builds it from a set;
+only the ``executed`` events come in execution order). ``POST /history {"delete"}`` forgets the
+entries but, like the real server, leaves the output files served by ``/view``.
 ``SaveImageWebsocket`` sends each image as a binary frame the way 0.3.64 does: type 1 (format 2,
 PNG) after ``progress``, or type 4 with JSON metadata before it to a socket whose first frame
 asked for ``supports_preview_metadata``.
@@ -76,6 +79,11 @@ _MARKER = re.compile(r"\[fake:([a-z_]+)(?:=([^\]]+))?\]")
 _EXECUTION_ONLY = frozenset(
     {"execution_start", "execution_cached", "execution_success", "execution_error", "executing", "executed"}
 )
+
+
+def _set_ordered(outputs: dict[str, Any]) -> dict[str, Any]:
+    """History outputs in an order unrelated to execution, as ComfyUI's (built from a set) are."""
+    return {nid: outputs[nid] for nid in sorted(outputs, key=lambda nid: zlib.crc32(nid.encode()))}
 
 
 def tiny_png(rgb: tuple[int, int, int], width: int = 8, height: int = 8) -> bytes:
@@ -1060,9 +1068,9 @@ class FakeComfyUI:
             await asyncio.sleep(self.history_delay)  # the real race: success sent, history not yet written
         state.history[pid] = {
             "prompt": item.row(),
-            "outputs": outputs
-            if outcome == "success"
-            else {k: v for k, v in outputs.items() if k in executed},
+            "outputs": _set_ordered(
+                outputs if outcome == "success" else {k: v for k, v in outputs.items() if k in executed}
+            ),
             "status": {
                 "status_str": "success" if outcome == "success" else "error",
                 "completed": outcome == "success",
@@ -1260,7 +1268,15 @@ def _topological(graph: dict[str, Any], outputs: list[str]) -> list[str]:
 
     for output in outputs:
         visit(output)
-    return order
+    # ComfyUI runs a ready output node before anything else ("ux friendly" pick), so a saver
+    # fed straight from an input runs before a deeper one listed first.
+    ran: list[str] = []
+    while order:
+        ready = [nid for nid in order if all(up in ran for up in _links(graph[nid]))]
+        pick = next((nid for nid in ready if nid in outputs), ready[0])
+        ran.append(pick)
+        order.remove(pick)
+    return ran
 
 
 def _signature(graph: dict[str, Any], nid: str) -> str:

@@ -66,8 +66,9 @@ async def test_a_storage_outage_sends_the_job_back_and_the_retry_uploads_the_sam
     assert job["status"] == "done" and job["attempts"] == 3
     image = await db.fetchrow("SELECT * FROM imagen.images WHERE job_id = $1", job["id"])
     put_statuses = [r.status for r in storage.requests if r.method == "PUT"]
-    assert put_statuses == [503, 503, 200]
-    assert storage.object_count() == 1 and storage.put_count(image["storage_path"]) == 1
+    assert put_statuses == [503, 503, 200, 200], "the image (twice refused, then stored), then its thumbnail"
+    assert storage.object_count() == 2 and storage.put_count(image["storage_path"]) == 1
+    assert storage.put_count(image["thumbnail_path"]) == 1
     assert len(list((tmp_path / "images").glob("*.png"))) == 1, "the image was generated once"
 
 
@@ -100,7 +101,7 @@ async def test_upload_landed_but_the_database_transaction_failed_yields_one_obje
     assert job["status"] == "done" and job["attempts"] == 2
     rows = await db.fetch("SELECT storage_path FROM imagen.images WHERE job_id = $1", job["id"])
     assert len(rows) == 1
-    assert storage.object_count() == 1, "the retry overwrote its own object"
+    assert storage.object_count() == 2, "the retry overwrote its own objects (the image, its thumbnail)"
     assert storage.put_count(rows[0]["storage_path"]) == 1, "the retry linked the recorded upload"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -136,3 +137,31 @@ async def test_a_taken_over_job_adopts_the_running_prompt_instead_of_resubmittin
     assert job["status"] == "done"
     assert len(comfy.calls("POST", "/prompt")) == 1, "the second worker collected the same prompt"
     assert comfy.interrupts == [], "releasing a job does not interrupt its prompt"
+
+
+async def test_a_comfyui_job_with_n_4_in_jpeg_gives_four_rows_and_leaves_no_history_on_comfyui(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, comfy: FakeComfyUI
+) -> None:
+    config = make_config(tmp_path, backends=comfy_backend(comfy))
+    async with running_worker(config, database_url):
+        job_id = await insert_job(
+            db, "four koi", owner_user_id=OWNER, steps=2, width=64, height=64, n=4, format="jpeg", quality=80
+        )
+        job = await terminal(db, job_id, within=15)
+    assert job["status"] == "done", job["error"]
+    rows = await db.fetch("SELECT * FROM imagen.images WHERE job_id = $1 ORDER BY index", job_id)
+    (posted,) = comfy.calls("POST", "/prompt")
+    latent = next(n for n in posted.body["prompt"].values() if n["class_type"] == "EmptyLatentImage")
+    assert latent["inputs"]["batch_size"] == 4
+    assert [(r["index"], r["mime_type"], r["width"]) for r in rows] == [
+        (i, "image/jpeg", 64) for i in range(4)
+    ]
+    assert job["image_id"] == rows[0]["id"]
+    assert [r["sidecar"]["output"]["filename"] for r in rows] == sorted(
+        r["sidecar"]["output"]["filename"] for r in rows
+    )
+    assert comfy.history_entry(posted.body["prompt_id"]) is None, "our history entry was deleted"
+    spools = list(Path(tempfile.gettempdir()).glob("imagen-comfyui-*"))
+    assert not [
+        f for spool in spools for f in spool.iterdir() if f.stat().st_mtime >= job["started_at"].timestamp()
+    ], "the downloads' temporary files are gone once written into place"

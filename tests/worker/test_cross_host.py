@@ -77,7 +77,9 @@ async def test_a_retry_on_another_host_links_the_upload_instead_of_rendering_aga
     assert job["attempts"] == 2 and job["result"] is None, "the upload record became the images row"
     images = await db.fetch("SELECT storage_path, sha256 FROM imagen.images WHERE job_id = $1", job_id)
     assert [row["storage_path"] for row in images] == [key]
-    assert storage.object_count() == 1 and storage.put_count(key) == 1, "one object, uploaded once"
+    assert storage.object_count() == 2 and storage.put_count(key) == 1, (
+        "one image (and its thumbnail), uploaded once"
+    )
     stored = storage.get(key)
     assert stored is not None
     rendered_on_first = list((tmp_path / "a" / "images").glob("*.png"))

@@ -14,7 +14,10 @@ The life of a job:
    ``/history`` poll so a dead or silent socket cannot hang the job (the events also feed the
    job's overall percentage and preview frames, see ``progress.py``); then read the history
    entry and decide. The slot is freed as soon as ComfyUI is done with the prompt.
-4. Download every output through ``/view``.
+4. Download every output through ``/view``, streamed to temporary files within
+   ``max_output_bytes``, the main output first (``history.main_first``); then ``POST /history
+   {"delete": [id]}`` unless ``keep_history`` (ComfyUI 0.3.64 has no API to delete the files
+   themselves from its output directory).
 
 Two budgets: ``queue_timeout`` for waiting (for a slot, then in ComfyUI's queue) and ``timeout``
 for running, counted from ComfyUI starting *our* prompt. Past the queue budget the prompt is
@@ -41,10 +44,14 @@ import contextlib
 import dataclasses
 import enum
 import hashlib
+import os
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Self
 
 import structlog
@@ -63,10 +70,18 @@ from imagen_worker.backends.comfyui.client import (
     SOCKET_CONNECTED,
     SOCKET_DOWN,
     ComfyUIClient,
+    FileRef,
+    OutputTooLarge,
     PromptWatch,
 )
 from imagen_worker.backends.comfyui.config import ComfyUIConfig, parse_config
-from imagen_worker.backends.comfyui.history import class_type, finished, output_files, raise_for_outcome
+from imagen_worker.backends.comfyui.history import (
+    class_type,
+    finished,
+    main_first,
+    output_files,
+    raise_for_outcome,
+)
 from imagen_worker.backends.comfyui.params import closed, params_model
 from imagen_worker.backends.comfyui.pool import Instance, Pool, make_ref, parse_ref
 from imagen_worker.backends.comfyui.progress import JobProgress
@@ -165,6 +180,11 @@ class ComfyUIBackend(Backend):
             on_change=self._pool_changed,
         )
         self._background: set[asyncio.Task[None]] = set()
+        # Per prompt, the nodes whose ``executed`` event arrived, in the order they ran.
+        self._executed: dict[str, list[str]] = {}
+        # Where outputs are streamed until the pipeline has written them into place; removed
+        # with everything left in it when the backend closes.
+        self._spool: Path | None = None
         self._started = False
         self._last_seen: tuple[int, str | None] = (self.capacity, self.unavailable_reason)
 
@@ -223,7 +243,22 @@ class ComfyUIBackend(Backend):
                 detail={"param": key},
             )
         request = dataclasses.replace(request, params=params, workflow=workflow)
-        return self.validate_params(request, model)
+        checked = self.validate_params(request, model)
+        if checked.n > 1:
+            # n images are one latent batch: the workflow's batch_size binding carries it.
+            if "batch_size" not in chosen.bindings:
+                raise TerminalError(
+                    f'n {checked.n} needs a batch: backend "{self.name}"\'s workflow has no batch_size '
+                    "binding, so it makes one image per job",
+                    detail={"n": checked.n},
+                )
+            if checked.params.get("batch_size", checked.n) != checked.n:
+                raise TerminalError(
+                    f"n {checked.n} and params.batch_size {checked.params['batch_size']} disagree; set one",
+                    detail={"n": checked.n},
+                )
+            checked = dataclasses.replace(checked, params={**checked.params, "batch_size": checked.n})
+        return checked
 
     async def start(self) -> None:
         if self._started:
@@ -248,6 +283,9 @@ class ComfyUIBackend(Backend):
         await self._pool.aclose()
         for inst in self._instances:
             await inst.client.aclose()
+        if self._spool is not None:
+            await asyncio.to_thread(shutil.rmtree, self._spool, True)
+            self._spool = None
         self._started = False
 
     async def health(self) -> Health:
@@ -321,10 +359,13 @@ class ComfyUIBackend(Backend):
         # submit: a slot, a live socket, the prompt id recorded; execute: POST /prompt until
         # ComfyUI says it is done; download: /history and /view of every output.
         submitted = time.perf_counter()
-        with client.watch(prompt_id) as watch:
-            entry = await self._run_in_slot(inst, prompt_id, watch, ctx, graph, clock)
-        executed = time.perf_counter()
-        result = await self._collect(inst, prompt_id, entry, graph, request)
+        try:
+            with client.watch(prompt_id) as watch:
+                entry = await self._run_in_slot(inst, prompt_id, watch, ctx, graph, clock)
+            executed = time.perf_counter()
+            result = await self._collect(inst, prompt_id, entry, graph, request)
+        finally:
+            self._executed.pop(prompt_id, None)
         result.timings.update(
             submit=submitted - started, execute=executed - submitted, download=time.perf_counter() - executed
         )
@@ -557,6 +598,8 @@ class ComfyUIBackend(Backend):
                 progress.feed(kind, data)
             if kind == "executing" and data.get("node") is None:
                 return await self._final_entry(client, prompt_id, last_failure)
+            if kind == "executed" and data.get("node") is not None:
+                self._executed.setdefault(prompt_id, []).append(str(data["node"]))
             if kind in ("execution_error", "execution_interrupted"):
                 last_failure = {"type": kind, "data": data}
             elif kind in (None, SOCKET_CONNECTED, SOCKET_DOWN):
@@ -658,7 +701,16 @@ class ComfyUIBackend(Backend):
         if parsed is None or inst is None:
             log.info("comfyui backend ref not usable; submitting again", ref=ref)
             return None
-        prompt_id, client = parsed[0], inst.client
+        prompt_id = parsed[0]
+        try:
+            return await self._adopt(inst, prompt_id, request, ctx, ref)
+        finally:
+            self._executed.pop(prompt_id, None)
+
+    async def _adopt(
+        self, inst: Instance, prompt_id: str, request: GenerateRequest, ctx: JobContext, ref: str
+    ) -> GenerateResult | None:
+        client = inst.client
         with client.watch(prompt_id) as watch:
             try:
                 entry = await client.history(prompt_id)
@@ -689,7 +741,9 @@ class ComfyUIBackend(Backend):
         graph: Mapping[str, Any],
         request: GenerateRequest,
     ) -> GenerateResult:
+        """Every saved file, the main output first, streamed to disk; then ComfyUI forgets the prompt."""
         client = inst.client
+        executed = self._executed.pop(prompt_id, [])
         raise_for_outcome(entry, client.base_url)
         files = output_files(entry)
         if not any(ref.kind == "images" for ref in files):
@@ -698,24 +752,19 @@ class ComfyUIBackend(Backend):
                 "(or PreviewImage) node, SaveImageWebsocket output is not collected",
                 detail={"instance": client.base_url, "prompt_id": prompt_id, "outputs": entry.get("outputs")},
             )
-        outputs: list[Output] = []
-        described: list[dict[str, Any]] = []
-        for ref in files:
-            data, mime = await client.download(ref)
-            outputs.append(Output(data=data, mime_type=mime, name=ref.filename))
-            described.append(
-                {
-                    "node_id": ref.node_id,
-                    "node_type": class_type(graph, ref.node_id),
-                    "kind": ref.kind,
-                    "filename": ref.filename,
-                    "subfolder": ref.subfolder,
-                    "type": ref.type,
-                    "mime_type": mime,
-                    "bytes": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                }
-            )
+        try:
+            files = main_first(files, graph, executed, self.config.output)
+        except LookupError as exc:
+            raise TerminalError(
+                f'backend "{self.name}": {exc}',
+                detail={"instance": client.base_url, "prompt_id": prompt_id, "output": self.config.output},
+            ) from None
+        outputs = await self._download_all(client, prompt_id, files, graph)
+        if not self.config.keep_history:
+            try:
+                await client.delete_history([prompt_id])
+            except RetryableError as exc:  # the outputs are safe; a leftover entry is only clutter
+                log.warning("comfyui history entry not deleted", prompt_id=prompt_id, error=exc.message)
         if client.version is None:
             with contextlib.suppress(RetryableError):
                 await client.system_stats()
@@ -730,10 +779,56 @@ class ComfyUIBackend(Backend):
             "prompt_id": prompt_id,
             "client_id": client.client_id,
             "workflow": self.config.workflow.source if request.workflow is None else "the job's workflow",
+            "workflow_graph": dict(graph),
             "seed": request.seed,
-            "outputs": described,
+            "outputs": [dict(output.origin) for output in outputs],
             "cached_nodes": cached,
+            "history_kept": self.config.keep_history,
         }
         return GenerateResult(
             image=outputs[0], metadata=metadata, model=model_name(graph), extra_outputs=outputs[1:]
         )
+
+    async def _download_all(
+        self, client: ComfyUIClient, prompt_id: str, files: list[FileRef], graph: Mapping[str, Any]
+    ) -> list[Output]:
+        """Each file into its own file in the spool directory, all together within ``max_output_bytes``."""
+        outputs: list[Output] = []
+        budget = self.config.max_output_bytes
+        if self._spool is None:
+            self._spool = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="imagen-comfyui-"))
+        try:
+            for ref in files:
+                handle, name = await asyncio.to_thread(tempfile.mkstemp, dir=self._spool)
+                os.close(handle)
+                path = Path(name)
+                outputs.append(Output(path=path, name=ref.filename))
+                try:
+                    size, mime = await client.download_to(ref, path, budget)
+                except OutputTooLarge:
+                    raise TerminalError(
+                        f"the outputs of ComfyUI prompt {prompt_id} are larger than backend "
+                        f'"{self.name}"\'s max_output_bytes ({self.config.max_output_bytes} bytes)',
+                        detail={"prompt_id": prompt_id, "file": ref.filename},
+                    ) from None
+                budget -= size
+                digest = await asyncio.to_thread(_sha256_of, path)
+                origin = {
+                    "node_id": ref.node_id, "node_type": class_type(graph, ref.node_id), "kind": ref.kind,
+                    "filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type,
+                    "mime_type": mime, "bytes": size, "sha256": digest,
+                }  # fmt: skip
+                outputs[-1] = Output(path=path, mime_type=mime, name=ref.filename, origin=origin)
+        except BaseException:
+            for output in outputs:
+                output.discard()
+            raise
+        return outputs
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -44,6 +44,7 @@ import struct
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import httpx
@@ -70,6 +71,14 @@ FEATURE_FLAGS = json.dumps({"type": "feature_flags", "data": {"supports_preview_
 _PREVIEW_FORMATS = {1: "image/jpeg", 2: "image/png"}
 # 5xx answers that mean "nothing behind the proxy" or "not ready", not "this request broke it".
 _GATEWAY_STATUSES = frozenset({502, 503, 504})
+
+
+class OutputTooLarge(Exception):
+    """An output went past the backend's ``max_output_bytes``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"over {limit} bytes")
+        self.limit = limit
 
 
 class Link(enum.Enum):
@@ -286,10 +295,14 @@ class ComfyUIClient:
             )
         return f"{folder}/{name}" if folder else name
 
-    async def download(self, ref: FileRef) -> tuple[bytes, str]:
-        """Stream one output file from ``/view``; returns the bytes and the content type."""
+    async def download_to(self, ref: FileRef, target: Path, limit: int) -> tuple[int, str]:
+        """Stream one output file from ``/view`` into ``target``, refusing more than ``limit`` bytes.
+
+        Returns the size and the content type; the file is never held in memory whole.
+        """
         params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
         http = self._client()
+        written = 0
         try:
             async with http.stream("GET", "/view", params=params) as response:
                 if response.status_code != 200:
@@ -298,13 +311,20 @@ class ComfyUIClient:
                         f"{ref.subfolder}/{ref.filename} ({ref.type})",
                         detail={"instance": self.base_url, "file": ref.__dict__},
                     )
-                chunks = bytearray()
-                async for chunk in response.aiter_bytes():
-                    chunks.extend(chunk)
+                with open(target, "wb") as handle:  # noqa: ASYNC230 - small chunks into the page cache
+                    async for chunk in response.aiter_bytes():
+                        written += len(chunk)
+                        if written > limit:
+                            raise OutputTooLarge(limit)
+                        handle.write(chunk)
                 mime = response.headers.get("content-type", "application/octet-stream").split(";")[0]
-                return bytes(chunks), mime.strip()
+                return written, mime.strip()
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from exc
+
+    async def delete_history(self, prompt_ids: Collection[str]) -> None:
+        """``POST /history {"delete": [...]}``: ComfyUI forgets the entries (not the files)."""
+        self._check(await self._request("POST", "/history", json={"delete": list(prompt_ids)}))
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:

@@ -74,6 +74,12 @@ class ComfyUIBlock(Limits):
     # How long a job may wait for ComfyUI to start it (a free instance, then ComfyUI's queue).
     queue_timeout: Seconds = 1800.0
     headers: dict[str, Annotated[str, Field(min_length=1)]] = {}
+    # The job's main output: this node (title or id); else the last saver to run.
+    output: str | None = Field(default=None, min_length=1)
+    # Keep our history entries on ComfyUI after collection (they are deleted by default).
+    keep_history: bool = False
+    # Ceiling on one job's downloaded outputs, all files together.
+    max_output_bytes: Annotated[int, BeforeValidator(_no_bool), Field(ge=1024)] = 200 * 1024 * 1024
 
     @model_validator(mode="after")
     def _one_target(self) -> ComfyUIBlock:
@@ -106,6 +112,9 @@ class ComfyUIConfig:
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     # Outages and other people's work: how long a job may wait for ComfyUI to start it.
     queue_timeout: float = 1800.0
+    output: str | None = None
+    keep_history: bool = False
+    max_output_bytes: int = 200 * 1024 * 1024
 
 
 def parse_config(name: str, block: Mapping[str, Any]) -> ComfyUIConfig:
@@ -168,4 +177,7 @@ def parse_config(name: str, block: Mapping[str, Any]) -> ComfyUIConfig:
         params=model,
         headers=headers,
         queue_timeout=parsed.queue_timeout,
+        output=parsed.output,
+        keep_history=parsed.keep_history,
+        max_output_bytes=parsed.max_output_bytes,
     )

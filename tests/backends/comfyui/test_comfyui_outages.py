@@ -58,7 +58,7 @@ async def test_an_outage_sets_the_reason_and_it_clears_on_its_own_when_comfyui_i
     assert backend.capacity == 3
     assert wakeups.count == 2
     result = await asyncio.wait_for(backend.generate(make_request(), RecordingContext()), 5)
-    assert result.image.data.startswith(b"\x89PNG")
+    assert result.image.read().startswith(b"\x89PNG")
 
 
 async def test_a_job_whose_instance_dies_mid_run_goes_back_without_blame_and_runs_again(

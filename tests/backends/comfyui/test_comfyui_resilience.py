@@ -23,9 +23,11 @@ async def test_history_written_late_after_success_is_still_read_correctly(
     result = await backend.generate(make_request(), RecordingContext())
     returned = asyncio.get_running_loop().time()
 
-    assert result.image.data.startswith(b"\x89PNG")
+    assert result.image.read().startswith(b"\x89PNG")
     assert returned >= fake.executions[0].end + 0.3  # it waited for the history write, not for nothing
-    assert fake.history_entry(result.metadata["prompt_id"]) is not None
+    prompt_id = result.metadata["prompt_id"]
+    assert fake.history_entry(prompt_id) is None, "read once written, then deleted"
+    assert [call.body for call in fake.calls("POST", "/history")] == [{"delete": [prompt_id]}]
 
 
 @pytest.mark.parametrize("trouble", ["socket dropped for good", "socket silent"])
@@ -43,7 +45,7 @@ async def test_the_history_poll_finishes_a_job_whose_socket_failed(
 
     result = await asyncio.wait_for(job, 5)
 
-    assert result.image.data.startswith(b"\x89PNG")
+    assert result.image.read().startswith(b"\x89PNG")
     assert len(fake.calls("GET", "/history/")) >= 2
 
 

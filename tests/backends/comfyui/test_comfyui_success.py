@@ -21,7 +21,7 @@ async def test_success_returns_the_png_and_records_where_it_came_from(
 
     result = await backend.generate(request, ctx)
 
-    assert result.image.data.startswith(PNG_MAGIC)
+    assert result.image.read().startswith(PNG_MAGIC)
     assert result.image.mime_type == "image/png"
     assert result.extra_outputs == []
     assert result.model == "v1-5-pruned-emaonly.safetensors"
@@ -29,7 +29,7 @@ async def test_success_returns_the_png_and_records_where_it_came_from(
     assert meta["comfyui_version"] == "0.3.64"
     assert meta["instance"] == fake.url
     assert meta["outputs"][0]["node_type"] == "SaveImage"
-    assert meta["outputs"][0]["sha256"] == hashlib.sha256(result.image.data).hexdigest()
+    assert meta["outputs"][0]["sha256"] == hashlib.sha256(result.image.read()).hexdigest()
     assert meta["outputs"][0]["subfolder"] == f"imagen/{request.job_id}"
 
 
