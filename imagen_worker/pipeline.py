@@ -348,7 +348,7 @@ class Pipeline:
         small = output.thumbnail(data, self.output.thumbnail_size) if self.output.thumbnail_size else None
         if small is not None:
             thumbnail_path = image_path.with_name(f"{image_path.stem}.thumb.webp")
-            output.write_image(thumbnail_path, small)
+            output.write_copy(thumbnail_path, small)  # derived from the image: no fsync of its own
             thumbnail_key = keys.thumbnail_key(spec.owner_user_id, job_id, index)
         sha256 = hashlib.sha256(data).hexdigest()
         sidecar: dict[str, Any] = {

@@ -251,7 +251,7 @@ async def test_a_shutdown_finishes_the_upload_of_a_rendered_image_instead_of_thr
     job = await job_row(db, job_id)
     assert job["status"] == "done", job["error"]
     assert job["attempts"] == 1
-    assert storage.object_count() == 1
+    assert storage.object_count() == 2  # the image and its thumbnail
 
 
 async def _uploading(storage: FakeStorage) -> bool:

@@ -97,7 +97,7 @@ async def test_a_loaded_image_runs_through_the_workflow_at_its_own_size(
 
     result = await backend.generate(request, RecordingContext())
 
-    with Image.open(io.BytesIO(result.image.data)) as saved:
+    with Image.open(io.BytesIO(result.image.read())) as saved:
         assert saved.size == (40, 30)
         assert saved.convert("RGB").getpixel((0, 0)) == (54, 135, 215)  # ComfyUI's float32 rounding
 
