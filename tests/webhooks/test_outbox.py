@@ -47,14 +47,6 @@ def keys(value: Any) -> set[str]:
     return set()
 
 
-@pytest.fixture
-async def storage(monkeypatch: pytest.MonkeyPatch) -> Any:
-    async with FakeStorage() as fake:
-        monkeypatch.setenv("SUPABASE_URL", fake.url)
-        monkeypatch.setenv("SUPABASE_SERVICE_KEY", fake.service_key)
-        yield fake
-
-
 async def test_a_finished_job_is_posted_once_signed_over_timestamp_and_body(
     outbox_db: asyncpg.Pool, database_url: str, tmp_path: Path, receiver: Receiver, secret: str,
     storage: FakeStorage,

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import io
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import pytest
 from PIL import Image
 
 from imagen_worker.storage.supabase import SupabaseSink
@@ -25,15 +23,6 @@ def png(width: int, height: int, rgb: tuple[int, int, int] = (90, 120, 200)) -> 
     out = io.BytesIO()
     Image.new("RGB", (width, height), rgb).save(out, "PNG")
     return out.getvalue()
-
-
-@pytest.fixture
-async def storage(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeStorage]:
-    async with FakeStorage() as fake:
-        monkeypatch.setenv("SUPABASE_URL", fake.url)
-        monkeypatch.setenv("SUPABASE_SERVICE_KEY", fake.service_key)
-        yield fake
-    assert fake.errors == []
 
 
 async def upload(storage: FakeStorage, tmp_path: Path, key: str, data: bytes) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +27,6 @@ GRAPH = {
     "2": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}},
     "3": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
 }
-
-
-@pytest.fixture
-async def storage(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeStorage]:
-    async with FakeStorage() as fake:
-        monkeypatch.setenv("SUPABASE_URL", fake.url)
-        monkeypatch.setenv("SUPABASE_SERVICE_KEY", fake.service_key)
-        yield fake
-    assert fake.errors == []
 
 
 def backend(comfy: FakeComfyUI) -> dict[str, dict[str, Any]]:
