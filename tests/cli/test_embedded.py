@@ -6,9 +6,13 @@ These start real embedded servers (pgserver) in the test's own data directory.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import pytest
 
 from tests.workers import BIN
 
@@ -46,11 +50,13 @@ def test_db_status_and_stop_follow_the_embedded_server(tmp_path: Path) -> None:
     assert imagen("db", "stop", data_home=tmp_path).stdout == "the embedded server was not running\n"
 
 
-def test_the_demo_never_touches_the_users_queue(tmp_path: Path) -> None:
+def test_the_demo_never_touches_the_users_queue(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     user_data = tmp_path / "user-data"
 
-    scratch_root = tmp_path / "tmp"  # where the demo's throwaway directory goes (mkdtemp)
-    scratch_root.mkdir()
+    # Where the demo's throwaway directory goes (mkdtemp): short, because PostgreSQL's unix socket
+    # lives in it and socket paths are limited to about 100 characters.
+    scratch_root = Path(tempfile.mkdtemp(prefix="imgdemo-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(scratch_root, ignore_errors=True))
     demo = subprocess.run(
         [sys.executable, "-m", "imagen_worker.demo"], env={**env_for(user_data), "TMPDIR": str(scratch_root)},
         capture_output=True, text=True, timeout=240, check=False,
