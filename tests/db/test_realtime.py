@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import AsyncIterator
 
@@ -11,7 +10,7 @@ import pytest
 
 from imagen_worker.db.connect import connect
 from imagen_worker.db.migrate import migrate
-from tests.storage.test_supabase_migration import FAKE_STORAGE_SCHEMA
+from tests.storage.test_supabase_migration import migrated_with_storage, objects_visible_to
 
 
 @pytest.fixture
@@ -64,11 +63,7 @@ async def test_a_publication_for_all_tables_is_left_alone(scratch: asyncpg.Conne
 async def test_a_signed_in_user_reads_the_previews_in_their_own_folder_and_no_one_elses(
     scratch: asyncpg.Connection,
 ) -> None:
-    await scratch.execute(FAKE_STORAGE_SCHEMA)
-    await scratch.execute(
-        "GRANT USAGE ON SCHEMA storage TO authenticated; GRANT SELECT ON storage.objects TO authenticated"
-    )
-    await migrate(scratch)
+    await migrated_with_storage(scratch)
     alice, bob = uuid.uuid4(), uuid.uuid4()
     jobs = {}
     for owner in (alice, bob):
@@ -89,12 +84,7 @@ async def test_a_signed_in_user_reads_the_previews_in_their_own_folder_and_no_on
         )
 
     async def visible_to(user: uuid.UUID) -> set[str]:
-        async with scratch.transaction():
-            await scratch.execute("SET LOCAL ROLE authenticated")
-            claims = json.dumps({"sub": str(user), "role": "authenticated"})
-            await scratch.execute("SELECT set_config('request.jwt.claims', $1, true)", claims)
-            rows = await scratch.fetch("SELECT name FROM storage.objects")
-        return {r["name"] for r in rows}
+        return {name for _, name in await objects_visible_to(scratch, user)}
 
     # 0005's owner-folder policy: the first folder is the reader's own user id.
     assert await visible_to(alice) == {k for k in keys if k.startswith(f"{alice}/")}

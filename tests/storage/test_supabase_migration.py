@@ -35,6 +35,27 @@ CREATE TABLE storage.objects (
 );
 ALTER TABLE storage.objects ENABLE ROW LEVEL SECURITY;
 """
+
+
+async def migrated_with_storage(conn: asyncpg.Connection) -> None:
+    """The stand-in storage schema, readable by ``authenticated`` as on Supabase, then our migrations."""
+    await conn.execute(FAKE_STORAGE_SCHEMA)
+    await conn.execute(
+        "GRANT USAGE ON SCHEMA storage TO authenticated; GRANT SELECT ON storage.objects TO authenticated"
+    )
+    await migrate(conn)
+
+
+async def objects_visible_to(conn: asyncpg.Connection, user: uuid.UUID | None) -> list[tuple[str, str]]:
+    """(bucket, name) of every storage object a signed-in ``user`` may read (None: no claims), sorted."""
+    async with conn.transaction():
+        await conn.execute("SET LOCAL ROLE authenticated")
+        claims = json.dumps({"sub": str(user), "role": "authenticated"}) if user else ""
+        await conn.execute("SELECT set_config('request.jwt.claims', $1, true)", claims)
+        rows = await conn.fetch("SELECT bucket_id, name FROM storage.objects ORDER BY bucket_id, name")
+    return [(r["bucket_id"], r["name"]) for r in rows]
+
+
 POLICY = "imagen_generated_select_own"
 
 
@@ -94,11 +115,7 @@ async def test_an_existing_bucket_and_policy_are_left_alone(scratch: asyncpg.Con
 async def test_a_signed_in_user_sees_only_objects_recorded_as_their_images(
     scratch: asyncpg.Connection,
 ) -> None:
-    await scratch.execute(FAKE_STORAGE_SCHEMA)
-    await scratch.execute(
-        "GRANT USAGE ON SCHEMA storage TO authenticated; GRANT SELECT ON storage.objects TO authenticated"
-    )
-    await migrate(scratch)
+    await migrated_with_storage(scratch)
     alice, bob = uuid.uuid4(), uuid.uuid4()
     await scratch.execute("INSERT INTO storage.buckets (id, name) VALUES ('other', 'other')")
     for bucket, key in [
@@ -117,14 +134,6 @@ async def test_a_signed_in_user_sees_only_objects_recorded_as_their_images(
             key,
         )
 
-    async def visible_to(user: uuid.UUID | None) -> list[tuple[str, str]]:
-        async with scratch.transaction():
-            await scratch.execute("SET LOCAL ROLE authenticated")
-            claims = json.dumps({"sub": str(user), "role": "authenticated"}) if user else ""
-            await scratch.execute("SELECT set_config('request.jwt.claims', $1, true)", claims)
-            rows = await scratch.fetch("SELECT bucket_id, name FROM storage.objects ORDER BY bucket_id, name")
-        return [(r["bucket_id"], r["name"]) for r in rows]
-
-    assert await visible_to(alice) == [("imagen-generated", "2026-05-11/alice-1.png")]
-    assert await visible_to(bob) == [("imagen-generated", "2026-05-11/bob-1.png")]
-    assert await visible_to(None) == []
+    assert await objects_visible_to(scratch, alice) == [("imagen-generated", "2026-05-11/alice-1.png")]
+    assert await objects_visible_to(scratch, bob) == [("imagen-generated", "2026-05-11/bob-1.png")]
+    assert await objects_visible_to(scratch, None) == []
