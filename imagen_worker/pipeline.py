@@ -115,9 +115,6 @@ class Artifact:
         """The images rows: each sidecar without host internals, which travel apart."""
         return [self._record(picture) for picture in self.pictures]
 
-    def image_record(self) -> ImageRecord:
-        return self._record(self.main)
-
     def _record(self, picture: Picture) -> ImageRecord:
         public = {k: v for k, v in picture.sidecar.items() if k not in INTERNAL_SIDECAR_KEYS}
         internals = {k: picture.sidecar[k] for k in INTERNAL_SIDECAR_KEYS if k in picture.sidecar}

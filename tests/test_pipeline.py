@@ -145,7 +145,7 @@ async def test_discarding_a_failed_job_leaves_nothing_of_it_on_disk(tmp_path: Pa
 
 async def test_the_images_row_keeps_host_internals_apart_from_the_sidecar(tmp_path: Path) -> None:
     artifact = await pipeline(tmp_path, FlakyStore(0)).run(uuid.uuid4(), SPEC, CountingContext())
-    record = artifact.image_record()
+    [record] = artifact.image_records()
     assert "local_path" not in record.sidecar and "backend_metadata" not in record.sidecar
     assert record.internals["local_path"] == str(artifact.image_path)
     assert record.storage_path == f"{OWNER}/{artifact.sidecar['job_id']}.png"
