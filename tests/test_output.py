@@ -205,6 +205,32 @@ def test_png_keeps_its_workflow_chunks_and_gains_the_imagen_chunk() -> None:
         assert image.info["workflow"] == '{"nodes": []}'
 
 
+def test_a_png_that_stays_png_keeps_its_pixel_data_byte_for_byte() -> None:
+
+    source = _png_with_comfy_chunks()
+    embedded, _ = encode(source, "png", 90, {"imagen": {"prompt": "un héron sous la pluie ☔"}})
+    stripped, _ = encode(source, "png", 90, None)
+
+    def pixel_data(png: bytes) -> bytes:
+        start = png.index(b"IDAT") - 4
+        return png[start : png.index(b"IEND") - 4]
+
+    assert pixel_data(embedded) == pixel_data(stripped) == pixel_data(source)
+    with Image.open(io.BytesIO(embedded)) as image:
+        image.load()
+        assert json.loads(image.info["imagen"])["prompt"] == "un héron sous la pluie ☔"
+
+
+def test_a_png_whose_checksums_fail_gets_no_chunks_spliced_in() -> None:
+
+    damaged = bytearray(_png_with_comfy_chunks())
+    damaged[damaged.index(b"IDAT") + 6] ^= 0xFF  # the chunk's CRC no longer matches
+
+    data, _ = encode(bytes(damaged), "png", 90, EMBEDDED)
+
+    assert data == bytes(damaged)  # Pillow cannot decode it either: kept exactly as produced
+
+
 @pytest.mark.parametrize(("fmt", "pillow"), [("webp", "WEBP"), ("jpeg", "JPEG")])
 def test_webp_and_jpeg_carry_the_metadata_in_exif(fmt: str, pillow: str) -> None:
 
