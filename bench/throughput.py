@@ -6,15 +6,19 @@ batch with each system's own batch API and the clock runs from the enqueue's com
 last job is recorded as finished (polled every 20 ms). What each system does per job:
 
 * ``imagen end-to-end`` (``imagen-worker run`` subprocesses, mock backend with 0 ms latency,
-  64x64 images, local storage): a batched claim (UPDATE ... RETURNING, up to free capacity),
-  the pipeline (render a tiny PNG in a thread, write the image (fsync'ed with its directory),
-  its JSON sidecar and a journal file (renamed, not fsync'ed)), the upload record, then the
+  64x64 images, local storage, default output settings): a batched claim (UPDATE ...
+  RETURNING, up to free capacity), the pipeline (render a tiny PNG in a thread; in one more
+  thread hop its metadata chunks, the image fsync'ed with its directory, a 256 px WebP
+  thumbnail, the JSON sidecar and a journal file (renamed, not fsync'ed)), then the
   completion: the ``imagen.images`` row and ``done``, batched with the jobs finishing at the
   same moment into one fenced statement and one commit, plus heartbeats; two NOTIFYs per job
-  from the status trigger (running, done). Concurrency 16 per process.
+  from the status trigger (running, done). No upload record (local storage keeps the files
+  on this host) and no progress write (the job is over before its first one is due).
+  Concurrency 16 per process; a job whose outcome is being written frees its slot.
 * ``imagen queue only`` (``Queue`` API, no files): the same claim and the same batched
-  images-row + done completion, nothing else; 16 jobs in flight per process. This is the
-  queue's cost without the image pipeline, the like-for-like number for pgqueuer's no-op.
+  images-row + done completion, nothing else; 16 jobs working per process, slots freed at
+  the hand-off to the completion batch as in the daemon. This is the queue's cost without
+  the image pipeline, the like-for-like number for pgqueuer's no-op.
 * ``pgqueuer`` (``QueueManager`` over an ``AsyncpgDriver``, default durable tables, batch_size
   10): batched dequeue (UPDATE to ``picked``), a no-op async entrypoint, completion buffered and
   flushed in batches (DELETE from the queue + INSERT into ``pgqueuer_log``), heartbeats; a
@@ -46,6 +50,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 
@@ -80,12 +85,16 @@ async def _imagen_queue_worker(dsn: str) -> None:
     completions = CompletionBatcher(queue)
     await queue.register("bench", os.getpid(), ["mock"], 60)
     inflight: set[asyncio.Task[Any]] = set()
+    working: set[UUID] = set()  # claimed and not yet handed to the batcher: these hold a slot
 
     async def finish(job: Job) -> None:
         record = ImageRecord(
             storage_path=f"bench/{job.id}.png", mime_type="image/png", bytes=0, sha256="0" * 64,
             backend="mock", seed=1, latency_ms=0, sidecar={},
         )  # fmt: skip
+        # Like the daemon: a job whose outcome is being written frees its slot.
+        working.discard(job.id)
+        freed.set()
         await completions.complete(job, record)
 
     freed = asyncio.Event()
@@ -96,9 +105,10 @@ async def _imagen_queue_worker(dsn: str) -> None:
 
     print("READY", flush=True)
     while True:
-        free = CONCURRENCY - len(inflight)
+        free = min(CONCURRENCY - len(working), 2 * CONCURRENCY - len(inflight))
         jobs = await queue.claim("mock", is_default=True, limit=free, lease_seconds=30) if free else []
         for job in jobs:
+            working.add(job.id)
             task = asyncio.create_task(finish(job))
             inflight.add(task)
             task.add_done_callback(finished)

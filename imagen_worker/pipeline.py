@@ -78,6 +78,12 @@ class Artifact:
     def main(self) -> Picture:
         return self.pictures[0]
 
+    @property
+    def uploaded(self) -> bool:
+        """Some file went to object storage (rather than staying on this host as ``local:``)."""
+        stored = [p.storage_key for p in self.pictures] + [p.thumbnail_key or "" for p in self.pictures]
+        return any(key and not key.startswith(keys.LOCAL_PREFIX) for key in stored)
+
     # The main image's facts, for callers that show one image.
     @property
     def image_path(self) -> Path:
@@ -221,10 +227,11 @@ class Pipeline:
         """
         # File work (fsync, hashing) runs in a thread: heartbeats share this event loop.
         directory = self.output.directory
-        artifact = await asyncio.to_thread(_read_journal, directory, job_id)
+        artifact = None
+        if _journal_path(directory, job_id).exists():  # an earlier attempt on this host
+            artifact = await asyncio.to_thread(_read_journal, directory, job_id)
         if artifact is None:
             artifact = await self._generate(job_id, spec, ctx)
-            await asyncio.to_thread(_write_journal, directory, job_id, artifact)
         rendered()
         started = time.perf_counter()
         try:
@@ -248,10 +255,8 @@ class Pipeline:
         if key.startswith(keys.LOCAL_PREFIX):
             return key  # a journaled artifact that local storage kept before
         stored = await self.sink.put(key, path, mime_type)
-        if stored.location == (await asyncio.to_thread(path.resolve)).as_uri():
-            # Nothing was stored under the key: local storage keeps the output file itself.
-            return keys.LOCAL_PREFIX + key
-        return key
+        # Nothing stored under the key: local storage keeps the output file itself.
+        return keys.LOCAL_PREFIX + key if stored.in_place else key
 
     async def _generate(self, job_id: UUID, spec: JobSpec, ctx: JobContext) -> Artifact:
         backend = self.resolve(spec.backend)
@@ -272,20 +277,22 @@ class Pipeline:
         generated = time.perf_counter()
 
         artifact = await asyncio.to_thread(
-            self._write_files, spec, backend, request, result, generated - started
+            self._write_files, job_id, spec, backend, request, result, generated - started
         )
         artifact.timings["write"] = time.perf_counter() - generated
         return artifact
 
     def _write_files(
         self,
+        job_id: UUID,
         spec: JobSpec,
         backend: Backend,
         request: GenerateRequest,
         result: GenerateResult,
         generate_seconds: float,
     ) -> Artifact:
-        """Every image of the batch, its thumbnail and its sidecar on local disk, before any upload."""
+        """Every image of the batch, its thumbnail and its sidecar on local disk, then the journal
+        that lets a retry on this host reuse them: one thread hop for all of a job's file work."""
         when = datetime.now().astimezone()
         latency_ms = int(generate_seconds * 1000)
         outputs = [result.image, *result.extra_outputs]
@@ -297,10 +304,12 @@ class Pipeline:
         finally:
             for produced in outputs:
                 produced.discard()  # a backend's temporary files, written into place or not
-        return Artifact(
+        artifact = Artifact(
             pictures=pictures, seed=request.seed, backend=backend.name, model=result.model,
             latency_ms=latency_ms, timings={"generate": generate_seconds, **result.timings},
         )  # fmt: skip
+        _write_journal(self.output.directory, job_id, artifact)
+        return artifact
 
     def _embedded(self, spec: JobSpec, request: GenerateRequest, result: GenerateResult) -> dict[str, Any]:
         """What goes inside the image file: enough to make it again."""

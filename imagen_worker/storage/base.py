@@ -20,6 +20,9 @@ from imagen_worker.errors import TerminalError
 class StoredObject:
     key: str
     location: str
+    # True when nothing was copied: the sink keeps the caller's own file (local storage in the
+    # output directory), so the key names no object anywhere else.
+    in_place: bool = False
 
 
 class ObjectNotFound(TerminalError):

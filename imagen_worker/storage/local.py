@@ -31,6 +31,8 @@ class LocalSink(StorageSink):
     def __init__(self, directory: Path, *, output_directory: Path) -> None:
         self.directory = directory.expanduser()
         self.output_directory = output_directory.expanduser()
+        # Decided once: resolving both paths on every put cost two realpath walks per image.
+        self.in_place = _same_path(self.directory, self.output_directory)
 
     @classmethod
     def from_config(cls, block: Mapping[str, Any], *, output_directory: Path) -> Self:
@@ -45,11 +47,6 @@ class LocalSink(StorageSink):
         directory = Path(raw) if raw is not None else output_directory
         return cls(directory, output_directory=output_directory)
 
-    @property
-    def in_place(self) -> bool:
-        """True when the stored copy is the pipeline's own output file."""
-        return _same_path(self.directory, self.output_directory)
-
     def _target(self, key: str) -> Path:
         check_key(key)
         target = self.directory / key
@@ -59,17 +56,17 @@ class LocalSink(StorageSink):
         return target
 
     async def put(self, key: str, source: Path, mime_type: str) -> StoredObject:
+        if self.in_place:
+            # The output file is the stored copy: one stat, no thread, no path resolution.
+            check_key(key)
+            return StoredObject(key=key, location=_existing_uri(key, source), in_place=True)
         target = self._target(key)
         return await asyncio.to_thread(self._put_sync, key, source, target)
 
     def _put_sync(self, key: str, source: Path, target: Path) -> StoredObject:
-        if not source.is_file():
-            raise TerminalError(
-                f"the local image {source} is missing, nothing to store",
-                detail={"operation": "upload", "sink": "local", "key": key, "source": str(source)},
-            )
-        if self.in_place or _same_path(source, target):
-            return StoredObject(key=key, location=source.resolve().as_uri())
+        _must_exist(key, source)
+        if _same_path(source, target):
+            return StoredObject(key=key, location=source.resolve().as_uri(), in_place=True)
         try:
             _atomic_copy(source, target)
         except OSError as exc:
@@ -125,6 +122,19 @@ class LocalSink(StorageSink):
             raise ConfigError(f"storage.directory {self.directory}: {exc.strerror or exc}") from None
         if not os.access(self.directory, os.W_OK):
             raise ConfigError(f"storage.directory {self.directory}: not writable")
+
+
+def _must_exist(key: str, source: Path) -> None:
+    if not source.is_file():
+        raise TerminalError(
+            f"the local image {source} is missing, nothing to store",
+            detail={"operation": "upload", "sink": "local", "key": key, "source": str(source)},
+        )
+
+
+def _existing_uri(key: str, source: Path) -> str:
+    _must_exist(key, source)
+    return source.absolute().as_uri()
 
 
 def _same_path(a: Path, b: Path) -> bool:

@@ -22,10 +22,19 @@ class WorkerJobContext:
 
     ``progress.percent`` (0-100) is always there; ``progress.preview`` names the Storage key of
     the live preview once one was uploaded, and is dropped again when the preview is deleted.
+    The first write waits ``first_after`` seconds from the claim: a job that is over by then
+    writes no progress at all (its final transition says everything), which spares a
+    millisecond job a row update and its notification.
     """
 
     def __init__(
-        self, queue: Queue, job: Job, *, min_interval: float = 1.0, previews: Previews | None = None
+        self,
+        queue: Queue,
+        job: Job,
+        *,
+        min_interval: float = 1.0,
+        first_after: float = 0.25,
+        previews: Previews | None = None,
     ) -> None:
         self.queue = queue
         self.job = job
@@ -33,7 +42,9 @@ class WorkerJobContext:
         self._ref = job.backend_ref
         self.cancel_requested = False
         self._latest: dict[str, Any] | None = None
-        self._last_write = 0.0
+        self._written = False
+        # As if a write happened just before the claim: the first one is due ``first_after`` on.
+        self._last_write = time.monotonic() - min_interval + first_after
         self._flush: asyncio.Task[None] | None = None
         self._flush_now = asyncio.Event()
         self._progress: dict[str, Any] | None = None  # the last reported, for a preview's key
@@ -87,6 +98,7 @@ class WorkerJobContext:
         latest, self._latest = self._latest, None
         if latest is None:
             return
+        self._written = True
         self._last_write = time.monotonic()
         try:
             await self.queue.set_progress(self.job, latest)
@@ -100,13 +112,16 @@ class WorkerJobContext:
 
         A waiting throttled write is woken, not cancelled: cancelling it mid-write could leave
         a half-opened pool connection behind. The preview is deleted first (unless kept), so
-        the last progress no longer names it.
+        the last progress no longer names it. Nothing is written for a job that wrote no
+        progress yet: the row has none to correct.
         """
         if self.previews is not None:
             await self.previews.close()
             if not self.previews.keep and self._preview is not None:
                 self._preview = None
                 self._schedule()
+        if not self._written:
+            self._latest = None  # a throttled first write, when woken, finds nothing to do
         self._flush_now.set()
         if self._flush is not None and not self._flush.done():
             await asyncio.shield(self._flush)

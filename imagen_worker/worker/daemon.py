@@ -294,8 +294,14 @@ class Worker:
                     break
 
     def _free_slots(self, backend: str) -> int:
-        busy = sum(1 for running in self.running.values() if running.backend == backend)
-        total_free = self.settings.concurrency - len(self.running)
+        """Slots are held by jobs that still use their backend; a settled job (its outcome being
+        written) holds none, so the next claim overlaps the last commit. Settled jobs may add
+        at most ``concurrency`` more in memory, should the database be slow to take them."""
+        working = [running for running in self.running.values() if not running.settled]
+        busy = sum(1 for running in working if running.backend == backend)
+        total_free = min(
+            self.settings.concurrency - len(working), 2 * self.settings.concurrency - len(self.running)
+        )
         return max(0, min(self.backends[backend].capacity - busy, total_free))
 
     async def _poll_timeout(self) -> float:
@@ -309,7 +315,9 @@ class Worker:
             self.pipeline.sink, self.config.output.directory, job.owner_user_id, job.id,
             keep=self.config.output.keep_previews,
         )  # fmt: skip
-        running = RunningJob(job, backend, WorkerJobContext(self.queue, job, previews=previews))
+        running = RunningJob(
+            job, backend, WorkerJobContext(self.queue, job, previews=previews), on_settled=self.wake.set
+        )
         running.claim_seconds = time.monotonic() - claimed_at
         self.running[running.key] = running
         running.renewed(claimed_at, self._stop_after)

@@ -81,7 +81,7 @@ class Previews:
         path = self.directory / key
         await asyncio.to_thread(output.write_image, path, data)
         stored = await self.sink.put(key, path, mime_type)
-        if stored.location != path.resolve().as_uri():  # else the sink keeps this very file
+        if not stored.in_place:  # else the sink keeps this very file
             await asyncio.to_thread(_remove, path)
 
     async def close(self) -> None:

@@ -2,7 +2,8 @@
 
 The upload record (``job_runs.result``) is written the moment the object is stored, so an
 attempt that dies between the upload and the images row leaves the next attempt, on any host,
-nothing to render: it links the stored object. Local files of a job that failed or was
+nothing to render: it links the stored object. With local storage nothing leaves this host,
+so there is no record to write: the journal lets a retry here reuse the files. Local files of a job that failed or was
 cancelled are removed; those of a job that will be retried stay as the same-host cache.
 """
 
@@ -49,6 +50,10 @@ async def produce(
     artifact.timings["claim"] = claim_seconds
     artifact.sidecar["timings_ms"] = stage_milliseconds(artifact.timings)
     records = artifact.image_records()
+    if not artifact.uploaded:
+        # Every file stayed on this host (local storage): another host could link nothing, and
+        # a retry here finds the files through the journal. The completion is the one write.
+        return records, artifact
     started = time.perf_counter()
     try:
         await queue.record_upload(job, records)

@@ -73,6 +73,9 @@ class RunningJob:
     # has its own timeouts) instead of throwing the render away for another worker to repeat.
     rendered: bool = False
     claim_seconds: float = 0.0  # the claim statement's round trip, the job's first stage
+    # Called once the job is settled: it no longer uses its backend, so its slot can take the
+    # next job while the outcome is written (group-committed with others).
+    on_settled: Callable[[], None] = field(default=lambda: None, repr=False)
     _deadline: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     @property
@@ -91,6 +94,12 @@ class RunningJob:
 
     def mark_rendered(self) -> None:
         self.rendered = True
+
+    def settle(self) -> None:
+        """The outcome is being written: no longer stoppable, and its backend slot is free."""
+        if not self.settled:
+            self.settled = True
+            self.on_settled()
 
     def renewed(self, sent_at: float, stop_after: float) -> None:
         """The lease was renewed by a statement sent at ``sent_at`` (monotonic).
@@ -156,7 +165,7 @@ class JobRunner:
                 log.warning("could not record why the job stopped; its lease will expire")
         except Exception as exc:  # a bug below us must not kill the daemon
             log.exception("unexpected error while running the job")
-            running.settled = True
+            running.settle()
             await self._record_error(running, RetryableError(
                 f"the worker hit an internal error ({type(exc).__name__})",
                 detail={"exception": type(exc).__name__, "error": str(exc)},
@@ -165,7 +174,7 @@ class JobRunner:
     async def _execute(self, running: RunningJob) -> None:
         job = running.job
         if job.attempts > job.max_attempts:
-            running.settled = True
+            running.settle()
             message = (
                 f"gave up after {job.max_attempts} attempts: the worker running this job "
                 "stopped responding each time"
@@ -175,7 +184,7 @@ class JobRunner:
             log.error("job failed", error=message)
             return
         if job.cancel_requested:
-            running.settled = True
+            running.settle()
             await self.queue.cancelled(job)
             self.emit(Event.CANCELLED, job=job, backend=running.backend)
             return
@@ -189,7 +198,7 @@ class JobRunner:
                 claim_seconds=running.claim_seconds,
                 rendered=running.mark_rendered,
             )
-            running.settled = True
+            running.settle()
             await running.ctx.close()
             recording = time.perf_counter()
             # One-image jobs are group-committed with others finishing alongside; a batch of
@@ -202,13 +211,13 @@ class JobRunner:
                 recorded = time.perf_counter() - recording
                 artifact.timings["record"] = artifact.timings.get("record", 0.0) + recorded
         except JobError as error:
-            running.settled = True
+            running.settle()
             await running.ctx.close()
             await self._record_error(running, error)
             return
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
             # The object is stored and its upload recorded: the retry links it.
-            running.settled = True
+            running.settle()
             unrecorded = RetryableError(
                 "could not record the result in the database", detail={"error": str(exc)}
             )
