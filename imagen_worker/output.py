@@ -20,13 +20,13 @@ import os
 import re
 import string
 import unicodedata
-from xml.sax.saxutils import escape
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
+from xml.sax.saxutils import escape
 
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
@@ -63,7 +63,8 @@ def encode(data: bytes, fmt: str, quality: int, metadata: Mapping[str, Any] | No
     PNG gets one text chunk per key (a ComfyUI PNG's own ``prompt``/``workflow`` chunks are
     kept only when metadata is embedded); WebP and JPEG get the metadata as JSON in the EXIF
     ImageDescription and as an XMP packet (``xmp_packet``). A JPEG segment holds under 64 KiB,
-    so a JPEG whose metadata is larger embeds it without the workflow graph. Bytes Pillow cannot read (a video) are returned as they are.
+    so a JPEG whose metadata is larger embeds it without the workflow graph. Bytes Pillow
+    cannot read (a video) are returned as they are.
     """
     try:
         with Image.open(io.BytesIO(data)) as source:
@@ -122,7 +123,7 @@ def xmp_packet(metadata: Mapping[str, Any]) -> bytes:
     imagen = metadata.get("imagen")
     facts = imagen if isinstance(imagen, Mapping) else {}
     fields = [
-        '   <xmp:CreatorTool>imagen-worker</xmp:CreatorTool>',
+        "   <xmp:CreatorTool>imagen-worker</xmp:CreatorTool>",
         f"   <imagen:metadata>{_xml_text(_json(metadata))}</imagen:metadata>",
     ]
     if isinstance(facts.get("prompt"), str):
@@ -146,7 +147,7 @@ def xmp_packet(metadata: Mapping[str, Any]) -> bytes:
         " </rdf:RDF>\n"
         "</x:xmpmeta>\n"
         '<?xpacket end="w"?>'
-    ).encode("utf-8")
+    ).encode()
 
 
 def _fit_jpeg_segment(metadata: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -156,8 +157,8 @@ def _fit_jpeg_segment(metadata: Mapping[str, Any]) -> Mapping[str, Any] | None:
         return metadata
     imagen = metadata.get("imagen")
     if isinstance(imagen, Mapping) and "workflow" in imagen:
-        slim = {**metadata, "imagen": {**{k: v for k, v in imagen.items() if k != "workflow"},
-                                       "workflow_omitted": "too large for a JPEG; see the sidecar"}}  # fmt: skip
+        rest = {key: value for key, value in imagen.items() if key != "workflow"}
+        slim = {**metadata, "imagen": {**rest, "workflow_omitted": "too large for a JPEG; see the sidecar"}}
         if len(xmp_packet(slim)) <= _JPEG_SEGMENT_BYTES:
             return slim
     return None

@@ -64,6 +64,7 @@ from imagen_worker.backends.base import (
     JobContext,
     Limits,
     Output,
+    OutputDefaults,
 )
 from imagen_worker.backends.comfyui import failures, installed
 from imagen_worker.backends.comfyui.client import (
@@ -216,6 +217,10 @@ class ComfyUIBackend(Backend):
     @property
     def limits(self) -> Limits:
         return self.config.limits
+
+    @property
+    def output_defaults(self) -> OutputDefaults:
+        return self.config.output_defaults
 
     def check_request(self, request: GenerateRequest) -> GenerateRequest:
         """Params against the workflow's model; a per-job workflow only from a trusted source."""
