@@ -640,6 +640,8 @@ class ComfyUIBackend(Backend):
                 elif isinstance(where, dict):
                     if saves is not None:
                         await self._catch_up(watch, saves, progress)
+                    if progress is not None:  # the socket's own "done" may not have come yet
+                        progress.feed("executing", {"node": None, "prompt_id": prompt_id})
                     return where
 
     async def _catch_up(self, watch: PromptWatch, saves: SocketSaves, progress: JobProgress | None) -> None:
