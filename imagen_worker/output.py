@@ -7,11 +7,11 @@ storage key does not depend on the name: it is ``<owner id>/<job id>.<ext>``
 (``storage.keys.object_key``), the same on every host and attempt.
 
 ``encode`` turns what a backend produced into the format the job asks for (``png``, ``webp``,
-``jpeg``), with the prompt, seed and workflow embedded (PNG text chunks, EXIF for WebP and
-JPEG) or every metadata chunk stripped; ``thumbnail`` makes the small WebP a gallery shows.
-Both are CPU work: callers run them in a thread. A PNG that stays PNG (what ComfyUI saves)
-is never decoded: its text chunks are rewritten and its pixel data kept byte for byte, which
-for a 1024x1024 image saves a full recompression.
+``jpeg``), with the prompt, seed and workflow embedded (PNG text chunks; EXIF and an XMP packet
+for WebP and JPEG) or every metadata chunk stripped; ``thumbnail`` makes the small WebP a gallery
+shows. Both are CPU work: callers run them in a thread. A PNG that stays PNG (what ComfyUI
+saves) is never decoded: its text chunks are rewritten and its pixel data kept byte for byte,
+which for a 1024x1024 image saves a full recompression.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
+from xml.sax.saxutils import escape
 
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
@@ -53,6 +54,11 @@ PILLOW_FORMAT = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}
 MIME_OF_FORMAT = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 _EXIF_IMAGE_DESCRIPTION = 0x010E
 _EXIF_SOFTWARE = 0x0131
+# The XMP namespace of our own properties (``imagen:seed``, ``imagen:metadata``...).
+XMP_NAMESPACE = "urn:imagen-worker:xmp:1.0#"
+# A JPEG segment holds 65533 bytes after its length; EXIF and XMP each take one segment, less
+# their identifiers ("Exif\0\0", "http://ns.adobe.com/xap/1.0/\0") and some headroom.
+_JPEG_SEGMENT_BYTES = 65000
 
 
 def encode(data: bytes, fmt: str, quality: int, metadata: Mapping[str, Any] | None) -> tuple[bytes, str]:
@@ -60,7 +66,9 @@ def encode(data: bytes, fmt: str, quality: int, metadata: Mapping[str, Any] | No
 
     PNG gets one text chunk per key (a ComfyUI PNG's own ``prompt``/``workflow`` chunks are
     kept only when metadata is embedded); WebP and JPEG get the metadata as JSON in the EXIF
-    ImageDescription. Bytes Pillow cannot read (a video) are returned as they are.
+    ImageDescription and as an XMP packet (``xmp_packet``). A JPEG segment holds under 64 KiB,
+    so a JPEG whose metadata is larger embeds it without the workflow graph. Bytes Pillow
+    cannot read (a video) are returned as they are.
     """
     if fmt == "png":
         rewritten = _png_text_rewritten(data, metadata)
@@ -90,10 +98,12 @@ def encode(data: bytes, fmt: str, quality: int, metadata: Mapping[str, Any] | No
     else:
         options.update(quality=quality)
         if metadata is not None:
-            exif = Image.Exif()
-            exif[_EXIF_IMAGE_DESCRIPTION] = json.dumps(metadata, default=str, ensure_ascii=True)
-            exif[_EXIF_SOFTWARE] = "imagen-worker"
-            options["exif"] = exif.tobytes()
+            fitted = _fit_jpeg_segment(metadata) if fmt == "jpeg" else metadata
+            if fitted is not None:
+                exif = Image.Exif()
+                exif[_EXIF_IMAGE_DESCRIPTION] = _json(fitted)
+                exif[_EXIF_SOFTWARE] = "imagen-worker"
+                options.update(exif=exif.tobytes(), xmp=xmp_packet(fitted))
     out = io.BytesIO()
     image.save(out, format=PILLOW_FORMAT[fmt], **options)
     return out.getvalue(), MIME_OF_FORMAT[fmt]
@@ -170,6 +180,69 @@ def _png_text_rewritten(data: bytes, metadata: Mapping[str, Any] | None) -> byte
     for kind, body in kept:
         out.append(struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body)))
     return b"".join(out)
+
+
+def _json(metadata: Mapping[str, Any]) -> str:
+    return json.dumps(metadata, default=str, ensure_ascii=True)
+
+
+# Characters XML 1.0 does not allow at all, not even escaped.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def _xml_text(text: str) -> str:
+    return escape(_NOT_XML.sub("\ufffd", text))
+
+
+def xmp_packet(metadata: Mapping[str, Any]) -> bytes:
+    """An XMP packet: ``dc:description`` (the prompt), ``xmp:CreatorTool``, and in the imagen
+    namespace the seed, model and the whole metadata as JSON (what EXIF carries too).
+
+    XMP is what photo managers and web tools read; EXIF ImageDescription alone is often shown
+    as a caption or dropped.
+    """
+    imagen = metadata.get("imagen")
+    facts = imagen if isinstance(imagen, Mapping) else {}
+    fields = [
+        "   <xmp:CreatorTool>imagen-worker</xmp:CreatorTool>",
+        f"   <imagen:metadata>{_xml_text(_json(metadata))}</imagen:metadata>",
+    ]
+    if isinstance(facts.get("prompt"), str):
+        fields.insert(0, (
+            "   <dc:description><rdf:Alt><rdf:li xml:lang=\"x-default\">"
+            f"{_xml_text(facts['prompt'])}</rdf:li></rdf:Alt></dc:description>"
+        ))  # fmt: skip
+    for key in ("seed", "model"):
+        if facts.get(key) is not None:
+            fields.append(f"   <imagen:{key}>{_xml_text(str(facts[key]))}</imagen:{key}>")
+    body = "\n".join(fields)
+    return (
+        '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/">\n'
+        ' <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n'
+        '  <rdf:Description rdf:about="" xmlns:dc="http://purl.org/dc/elements/1.1/"\n'
+        '    xmlns:xmp="http://ns.adobe.com/xap/1.0/"\n'
+        f'    xmlns:imagen="{XMP_NAMESPACE}">\n'
+        f"{body}\n"
+        "  </rdf:Description>\n"
+        " </rdf:RDF>\n"
+        "</x:xmpmeta>\n"
+        '<?xpacket end="w"?>'
+    ).encode()
+
+
+def _fit_jpeg_segment(metadata: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """``metadata`` as it fits one JPEG segment: whole, else without the workflow graph (the
+    sidecar keeps it), else nothing at all (a prompt that long stays in the sidecar alone)."""
+    if len(xmp_packet(metadata)) <= _JPEG_SEGMENT_BYTES:
+        return metadata
+    imagen = metadata.get("imagen")
+    if isinstance(imagen, Mapping) and "workflow" in imagen:
+        rest = {key: value for key, value in imagen.items() if key != "workflow"}
+        slim = {**metadata, "imagen": {**rest, "workflow_omitted": "too large for a JPEG; see the sidecar"}}
+        if len(xmp_packet(slim)) <= _JPEG_SEGMENT_BYTES:
+            return slim
+    return None
 
 
 def thumbnail(data: bytes, size: int) -> bytes | None:

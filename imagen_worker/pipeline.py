@@ -338,8 +338,10 @@ class Pipeline:
         latency_ms: int,
     ) -> Picture:
         job_id, seed = request.job_id, request.seed
-        fmt = spec.format or self.output.format
-        quality = spec.quality or self.output.quality
+        # The job's columns, then the backend's block, then the worker's output section.
+        own = backend.output_defaults
+        fmt = spec.format or own.format or self.output.format
+        quality = spec.quality or own.quality or self.output.quality
         embedded = self._embedded(spec, request, result) if self.output.embed_metadata else None
         data, _ = output.encode(produced.read(), fmt, quality, embedded)
         facts = output.image_facts(data, produced.mime_type)

@@ -9,6 +9,7 @@ import re
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 from PIL import Image
@@ -193,6 +194,12 @@ def _png_with_comfy_chunks() -> bytes:
     return out.getvalue()
 
 
+XMP = {
+    "dc": "http://purl.org/dc/elements/1.1/",
+    "rdf": "http://www.w3.org/1999/02/22-rdf-syntax-ns#",
+    "xmp": "http://ns.adobe.com/xap/1.0/",
+    "imagen": output.XMP_NAMESPACE,
+}
 EMBEDDED = {"imagen": {"prompt": "a heron", "seed": 7, "workflow": {"3": {"class_type": "KSampler"}}}}
 
 
@@ -240,6 +247,61 @@ def test_webp_and_jpeg_carry_the_metadata_in_exif(fmt: str, pillow: str) -> None
         assert json.loads(image.getexif()[0x010E]) == EMBEDDED
 
 
+def _xmp(image: Image.Image) -> ElementTree.Element:
+    return ElementTree.fromstring(image.info["xmp"])
+
+
+@pytest.mark.parametrize(("fmt", "pillow"), [("webp", "WEBP"), ("jpeg", "JPEG")])
+def test_webp_and_jpeg_carry_an_xmp_packet_with_prompt_seed_and_the_whole_metadata(
+    fmt: str, pillow: str
+) -> None:
+
+    embedded = {"imagen": {**EMBEDDED["imagen"], "prompt": "a heron <at> dawn & dusk", "model": "sd15"}}
+    data, _ = encode(_png_with_comfy_chunks(), fmt, 80, embedded)
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == pillow
+        xmp = _xmp(image)
+    assert xmp.findtext(".//dc:description/rdf:Alt/rdf:li", namespaces=XMP) == "a heron <at> dawn & dusk"
+    assert xmp.findtext(".//xmp:CreatorTool", namespaces=XMP) == "imagen-worker"
+    assert xmp.findtext(".//imagen:seed", namespaces=XMP) == "7"
+    assert xmp.findtext(".//imagen:model", namespaces=XMP) == "sd15"
+    assert json.loads(xmp.findtext(".//imagen:metadata", namespaces=XMP) or "") == embedded
+    # The source PNG's own ComfyUI chunks are not carried into another format, as before.
+    assert b'"nodes": []' not in data
+
+
+def test_characters_xml_cannot_hold_do_not_break_the_xmp_packet() -> None:
+
+    embedded = {"imagen": {"prompt": "bell \x07 and tab\t", "seed": 1}}
+    data, _ = encode(_png_with_comfy_chunks(), "webp", 80, embedded)
+    with Image.open(io.BytesIO(data)) as image:
+        xmp = _xmp(image)
+    assert xmp.findtext(".//dc:description/rdf:Alt/rdf:li", namespaces=XMP) == "bell \ufffd and tab\t"
+    assert json.loads(xmp.findtext(".//imagen:metadata", namespaces=XMP) or "") == embedded
+
+
+def test_a_jpeg_leaves_out_a_workflow_too_large_for_its_segments_and_keeps_the_rest() -> None:
+
+    huge = {"imagen": {"prompt": "a heron", "seed": 7, "workflow": {"1": {"text": "x" * 70_000}}}}
+    jpeg, _ = encode(_png_with_comfy_chunks(), "jpeg", 80, huge)
+    webp, _ = encode(_png_with_comfy_chunks(), "webp", 80, huge)
+    with Image.open(io.BytesIO(jpeg)) as image:
+        described = json.loads(image.getexif()[0x010E])
+        in_xmp = json.loads(_xmp(image).findtext(".//imagen:metadata", namespaces=XMP) or "")
+    assert described == in_xmp
+    assert described["imagen"]["prompt"] == "a heron" and "workflow" not in described["imagen"]
+    assert described["imagen"]["workflow_omitted"] == "too large for a JPEG; see the sidecar"
+    with Image.open(io.BytesIO(webp)) as image:  # a WebP chunk has no such limit
+        assert json.loads(image.getexif()[0x010E]) == huge
+
+
+def test_png_output_keeps_text_chunks_and_gets_no_xmp() -> None:
+
+    data, _ = encode(_png_with_comfy_chunks(), "png", 90, EMBEDDED)
+    with Image.open(io.BytesIO(data)) as image:
+        assert "xmp" not in image.info and image.info["prompt"] == '{"3": {"class_type": "KSampler"}}'
+
+
 @pytest.mark.parametrize("fmt", ["png", "webp", "jpeg"])
 def test_embed_metadata_false_strips_every_chunk(fmt: str) -> None:
 
@@ -247,7 +309,7 @@ def test_embed_metadata_false_strips_every_chunk(fmt: str) -> None:
     with Image.open(io.BytesIO(data)) as image:
         assert not image.getexif()
         assert not {"prompt", "workflow", "imagen", "exif", "xmp"} & set(image.info)
-    assert b"KSampler" not in data
+    assert b"KSampler" not in data and b"x:xmpmeta" not in data and b"ns.adobe.com/xap" not in data
 
 
 def test_quality_changes_the_lossy_size() -> None:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from imagen_worker.backends.base import Output
 from imagen_worker.backends.mock import MockBackend, render_png
 from imagen_worker.config import OutputConfig
-from imagen_worker.errors import RetryableError, TerminalError
+from imagen_worker.errors import ConfigError, RetryableError, TerminalError
 from imagen_worker.pipeline import Pipeline, derived_seed, discard, forget
 from imagen_worker.queue.jobs import ImageRecord, JobSpec
 from imagen_worker.storage.base import StorageSink, StoredObject
@@ -213,3 +215,59 @@ async def test_n_over_max_batch_is_refused_before_the_backend_runs(tmp_path: Pat
     with pytest.raises(TerminalError, match=r"^n 5 is over backend \"mock\"'s limit of 4 images per job"):
         await pipeline(tmp_path, FlakyStore(0)).run(uuid.uuid4(), spec, CountingContext())
     assert CountingMock.calls == 0
+
+
+def _jpeg_tables(quality: int) -> dict[int, list[int]]:
+    """The quantization tables Pillow writes at ``quality``: how a JPEG shows its quality."""
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, format="JPEG", quality=quality)
+    with Image.open(out) as image:
+        return dict(image.quantization)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("job", "block", "section", "expected"),
+    [
+        ((None, None), {}, ("png", 90), ("PNG", None)),
+        ((None, None), {"format": "jpeg", "quality": 40}, ("webp", 90), ("JPEG", 40)),
+        ((None, None), {"format": "jpeg"}, ("png", 55), ("JPEG", 55)),
+        ((None, None), {"quality": 30}, ("jpeg", 90), ("JPEG", 30)),
+        (("jpeg", 70), {"format": "webp", "quality": 40}, ("png", 90), ("JPEG", 70)),
+        (("jpeg", None), {"format": "webp", "quality": 40}, ("png", 90), ("JPEG", 40)),
+    ],
+    ids=["section", "block", "block-format-section-quality", "block-quality", "job", "job-format-block-q"],
+)
+async def test_format_and_quality_come_from_the_job_then_the_backend_block_then_the_output_section(
+    tmp_path: Path,
+    job: tuple[str | None, int | None],
+    block: dict[str, Any],
+    section: tuple[str, int],
+    expected: tuple[str, int | None],
+) -> None:
+    backend = MockBackend.from_config("mock", {"type": "mock", **block})
+    config = OutputConfig(directory=tmp_path, format=section[0], quality=section[1])  # type: ignore[arg-type]
+    spec = JobSpec(owner_user_id=OWNER, prompt="a heron", width=64, height=48, format=job[0], quality=job[1])
+
+    artifact = await Pipeline({"mock": backend}, "mock", FlakyStore(0), config).run(
+        uuid.uuid4(), spec, CountingContext()
+    )
+
+    with Image.open(artifact.image_path) as image:
+        assert image.format == expected[0]
+        if expected[1] is not None:
+            assert dict(image.quantization) == _jpeg_tables(expected[1])  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ({"format": "gif"}, "backend \"mock\": format: input should be 'png', 'webp' or 'jpeg' (got 'gif')"),
+        ({"quality": 0}, 'backend "mock": quality: input should be greater than or equal to 1 (got 0)'),
+    ],
+)
+def test_a_backend_block_with_a_bad_format_or_quality_is_refused_in_one_line(
+    block: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        MockBackend.from_config("mock", {"type": "mock", **block})
+    assert str(caught.value) == message

@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, Self
+from typing import Any, ClassVar, Literal, Protocol, Self
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -70,6 +70,24 @@ class Limits(BaseModel):
     max_pixels: int = Field(default=2048 * 2048, ge=64 * 64)
     max_steps: int = Field(default=150, ge=1)
     max_batch: int = Field(default=4, ge=1)
+
+
+class OutputDefaults(BaseModel):
+    """A backend's own default output ``format`` and ``quality``, from its config block.
+
+    Precedence: the job's columns, then these, then the worker's ``output:`` section. Adapter
+    blocks inherit these keys; the framework reads them only through ``Backend.output_defaults``,
+    never from the block itself.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["png", "webp", "jpeg"] | None = None
+    quality: int | None = Field(default=None, ge=1, le=100)
+
+    def defaults(self) -> OutputDefaults:
+        """Just these two keys, whatever block model carries them."""
+        return OutputDefaults(format=self.format, quality=self.quality)
 
 
 class Params(BaseModel):
@@ -247,6 +265,11 @@ class Backend(abc.ABC):
     @property
     def limits(self) -> Limits:
         return Limits()
+
+    @property
+    def output_defaults(self) -> OutputDefaults:
+        """The format and quality this backend's images get unless the job says otherwise."""
+        return OutputDefaults()
 
     @property
     def params_model(self) -> type[Params]:

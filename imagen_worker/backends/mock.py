@@ -26,6 +26,7 @@ from imagen_worker.backends.base import (
     JobContext,
     Limits,
     Output,
+    OutputDefaults,
     Params,
     config_error,
 )
@@ -38,7 +39,7 @@ class MockParams(Params):
     mock_fail: Literal["terminal", "retryable"] | None = None
 
 
-class MockConfig(Limits):
+class MockConfig(Limits, OutputDefaults):
     type: Literal["mock"] = "mock"
     latency_ms: float = Field(default=0.0, ge=0)
     fail_rate: float = Field(default=0.0, ge=0, le=1)
@@ -90,6 +91,10 @@ class MockBackend(Backend):
     @property
     def limits(self) -> Limits:
         return self.config
+
+    @property
+    def output_defaults(self) -> OutputDefaults:
+        return self.config.defaults()
 
     async def generate(self, request: GenerateRequest, ctx: JobContext) -> GenerateResult:
         started = time.perf_counter()

@@ -54,7 +54,10 @@ Steps = Annotated[int | None, typer.Option("--steps", help="Sampling steps, 1..2
 Seed = Annotated[int | None, typer.Option("--seed", help="Seed; chosen per job when omitted.")]
 Negative = Annotated[str | None, typer.Option("--negative", help="Negative prompt.")]
 Count = Annotated[int, typer.Option("-n", "--count", min=1, max=16, help="Images in the batch (1..16).")]
-Format = Annotated[str | None, typer.Option("--format", help="png, webp or jpeg (default: output.format).")]
+Format = Annotated[
+    str | None,
+    typer.Option("--format", help="png, webp or jpeg (default: the backend's format, else output.format)."),
+]
 Quality = Annotated[int | None, typer.Option("--quality", min=1, max=100, help="1..100 for webp and jpeg.")]
 Params = Annotated[list[str], typer.Option("--param", "-p", help="Backend parameter KEY=VALUE (repeatable).")]
 Images = Annotated[

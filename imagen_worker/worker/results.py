@@ -3,8 +3,9 @@
 The upload record (``job_runs.result``) is written the moment the object is stored, so an
 attempt that dies between the upload and the images row leaves the next attempt, on any host,
 nothing to render: it links the stored object. With local storage nothing leaves this host,
-so there is no record to write: the journal lets a retry here reuse the files. Local files of a job that failed or was
-cancelled are removed; those of a job that will be retried stay as the same-host cache.
+so there is no record to write: the journal lets a retry here reuse the files. Local files of
+a job that failed or was cancelled are removed; those of a job that will be retried stay as
+the same-host cache.
 """
 
 from __future__ import annotations

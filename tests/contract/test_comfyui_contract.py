@@ -21,8 +21,10 @@ import pytest
 import websockets
 from PIL import Image
 
+from imagen_worker.backends.comfyui import ComfyUIBackend
 from imagen_worker.backends.comfyui.client import PREVIEW, ComfyUIClient
 from imagen_worker.backends.comfyui.progress import ProgressTracker
+from tests.backends.comfyui.support import RecordingContext, make_request
 from tests.contract.conftest import ComfyPeer
 
 
@@ -393,6 +395,40 @@ async def test_our_client_negotiates_preview_metadata_and_routes_frames_to_the_p
         (prompt_id, "2", "image/png")
     ] * 2
     assert [_png_size(p["image"]) for p in previews] == [(24, 16)] * 2
+
+
+async def test_a_socket_saver_batch_of_2_is_collected_as_the_jobs_two_images_every_time(
+    comfy: ComfyPeer,
+) -> None:
+    """The adapter end to end: EmptyImage -> SaveImageWebsocket (batch 2) gives two PNG outputs;
+    the same graph again reuses the cached EmptyImage but the saver runs again (its IS_CHANGED
+    is the time), so the second job gets its images too."""
+    color = _unique()
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": empty(24, 16, batch=2, color=color)},
+        "2": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}},
+    }
+    block = {"type": "comfyui", "base_url": comfy.url, "workflow": "sd15", "poll_interval": 0.5,
+             "connect_timeout": 5, "timeout": 60}  # fmt: skip
+    backend = ComfyUIBackend.from_config("contract", block)
+    results, images = [], []
+    try:
+        for _ in range(2):
+            result = await backend.generate(make_request(workflow={"graph": graph}), RecordingContext())
+            results.append(result)
+            images.append([(o.origin, o.mime_type, o.read()) for o in [result.image, *result.extra_outputs]])
+    finally:
+        await backend.aclose()
+
+    rgb = ((color >> 16) & 255, (color >> 8) & 255, color & 255)
+    for outputs in images:
+        assert [
+            (origin["node_id"], origin["node_type"], origin["type"], mime) for origin, mime, _ in outputs
+        ] == [("2", "SaveImageWebsocket", "websocket", "image/png")] * 2
+        for _, _, data in outputs:
+            with Image.open(io.BytesIO(data)) as image:
+                assert image.size == (24, 16) and image.convert("RGB").getpixel((3, 3)) == rgb
+    assert results[1].metadata["cached_nodes"] == ["1"], "EmptyImage cached, the saver ran again"
 
 
 async def test_the_overall_percentage_rises_through_a_real_workflow(comfy: ComfyPeer) -> None:

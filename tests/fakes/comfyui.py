@@ -14,7 +14,9 @@ only the ``executed`` events come in execution order). ``POST /history {"delete"
 entries but, like the real server, leaves the output files served by ``/view``.
 ``SaveImageWebsocket`` sends each image as a binary frame the way 0.3.64 does: type 1 (format 2,
 PNG) after ``progress``, or type 4 with JSON metadata before it to a socket whose first frame
-asked for ``supports_preview_metadata``.
+asked for ``supports_preview_metadata``; it writes nothing to history, sends no ``executed``,
+and is never cached (its ``IS_CHANGED`` is the time). ``SaveLatent`` saves one ``.latent`` file
+listed under ``latents``.
 
 0.3.64 has no Jobs API: the frontend's static route takes any path for GET only, so
 ``POST /api/jobs/{id}/cancel`` answers 405. ``jobs_api=True`` plays a newer server, whose
@@ -32,12 +34,16 @@ checked. The input folder starts with ``example.png``, as a fresh install does.
 Control knobs: ``plan`` (per prompt: duration and outcome; by default read from markers such as
 ``[fake:duration=0.5]``, ``[fake:error]``, ``[fake:oom]`` in any string input), ``default_duration``,
 ``history_delay``, ``post_delay`` (a slow ``POST /prompt``: the prompt is queued only after it),
+``frame_interval`` (seconds between a ``SaveImageWebsocket``'s frames: large images, a slow link),
+``latent_previews`` (a server started with ``--preview-method``: each KSampler step sends a JPEG
+preview frame, latent-sized, the same way as ``SaveImageWebsocket``'s),
 ``pause()``/``resume()``, ``refuse_websockets``, ``mute_events``, ``stall_sockets()`` (open but
 silent: no events, no pongs), ``fail_next`` (answer the next
 requests to a route with an HTTP status), ``drop_sockets()``, ``stop()``/``start()``,
 ``restart()`` and ``submit_foreign()`` (a prompt from someone else, as from the ComfyUI UI).
 Instrumentation: ``requests`` (every request), ``interrupts``, ``job_cancels``, ``executions``
-(the fake GPU's busy intervals, see ``idle_gaps()``) and ``max_queued_by_client``.
+(the fake GPU's busy intervals, see ``idle_gaps()``), ``max_queued_by_client`` and
+``frames_sent`` (``(prompt_id, node, index)`` of every ``SaveImageWebsocket`` frame).
 """
 
 from __future__ import annotations
@@ -163,6 +169,7 @@ def _node_catalogue(checkpoints: tuple[str, ...]) -> dict[str, NodeSpec]:
         "SaveImage": NodeSpec({"images": ("IMAGE",), "filename_prefix": (_STRING,)}, (), True),
         "PreviewImage": NodeSpec({"images": ("IMAGE",)}, (), True),
         "SaveImageWebsocket": NodeSpec({"images": ("IMAGE",)}, (), True),
+        "SaveLatent": NodeSpec({"samples": ("LATENT",), "filename_prefix": (_STRING,)}, (), True),
         "CheckpointLoaderSimple": NodeSpec({"ckpt_name": (_COMBO, checkpoints)}, ("MODEL", "CLIP", "VAE")),
         "CLIPTextEncode": NodeSpec({"text": (_STRING,), "clip": ("CLIP",)}, ("CONDITIONING",)),
         "EmptyLatentImage": NodeSpec(
@@ -282,6 +289,9 @@ class FakeComfyUI:
         self.plan: Callable[[str, dict[str, Any]], Plan] | None = None
         self.history_delay = 0.0
         self.post_delay = 0.0
+        self.frame_interval = 0.0
+        self.latent_previews = False
+        self.frames_sent: list[tuple[str, str, int]] = []
         self.refuse_websockets = False
         self.mute_events = False
         self.fail_next: dict[str, list[int]] = {}
@@ -950,7 +960,12 @@ class FakeComfyUI:
         await event("execution_start", {"prompt_id": pid, "timestamp": _ms()}, keep=True)
         order = _topological(item.graph, item.outputs)
         signatures = {nid: _signature(item.graph, nid) for nid in order}
-        cached = [nid for nid in order if signatures[nid] in state.cache]
+        # SaveImageWebsocket's IS_CHANGED returns the time: it runs again on every prompt.
+        cached = [
+            nid
+            for nid in order
+            if signatures[nid] in state.cache and item.graph[nid]["class_type"] != "SaveImageWebsocket"
+        ]
         await event("execution_cached", {"nodes": cached, "prompt_id": pid, "timestamp": _ms()}, keep=True)
         plan = (
             self.plan(pid, item.graph) if self.plan else _plan_from_markers(item.graph, self.default_duration)
@@ -1005,9 +1020,11 @@ class FakeComfyUI:
                         outcome = "interrupted"
                         break
                     await node_state(nid, float(step), float(steps), "running")
-                    await self._send(
-                        "progress", {"value": step, "max": steps, "prompt_id": pid, "node": nid}, sid
-                    )
+                    data = {"value": step, "max": steps, "prompt_id": pid, "node": nid}
+                    if self.latent_previews:
+                        await self._send_frame(pid, nid, sid, data, latent_preview(item.graph, nid, step))
+                    else:
+                        await self._send("progress", data, sid)
                 if outcome == "interrupted":
                     break
             else:
@@ -1094,7 +1111,7 @@ class FakeComfyUI:
     ) -> dict[str, Any] | None:
         node = item.graph[nid]
         class_type, inputs = node["class_type"], node.get("inputs", {})
-        if class_type not in ("SaveImage", "PreviewImage", "SaveImageWebsocket"):
+        if class_type not in ("SaveImage", "PreviewImage", "SaveImageWebsocket", "SaveLatent"):
             return None
         batch = _batch_size(item.graph, nid)
         if class_type == "SaveImageWebsocket":
@@ -1102,20 +1119,12 @@ class FakeComfyUI:
             # progress_state snapshot, then a client that negotiated preview metadata gets a
             # type 4 frame before ``progress``, any other a type 1 frame (format 2: PNG) after.
             for index in range(batch):
+                if index and self.frame_interval:
+                    await asyncio.sleep(self.frame_interval)
+                self.frames_sent.append((item.prompt_id, nid, index))
                 data = {"value": index, "max": batch, "prompt_id": item.prompt_id, "node": nid}
                 await node_state(nid, float(index), float(batch), "running")
-                png = self._png(item, nid, index)
-                if sid in self._preview_metadata:
-                    meta = {
-                        "node_id": nid, "prompt_id": item.prompt_id, "display_node_id": nid,
-                        "parent_node_id": None, "real_node_id": nid, "image_type": "image/png",
-                    }  # fmt: skip
-                    body = json.dumps(meta).encode()
-                    await self._send_binary(struct.pack(">II", 4, len(body)) + body + png, sid)
-                    await self._send("progress", data, sid)
-                else:
-                    await self._send("progress", data, sid)
-                    await self._send_binary(struct.pack(">II", 1, 2) + png, sid)
+                await self._send_frame(item.prompt_id, nid, sid, data, self._png(item, nid, index))
             return None
         if class_type == "PreviewImage":
             kind, subfolder = "temp", ""
@@ -1132,7 +1141,8 @@ class FakeComfyUI:
                     "         commonpath: <outside-output-dir>\n"
                 )
             subfolder = normal
-        pattern = re.compile(re.escape(base) + r"_(\d{5})_\.png$")
+        ext = "latent" if class_type == "SaveLatent" else "png"
+        pattern = re.compile(re.escape(base) + r"_(\d{5})_\." + ext + "$")
         taken = [
             int(m.group(1))
             for (t, sub, name) in self.files
@@ -1141,12 +1151,34 @@ class FakeComfyUI:
             if m
         ]
         counter = max(taken, default=0) + 1
+        if class_type == "SaveLatent":  # one safetensors file for the whole batch
+            filename = f"{base}_{counter:05}_.latent"
+            self.files[(kind, subfolder, filename)] = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "
+            return {"latents": [{"filename": filename, "subfolder": subfolder, "type": kind}]}
         images = []
         for index in range(batch):
             filename = f"{base}_{counter + index:05}_.png"
             self.files[(kind, subfolder, filename)] = self._png(item, nid, index)
             images.append({"filename": filename, "subfolder": subfolder, "type": kind})
         return {"images": images}
+
+    async def _send_frame(
+        self, pid: str, nid: str, sid: str | None, progress: dict[str, Any], image: bytes
+    ) -> None:
+        """The progress hook with an image: a client that negotiated preview metadata gets a
+        type 4 frame before ``progress``, any other a type 1 frame (format 1 JPEG, 2 PNG) after."""
+        jpeg = image[:2] == b"\xff\xd8"
+        if sid in self._preview_metadata:
+            meta = {
+                "node_id": nid, "prompt_id": pid, "display_node_id": nid, "parent_node_id": None,
+                "real_node_id": nid, "image_type": "image/jpeg" if jpeg else "image/png",
+            }  # fmt: skip
+            body = json.dumps(meta).encode()
+            await self._send_binary(struct.pack(">II", 4, len(body)) + body + image, sid)
+            await self._send("progress", progress, sid)
+        else:
+            await self._send("progress", progress, sid)
+            await self._send_binary(struct.pack(">II", 1, 1 if jpeg else 2) + image, sid)
 
     def _png(self, item: _Item, nid: str, index: int) -> bytes:
         link = item.graph[nid].get("inputs", {}).get("images")
@@ -1183,6 +1215,16 @@ class FakeComfyUI:
             width, height = int(inputs.get("width", 0)), int(inputs.get("height", 0))
             return source.resize((width or source.width, height or source.height))
         return None
+
+
+def latent_preview(graph: dict[str, Any], nid: str, step: int) -> bytes:
+    """The JPEG a KSampler's step sends as its preview: latent-sized (1/8), darker to lighter."""
+    width, height = (_upstream_input(graph, nid, name) for name in ("width", "height"))
+    known = isinstance(width, int) and isinstance(height, int)
+    size = (max(width // 8, 1), max(height // 8, 1)) if known else (8, 8)
+    out = io.BytesIO()
+    Image.new("RGB", size, (min(step * 10, 255),) * 3).save(out, format="JPEG", quality=95)
+    return out.getvalue()
 
 
 def _float32(value: float) -> float:

@@ -14,19 +14,24 @@ import pytest
 
 from imagen_worker.storage.supabase import SupabaseSink
 from imagen_worker.worker.previews import Previews
-from tests.fakes.comfyui import FakeComfyUI, Plan, tiny_png
+from tests.fakes.comfyui import FakeComfyUI, Plan, latent_preview
 from tests.fakes.storage import FakeStorage
 from tests.workers import eventually, insert_job, job_row, make_config, running_worker, terminal
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-000000000077")
 FAST = {"poll_interval": 0.5, "interrupt_grace": 2.0, "connect_timeout": 2.0, "timeout": 30}
 STORAGE = {"type": "supabase", "max_retries": 0}
-# Three nodes of 1.5 s each: four PNG frames arrive at once after three seconds.
-GRAPH = {
-    "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 4, "color": 255}},
-    "2": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}},
-    "3": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
-}
+# ComfyUI started with --preview-method: each of the 3 steps (1.5 s each) sends a JPEG preview.
+STEPS = 3
+
+
+def step_preview(step: int) -> bytes:
+    """What the fake's KSampler (sd15 template, 64x64) sends at ``step``."""
+    graph = {
+        "3": {"class_type": "KSampler", "inputs": {"latent_image": ["5", 0]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64}},
+    }
+    return latent_preview(graph, "3", step)
 
 
 def backend(comfy: FakeComfyUI) -> dict[str, dict[str, Any]]:
@@ -42,12 +47,13 @@ async def run_preview_job(
     **output: Any,
 ) -> tuple[uuid.UUID, list[dict[str, Any]], asyncpg.Record]:
     comfy.plan = lambda pid, graph: Plan(duration=4.5)
+    comfy.latent_previews = True
     output = {"directory": str(tmp_path / "images"), "cloud_sync": "off", **output}
     config = make_config(tmp_path, backends=backend(comfy), storage=STORAGE, output=output)
     seen: list[dict[str, Any]] = []
     async with running_worker(config, database_url):
-        job_id = await insert_job(db, "previews", owner_user_id=OWNER, workflow={"graph": GRAPH})
-        key = f"{OWNER}/{job_id}/preview.png"
+        job_id = await insert_job(db, "previews", owner_user_id=OWNER, steps=STEPS, width=64, height=64)
+        key = f"{OWNER}/{job_id}/preview.jpg"
 
         async def preview_while_running() -> bool:
             row = await job_row(db, job_id)
@@ -68,14 +74,14 @@ async def test_a_preview_is_uploaded_while_the_job_runs_and_deleted_when_it_ends
     db: asyncpg.Pool, database_url: str, tmp_path: Path, fake_comfyui: FakeComfyUI, storage: FakeStorage
 ) -> None:
     job_id, seen, job = await run_preview_job(db, database_url, tmp_path, fake_comfyui, storage)
-    key = f"{OWNER}/{job_id}/preview.png"
+    key = f"{OWNER}/{job_id}/preview.jpg"
 
     assert job["status"] == "done", job["error"]
     assert seen[-1]["preview"] == key, seen[-1]
     assert 0 < seen[-1]["percent"] < 100
-    # Four frames arrived within a millisecond: one upload, of the latest.
-    puts = [r for r in storage.requests if r.method in ("PUT", "POST") and r.raw_path.endswith("preview.png")]
-    assert len(puts) == 1
+    # One upload per frame at most (they come 1.5 s apart, over the 1 s throttle), to one key.
+    puts = [r for r in storage.requests if r.method in ("PUT", "POST") and "preview" in r.raw_path]
+    assert 1 <= len(puts) <= STEPS and all(r.raw_path.endswith(key) for r in puts)
     assert storage.get(key) is None, "deleted when the job ended"
     assert [r for r in storage.requests if r.method == "DELETE" and r.raw_path.endswith(key)]
     final = job["progress"]
@@ -89,11 +95,13 @@ async def test_keep_previews_leaves_the_last_frame_in_storage(
     job_id, _, job = await run_preview_job(
         db, database_url, tmp_path, fake_comfyui, storage, keep_previews=True
     )
-    key = f"{OWNER}/{job_id}/preview.png"
+    key = f"{OWNER}/{job_id}/preview.jpg"
 
     assert job["status"] == "done", job["error"]
     stored = storage.get(key)
-    assert stored is not None and stored.data == tiny_png((0, 0, 255)) and stored.content_type == "image/png"
+    # The last frame uploaded (the throttle may have skipped the very last step's).
+    assert stored is not None and stored.content_type == "image/jpeg"
+    assert stored.data in [step_preview(step) for step in range(1, STEPS + 1)]
     assert job["progress"]["preview"] == key
 
 
@@ -167,10 +175,11 @@ async def test_with_local_storage_the_preview_is_a_file_under_the_output_directo
     db: asyncpg.Pool, database_url: str, tmp_path: Path, fake_comfyui: FakeComfyUI
 ) -> None:
     fake_comfyui.plan = lambda pid, graph: Plan(duration=4.5)
+    fake_comfyui.latent_previews = True
     config = make_config(tmp_path, backends=backend(fake_comfyui))  # cloud_sync off: local storage
     async with running_worker(config, database_url):
-        job_id = await insert_job(db, "previews", owner_user_id=OWNER, workflow={"graph": GRAPH})
-        key = f"{OWNER}/{job_id}/preview.png"
+        job_id = await insert_job(db, "previews", owner_user_id=OWNER, steps=STEPS, width=64, height=64)
+        key = f"{OWNER}/{job_id}/preview.jpg"
         path = tmp_path / "images" / key
 
         async def preview_file() -> bool:
@@ -178,7 +187,7 @@ async def test_with_local_storage_the_preview_is_a_file_under_the_output_directo
             return path.is_file() and bool(row["progress"] and row["progress"].get("preview") == key)
 
         await eventually(preview_file, within=10, every=0.05)
-        assert path.read_bytes() == tiny_png((0, 0, 255))
+        assert path.read_bytes()[:2] == b"\xff\xd8", "ComfyUI's JPEG as it came"
         job = await terminal(db, job_id, within=15)
     assert job["status"] == "done", job["error"]
     assert not path.exists() and not (tmp_path / "images" / str(OWNER)).exists()

@@ -64,6 +64,7 @@ from imagen_worker.backends.base import (
     JobContext,
     Limits,
     Output,
+    OutputDefaults,
 )
 from imagen_worker.backends.comfyui import failures, installed
 from imagen_worker.backends.comfyui.client import (
@@ -75,6 +76,7 @@ from imagen_worker.backends.comfyui.client import (
     PromptWatch,
 )
 from imagen_worker.backends.comfyui.config import ComfyUIConfig, parse_config
+from imagen_worker.backends.comfyui.frames import SOCKET, Frame, SocketSaves, socket_savers
 from imagen_worker.backends.comfyui.history import (
     class_type,
     finished,
@@ -92,6 +94,8 @@ log = structlog.get_logger(__name__)
 
 # How often a finished prompt's history entry is re-read when it is not there yet.
 HISTORY_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8)
+# How long a prompt the poll found finished waits for the socket's trailing events (frames).
+SOCKET_CATCH_UP = 2.0
 # Consecutive failed polls (ComfyUI unreachable) before the job gives up and retries later.
 MAX_POLL_FAILURES = 3
 # Events that only come once ComfyUI executes the prompt: the run budget starts with the first.
@@ -180,8 +184,11 @@ class ComfyUIBackend(Backend):
             on_change=self._pool_changed,
         )
         self._background: set[asyncio.Task[None]] = set()
-        # Per prompt, the nodes whose ``executed`` event arrived, in the order they ran.
+        # Per prompt, the nodes whose ``executed`` event arrived (and the SaveImageWebsocket
+        # nodes, which send none, as they start), in the order they ran.
         self._executed: dict[str, list[str]] = {}
+        # Per prompt, the images its SaveImageWebsocket nodes sent over the socket.
+        self._saves: dict[str, SocketSaves] = {}
         # Where outputs are streamed until the pipeline has written them into place; removed
         # with everything left in it when the backend closes.
         self._spool: Path | None = None
@@ -216,6 +223,10 @@ class ComfyUIBackend(Backend):
     @property
     def limits(self) -> Limits:
         return self.config.limits
+
+    @property
+    def output_defaults(self) -> OutputDefaults:
+        return self.config.output_defaults
 
     def check_request(self, request: GenerateRequest) -> GenerateRequest:
         """Params against the workflow's model; a per-job workflow only from a trusted source."""
@@ -359,13 +370,18 @@ class ComfyUIBackend(Backend):
         # submit: a slot, a live socket, the prompt id recorded; execute: POST /prompt until
         # ComfyUI says it is done; download: /history and /view of every output.
         submitted = time.perf_counter()
+        saves = SocketSaves(graph, await self._spool_dir(), self.config.max_output_bytes)
+        if saves:
+            self._saves[prompt_id] = saves
         try:
             with client.watch(prompt_id) as watch:
                 entry = await self._run_in_slot(inst, prompt_id, watch, ctx, graph, clock)
             executed = time.perf_counter()
-            result = await self._collect(inst, prompt_id, entry, graph, request)
+            result = await self._collect(inst, prompt_id, entry, graph, request, saves)
         finally:
             self._executed.pop(prompt_id, None)
+            self._saves.pop(prompt_id, None)
+            saves.discard()  # whatever was not handed over in the result
         result.timings.update(
             submit=submitted - started, execute=executed - submitted, download=time.perf_counter() - executed
         )
@@ -594,11 +610,15 @@ class ComfyUIBackend(Backend):
             data: dict[str, Any] = event["data"] if event else {}
             if kind in _STARTED:
                 clock.start()
-            if progress is not None:
+            saves = self._saves.get(prompt_id)
+            consumed = saves is not None and await saves.feed(kind, data)  # a frame is an output
+            if progress is not None and not consumed:
                 progress.feed(kind, data)
             if kind == "executing" and data.get("node") is None:
                 return await self._final_entry(client, prompt_id, last_failure)
-            if kind == "executed" and data.get("node") is not None:
+            ran = kind == "executed" and data.get("node") is not None
+            sending = kind == "executing" and saves is not None and data.get("node") in saves.nodes
+            if ran or sending:
                 self._executed.setdefault(prompt_id, []).append(str(data["node"]))
             if kind in ("execution_error", "execution_interrupted"):
                 last_failure = {"type": kind, "data": data}
@@ -618,7 +638,22 @@ class ComfyUIBackend(Backend):
                 if where is Where.RUNNING:
                     clock.start()
                 elif isinstance(where, dict):
+                    if saves is not None:
+                        await self._catch_up(watch, saves, progress)
+                    if progress is not None:  # the socket's own "done" may not have come yet
+                        progress.feed("executing", {"node": None, "prompt_id": prompt_id})
                     return where
+
+    async def _catch_up(self, watch: PromptWatch, saves: SocketSaves, progress: JobProgress | None) -> None:
+        """The poll saw the prompt finished before the socket said so: read the events still on
+        their way (SaveImageWebsocket frames among them) until ``executing`` null, or until the
+        socket stays silent for ``SOCKET_CATCH_UP`` seconds (then what is missing is missing)."""
+        while (event := await watch.get(SOCKET_CATCH_UP)) is not None:
+            kind, data = event["type"], event["data"]
+            if not await saves.feed(kind, data) and progress is not None:
+                progress.feed(kind, data)
+            if kind == "executing" and data.get("node") is None:
+                return
 
     async def _poll(self, client: ComfyUIClient, prompt_id: str) -> dict[str, Any] | Where:
         """The finished entry, or where the prompt waits; raise if ComfyUI forgot the prompt."""
@@ -711,6 +746,9 @@ class ComfyUIBackend(Backend):
         self, inst: Instance, prompt_id: str, request: GenerateRequest, ctx: JobContext, ref: str
     ) -> GenerateResult | None:
         client = inst.client
+        if socket_savers(self._workflow_for(request).graph):
+            await self._abandon(inst, prompt_id, ref)
+            return None
         with client.watch(prompt_id) as watch:
             try:
                 entry = await client.history(prompt_id)
@@ -731,6 +769,15 @@ class ComfyUIBackend(Backend):
         )
         return await self._collect(inst, prompt_id, entry, graph, request)
 
+    async def _abandon(self, inst: Instance, prompt_id: str, ref: str) -> None:
+        """An earlier prompt with SaveImageWebsocket nodes cannot be adopted: their images went
+        to the earlier attempt's socket, and ComfyUI keeps no copy. Withdraw it if it is still
+        there (its images would reach no one) and submit again."""
+        with contextlib.suppress(RetryableError, TerminalError):
+            if prompt_id in await inst.client.queue():
+                await self._withdraw(inst, prompt_id)
+        log.info("comfyui earlier prompt sent its images to an earlier socket; submitting again", ref=ref)
+
     # --- outputs ------------------------------------------------------------------------
 
     async def _collect(
@@ -740,16 +787,26 @@ class ComfyUIBackend(Backend):
         entry: dict[str, Any],
         graph: Mapping[str, Any],
         request: GenerateRequest,
+        saves: SocketSaves | None = None,
     ) -> GenerateResult:
-        """Every saved file, the main output first, streamed to disk; then ComfyUI forgets the prompt."""
+        """Every saved file, the main output first, streamed to disk; then ComfyUI forgets the prompt.
+
+        ``saves`` holds the images SaveImageWebsocket nodes sent over the socket: outputs like
+        any saved file, except that they are in the spool already.
+        """
         client = inst.client
         executed = self._executed.pop(prompt_id, [])
         raise_for_outcome(entry, client.base_url)
-        files = output_files(entry)
+        if saves is not None and saves.over_limit:
+            raise self._too_large(prompt_id, sorted(saves.nodes))
+        if saves is not None:
+            saves.raise_if_incomplete(client.base_url, prompt_id)
+        frames = {frame.ref: frame for frame in saves.frames} if saves is not None else {}
+        files = output_files(entry, list(frames))
         if not any(ref.kind == "images" for ref in files):
             raise TerminalError(
-                f"ComfyUI finished prompt {prompt_id} but the workflow saved no image; it needs a SaveImage "
-                "(or PreviewImage) node, SaveImageWebsocket output is not collected",
+                f"ComfyUI finished prompt {prompt_id} but the workflow saved no image; it needs a SaveImage, "
+                "SaveImageWebsocket or PreviewImage node",
                 detail={"instance": client.base_url, "prompt_id": prompt_id, "outputs": entry.get("outputs")},
             )
         try:
@@ -759,7 +816,9 @@ class ComfyUIBackend(Backend):
                 f'backend "{self.name}": {exc}',
                 detail={"instance": client.base_url, "prompt_id": prompt_id, "output": self.config.output},
             ) from None
-        outputs = await self._download_all(client, prompt_id, files, graph)
+        outputs = await self._download_all(client, prompt_id, files, graph, frames)
+        if saves is not None:
+            saves.frames.clear()  # handed over: the outputs own the files now
         if not self.config.keep_history:
             try:
                 await client.delete_history([prompt_id])
@@ -789,30 +848,48 @@ class ComfyUIBackend(Backend):
             image=outputs[0], metadata=metadata, model=model_name(graph), extra_outputs=outputs[1:]
         )
 
-    async def _download_all(
-        self, client: ComfyUIClient, prompt_id: str, files: list[FileRef], graph: Mapping[str, Any]
-    ) -> list[Output]:
-        """Each file into its own file in the spool directory, all together within ``max_output_bytes``."""
-        outputs: list[Output] = []
-        budget = self.config.max_output_bytes
+    async def _spool_dir(self) -> Path:
         if self._spool is None:
             self._spool = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="imagen-comfyui-"))
+        return self._spool
+
+    def _too_large(self, prompt_id: str, files: str | list[str]) -> TerminalError:
+        return TerminalError(
+            f"the outputs of ComfyUI prompt {prompt_id} are larger than backend "
+            f'"{self.name}"\'s max_output_bytes ({self.config.max_output_bytes} bytes)',
+            detail={"prompt_id": prompt_id, "file": files},
+        )
+
+    async def _download_all(
+        self,
+        client: ComfyUIClient,
+        prompt_id: str,
+        files: list[FileRef],
+        graph: Mapping[str, Any],
+        frames: Mapping[FileRef, Frame],
+    ) -> list[Output]:
+        """Each file into its own file in the spool directory, all together within ``max_output_bytes``
+        (SaveImageWebsocket images are there already and count against it too)."""
+        outputs: list[Output] = []
+        budget = self.config.max_output_bytes - sum(frame.size for frame in frames.values())
+        spool = await self._spool_dir()
         try:
             for ref in files:
-                handle, name = await asyncio.to_thread(tempfile.mkstemp, dir=self._spool)
-                os.close(handle)
-                path = Path(name)
-                outputs.append(Output(path=path, name=ref.filename))
-                try:
-                    size, mime = await client.download_to(ref, path, budget)
-                except OutputTooLarge:
-                    raise TerminalError(
-                        f"the outputs of ComfyUI prompt {prompt_id} are larger than backend "
-                        f'"{self.name}"\'s max_output_bytes ({self.config.max_output_bytes} bytes)',
-                        detail={"prompt_id": prompt_id, "file": ref.filename},
-                    ) from None
-                budget -= size
-                digest = await asyncio.to_thread(_sha256_of, path)
+                if ref.type == SOCKET:
+                    frame = frames[ref]
+                    path, size, mime, digest = frame.path, frame.size, frame.mime_type, frame.sha256
+                    outputs.append(Output(path=path, name=ref.filename))
+                else:
+                    handle, name = await asyncio.to_thread(tempfile.mkstemp, dir=spool)
+                    os.close(handle)
+                    path = Path(name)
+                    outputs.append(Output(path=path, name=ref.filename))
+                    try:
+                        size, mime = await client.download_to(ref, path, budget)
+                    except OutputTooLarge:
+                        raise self._too_large(prompt_id, ref.filename) from None
+                    budget -= size
+                    digest = await asyncio.to_thread(_sha256_of, path)
                 origin = {
                     "node_id": ref.node_id, "node_type": class_type(graph, ref.node_id), "kind": ref.kind,
                     "filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type,

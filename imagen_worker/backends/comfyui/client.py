@@ -9,8 +9,11 @@ This is the one place that knows how ComfyUI talks:
 - Binary frames are images: a u32 type, then for type 1 a u32 format (1 JPEG, 2 PNG) and the
   image, for type 4 a u32 length, that much JSON metadata (``prompt_id``, ``node_id``,
   ``image_type``) and the image. Type 4 comes only to a socket whose first frame announced
-  ``supports_preview_metadata``, which ours does; type 1 carries no prompt id and belongs to
-  the prompt that is executing. Both reach the prompt's watch as ``PREVIEW`` events.
+  ``supports_preview_metadata``, which ours does (a server that has not read that first frame
+  yet, just after a connect, still sends type 1); type 1 carries no prompt id and belongs to
+  the prompt and node that are executing (the last ``executing`` event). Both reach the
+  prompt's watch as ``PREVIEW`` events; those of a ``SaveImageWebsocket`` node are the job's
+  outputs, not previews (``frames.py``).
 - ComfyUI never pings and replays nothing. We ping (every ``ping_interval``, a missing pong
   after ``ping_timeout`` drops the socket), and after a drop we reconnect with backoff,
   always closing the old socket first: a second socket with the same clientId takes over the
@@ -155,7 +158,8 @@ class ComfyUIClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._ping = (ping_interval, ping_timeout)
-        self._executing: str | None = None  # the prompt a type 1 preview frame belongs to
+        # The prompt and node a type 1 frame belongs to: the last ``executing`` event's.
+        self._executing: tuple[str, str | None] | None = None
         self.client_id = f"imagen-worker-{uuid.uuid4().hex}"
         self.version: str | None = None
         self._headers = dict(headers)
@@ -419,6 +423,7 @@ class ComfyUIClient:
                     failures_in_a_row = 0
                     await socket.send(FEATURE_FLAGS)
                     self._connected.set()
+                    self._executing = None  # events were missed: a type 1 frame is nobody's now
                     self.version = None  # a reconnect may mean a restarted (upgraded) server
                     self._jobs_api = None
                     log.info("comfyui socket connected", instance=self.base_url)
@@ -455,7 +460,8 @@ class ComfyUIClient:
             return
         prompt_id = message["data"].get("prompt_id")
         if message.get("type") in ("execution_start", "executing") and isinstance(prompt_id, str):
-            self._executing = prompt_id if message["data"].get("node", "") is not None else None
+            node = message["data"].get("node", "")
+            self._executing = None if node is None else (prompt_id, str(node) if node else None)
         watch = self._watches.get(prompt_id) if isinstance(prompt_id, str) else None
         if watch is not None:
             watch.put(message)
@@ -464,8 +470,9 @@ class ComfyUIClient:
         preview = parse_preview(frame)
         if preview is None:
             return
-        if preview.get("prompt_id") is None:
-            preview["prompt_id"] = self._executing
+        if preview.get("prompt_id") is None and self._executing is not None:
+            preview["prompt_id"], node = self._executing
+            preview["node"] = preview["node"] or node
         watch = self._watches.get(preview["prompt_id"]) if preview["prompt_id"] else None
         if watch is not None:
             watch.put({"type": PREVIEW, "data": preview})

@@ -17,7 +17,7 @@ from uuid import UUID
 
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
 
-from imagen_worker.backends.base import Limits, Params, config_error
+from imagen_worker.backends.base import Limits, OutputDefaults, Params, config_error
 from imagen_worker.backends.comfyui.params import (
     DEFAULT_SAMPLERS,
     DEFAULT_SCHEDULERS,
@@ -47,7 +47,7 @@ Url = Annotated[str, AfterValidator(_url)]
 Names = list[Annotated[str, Field(min_length=1, max_length=255)]]
 
 
-class ComfyUIBlock(Limits):
+class ComfyUIBlock(Limits, OutputDefaults):
     """The block as written in the config file (see docs/comfyui.md, "All keys")."""
 
     type: Literal["comfyui"] = "comfyui"
@@ -115,6 +115,7 @@ class ComfyUIConfig:
     output: str | None = None
     keep_history: bool = False
     max_output_bytes: int = 200 * 1024 * 1024
+    output_defaults: OutputDefaults = field(default_factory=OutputDefaults)
 
 
 def parse_config(name: str, block: Mapping[str, Any]) -> ComfyUIConfig:
@@ -180,4 +181,5 @@ def parse_config(name: str, block: Mapping[str, Any]) -> ComfyUIConfig:
         output=parsed.output,
         keep_history=parsed.keep_history,
         max_output_bytes=parsed.max_output_bytes,
+        output_defaults=parsed.defaults(),
     )

@@ -4,12 +4,13 @@ The order of ``history.outputs`` means nothing: ComfyUI 0.3.64 builds it from a 
 it changes with the server's hash seed. The job's main output is therefore chosen on purpose
 (``main_node``): the node the backend config names (``output:``, by title or id), else the last
 saver in execution order, which the ``executed`` socket events give (in the order the nodes
-ran) and, for a prompt adopted after a restart that saw no events, the graph's own order.
+ran; a SaveImageWebsocket node sends none and counts from its ``executing`` event) and, for a
+prompt adopted after a restart that saw no events, the graph's own order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeGuard
 
 from imagen_worker.backends.comfyui import failures
@@ -17,9 +18,10 @@ from imagen_worker.backends.comfyui.client import FileRef
 from imagen_worker.errors import RetryableError
 
 
-def output_files(entry: Mapping[str, Any]) -> list[FileRef]:
-    """Every file in ``history.outputs``, images first; ``temp`` files (previews) only if nothing else."""
-    refs: list[FileRef] = []
+def output_files(entry: Mapping[str, Any], sent: Sequence[FileRef] = ()) -> list[FileRef]:
+    """Every file in ``history.outputs`` and the images ``sent`` over the socket
+    (SaveImageWebsocket), images first; ``temp`` files (previews) only if nothing else."""
+    refs: list[FileRef] = list(sent)
     for node_id, node_outputs in (entry.get("outputs") or {}).items():
         if not isinstance(node_outputs, Mapping):
             continue

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from imagen_worker.backends import create
+from imagen_worker.backends.base import OutputDefaults
 from imagen_worker.backends.comfyui import ComfyUIBackend
 from imagen_worker.errors import ConfigError
 from tests.backends.comfyui.conftest import BackendFactory
@@ -111,3 +112,11 @@ async def test_headers_come_from_the_environment_and_reach_http_and_websocket(
     for method, path in (("GET", "/ws"), ("POST", "/prompt"), ("GET", "/history/"), ("GET", "/view")):
         assert fake.calls(method, path)[0].headers["Authorization"] == "Bearer s3cret-value"
     assert all("Origin" not in r.headers for r in fake.requests)  # ComfyUI 403s a foreign Origin
+
+
+def test_the_block_may_set_its_own_output_format_and_quality_and_sets_none_by_default() -> None:
+    assert create("gpu", BASE).output_defaults == OutputDefaults()
+    chosen = create("gpu", {**BASE, "format": "webp", "quality": 70})
+    assert chosen.output_defaults == OutputDefaults(format="webp", quality=70)
+    with pytest.raises(ConfigError, match=r"^backend \"gpu\": format: input should be 'png', 'webp' or"):
+        create("gpu", {**BASE, "format": "tiff"})

@@ -171,8 +171,8 @@ async def test_a_workflow_without_image_output_is_terminal(
     fake: FakeComfyUI, make_backend: BackendFactory
 ) -> None:
     graph = {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
-        "2": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}},
+        "1": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "2": {"class_type": "SaveLatent", "inputs": {"samples": ["1", 0], "filename_prefix": "latents/x"}},
     }
     backend = await make_backend(fake)
 

@@ -11,7 +11,7 @@ from imagen_worker.backends.comfyui.config import parse_config
 from imagen_worker.errors import BackendUnavailable
 from tests.backends.comfyui.conftest import BackendFactory
 from tests.backends.comfyui.support import RecordingContext, make_request
-from tests.fakes.comfyui import FakeComfyUI, tiny_png
+from tests.fakes.comfyui import FakeComfyUI
 
 
 async def test_history_written_late_after_success_is_still_read_correctly(
@@ -109,25 +109,6 @@ async def test_a_reconnected_socket_carries_the_job_to_its_end(
     sockets = fake.calls("GET", "/ws")
     assert len(sockets) == 2 and sockets[0].query == sockets[1].query
     assert result.metadata["outputs"][0]["node_type"] == "SaveImage"
-
-
-async def test_binary_frames_become_previews_and_socket_only_outputs_are_not_collected(
-    fake: FakeComfyUI, make_backend: BackendFactory
-) -> None:
-    graph = {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 2, "color": 9}},
-        "2": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
-    }
-    backend = await make_backend(fake)
-    ctx = RecordingContext()
-
-    result = await backend.generate(make_request(workflow={"graph": graph}), ctx)
-
-    assert [o["node_id"] for o in result.metadata["outputs"]] == ["3", "3"]
-    assert ctx.previews == [(tiny_png((0, 0, 9)), "image/png")] * 2  # one frame per image
-    steps = [extra["message"] for _, _, extra in ctx.progress if extra["node"] == "2"]
-    assert "step 1 of 2 in SaveImageWebsocket (node 2)" in steps  # its own progress still arrives
 
 
 async def test_a_prompt_removed_from_comfyuis_queue_by_someone_else_is_resubmitted_without_blame(
