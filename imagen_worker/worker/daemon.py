@@ -263,8 +263,10 @@ class Worker:
             self.liveness.claim_busy_since = time.monotonic()
             try:
                 await self.fleet.refresh()
-                await self._drain()
-                timeout = await self._poll_timeout()
+                # Slots full: a job settling wakes the loop, the poll interval is the fallback.
+                # Backlog drained: ask when the next scheduled job is due.
+                drained = await self._drain()
+                timeout = await self._poll_timeout() if drained else self.settings.poll_interval
             except DB_ERRORS as exc:
                 log.warning("claim failed; retrying at the next wake-up", error=str(exc))
                 timeout = min(1.0, self.settings.poll_interval)
@@ -274,8 +276,10 @@ class Worker:
             finally:
                 self.liveness.claim_busy_since = None
 
-    async def _drain(self) -> None:
-        """Claim until every available backend is full or the backlog is empty."""
+    async def _drain(self) -> bool:
+        """Claim until every available backend is full or the backlog is empty; True when some
+        backend had a slot left that its backlog could not fill."""
+        drained = False
         for name in self.backends:
             if not await self.fleet.available(name):
                 continue
@@ -291,7 +295,9 @@ class Worker:
                 for job in jobs:
                     self._start_job(job, name, sent)
                 if len(jobs) < free:
+                    drained = True
                     break
+        return drained
 
     def _free_slots(self, backend: str) -> int:
         """Slots are held by jobs that still use their backend; a settled job (its outcome being

@@ -43,8 +43,6 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
-import hashlib
-import os
 import shutil
 import tempfile
 import time
@@ -880,16 +878,13 @@ class ComfyUIBackend(Backend):
                     path, size, mime, digest = frame.path, frame.size, frame.mime_type, frame.sha256
                     outputs.append(Output(path=path, name=ref.filename))
                 else:
-                    handle, name = await asyncio.to_thread(tempfile.mkstemp, dir=spool)
-                    os.close(handle)
-                    path = Path(name)
+                    path = spool / uuid.uuid4().hex  # a fresh name: download_to creates it
                     outputs.append(Output(path=path, name=ref.filename))
                     try:
-                        size, mime = await client.download_to(ref, path, budget)
+                        size, mime, digest = await client.download_to(ref, path, budget)
                     except OutputTooLarge:
                         raise self._too_large(prompt_id, ref.filename) from None
                     budget -= size
-                    digest = await asyncio.to_thread(_sha256_of, path)
                 origin = {
                     "node_id": ref.node_id, "node_type": class_type(graph, ref.node_id), "kind": ref.kind,
                     "filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type,
@@ -901,11 +896,3 @@ class ComfyUIBackend(Backend):
                 output.discard()
             raise
         return outputs
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import hashlib
 import json
 import re
 import struct
@@ -299,14 +300,17 @@ class ComfyUIClient:
             )
         return f"{folder}/{name}" if folder else name
 
-    async def download_to(self, ref: FileRef, target: Path, limit: int) -> tuple[int, str]:
-        """Stream one output file from ``/view`` into ``target``, refusing more than ``limit`` bytes.
+    async def download_to(self, ref: FileRef, target: Path, limit: int) -> tuple[int, str, str]:
+        """Stream one output file from ``/view`` into a new file ``target``, refusing more than
+        ``limit`` bytes.
 
-        Returns the size and the content type; the file is never held in memory whole.
+        Returns the size, the content type and the SHA-256 of the bytes, hashed as they arrive:
+        the file is never held in memory whole, and never read back to be hashed.
         """
         params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
         http = self._client()
         written = 0
+        digest = hashlib.sha256()
         try:
             async with http.stream("GET", "/view", params=params) as response:
                 if response.status_code != 200:
@@ -315,14 +319,15 @@ class ComfyUIClient:
                         f"{ref.subfolder}/{ref.filename} ({ref.type})",
                         detail={"instance": self.base_url, "file": ref.__dict__},
                     )
-                with open(target, "wb") as handle:  # noqa: ASYNC230 - small chunks into the page cache
+                with open(target, "xb") as handle:  # noqa: ASYNC230 - small chunks into the page cache
                     async for chunk in response.aiter_bytes():
                         written += len(chunk)
                         if written > limit:
                             raise OutputTooLarge(limit)
                         handle.write(chunk)
+                        digest.update(chunk)
                 mime = response.headers.get("content-type", "application/octet-stream").split(";")[0]
-                return written, mime.strip()
+                return written, mime.strip(), digest.hexdigest()
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from exc
 
