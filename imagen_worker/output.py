@@ -366,17 +366,29 @@ def _atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
     ``durable`` also fsyncs the file and then its directory (the rename), so the file survives
     a power cut once this returns: the image must, before the database says ``done``. The
     sidecar and the journal are copies of what the database records, and skip both fsyncs.
+
+    Plain ``os`` calls, and the directory created only when the open says it is missing: a
+    worker thread releases the interpreter lock around every system call, so each one it
+    saves (``open()``'s stat, isatty and seek, a mkdir per file) is a lock hand-off saved.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+    try:
+        handle = os.open(tmp, flags, 0o644)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = os.open(tmp, flags, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(handle, view) :]
         if durable:
-            handle.flush()
-            os.fsync(handle.fileno())
+            os.fsync(handle)
+    finally:
+        os.close(handle)
     os.replace(tmp, path)
     if durable:
-        directory = os.open(path.parent, os.O_RDONLY)
+        directory = os.open(path.parent, os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.fsync(directory)
         finally:
