@@ -6,12 +6,20 @@ sampled every 0.25 s while it works through N jobs enqueued in one batch. The re
 the first ``warmup`` jobs are done (caches, pools, allocator arenas filled) is the baseline;
 growth is the RSS at the end minus that baseline, and again after a short settle. The soak
 (``--soak``: 100,000 jobs) passes when that growth stays within 5 MiB.
+
+``--probe`` also reads the worker from inside (``bench/memprobe``) at the warm-up reading and
+at the end: Python objects, pymalloc arenas, glibc's heap split into bytes in use and bytes held
+free, and what ``malloc_trim`` gives back, which tells a leak from allocator fragmentation.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import json
+import os
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +29,7 @@ import asyncpg
 import psutil
 
 from bench.common import (
+    ROOT,
     insert_jobs,
     machine_info,
     print_table,
@@ -56,7 +65,39 @@ def _anon(pid: int) -> int:
     return 0
 
 
-async def run(jobs: int = 10_000, warmup: int | None = None) -> dict[str, Any]:
+async def _probe(pid: int, base: Path, index: int, sig: signal.Signals) -> dict[str, Any]:
+    """Ask the worker's probe for its ``index``-th reading and wait for the file."""
+    path = Path(f"{base}.{index}.json")
+    os.kill(pid, sig)
+    for _ in range(200):
+        if path.exists():
+            data: dict[str, Any] = json.loads(path.read_text())
+            return data
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"the worker's memory probe wrote no {path.name}")
+
+
+def _print_probe(warm: dict[str, Any], end: dict[str, Any]) -> None:
+    rows = [
+        (label, *(_mb(r[key]) if unit else r[key] for r in (warm, end)))
+        for label, key, unit in (
+            ("Python objects (gc)", "gc_objects", False),
+            ("pymalloc arenas (1 MiB each)", "pymalloc_arenas", False),
+            ("malloc heaps, MiB", "malloc_heap", True),
+            ("  in use", "malloc_in_use", True),
+            ("  held free", "malloc_free", True),
+            ("malloc mmap'ed blocks, MiB", "malloc_mmapped", True),
+            ("RssAnon, MiB", "rss_anon", True),
+        )
+    ]
+    rows.append(("RssAnon after malloc_trim(0), MiB", "", _mb(end["rss_anon_after_trim"])))
+    print_table("Inside the worker (--probe)", ["reading", "after warm-up", "end"], rows)
+    grown = collections.Counter(end["gc_types"])
+    grown.subtract(warm["gc_types"])
+    print("  object types grown most:", ", ".join(f"{k} +{v}" for k, v in grown.most_common(5) if v > 0))
+
+
+async def run(jobs: int = 10_000, warmup: int | None = None, probe: bool = False) -> dict[str, Any]:
     warmup = warmup if warmup is not None else min(max(jobs // 10, 1_000), jobs)
     info = await machine_info()
     async with scratch_database("bench_memory") as dsn:
@@ -67,7 +108,14 @@ async def run(jobs: int = 10_000, warmup: int | None = None) -> dict[str, Any]:
                 backends={"mock": {"type": "mock", "latency_ms": 0, "capacity": 16}},
                 worker={"concurrency": 16},
             )
-            proc = spawn_worker(worker_env(dsn, config), Path(tmp) / "worker.log")
+            probe_base = Path(tmp) / "probe"
+            extra = (
+                {"PYTHONPATH": str(ROOT / "bench" / "memprobe"), "IMAGEN_MEMPROBE": str(probe_base)}
+                if probe
+                else {}
+            )
+            probes: list[dict[str, Any]] = []
+            proc = spawn_worker(worker_env(dsn, config, **extra), Path(tmp) / "worker.log")
             try:
                 await wait_for_workers(conn, 1, timeout=60)
                 ps = psutil.Process(proc.pid)
@@ -88,6 +136,8 @@ async def run(jobs: int = 10_000, warmup: int | None = None) -> dict[str, Any]:
                     )
                     if warm is None and done >= warmup:
                         warm, warm_anon = rss, _anon(proc.pid)
+                        if probe:
+                            probes.append(await _probe(proc.pid, probe_base, 0, signal.SIGUSR1))
                     if done >= jobs:
                         break
                     if time.monotonic() - started > max(900, jobs / 20):
@@ -97,6 +147,8 @@ async def run(jobs: int = 10_000, warmup: int | None = None) -> dict[str, Any]:
                 after = ps.memory_info().rss
                 await asyncio.sleep(5)
                 settled, settled_anon = ps.memory_info().rss, _anon(proc.pid)
+                if probe and probes:
+                    probes.append(await _probe(proc.pid, probe_base, 1, signal.SIGUSR2))
             finally:
                 stop_worker(proc)
                 await conn.close()
@@ -116,6 +168,8 @@ async def run(jobs: int = 10_000, warmup: int | None = None) -> dict[str, Any]:
     print_table(f"Worker RSS ({jobs:,} jobs in {elapsed:.1f} s)", ["moment", "RSS MiB"], rows)
     growth = _mb(settled - warm)
     print(f"  growth after warm-up: {growth} MiB ({'within' if growth <= 5 else 'OVER'} the 5 MiB goal)")
+    if len(probes) == 2:
+        _print_probe(*probes)
     result = {
         "machine": info,
         "parameters": {"jobs": jobs, "warmup_jobs": warmup, "concurrency": 16},
@@ -133,7 +187,9 @@ async def run(jobs: int = 10_000, warmup: int | None = None) -> dict[str, Any]:
         "seconds": round(elapsed, 2),
         "samples": samples[:: max(1, len(samples) // 60)],
     }
-    write_result(NAME, result)
+    if len(probes) == 2:
+        result["probe"] = {"after_warmup": probes[0], "end": probes[1]}
+    write_result(f"{NAME}_probe" if probe else NAME, result)  # a probed run is not the soak's number
     return result
 
 
@@ -142,8 +198,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--soak", action="store_true", help="100,000 jobs (overrides --jobs)")
     parser.add_argument("--warmup", type=int, help="jobs done before the baseline reading (default: 10 %%)")
+    parser.add_argument(
+        "--probe", action="store_true", help="also read Python objects and malloc's heaps inside the worker"
+    )
     args = parser.parse_args()
-    asyncio.run(run(SOAK_JOBS if args.soak else args.jobs, args.warmup))
+    asyncio.run(run(SOAK_JOBS if args.soak else args.jobs, args.warmup, args.probe))
 
 
 if __name__ == "__main__":

@@ -104,6 +104,7 @@ def run(
     import structlog
 
     from imagen_worker.observability.logging import config_secret_env_names, configure_logging
+    from imagen_worker.worker.allocator import pin_malloc_thresholds
     from imagen_worker.worker.service import Service
 
     # Failures before the first log line use the format the logs will have, so a start-up
@@ -123,6 +124,9 @@ def run(
 
     config = failures.guarded(PROGRAM, prepare)
     structlog.get_logger("imagen_worker").info("configuration", file=describe_file(config_path))
+    # Before the first connection: weeks of 256 KiB socket reads must not fragment the heap.
+    pinned = pin_malloc_thresholds()
+    structlog.get_logger("imagen_worker").debug("malloc thresholds", pinned=pinned)
 
     async def serve() -> None:
         service = Service(
