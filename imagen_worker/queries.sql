@@ -279,8 +279,9 @@ done AS (
     RETURNING j.id
 ),
 cleared AS (
+    -- A run record with neither, the usual first attempt, is left alone: no row version for nothing.
     UPDATE imagen.job_runs w SET result = NULL, error_detail = NULL, updated_at = now()
-    FROM done WHERE w.job_id = done.id
+    FROM done WHERE w.job_id = done.id AND (w.result IS NOT NULL OR w.error_detail IS NOT NULL)
 )
 SELECT i.job_id, i.attempt, f.id IS NOT NULL AS fenced, image.id AS image_id
 FROM input i LEFT JOIN fenced f ON f.id = i.job_id LEFT JOIN image ON image.job_id = i.job_id;
