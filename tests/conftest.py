@@ -2,7 +2,9 @@
 
 Where the server comes from, first match wins: ``IMAGEN_TEST_DATABASE_URL`` (CI and this
 machine), a testcontainers PostgreSQL when a Docker engine answers, else an embedded server
-via pgserver. Migrations run once per session; each test starts from empty tables.
+via pgserver. Migrations run once per session; each test starts from empty tables. Under
+pytest-xdist (``make test`` runs two workers) every worker is its own session with its own
+database, so nothing here is shared between workers but the server.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def _with_database(dsn: str, name: str) -> str:
 @pytest.fixture(scope="session")
 def database_url(server_dsn: str) -> Iterator[str]:
     """A fresh, migrated database for this test session, dropped afterwards."""
-    name = f"imagen_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    name = f"imagen_test_{worker}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
 
     async def create() -> None:
         admin = await asyncpg.connect(server_dsn)

@@ -79,10 +79,12 @@ async def test_progress_of_a_running_job_reaches_the_row(
         submitted = await run_imagen("submit", "slow", "--steps", "30", dsn=database_url, config=config)
         job_id = uuid.UUID(submitted.stdout.strip())
         seen: list[float] = []
-        for _ in range(60):
-            progress = await db.fetchval("SELECT progress FROM imagen.jobs WHERE id = $1", job_id)
-            if progress:
-                seen.append(progress["fraction"])
+        for _ in range(60):  # every 0.1 s while the job runs (a 3 s render), at most 6 s
+            row = await db.fetchrow("SELECT status, progress FROM imagen.jobs WHERE id = $1", job_id)
+            if row["progress"]:
+                seen.append(row["progress"]["fraction"])
+            if row["status"] in ("done", "failed", "cancelled"):
+                break
             await asyncio.sleep(0.1)
     assert seen, "progress was written while the job ran"
     assert seen == sorted(seen) and 0 < seen[0] < 1

@@ -19,6 +19,8 @@ from tests.storage.test_supabase_migration import FAKE_STORAGE_SCHEMA
 
 USER = uuid.UUID("00000000-0000-4000-8000-0000000000d1")
 OTHER = uuid.UUID("00000000-0000-4000-8000-0000000000d2")
+# A rendered image's name (a job id): fixed, so every xdist worker collects the same test ids.
+RENDER = uuid.UUID("6f1c2a9e-3b47-4d2a-9c1e-5a8b7d6e4f30")
 
 
 @pytest.fixture
@@ -51,7 +53,7 @@ async def as_user(conn: asyncpg.Connection, statement: str, *args: object) -> st
     [
         ("imagen-generated", f"{USER}/uploads/cat.png", "ok"),
         ("imagen-generated", f"{USER}/uploads/sub/cat.png", "ok"),
-        ("imagen-generated", f"{USER}/{uuid.uuid4()}.png", "InsufficientPrivilegeError"),
+        ("imagen-generated", f"{USER}/{RENDER}.png", "InsufficientPrivilegeError"),
         ("imagen-generated", f"{USER}/uploads", "InsufficientPrivilegeError"),
         ("imagen-generated", f"{OTHER}/uploads/cat.png", "InsufficientPrivilegeError"),
         ("imagen-generated", f"x{USER}/uploads/cat.png", "InsufficientPrivilegeError"),
