@@ -28,7 +28,12 @@ demo: $(STAMP)
 # Two xdist workers, each with its own session database: most tests wait on processes, sockets
 # and the database rather than the CPU, so two run side by side in about half the wall time.
 # loadgroup: tests marked xdist_group(name) share one worker; the rest go wherever one is free.
+# A PostgreSQL answering on 127.0.0.1:5432 is used as it is (the fault tests put a TCP proxy in
+# front of it); without one the tests start their own (Docker, else embedded).
 test: $(STAMP)
+	@if [ -z "$$IMAGEN_TEST_DATABASE_URL" ] && $(BIN)/python -c \
+		"import socket; socket.create_connection(('127.0.0.1', 5432), 1).close()" 2>/dev/null; then \
+		export IMAGEN_TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres; fi; \
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 lint: $(STAMP)
