@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -31,6 +32,10 @@ def main() -> None:
     args = parser.parse_args()
     started = time.monotonic()
     for name in args.only or BENCHMARKS:
+        # Each starts on a quiet disk: the burn-downs leave thousands of files being written
+        # back, which made the next benchmark's fsyncs (the overhead's write stage) 3x slower.
+        os.sync()
+        time.sleep(2)
         t0 = time.monotonic()
         print(f"\n=== {name} ===", flush=True)
         asyncio.run(BENCHMARKS[name]())
