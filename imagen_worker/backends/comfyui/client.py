@@ -173,6 +173,9 @@ class ComfyUIClient:
         self.link = Link.CONNECTING
         # Called when ``link`` changes or ComfyUI reports a queue change (anyone's prompt).
         self.on_change: Callable[[], None] = lambda: None
+        # The last ``status`` broadcast's count of prompts running or pending (anyone's);
+        # None until one arrived, and again once the socket is lost.
+        self.broadcast_remaining: int | None = None
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -443,6 +446,7 @@ class ComfyUIClient:
                 error = f"{type(exc).__name__}: {exc}".rstrip(": ")
             finally:
                 self._connected.clear()
+                self.broadcast_remaining = None
             if opened:
                 log.warning("comfyui socket lost; reconnecting", instance=self.base_url, error=error)
             elif self.link is not Link.DOWN:
@@ -461,6 +465,8 @@ class ComfyUIClient:
         if not isinstance(message, dict) or not isinstance(message.get("data"), dict):
             return
         if message.get("type") == "status":
+            remaining = (message["data"].get("status") or {}).get("exec_info", {}).get("queue_remaining")
+            self.broadcast_remaining = remaining if isinstance(remaining, int) else None
             self.on_change()  # the queue changed: maybe someone else's prompt
             return
         prompt_id = message["data"].get("prompt_id")

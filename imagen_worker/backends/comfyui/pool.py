@@ -8,7 +8,8 @@ Only *usable* instances take prompts: not down (see ``client.Link``; one still c
 counts) and ComfyUI's queue holds nothing but ours; connected ones first. An instance busy
 with other people's prompts (someone using the ComfyUI UI, another worker) takes no more of
 ours until it frees up; a tracker per instance re-reads ``/queue`` whenever ComfyUI broadcasts
-a queue change, to know.
+a queue change, to know. A broadcast saying the queue is empty needs no read: the instance is
+free at once, so a job claimed right after someone else's prompt ended does not wait for it.
 """
 
 from __future__ import annotations
@@ -143,6 +144,8 @@ class Pool:
     def _signal_for(self, inst: Instance) -> Callable[[], None]:
         def signal() -> None:
             inst.dirty.set()
+            if inst.client.broadcast_remaining == 0:
+                self._set_foreign(inst, frozenset())
             self._changed_now()
 
         return signal
@@ -154,25 +157,33 @@ class Pool:
                 async with asyncio.timeout(self._recheck if inst.foreign else None):
                     await inst.dirty.wait()
             inst.dirty.clear()
-            if inst.client.link is not Link.UP:
+            if inst.client.link is not Link.UP or inst.client.broadcast_remaining == 0:
                 foreign: frozenset[str] = frozenset()  # a restarted ComfyUI has an empty queue
             else:
                 try:
                     queue = await inst.client.queue()
                 except JobError:
                     continue  # the socket will say whether it is gone
+                if inst.dirty.is_set():
+                    continue  # a newer broadcast came while we read: read again
                 foreign = queue.foreign(inst.prompts | set(inst.retired))
-            if foreign != inst.foreign:
-                if bool(foreign) != bool(inst.foreign):
-                    log.info(
-                        "comfyui instance busy with other work; it takes none of ours"
-                        if foreign
-                        else "comfyui instance free of other work again",
-                        instance=inst.client.base_url,
-                        foreign_prompts=len(foreign),
-                    )
-                inst.foreign = foreign
+            if self._set_foreign(inst, foreign):
                 self._changed_now()
+
+    @staticmethod
+    def _set_foreign(inst: Instance, foreign: frozenset[str]) -> bool:
+        if foreign == inst.foreign:
+            return False
+        if bool(foreign) != bool(inst.foreign):
+            log.info(
+                "comfyui instance busy with other work; it takes none of ours"
+                if foreign
+                else "comfyui instance free of other work again",
+                instance=inst.client.base_url,
+                foreign_prompts=len(foreign),
+            )
+        inst.foreign = foreign
+        return True
 
     def _changed_now(self) -> None:
         self._changed.set()

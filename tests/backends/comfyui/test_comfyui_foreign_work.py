@@ -30,6 +30,23 @@ async def test_an_instance_busy_with_foreign_prompts_counts_nothing_until_it_fre
     assert wakeups.count == 2
 
 
+async def test_a_broadcast_of_an_empty_queue_frees_the_instance_without_reading_the_queue(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    backend = await make_backend(fake)
+    foreign = await fake.submit_foreign(duration=0.3)
+    await until(lambda: backend.capacity == 0)
+    assert fake.calls("GET", "/queue"), "busy: the queue is read to see whose prompts are there"
+
+    await until(lambda: backend.capacity == 3)
+    await asyncio.sleep(0.1)  # time for a /queue read, were one made
+
+    # The prompt's end broadcasts queue_remaining 0: nothing to read, so a job claimed right
+    # then does not wait for a round trip to learn the instance is free.
+    ended = next(run.end for run in fake.executions if run.prompt_id == foreign)
+    assert [call for call in fake.calls("GET", "/queue") if call.at >= ended] == []
+
+
 async def test_the_deadline_does_not_count_waiting_behind_foreign_work(
     fake: FakeComfyUI, make_backend: BackendFactory
 ) -> None:
