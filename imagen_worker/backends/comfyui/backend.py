@@ -15,9 +15,10 @@ The life of a job:
    job's overall percentage and preview frames, see ``progress.py``); then read the history
    entry and decide. The slot is freed as soon as ComfyUI is done with the prompt.
 4. Download every output through ``/view``, streamed to temporary files within
-   ``max_output_bytes``, the main output first (``history.main_first``); then ``POST /history
-   {"delete": [id]}`` unless ``keep_history`` (ComfyUI 0.3.64 has no API to delete the files
-   themselves from its output directory).
+   ``max_output_bytes``, the main output first (``history.main_first``). Unless
+   ``keep_history``, ComfyUI then forgets the prompt (``POST /history {"delete": [ids]}``) off
+   the job's path: the job goes on at once, and prompts finished meanwhile go in the same
+   request (ComfyUI 0.3.64 has no API to delete the files themselves from its output directory).
 
 Two budgets: ``queue_timeout`` for waiting (for a slot, then in ComfyUI's queue) and ``timeout``
 for running, counted from ComfyUI starting *our* prompt. Past the queue budget the prompt is
@@ -89,6 +90,10 @@ from imagen_worker.backends.comfyui.workflows import Workflow, WorkflowError, jo
 from imagen_worker.errors import BackendUnavailable, ConfigError, RetryableError, TerminalError
 
 log = structlog.get_logger(__name__)
+
+# How long finished prompts wait before ComfyUI is asked to forget them: until the job that
+# finished is recorded, so the request never competes with it; jobs finishing meanwhile join.
+FORGET_AFTER = 0.1
 
 # How often a finished prompt's history entry is re-read when it is not there yet.
 HISTORY_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8)
@@ -182,6 +187,9 @@ class ComfyUIBackend(Backend):
             on_change=self._pool_changed,
         )
         self._background: set[asyncio.Task[None]] = set()
+        # Per instance, finished prompts whose history entries are still to be deleted.
+        self._to_forget: dict[Instance, list[str]] = {}
+        self._forgetting: set[asyncio.Task[None]] = set()
         # Per prompt, the nodes whose ``executed`` event arrived (and the SaveImageWebsocket
         # nodes, which send none, as they start), in the order they ran.
         self._executed: dict[str, list[str]] = {}
@@ -286,6 +294,9 @@ class ComfyUIBackend(Backend):
                     raise ConfigError(f'backend "{self.name}": {problem}')
 
     async def aclose(self) -> None:
+        if self._forgetting:  # short requests: let them finish rather than leave entries behind
+            await asyncio.wait(self._forgetting, timeout=self.config.connect_timeout)
+        self._background |= self._forgetting
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -818,10 +829,7 @@ class ComfyUIBackend(Backend):
         if saves is not None:
             saves.frames.clear()  # handed over: the outputs own the files now
         if not self.config.keep_history:
-            try:
-                await client.delete_history([prompt_id])
-            except RetryableError as exc:  # the outputs are safe; a leftover entry is only clutter
-                log.warning("comfyui history entry not deleted", prompt_id=prompt_id, error=exc.message)
+            self._forget(inst, prompt_id)
         if client.version is None:
             with contextlib.suppress(RetryableError):
                 await client.system_stats()
@@ -845,6 +853,22 @@ class ComfyUIBackend(Backend):
         return GenerateResult(
             image=outputs[0], metadata=metadata, model=model_name(graph), extra_outputs=outputs[1:]
         )
+
+    def _forget(self, inst: Instance, prompt_id: str) -> None:
+        waiting = self._to_forget.setdefault(inst, [])
+        waiting.append(prompt_id)
+        if len(waiting) == 1:  # otherwise the task already on its way takes it along
+            task = asyncio.ensure_future(self._forget_waiting(inst))
+            self._forgetting.add(task)
+            task.add_done_callback(self._forgetting.discard)
+
+    async def _forget_waiting(self, inst: Instance) -> None:
+        await asyncio.sleep(FORGET_AFTER)
+        while prompt_ids := self._to_forget.pop(inst, []):
+            try:
+                await inst.client.delete_history(prompt_ids)
+            except RetryableError as exc:  # the outputs are safe; a leftover entry is only clutter
+                log.warning("comfyui history entries not deleted", prompt_ids=prompt_ids, error=exc.message)
 
     async def _spool_dir(self) -> Path:
         if self._spool is None:

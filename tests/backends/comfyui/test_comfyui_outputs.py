@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
@@ -12,6 +13,7 @@ from imagen_worker.backends.comfyui.history import execution_order, main_first
 from imagen_worker.errors import TerminalError
 from tests.backends.comfyui.conftest import BackendFactory
 from tests.backends.comfyui.support import RecordingContext, make_request
+from tests.backends.comfyui.test_comfyui_outages import until
 from tests.contract.test_comfyui_contract import two_savers
 from tests.fakes.comfyui import FakeComfyUI
 
@@ -55,18 +57,34 @@ async def test_a_configured_output_that_is_not_in_the_graph_fails_in_one_sentenc
         await backend.generate(backend.check_request(job_with(two_savers())), RecordingContext())
 
 
-async def test_our_history_entry_is_deleted_after_collection_unless_kept(
+async def test_our_history_entries_are_deleted_after_collection_unless_kept(
     fake: FakeComfyUI, make_backend: BackendFactory
 ) -> None:
-    cleaning = await make_backend(fake)
+    cleaning = await make_backend(fake, lookahead=1)
     keeping = await make_backend(fake, keep_history=True)
-    cleaned = await cleaning.generate(make_request(), RecordingContext())
+    cleaned = await asyncio.gather(
+        *(cleaning.generate(make_request(f"job {i}"), RecordingContext()) for i in range(2))
+    )
     kept = await keeping.generate(make_request("another"), RecordingContext())
+    deleted = {result.metadata["prompt_id"] for result in cleaned}
 
-    assert fake.history_entry(cleaned.metadata["prompt_id"]) is None
+    # Off the job's path: the jobs returned before ComfyUI was asked to forget them, and
+    # prompts that finished together are forgotten in one request.
+    assert all(fake.history_entry(prompt_id) is not None for prompt_id in deleted)
+    await until(lambda: all(fake.history_entry(prompt_id) is None for prompt_id in deleted))
     assert fake.history_entry(kept.metadata["prompt_id"]) is not None
-    deletes = [call.body for call in fake.calls("POST", "/history")]
-    assert deletes == [{"delete": [cleaned.metadata["prompt_id"]]}]
+    deletes = [set(call.body["delete"]) for call in fake.calls("POST", "/history")]
+    assert deletes == [deleted]
+
+
+async def test_closing_the_backend_sends_the_deletions_still_waiting(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    backend = await make_backend(fake)
+    result = await backend.generate(make_request(), RecordingContext())
+    await backend.aclose()
+
+    assert fake.history_entry(result.metadata["prompt_id"]) is None
 
 
 async def test_outputs_stream_to_temporary_files_within_max_output_bytes(

@@ -11,6 +11,7 @@ from imagen_worker.backends.comfyui.config import parse_config
 from imagen_worker.errors import BackendUnavailable
 from tests.backends.comfyui.conftest import BackendFactory
 from tests.backends.comfyui.support import RecordingContext, make_request
+from tests.backends.comfyui.test_comfyui_outages import until
 from tests.fakes.comfyui import FakeComfyUI
 
 
@@ -26,7 +27,7 @@ async def test_history_written_late_after_success_is_still_read_correctly(
     assert result.image.read().startswith(b"\x89PNG")
     assert returned >= fake.executions[0].end + 0.3  # it waited for the history write, not for nothing
     prompt_id = result.metadata["prompt_id"]
-    assert fake.history_entry(prompt_id) is None, "read once written, then deleted"
+    await until(lambda: fake.history_entry(prompt_id) is None)  # read once written, then deleted
     assert [call.body for call in fake.calls("POST", "/history")] == [{"delete": [prompt_id]}]
 
 
@@ -62,6 +63,8 @@ async def test_a_restart_that_forgets_the_prompt_is_an_outage_and_the_retry_resu
         await asyncio.wait_for(job, 5)
 
     assert caught.value.detail["instance"] == fake.url
+    # The worker retries once the backend is available again (it claims nothing before).
+    await until(lambda: backend.unavailable_reason is None)
     retry = RecordingContext(backend_ref=ctx.refs[0])
     result = await asyncio.wait_for(backend.generate(make_request(), retry), 5)
     assert result.metadata["prompt_id"] != first
