@@ -14,11 +14,12 @@ it has failed or been cancelled.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from uuid import UUID
 from imagen_worker import inputs, output, styles
 from imagen_worker.backends.base import Backend, GenerateRequest, GenerateResult, JobContext, Output
 from imagen_worker.config import OutputConfig
-from imagen_worker.errors import JobError, TerminalError
+from imagen_worker.errors import JobError, RetryableError, TerminalError
 from imagen_worker.queue.jobs import ImageRecord, JobSpec
 from imagen_worker.storage import keys
 from imagen_worker.storage.base import StorageSink
@@ -160,8 +161,9 @@ def _read_journal(directory: Path, job_id: UUID) -> Artifact | None:
 
 
 def _write_journal(directory: Path, job_id: UUID, artifact: Artifact) -> None:
-    raw = asdict(artifact)
-    raw.pop("upload_error")
+    # Shallow: ``asdict`` would deep-copy every sidecar only to serialise it.
+    raw = {f.name: getattr(artifact, f.name) for f in fields(artifact) if f.name != "upload_error"}
+    raw["pictures"] = [vars(picture) for picture in artifact.pictures]
     output.write_copy(_journal_path(directory, job_id), json.dumps(raw, default=str).encode())
 
 
@@ -276,9 +278,15 @@ class Pipeline:
         result = await backend.generate(request, ctx)
         generated = time.perf_counter()
 
-        artifact = await asyncio.to_thread(
-            self._write_files, job_id, spec, backend, request, result, generated - started
-        )
+        try:
+            artifact = await asyncio.to_thread(
+                self._write_files, job_id, spec, backend, request, result, generated - started
+            )
+        except OSError as exc:  # a full or read-only disk: the job is retried, the worker lives on
+            raise RetryableError(
+                f"could not write the image to the output directory ({exc.strerror or exc})",
+                detail={"directory": str(self.output.directory), "error": str(exc)},
+            ) from None
         artifact.timings["write"] = time.perf_counter() - generated
         return artifact
 
@@ -292,18 +300,28 @@ class Pipeline:
         generate_seconds: float,
     ) -> Artifact:
         """Every image of the batch, its thumbnail and its sidecar on local disk, then the journal
-        that lets a retry on this host reuse them: one thread hop for all of a job's file work."""
+        that lets a retry on this host reuse them: one thread hop for all of a job's file work.
+
+        The images are flushed to disk on threads of their own while the rest is written; the
+        journal comes only once they are durable.
+        """
         when = datetime.now().astimezone()
         latency_ms = int(generate_seconds * 1000)
         outputs = [result.image, *result.extra_outputs]
+        flushing: list[concurrent.futures.Future[None]] = []
         try:
             pictures = [
-                self._write_picture(index, produced, spec, backend, request, result, when, latency_ms)
+                self._write_picture(
+                    index, produced, spec, backend, request, result, when, latency_ms, flushing
+                )
                 for index, produced in enumerate(outputs)
             ]
         finally:
             for produced in outputs:
                 produced.discard()  # a backend's temporary files, written into place or not
+            concurrent.futures.wait(flushing)
+        for flushed in flushing:
+            flushed.result()  # a failed write raises here
         artifact = Artifact(
             pictures=pictures, seed=request.seed, backend=backend.name, model=result.model,
             latency_ms=latency_ms, timings={"generate": generate_seconds, **result.timings},
@@ -336,6 +354,7 @@ class Pipeline:
         result: GenerateResult,
         when: datetime,
         latency_ms: int,
+        flushing: list[concurrent.futures.Future[None]],
     ) -> Picture:
         job_id, seed = request.job_id, request.seed
         # The job's columns, then the backend's block, then the worker's output section.
@@ -351,7 +370,7 @@ class Pipeline:
             index=index,
         )  # fmt: skip
         image_path = output.claim_path(self.output.directory, names.relative, job_id)
-        output.write_image(image_path, data)
+        flushing.append(output.start_write_image(image_path, data))
         thumbnail_path = thumbnail_key = None
         small = output.thumbnail(data, self.output.thumbnail_size) if self.output.thumbnail_size else None
         if small is not None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from imagen_worker import output
 from imagen_worker.backends.base import Output
 from imagen_worker.backends.mock import MockBackend, render_png
 from imagen_worker.config import OutputConfig
@@ -129,6 +130,24 @@ async def test_an_unknown_backend_is_a_terminal_error_that_names_what_is_served(
     spec = JobSpec(owner_user_id=OWNER, prompt="x", backend="sdxl-box")
     with pytest.raises(TerminalError, match=r"unknown backend 'sdxl-box'.*serves: mock"):
         await pipeline(tmp_path, FlakyStore(0)).run(uuid.uuid4(), spec, CountingContext())
+
+
+async def test_an_image_that_cannot_be_made_durable_fails_the_job_and_no_journal_claims_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full_disk(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(output.os, "fsync", full_disk)  # the images' flush, on its own thread
+    job_id = uuid.uuid4()
+    with pytest.raises(RetryableError) as caught:
+        await pipeline(tmp_path, FlakyStore(0)).run(job_id, SPEC, CountingContext())
+
+    assert caught.value.message == (
+        "could not write the image to the output directory (No space left on device)"
+    )
+    assert not any(tmp_path.rglob(f"{job_id}.json")), "a retry must not reuse an image never flushed"
+    assert not list(tmp_path.glob("*.png")), "the image never took its name"
 
 
 async def test_discarding_a_failed_job_leaves_nothing_of_it_on_disk(tmp_path: Path) -> None:
