@@ -385,8 +385,11 @@ def _atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
             view = view[os.write(handle, view) :]
         if durable:
             os.fsync(handle)
-    finally:
+    except BaseException:
         os.close(handle)
+        os.unlink(tmp)
+        raise
+    os.close(handle)
     os.replace(tmp, path)
     if durable:
         directory = os.open(path.parent, os.O_RDONLY | os.O_CLOEXEC)

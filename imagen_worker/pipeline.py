@@ -309,19 +309,27 @@ class Pipeline:
         latency_ms = int(generate_seconds * 1000)
         outputs = [result.image, *result.extra_outputs]
         flushing: list[concurrent.futures.Future[None]] = []
+        pictures: list[Picture] = []
         try:
-            pictures = [
-                self._write_picture(
-                    index, produced, spec, backend, request, result, when, latency_ms, flushing
+            for index, produced in enumerate(outputs):
+                pictures.append(
+                    self._write_picture(
+                        index, produced, spec, backend, request, result, when, latency_ms, flushing
+                    )
                 )
-                for index, produced in enumerate(outputs)
-            ]
         finally:
             for produced in outputs:
                 produced.discard()  # a backend's temporary files, written into place or not
             concurrent.futures.wait(flushing)
-        for flushed in flushing:
-            flushed.result()  # a failed write raises here
+        try:
+            for flushed in flushing:
+                flushed.result()  # a failed write raises here
+        except OSError:
+            for picture in pictures:  # no journal names them: nothing would ever remove them
+                for path in (picture.image_path, picture.thumbnail_path, picture.sidecar_path):
+                    if path is not None:
+                        path.unlink(missing_ok=True)
+            raise
         artifact = Artifact(
             pictures=pictures, seed=request.seed, backend=backend.name, model=result.model,
             latency_ms=latency_ms, timings={"generate": generate_seconds, **result.timings},
