@@ -91,9 +91,5 @@ class BackendUnavailable(RetryableError):
     a job which itself crashes the backend from looping forever."""
 
 
-class JobCancelled(Exception):
-    """The job was cancelled by its owner while it ran; it ends ``cancelled``, not failed."""
-
-
 class LeaseLost(Exception):
     """Another worker owns the job now: stop working on it and write nothing."""
