@@ -133,6 +133,32 @@ class Artifact:
         )  # fmt: skip
 
 
+@dataclass
+class _JobFiles:
+    """A job's files as they are written: the images' flushes in flight, and every path to
+    remove should the job's file work fail."""
+
+    flushing: list[concurrent.futures.Future[None]] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+
+    def flush(self, path: Path, data: bytes) -> None:
+        """Write an image durably on another thread (``output.start_write_image``)."""
+        self.written.append(path)
+        self.flushing.append(output.start_write_image(path, data))
+
+    def settle(self) -> None:
+        """Wait for every flush, failed or not: none may outlive the job's file work."""
+        concurrent.futures.wait(self.flushing)
+
+    def check(self) -> None:
+        for flushed in self.flushing:
+            flushed.result()  # a failed write raises here
+
+    def remove(self) -> None:
+        for path in self.written:
+            path.unlink(missing_ok=True)
+
+
 def _picture(raw: dict[str, Any]) -> Picture:
     paths = ("image_path", "sidecar_path", "thumbnail_path")
     return Picture(**{**raw, **{name: raw[name] and Path(raw[name]) for name in paths}})
@@ -308,33 +334,29 @@ class Pipeline:
         when = datetime.now().astimezone()
         latency_ms = int(generate_seconds * 1000)
         outputs = [result.image, *result.extra_outputs]
-        flushing: list[concurrent.futures.Future[None]] = []
+        files = _JobFiles()
         pictures: list[Picture] = []
         try:
-            for index, produced in enumerate(outputs):
-                pictures.append(
-                    self._write_picture(
-                        index, produced, spec, backend, request, result, when, latency_ms, flushing
+            try:
+                for index, produced in enumerate(outputs):
+                    pictures.append(
+                        self._write_picture(
+                            index, produced, spec, backend, request, result, when, latency_ms, files
+                        )
                     )
-                )
-        finally:
-            for produced in outputs:
-                produced.discard()  # a backend's temporary files, written into place or not
-            concurrent.futures.wait(flushing)
-        try:
-            for flushed in flushing:
-                flushed.result()  # a failed write raises here
+            finally:
+                for produced in outputs:
+                    produced.discard()  # a backend's temporary files, written into place or not
+                files.settle()
+            files.check()
+            artifact = Artifact(
+                pictures=pictures, seed=request.seed, backend=backend.name, model=result.model,
+                latency_ms=latency_ms, timings={"generate": generate_seconds, **result.timings},
+            )  # fmt: skip
+            _write_journal(self.output.directory, job_id, artifact)
         except OSError:
-            for picture in pictures:  # no journal names them: nothing would ever remove them
-                for path in (picture.image_path, picture.thumbnail_path, picture.sidecar_path):
-                    if path is not None:
-                        path.unlink(missing_ok=True)
+            files.remove()  # no journal names them: nothing would ever remove them
             raise
-        artifact = Artifact(
-            pictures=pictures, seed=request.seed, backend=backend.name, model=result.model,
-            latency_ms=latency_ms, timings={"generate": generate_seconds, **result.timings},
-        )  # fmt: skip
-        _write_journal(self.output.directory, job_id, artifact)
         return artifact
 
     def _embedded(self, spec: JobSpec, request: GenerateRequest, result: GenerateResult) -> dict[str, Any]:
@@ -362,7 +384,7 @@ class Pipeline:
         result: GenerateResult,
         when: datetime,
         latency_ms: int,
-        flushing: list[concurrent.futures.Future[None]],
+        files: _JobFiles,
     ) -> Picture:
         job_id, seed = request.job_id, request.seed
         # The job's columns, then the backend's block, then the worker's output section.
@@ -378,12 +400,13 @@ class Pipeline:
             index=index,
         )  # fmt: skip
         image_path = output.claim_path(self.output.directory, names.relative, job_id)
-        flushing.append(output.start_write_image(image_path, data))
+        files.flush(image_path, data)
         thumbnail_path = thumbnail_key = None
         small = output.thumbnail(data, self.output.thumbnail_size) if self.output.thumbnail_size else None
         if small is not None:
             thumbnail_path = image_path.with_name(f"{image_path.stem}.thumb.webp")
             output.write_copy(thumbnail_path, small)  # derived from the image: no fsync of its own
+            files.written.append(thumbnail_path)
             thumbnail_key = keys.thumbnail_key(spec.owner_user_id, job_id, index)
         sha256 = hashlib.sha256(data).hexdigest()
         sidecar: dict[str, Any] = {
@@ -415,6 +438,8 @@ class Pipeline:
             "backend_metadata": result.metadata if index == 0 else {},
         }
         sidecar_path = output.write_sidecar(image_path, sidecar) if self.output.write_metadata_json else None
+        if sidecar_path is not None:
+            files.written.append(sidecar_path)
         return Picture(
             index=index, image_path=image_path, storage_key=names.storage_key, mime_type=facts.mime_type,
             bytes=len(data), sha256=sha256, sidecar=sidecar, sidecar_path=sidecar_path,

@@ -132,13 +132,25 @@ async def test_an_unknown_backend_is_a_terminal_error_that_names_what_is_served(
         await pipeline(tmp_path, FlakyStore(0)).run(uuid.uuid4(), spec, CountingContext())
 
 
-async def test_an_image_that_cannot_be_made_durable_fails_the_job_and_no_journal_claims_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("refused", ["the image's flush", "the thumbnail", "the journal"])
+async def test_a_disk_that_refuses_the_files_fails_the_job_and_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refused: str
 ) -> None:
-    def full_disk(fd: int) -> None:
+    def full_disk(*_: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(output.os, "fsync", full_disk)  # the images' flush, on its own thread
+    if refused == "the image's flush":
+        monkeypatch.setattr(output.os, "fsync", full_disk)  # on the image's own thread
+    else:
+        real_write_copy = output.write_copy
+        journal = refused == "the journal"
+
+        def write_copy(path: Path, data: bytes) -> None:
+            if (path.parent.name == ".imagen-journal") == journal:
+                full_disk()
+            real_write_copy(path, data)
+
+        monkeypatch.setattr(output, "write_copy", write_copy)
     job_id = uuid.uuid4()
     with pytest.raises(RetryableError) as caught:
         await pipeline(tmp_path, FlakyStore(0)).run(job_id, SPEC, CountingContext())
@@ -146,8 +158,9 @@ async def test_an_image_that_cannot_be_made_durable_fails_the_job_and_no_journal
     assert caught.value.message == (
         "could not write the image to the output directory (No space left on device)"
     )
-    assert not any(tmp_path.rglob(f"{job_id}.json")), "a retry must not reuse an image never flushed"
-    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [], "nor is anything of it left behind"
+    # No journal names the files, so nothing else would ever remove them; and a retry must
+    # not reuse an image that was never flushed.
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
 async def test_discarding_a_failed_job_leaves_nothing_of_it_on_disk(tmp_path: Path) -> None:
