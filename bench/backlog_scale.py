@@ -9,7 +9,9 @@ commit (a WAL flush, since the claim wrote) is reported beside it.
 ``EXPLAIN (ANALYZE, BUFFERS)`` of one claim gives the
 server-side execution time. A second table shape is measured too: the same number of pending
 rows for *another* backend that a live worker serves, with 10 claimable rows behind them,
-which the claim has to filter row by row.
+which the claim has to filter row by row. A third: every runnable row of one owner (a
+terminal user's batch), the shape whose owner statistics once led the planner to read the
+whole table.
 """
 
 from __future__ import annotations
@@ -31,17 +33,21 @@ NAME = "backlog_scale"
 
 LOAD = """
 INSERT INTO imagen.jobs (owner_user_id, prompt, backend, width, height, run_at, created_at)
-SELECT gen_random_uuid(), 'backlog job number ' || g || ', a lighthouse at dusk', $2, 512, 512,
+SELECT coalesce($3::uuid, gen_random_uuid()), 'backlog job number ' || g || ', a lighthouse at dusk',
+       $2, 512, 512,
        now() - make_interval(secs => $1 - g), now() - make_interval(secs => $1 - g)
 FROM generate_series(1, $1) AS g
 """
 
 
-async def _load(conn: asyncpg.Connection, rows: int, backend: str | None) -> float:
+async def _load(
+    conn: asyncpg.Connection, rows: int, backend: str | None, owner: uuid.UUID | None = None
+) -> float:
+    """``rows`` pending jobs, each of its own owner, or all of ``owner``'s."""
     await conn.execute("TRUNCATE imagen.jobs, imagen.images, imagen.workers CASCADE")
     started = time.monotonic()
     if rows:
-        await conn.execute(LOAD, rows, backend)
+        await conn.execute(LOAD, rows, backend, owner)
     await conn.execute("VACUUM ANALYZE imagen.jobs")
     return time.monotonic() - started
 
@@ -77,6 +83,8 @@ async def measure(dsn: str, rows: int, shape: str, calls: int) -> dict[str, Any]
     try:
         if shape == "runnable":
             load_s = await _load(conn, rows, None)
+        elif shape == "one owner":
+            load_s = await _load(conn, rows, None, uuid.uuid4())
         else:
             load_s = await _load(conn, rows, "other-gpu")
             await conn.execute(
@@ -137,6 +145,12 @@ async def run(sizes: tuple[int, ...] = (0, 100_000, 1_000_000), calls: int = 200
             result = await measure(dsn, rows, "foreign", foreign_calls)
             results.append(result)
             print(f"  {rows:>9,} other-backend rows: claim p50 {result['limit_1']['p50_ms']} ms", flush=True)
+        for rows in sizes:
+            if rows == 0:
+                continue
+            result = await measure(dsn, rows, "one owner", calls)
+            results.append(result)
+            print(f"  {rows:>9,} rows of one owner: claim p50 {result['limit_1']['p50_ms']} ms", flush=True)
     print_table(
         "Claim statement latency vs backlog (statement round trip; commit apart; EXPLAIN ANALYZE = server)",
         [

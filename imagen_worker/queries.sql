@@ -31,7 +31,10 @@ WHERE owner_user_id = $1 AND dedupe_key = $2 AND status IN ('pending', 'running'
 -- sweeper. A claim clears the row's progress (a waiting reason, or an earlier attempt's).
 -- Pending rows go by priority, then turn (owners take turns, see jobs_take_turn in 0005),
 -- then age. $9 is worker.max_running_per_owner (NULL: no limit): owners at the limit are
--- skipped in the scan, and one claim never takes an owner past it. The claimed rows' run
+-- skipped in the scan, and one claim never takes an owner past it (written as "the full
+-- owners do not contain this one": the planner estimates `owner <> ALL (...)` from the
+-- owners' statistics and, when one owner has the whole backlog, takes it to reject every
+-- row and reads the table in full instead of the index). The claimed rows' run
 -- state goes to imagen.job_runs; backend_ref and result come back as earlier attempts left them.
 WITH running AS MATERIALIZED (
     SELECT owner_user_id, count(*) AS n FROM imagen.jobs
@@ -44,7 +47,7 @@ full_owners AS MATERIALIZED (
 mine AS MATERIALIZED (
     SELECT id, owner_user_id, priority, turn, run_at FROM imagen.jobs
     WHERE status = 'pending' AND backend IS NOT NULL AND backend = $2 AND run_at <= now()
-      AND owner_user_id <> ALL ((SELECT owners FROM full_owners)::uuid[])
+      AND NOT ((SELECT owners FROM full_owners)::uuid[] @> ARRAY[owner_user_id])
     ORDER BY priority DESC, turn, run_at, id
     LIMIT $5
     FOR UPDATE SKIP LOCKED
@@ -52,7 +55,7 @@ mine AS MATERIALIZED (
 defaults AS MATERIALIZED (
     SELECT id, owner_user_id, priority, turn, run_at FROM imagen.jobs
     WHERE $3 AND status = 'pending' AND backend IS NULL AND run_at <= now()
-      AND owner_user_id <> ALL ((SELECT owners FROM full_owners)::uuid[])
+      AND NOT ((SELECT owners FROM full_owners)::uuid[] @> ARRAY[owner_user_id])
     ORDER BY priority DESC, turn, run_at, id
     LIMIT $5
     FOR UPDATE SKIP LOCKED

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from imagen_worker.queries import sql
 from imagen_worker.queue.jobs import Job, JobSpec, Queue
 from tests.db.test_rls import request_as
 
@@ -165,3 +166,32 @@ async def test_a_user_cannot_choose_their_turn(db: asyncpg.Pool) -> None:
             await conn.execute(
                 "INSERT INTO imagen.jobs (owner_user_id, prompt, turn) VALUES ($1, 'p', -1000)", A
             )
+
+
+def _relations_read_in_full(plan: dict[str, object]) -> list[str]:
+    found = [str(plan["Relation Name"])] if plan.get("Node Type") == "Seq Scan" else []
+    for child in plan.get("Plans", []):  # type: ignore[attr-defined]
+        found += _relations_read_in_full(child)
+    return found
+
+
+@pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
+@pytest.mark.parametrize("max_running_per_owner", [None, 2])
+async def test_one_owners_long_backlog_is_claimed_through_the_index_not_read_in_full(
+    db: asyncpg.Pool, plan_cache_mode: str, max_running_per_owner: int | None
+) -> None:
+    # A terminal user's hundred thousand prompts are one owner's: the planner must not take
+    # "skip owners at their limit" for a filter that rejects nearly every row of that owner.
+    await db.execute(
+        "INSERT INTO imagen.jobs (owner_user_id, prompt) SELECT $1, 'p' || g FROM generate_series(1, 5000) g",
+        A,
+    )
+    await db.execute("ANALYZE imagen.jobs")
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute(f"SET LOCAL plan_cache_mode = {plan_cache_mode}")
+        (explained,) = await conn.fetchval(
+            f"EXPLAIN (FORMAT JSON) {sql('claim')}",
+            uuid.uuid4(), "mock", True, [], 16, 30.0, 0.0, [], max_running_per_owner,
+        )  # fmt: skip
+
+    assert "jobs" not in _relations_read_in_full(explained["Plan"])
