@@ -157,8 +157,14 @@ class Pool:
                 async with asyncio.timeout(self._recheck if inst.foreign else None):
                     await inst.dirty.wait()
             inst.dirty.clear()
-            if inst.client.link is not Link.UP or inst.client.broadcast_remaining == 0:
+            remaining = inst.client.broadcast_remaining
+            if inst.client.link is not Link.UP or remaining == 0:
                 foreign: frozenset[str] = frozenset()  # a restarted ComfyUI has an empty queue
+            elif remaining is not None and remaining <= len(inst.prompts):
+                # Each prompt there can be one of ours: the queue, which carries every prompt's
+                # whole graph, is not read. A foreign prompt this hides (queued just as one of
+                # ours ended) shows at the next broadcast, as the count then exceeds ours.
+                foreign = frozenset()
             else:
                 try:
                     queue = await inst.client.queue()

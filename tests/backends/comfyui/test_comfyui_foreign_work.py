@@ -130,3 +130,16 @@ async def test_two_backends_of_one_worker_on_the_same_comfyui_share_it_instead_o
 
     assert sdxl.capacity == 3  # the other backend's prompt is this worker's own work
     await asyncio.wait_for(job, 5)
+
+
+async def test_an_instance_running_only_our_prompts_is_never_asked_for_its_queue(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    # Every broadcast during our jobs counts no more prompts than we have there; /queue answers
+    # with each queued prompt's whole graph, so reading it for nothing is not free.
+    backend = await make_backend(fake)
+
+    await asyncio.gather(*(backend.generate(make_request(), RecordingContext()) for _ in range(3)))
+
+    assert fake.calls("POST", "/prompt")
+    assert fake.calls("GET", "/queue") == []
