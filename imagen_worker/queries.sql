@@ -124,19 +124,31 @@ SELECT backend, unserved_seconds FROM imagen.unserved_backends();
 
 -- name: mark_waiting
 -- Says in the row why a pending job is not being claimed ($3: {"state": "waiting", ...}), for
--- the web UI and `imagen status`. Bounded ($4 rows per call, in claim order) and idempotent:
--- rows already saying so are not rewritten. $2 true also marks jobs without a backend (the
--- backend is this worker's default).
-WITH target AS (
+-- the web UI and `imagen status`. Bounded ($4 rows of the backend's and, with $2, $4 of the
+-- jobs without a backend, which are this worker's default's; each in claim order) and
+-- idempotent: rows already saying so are not rewritten. It runs every poll interval while a
+-- backend is down or unserved, so each branch walks the claim's own index in its order and
+-- stops after $4 rows: one sort of every pending row would cost seconds per call at a
+-- million rows, just when the backlog grows.
+WITH named AS MATERIALIZED (
     SELECT id FROM imagen.jobs
-    WHERE status = 'pending' AND (backend = $1 OR ($2 AND backend IS NULL))
+    WHERE status = 'pending' AND backend IS NOT NULL AND backend = $1
       AND progress IS DISTINCT FROM $3::jsonb
-    ORDER BY priority DESC, run_at, id
+    ORDER BY backend, priority DESC, turn, run_at, id
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+),
+defaults AS MATERIALIZED (
+    SELECT id FROM imagen.jobs
+    WHERE $2 AND status = 'pending' AND backend IS NULL
+      AND progress IS DISTINCT FROM $3::jsonb
+    ORDER BY priority DESC, turn, run_at, id
     LIMIT $4
     FOR UPDATE SKIP LOCKED
 )
 UPDATE imagen.jobs j SET progress = $3, updated_at = now()
-FROM target WHERE j.id = target.id;
+FROM (SELECT id FROM named UNION ALL SELECT id FROM defaults) target
+WHERE j.id = target.id;
 
 -- name: clear_waiting
 -- The reason $3 no longer holds (the backend is available again): drop it from pending rows.

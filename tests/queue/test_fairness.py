@@ -19,6 +19,7 @@ import pytest
 from imagen_worker.queries import sql
 from imagen_worker.queue.jobs import Job, JobSpec, Queue
 from tests.db.test_rls import request_as
+from tests.queue.plans import explain, relations_read_in_full
 
 A, B, C = (uuid.UUID(f"00000000-0000-4000-8000-00000000000{n}") for n in "abc")
 
@@ -168,13 +169,6 @@ async def test_a_user_cannot_choose_their_turn(db: asyncpg.Pool) -> None:
             )
 
 
-def _relations_read_in_full(plan: dict[str, object]) -> list[str]:
-    found = [str(plan["Relation Name"])] if plan.get("Node Type") == "Seq Scan" else []
-    for child in plan.get("Plans", []):  # type: ignore[attr-defined]
-        found += _relations_read_in_full(child)
-    return found
-
-
 @pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
 @pytest.mark.parametrize("max_running_per_owner", [None, 2])
 async def test_one_owners_long_backlog_is_claimed_through_the_index_not_read_in_full(
@@ -187,11 +181,10 @@ async def test_one_owners_long_backlog_is_claimed_through_the_index_not_read_in_
         A,
     )
     await db.execute("ANALYZE imagen.jobs")
-    async with db.acquire() as conn, conn.transaction():
-        await conn.execute(f"SET LOCAL plan_cache_mode = {plan_cache_mode}")
-        (explained,) = await conn.fetchval(
-            f"EXPLAIN (FORMAT JSON) {sql('claim')}",
-            uuid.uuid4(), "mock", True, [], 16, 30.0, 0.0, [], max_running_per_owner,
+    async with db.acquire() as conn:
+        plan = await explain(
+            conn, sql("claim"), uuid.uuid4(), "mock", True, [], 16, 30.0, 0.0, [], max_running_per_owner,
+            plan_cache_mode=plan_cache_mode,
         )  # fmt: skip
 
-    assert "jobs" not in _relations_read_in_full(explained["Plan"])
+    assert "jobs" not in relations_read_in_full(plan)

@@ -9,7 +9,9 @@ import asyncpg
 import pytest
 
 from imagen_worker.errors import BackendUnavailable, ConfigError, LeaseLost, RetryableError, TerminalError
+from imagen_worker.queries import sql
 from imagen_worker.queue.jobs import ImageRecord, Job, JobSpec, Outcome, Queue, Renewal, backoff_seconds
+from tests.queue.plans import explain, relations_read_in_full, subplan
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-000000000003")
 
@@ -118,6 +120,38 @@ async def test_waiting_reasons_are_written_bounded_and_cleared_by_the_claim(db: 
     assert await db.fetchval("SELECT progress FROM imagen.jobs WHERE id = $1", claimed.id) is None
     assert await queue.clear_waiting("slow", "no_worker") == 2
     assert await db.fetchval("SELECT count(*) FROM imagen.jobs WHERE progress IS NOT NULL") == 0
+
+
+async def test_waiting_reasons_go_in_claim_order_turns_included(db: asyncpg.Pool) -> None:
+    other = uuid.UUID("00000000-0000-4000-8000-000000000004")
+    mine = [await enqueue(db, backend="slow") for _ in range(3)]
+    (theirs, _) = await Queue(db).enqueue(JobSpec(owner_user_id=other, prompt="p", backend="slow"))
+    waiting = {"state": "waiting", "reason": "no_worker", "message": "no worker serves backend 'slow' yet"}
+
+    assert await worker(db).mark_waiting("slow", waiting, limit=2) == 2
+
+    marked = await db.fetch("SELECT id FROM imagen.jobs WHERE progress IS NOT NULL")
+    assert {row["id"] for row in marked} == {mine[0], theirs}, "the next two claims take these two"
+
+
+@pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
+async def test_marking_waiting_reasons_walks_the_claim_index_not_the_whole_backlog(
+    db: asyncpg.Pool, plan_cache_mode: str
+) -> None:
+    # It runs every poll interval while a backend is down: exactly when the backlog grows.
+    await db.execute(
+        "INSERT INTO imagen.jobs (owner_user_id, prompt, backend) "
+        "SELECT gen_random_uuid(), 'p', CASE WHEN g % 2 = 0 THEN 'gpu' END FROM generate_series(1, 5000) g"
+    )
+    await db.execute("ANALYZE imagen.jobs")
+    waiting = {"state": "waiting", "reason": "backend_unavailable", "message": "down"}
+    async with db.acquire() as conn:
+        plan = await explain(
+            conn, sql("mark_waiting"), "gpu", True, waiting, 100, plan_cache_mode=plan_cache_mode
+        )
+
+    for branch in ("CTE named", "CTE defaults"):
+        assert relations_read_in_full(subplan(plan, branch)) == [], branch
 
 
 async def test_the_claim_never_retakes_an_expired_job_its_worker_still_holds(db: asyncpg.Pool) -> None:
