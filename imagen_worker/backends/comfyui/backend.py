@@ -14,8 +14,8 @@ The life of a job:
    ``/history`` poll so a dead or silent socket cannot hang the job (the events also feed the
    job's overall percentage and preview frames, see ``progress.py``); then read the history
    entry and decide. The slot is freed as soon as ComfyUI is done with the prompt.
-4. Download every output through ``/view``, streamed to temporary files within
-   ``max_output_bytes``, the main output first (``history.main_first``). Unless
+4. Download every output through ``/view`` within ``max_output_bytes``, the main output first
+   (``history.main_first``): in memory up to 8 MiB, streamed to a temporary file beyond. Unless
    ``keep_history``, ComfyUI then forgets the prompt (``POST /history {"delete": [ids]}``) off
    the job's path: the job goes on at once, and prompts finished meanwhile go in the same
    request (ComfyUI 0.3.64 has no API to delete the files themselves from its output directory).
@@ -890,22 +890,24 @@ class ComfyUIBackend(Backend):
         graph: Mapping[str, Any],
         frames: Mapping[FileRef, Frame],
     ) -> list[Output]:
-        """Each file into its own file in the spool directory, all together within ``max_output_bytes``
-        (SaveImageWebsocket images are there already and count against it too)."""
+        """Each file in memory, or in its own file in the spool directory when large
+        (``client.IN_MEMORY_BYTES``), all together within ``max_output_bytes`` (SaveImageWebsocket
+        images are in the spool already and count against it too)."""
         outputs: list[Output] = []
         budget = self.config.max_output_bytes - sum(frame.size for frame in frames.values())
         spool = await self._spool_dir()
         try:
             for ref in files:
+                data: bytes | None = None
                 if ref.type == SOCKET:
                     frame = frames[ref]
                     path, size, mime, digest = frame.path, frame.size, frame.mime_type, frame.sha256
                     outputs.append(Output(path=path, name=ref.filename))
                 else:
-                    path = spool / uuid.uuid4().hex  # a fresh name: download_to creates it
+                    path = spool / uuid.uuid4().hex  # a fresh name: download_to creates it, if it streams
                     outputs.append(Output(path=path, name=ref.filename))
                     try:
-                        size, mime, digest = await client.download_to(ref, path, budget)
+                        data, size, mime, digest = await client.download_to(ref, path, budget)
                     except OutputTooLarge:
                         raise self._too_large(prompt_id, ref.filename) from None
                     budget -= size
@@ -914,7 +916,10 @@ class ComfyUIBackend(Backend):
                     "filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type,
                     "mime_type": mime, "bytes": size, "sha256": digest,
                 }  # fmt: skip
-                outputs[-1] = Output(path=path, mime_type=mime, name=ref.filename, origin=origin)
+                if data is not None:
+                    outputs[-1] = Output(data=data, mime_type=mime, name=ref.filename, origin=origin)
+                else:
+                    outputs[-1] = Output(path=path, mime_type=mime, name=ref.filename, origin=origin)
         except BaseException:
             for output in outputs:
                 output.discard()

@@ -77,6 +77,12 @@ _PREVIEW_FORMATS = {1: "image/jpeg", 2: "image/png"}
 _GATEWAY_STATUSES = frozenset({502, 503, 504})
 
 
+# An output whose answer declares at most this many bytes is kept in memory; a larger one, or
+# one of unknown size, streams to a spool file. Below it a file costs more than it saves: a
+# create and an unlink in a shared directory per image.
+IN_MEMORY_BYTES = 8 * 1024 * 1024
+
+
 class OutputTooLarge(Exception):
     """An output went past the backend's ``max_output_bytes``."""
 
@@ -303,12 +309,13 @@ class ComfyUIClient:
             )
         return f"{folder}/{name}" if folder else name
 
-    async def download_to(self, ref: FileRef, target: Path, limit: int) -> tuple[int, str, str]:
-        """Stream one output file from ``/view`` into a new file ``target``, refusing more than
-        ``limit`` bytes.
+    async def download_to(self, ref: FileRef, target: Path, limit: int) -> tuple[bytes | None, int, str, str]:
+        """One output file from ``/view``, refusing more than ``limit`` bytes: in memory when the
+        answer declares at most ``IN_MEMORY_BYTES`` (returned), else streamed into a new file
+        ``target`` (None returned).
 
-        Returns the size, the content type and the SHA-256 of the bytes, hashed as they arrive:
-        the file is never held in memory whole, and never read back to be hashed.
+        Also returns the size, the content type and the SHA-256 of the bytes, hashed as they
+        arrive: a streamed file is never held in memory whole, and never read back to be hashed.
         """
         params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
         http = self._client()
@@ -322,15 +329,22 @@ class ComfyUIClient:
                         f"{ref.subfolder}/{ref.filename} ({ref.type})",
                         detail={"instance": self.base_url, "file": ref.__dict__},
                     )
-                with open(target, "xb") as handle:  # noqa: ASYNC230 - small chunks into the page cache
+                declared = response.headers.get("content-length", "")
+                kept = bytearray() if declared.isdigit() and int(declared) <= IN_MEMORY_BYTES else None
+                with contextlib.ExitStack() as files:
+                    # A file takes small chunks into the page cache: no thread hop per chunk.
+                    write: Callable[[bytes], object] = (
+                        kept.extend if kept is not None else files.enter_context(open(target, "xb")).write  # noqa: ASYNC230
+                    )
                     async for chunk in response.aiter_bytes():
                         written += len(chunk)
                         if written > limit:
                             raise OutputTooLarge(limit)
-                        handle.write(chunk)
+                        write(chunk)
                         digest.update(chunk)
                 mime = response.headers.get("content-type", "application/octet-stream").split(";")[0]
-                return written, mime.strip(), digest.hexdigest()
+                data = bytes(kept) if kept is not None else None
+                return data, written, mime.strip(), digest.hexdigest()
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from exc
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 from typing import Any
 
 import pytest
 
+from imagen_worker.backends.comfyui import client
 from imagen_worker.backends.comfyui.client import FileRef
 from imagen_worker.backends.comfyui.history import execution_order, main_first
 from imagen_worker.errors import TerminalError
@@ -87,9 +89,24 @@ async def test_closing_the_backend_sends_the_deletions_still_waiting(
     assert fake.history_entry(result.metadata["prompt_id"]) is None
 
 
-async def test_outputs_stream_to_temporary_files_within_max_output_bytes(
+async def test_small_outputs_stay_in_memory_and_never_touch_the_spool(
     fake: FakeComfyUI, make_backend: BackendFactory
 ) -> None:
+    backend = await make_backend(fake)
+    result = await backend.generate(backend.check_request(job_with(two_savers())), RecordingContext())
+
+    outputs = [result.image, *result.extra_outputs]
+    assert all(output.path is None and output.read().startswith(b"\x89PNG") for output in outputs)
+    assert [o["sha256"] for o in result.metadata["outputs"]] == [
+        hashlib.sha256(output.read()).hexdigest() for output in outputs
+    ]
+    assert backend._spool is None or not list(backend._spool.iterdir())
+
+
+async def test_large_outputs_stream_to_temporary_files_within_max_output_bytes(
+    fake: FakeComfyUI, make_backend: BackendFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client, "IN_MEMORY_BYTES", 0)
     backend = await make_backend(fake)
     result = await backend.generate(backend.check_request(job_with(two_savers())), RecordingContext())
     files = [output.path for output in [result.image, *result.extra_outputs]]
