@@ -197,9 +197,10 @@ class WorkerPath:
 def disk_floor(directory: Path, files: int = 200) -> dict[str, Any]:
     """What this machine's file system costs right now, in the worker's output directory: a
     new file (create, write 200 bytes, close) and a durable one (the same, then fsync, rename,
-    fsync of the directory: the image's write). A job creates five files and makes one durable;
-    on this virtual machine creating a file has measured 15 us and, for minutes at a time,
-    650 us, so the write and download stages move with it."""
+    fsync of the directory: the image's write). A job creates four files (five with an output
+    too large to download into memory) and makes one durable; on this virtual machine creating
+    a file has measured 15 us and, for minutes at a time, 650 us, so the write and download
+    stages move with it."""
     directory.mkdir(parents=True, exist_ok=True)
     created: list[float] = []
     durable: list[float] = []

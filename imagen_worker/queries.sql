@@ -128,7 +128,7 @@ SELECT backend, unserved_seconds FROM imagen.unserved_backends();
 -- jobs without a backend, which are this worker's default's; each in claim order) and
 -- idempotent: rows already saying so are not rewritten. It runs every poll interval while a
 -- backend is down or unserved, so each branch walks the claim's own index in its order and
--- stops after $4 rows: one sort of every pending row would cost seconds per call at a
+-- stops after $4 rows: a sort of every pending row costs about a second per call at a
 -- million rows, just when the backlog grows.
 WITH named AS MATERIALIZED (
     SELECT id FROM imagen.jobs
