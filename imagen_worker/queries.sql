@@ -444,9 +444,6 @@ LIMIT 1;
 SELECT extract(epoch FROM (min(run_at) - now()))::float8
 FROM imagen.jobs WHERE status = 'pending' AND run_at > now();
 
--- name: queue_depth
-SELECT status, count(*)::int AS jobs FROM imagen.jobs GROUP BY status;
-
 -- name: register_worker
 INSERT INTO imagen.workers (id, hostname, pid, backends, default_backend, expires_at)
 VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))

@@ -232,9 +232,6 @@ class Queue:
         rows: list[asyncpg.Record] = await self.db.fetch(sql("list_jobs"), status, limit)
         return rows
 
-    async def depth(self) -> dict[str, int]:
-        return {row["status"]: row["jobs"] for row in await self.db.fetch(sql("queue_depth"))}
-
     async def seconds_until_next_run(self) -> float | None:
         value: float | None = await self.db.fetchval(sql("next_run_at"))
         return value
