@@ -916,10 +916,10 @@ class ComfyUIBackend(Backend):
                     "filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type,
                     "mime_type": mime, "bytes": size, "sha256": digest,
                 }  # fmt: skip
-                if data is not None:
-                    outputs[-1] = Output(data=data, mime_type=mime, name=ref.filename, origin=origin)
-                else:
-                    outputs[-1] = Output(path=path, mime_type=mime, name=ref.filename, origin=origin)
+                outputs[-1] = Output(
+                    data=data or b"", path=path if data is None else None, mime_type=mime,
+                    name=ref.filename, origin=origin,
+                )  # fmt: skip
         except BaseException:
             for output in outputs:
                 output.discard()
