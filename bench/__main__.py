@@ -10,7 +10,7 @@ import argparse
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import asyncpg
@@ -21,7 +21,7 @@ from bench.common import server_dsn
 # The overhead comes first: one job at a time, it measures milliseconds that the heavy runs'
 # leftovers (about 100,000 files created and deleted, gigabytes of dropped scratch databases)
 # inflate for minutes afterwards, a CHECKPOINT and a sync notwithstanding.
-BENCHMARKS: dict[str, Callable[[], Awaitable[Any]]] = {
+BENCHMARKS: dict[str, Callable[[], Coroutine[Any, Any, Any]]] = {
     "overhead": lambda: overhead.run(jobs=300),
     "pickup_latency": lambda: pickup_latency.run(jobs=1000, backlog_rows=10_000),
     "throughput": lambda: throughput.run(jobs=4000, repeat=2),

@@ -147,7 +147,7 @@ class RawClient:
 
 
 def fresh_graph(template: dict[str, Any]) -> dict[str, Any]:
-    graph = json.loads(json.dumps(template))
+    graph: dict[str, Any] = json.loads(json.dumps(template))
     graph["1"]["inputs"]["color"] = random.randrange(16_777_216)
     graph["2"]["inputs"]["filename_prefix"] = f"imagen-bench/raw/{uuid.uuid4().hex[:12]}"
     return graph
@@ -288,7 +288,7 @@ async def measure(
     if failed:
         raise RuntimeError(f"{len(failed)} worker jobs did not end done, e.g. {failed[0]}")
     stages: dict[str, list[float]] = {stage: [] for stage in (*STAGES, REST)}
-    elapsed = dict(zip(worker_jobs, worker_times, strict=True))
+    elapsed_by_job = dict(zip(worker_jobs, worker_times, strict=True))
     for row in rows:
         stages["pickup"].append(row["pickup"])
         sidecar = json.loads(row["sidecar"]) if isinstance(row["sidecar"], str) else row["sidecar"]
@@ -297,7 +297,7 @@ async def measure(
             if stage in timings:
                 stages[stage].append(timings[stage])
         accounted = row["pickup"] + sum(timings.get(stage, 0.0) for stage in STAGES[1:])
-        stages[REST].append(elapsed[row["id"]] - accounted)
+        stages[REST].append(elapsed_by_job[row["id"]] - accounted)
     return {"raw": summary_ms(raw_times), "worker": summary_ms(worker_times),
             "stages": {stage: summary_ms(values) for stage, values in stages.items() if values},
             "disk_floor": floors}  # fmt: skip
@@ -317,7 +317,8 @@ async def run(
         pipe, child = ctx.Pipe()
         fake = ctx.Process(target=_fake_process, args=(gpu_ms / 1000, child), daemon=True)
         fake.start()
-        url = await asyncio.get_running_loop().run_in_executor(None, pipe.recv)
+        fake_url: str = await asyncio.get_running_loop().run_in_executor(None, pipe.recv)
+        url = fake_url
     try:
         with tempfile.TemporaryDirectory(prefix="imagen-bench-overhead-") as tmp:
             result = await measure(url, jobs, warmup, template, Path(tmp))

@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -193,7 +193,7 @@ async def _pgqueuer_worker(dsn: str, with_result: bool = False) -> None:
     await qm.run(batch_size=10)
 
 
-WORKERS: dict[str, Callable[[str], Awaitable[None]]] = {
+WORKERS: dict[str, Callable[[str], Coroutine[Any, Any, None]]] = {
     "imagen-queue": _imagen_queue_worker,
     "pgqueuer": _pgqueuer_worker,
     "pgqueuer+result": lambda dsn: _pgqueuer_worker(dsn, with_result=True),
@@ -221,7 +221,7 @@ def _wait_ready(procs: list[subprocess.Popen[bytes]], timeout: float = 60) -> No
         assert proc.stdout is not None
         while True:
             if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"worker {proc.args} did not become ready (exit {proc.returncode})")
+                raise RuntimeError(f"worker {proc.args!r} did not become ready (exit {proc.returncode})")
             if proc.stdout.readline().strip() == b"READY":
                 break
 

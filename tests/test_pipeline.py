@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,7 @@ async def test_a_disk_that_refuses_the_files_fails_the_job_and_leaves_nothing_be
         raise OSError(28, "No space left on device")
 
     if refused == "the image's flush":
-        monkeypatch.setattr(output.os, "fsync", full_disk)  # on the image's own thread
+        monkeypatch.setattr(os, "fsync", full_disk)  # on the image's own thread
     else:
         real_write_copy = output.write_copy
         journal = refused == "the journal"

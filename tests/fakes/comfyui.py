@@ -573,8 +573,8 @@ class FakeComfyUI:
                 return
             for ws in list(self._sockets.values()):
                 await self._send_to(ws, event, data)
-        elif (ws := self._sockets.get(sid)) is not None:
-            await self._send_to(ws, event, data)
+        elif (target := self._sockets.get(sid)) is not None:
+            await self._send_to(target, event, data)
 
     async def _send_binary(self, payload: bytes, sid: str | None) -> None:
         if self.mute_events:
@@ -612,8 +612,8 @@ class FakeComfyUI:
             number = -state.number if data.get("front") else state.number
             state.number += 1
         if "prompt" not in data:
-            error = {"type": "no_prompt", "message": "No prompt provided", "details": "No prompt provided"}
-            return web.json_response({"error": {**error, "extra_info": {}}, "node_errors": {}}, status=400)
+            missing = {"type": "no_prompt", "message": "No prompt provided", "details": "No prompt provided"}
+            return web.json_response({"error": {**missing, "extra_info": {}}, "node_errors": {}}, status=400)
         graph = data["prompt"]
         if not isinstance(graph, dict):
             raise web.HTTPInternalServerError(
@@ -1032,7 +1032,7 @@ class FakeComfyUI:
             failure = None
             if plan.outcome == "error" and nid == error_node:
                 failure = (plan.exception_type, plan.exception_message)
-            ui: dict[str, Any] | None = None
+            ui = None
             if failure is None:
                 try:
                     ui = await self._run_output_node(item, nid, sid, node_state)

@@ -19,10 +19,11 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Coroutine
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 _CHUNK = 65536
+_T = TypeVar("_T")
 
 
 class FaultProxy:
@@ -94,7 +95,7 @@ class FaultProxy:
 
     # --- inside the proxy's loop ---------------------------------------------------------
 
-    def _call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+    def _call(self, coro: Coroutine[Any, Any, _T]) -> _T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
 
     async def _start(self) -> None:

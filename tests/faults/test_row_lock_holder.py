@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 import pytest
@@ -63,7 +65,7 @@ async def test_a_row_lock_held_past_the_lease_delays_only_that_job(
 
 
 async def _hold_lock_and_watch(
-    holder: asyncpg.Connection, db: asyncpg.Pool, locked: object, others: list[object], pid: int
+    holder: asyncpg.Connection, db: asyncpg.Pool, locked: UUID, others: Sequence[UUID], pid: int
 ) -> list[dict[str, Any]]:
     """Lock ``locked`` for HOLD seconds; meanwhile sample the other leases and the registry."""
     samples: list[dict[str, Any]] = []

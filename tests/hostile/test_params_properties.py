@@ -160,7 +160,7 @@ async def test_nothing_unvalidated_reaches_the_backend_through_the_pipeline(
         _assert_one_sentence_naming_a_key(caught.value, params)
 
 
-VALID = {
+VALID: dict[str, dict[str, Any]] = {
     "mock": {"mock_fail": "retryable"},
     "comfyui": {"cfg": 3, "sampler": "dpmpp_2m", "checkpoint": "juggernaut.safetensors", "batch_size": 2},
     "comfyui-declared": {"guidance": 1.5, "look": 2, "lora_strength": -0.5, "scheduler": "karras"},

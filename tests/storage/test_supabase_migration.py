@@ -69,10 +69,11 @@ async def scratch(scratch_dsn: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 async def _policies(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-    return await conn.fetch(
+    rows: list[asyncpg.Record] = await conn.fetch(
         "SELECT policyname, cmd, roles FROM pg_policies"
         " WHERE schemaname = 'storage' AND tablename = 'objects'"
     )
+    return rows
 
 
 async def test_on_plain_postgresql_the_migration_is_a_recorded_no_op(scratch: asyncpg.Connection) -> None:

@@ -11,7 +11,7 @@ import anyio
 import httpx
 import pytest
 
-from imagen_worker.errors import ConfigError, RetryableError, TerminalError
+from imagen_worker.errors import ConfigError, JobError, RetryableError, TerminalError
 from imagen_worker.storage import InvalidStorageKey, MissingCredentials, StoredObject
 from imagen_worker.storage import supabase as supabase_module
 from imagen_worker.storage.supabase import SupabaseSink
@@ -232,7 +232,7 @@ async def test_the_service_key_never_appears_in_errors_or_repr(
 ) -> None:
     sink = make_sink(bucket="no-such-bucket")
     fake_storage.fail_next(10, status=500)
-    errors: list[TerminalError | RetryableError] = []
+    errors: list[JobError] = []
     for attempt_sink in (sink, make_sink(key=fake_storage.anon_key)):
         with pytest.raises((TerminalError, RetryableError)) as caught:
             await attempt_sink.put(KEY, image_file, "image/png")

@@ -23,9 +23,10 @@ from tests.workers import eventually, insert_job, make_config, running_worker, t
 
 
 async def delivery_rows(db: asyncpg.Pool, job_id: uuid.UUID) -> list[asyncpg.Record]:
-    return await db.fetch(
+    rows: list[asyncpg.Record] = await db.fetch(
         "SELECT * FROM imagen.webhook_deliveries WHERE job_id = $1 ORDER BY created_at", job_id
     )
+    return rows
 
 
 async def settled(db: asyncpg.Pool, job_id: uuid.UUID, *, within: float = 10.0) -> asyncpg.Record:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -181,9 +182,7 @@ async def _status_is(db: asyncpg.Pool, job_id: uuid.UUID, status: str) -> bool:
     return bool((await job_row(db, job_id))["status"] == status)
 
 
-def _in(seconds: float) -> object:
-    from datetime import UTC, datetime, timedelta
-
+def _in(seconds: float) -> datetime:
     return datetime.now(UTC) + timedelta(seconds=seconds)
 
 

@@ -117,7 +117,8 @@ async def test_the_mock_reports_the_shape_a_web_page_reads(
             row = await job_row(db, job_id)
             if row["progress"] and row["progress"] not in seen:
                 seen.append(row["progress"])
-            return row["status"] == "done"
+            status: str = row["status"]
+            return status == "done"
 
         await eventually(done, within=10, every=0.05)
     assert {"percent", "eta_seconds", "node", "stage", "message"} <= set(seen[0])

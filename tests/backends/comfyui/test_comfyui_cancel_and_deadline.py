@@ -95,6 +95,7 @@ async def test_the_slot_of_an_interrupted_prompt_frees_once_comfyui_stopped(
     assert result.image.read()
     assert len(fake.executions) == 2
     assert fake.executions[0].outcome == "interrupted"
+    assert fake.executions[0].end is not None
     assert fake.executions[1].start >= fake.executions[0].end  # never two of ours at once with lookahead 0
 
 

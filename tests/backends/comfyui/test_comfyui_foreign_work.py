@@ -44,6 +44,7 @@ async def test_a_broadcast_of_an_empty_queue_frees_the_instance_without_reading_
     # The prompt's end broadcasts queue_remaining 0: nothing to read, so a job claimed right
     # then does not wait for a round trip to learn the instance is free.
     ended = next(run.end for run in fake.executions if run.prompt_id == foreign)
+    assert ended is not None
     assert [call for call in fake.calls("GET", "/queue") if call.at >= ended] == []
 
 

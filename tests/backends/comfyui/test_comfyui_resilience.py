@@ -25,6 +25,7 @@ async def test_history_written_late_after_success_is_still_read_correctly(
     returned = asyncio.get_running_loop().time()
 
     assert result.image.read().startswith(b"\x89PNG")
+    assert fake.executions[0].end is not None
     assert returned >= fake.executions[0].end + 0.3  # it waited for the history write, not for nothing
     prompt_id = result.metadata["prompt_id"]
     await until(lambda: fake.history_entry(prompt_id) is None)  # read once written, then deleted
