@@ -429,6 +429,15 @@ def start_write_image(path: Path, data: bytes) -> Future[None]:
     return _durable_writes.submit(_atomic_write, path, data)
 
 
+def start_remove(path: Path) -> Future[None]:
+    """Remove a cache file on another thread, for callers that need not wait.
+
+    A system call on the event loop releases the interpreter lock and then waits to get it back
+    from busy file threads; an unlink nobody waits for is better queued behind their work.
+    """
+    return _durable_writes.submit(path.unlink, missing_ok=True)
+
+
 def write_copy(path: Path, data: bytes) -> None:
     """A cache file (the journal): atomic, not fsynced; losing it costs a re-render, never a result."""
     _atomic_write(path, data, durable=False)

@@ -193,9 +193,13 @@ def _write_journal(directory: Path, job_id: UUID, artifact: Artifact) -> None:
     output.write_copy(_journal_path(directory, job_id), json.dumps(raw, default=str).encode())
 
 
-def forget(directory: Path, job_id: UUID) -> None:
-    """Drop the journal once the job's result is recorded durably."""
-    _journal_path(directory, job_id).unlink(missing_ok=True)
+def forget(directory: Path, job_id: UUID) -> concurrent.futures.Future[None]:
+    """Drop the journal once the job's result is recorded durably, on a file thread.
+
+    Not waited for: a journal left behind names only files of a job that is done, and a retry
+    of that job would reuse them.
+    """
+    return output.start_remove(_journal_path(directory, job_id))
 
 
 def discard(directory: Path, job_id: UUID) -> None:
@@ -246,17 +250,20 @@ class Pipeline:
         *,
         strict_upload: bool = True,
         rendered: Callable[[], None] = lambda: None,
+        resume: bool = True,
     ) -> Artifact:
         """Generate (or reuse a journaled result), write locally, then store.
 
         With ``strict_upload`` an upload failure raises (the worker retries the job); without
         it the error is returned on the artifact (the CLI reports it and exits 0). ``rendered``
-        is called once the image is on local disk, before the upload.
+        is called once the image is on local disk, before the upload. ``resume`` False says no
+        earlier attempt ran (a job's first claim), so there is no journal to look for: a file
+        lookup on the event loop is a wait for the interpreter lock when file threads are busy.
         """
         # File work (fsync, hashing) runs in a thread: heartbeats share this event loop.
         directory = self.output.directory
         artifact = None
-        if _journal_path(directory, job_id).exists():  # an earlier attempt on this host
+        if resume and _journal_path(directory, job_id).exists():  # an earlier attempt on this host
             artifact = await asyncio.to_thread(_read_journal, directory, job_id)
         if artifact is None:
             artifact = await self._generate(job_id, spec, ctx)

@@ -35,7 +35,9 @@ WHERE owner_user_id = $1 AND dedupe_key = $2 AND status IN ('pending', 'running'
 -- owners do not contain this one": the planner estimates `owner <> ALL (...)` from the
 -- owners' statistics and, when one owner has the whole backlog, takes it to reject every
 -- row and reads the table in full instead of the index). The claimed rows' run
--- state goes to imagen.job_runs; backend_ref and result come back as earlier attempts left them.
+-- state goes to imagen.job_runs; backend_ref and result come back as earlier attempts left them,
+-- and ran_before says whether any earlier attempt was claimed at all (the run record is read as
+-- it was before this statement; it is never deleted while its job exists).
 WITH running AS MATERIALIZED (
     SELECT owner_user_id, count(*) AS n FROM imagen.jobs
     WHERE $9::int IS NOT NULL AND status = 'running'
@@ -113,7 +115,7 @@ runs AS (
     ON CONFLICT (job_id) DO UPDATE
     SET worker_id = EXCLUDED.worker_id, attempt = EXCLUDED.attempt, updated_at = now()
 )
-SELECT c.*, r.backend_ref, r.result
+SELECT c.*, r.backend_ref, r.result, r.job_id IS NOT NULL AS ran_before
 FROM claimed c LEFT JOIN imagen.job_runs r ON r.job_id = c.id
 ORDER BY c.priority DESC, c.turn, c.run_at;
 

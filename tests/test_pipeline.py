@@ -102,6 +102,21 @@ async def test_a_failed_upload_keeps_the_image_and_the_retry_uploads_the_same_fi
     assert hashlib.sha256(images[0].read_bytes()).hexdigest() == artifact.sha256
 
 
+async def test_a_first_attempt_does_not_look_for_a_journal_and_forgetting_removes_it(tmp_path: Path) -> None:
+    job_id = uuid.uuid4()
+    CountingMock.calls = 0
+    with pytest.raises(RetryableError):
+        await pipeline(tmp_path, FlakyStore(outages=1)).run(job_id, SPEC, CountingContext())
+    journal = tmp_path / ".imagen-journal" / f"{job_id}.json"
+    assert journal.is_file()
+
+    fresh = await pipeline(tmp_path, FlakyStore(0)).run(job_id, SPEC, CountingContext(), resume=False)
+    assert not fresh.reused and CountingMock.calls == 2, "resume=False: no earlier attempt to reuse"
+
+    forget(tmp_path, job_id).result(timeout=5)
+    assert not journal.exists()
+
+
 async def test_without_strict_upload_the_error_is_reported_not_raised(tmp_path: Path) -> None:
     artifact = await pipeline(tmp_path, FlakyStore(outages=1)).run(
         uuid.uuid4(), SPEC, CountingContext(), strict_upload=False

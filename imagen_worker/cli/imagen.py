@@ -463,7 +463,10 @@ def generate(
         job_id = uuid.uuid4()
         try:
             pipeline = Pipeline({name: chosen}, name, sink, config.output)
-            artifact = await pipeline.run(job_id, spec, _TerminalProgress(), strict_upload=False)
+            # A new job id: no earlier attempt left a journal to resume.
+            artifact = await pipeline.run(
+                job_id, spec, _TerminalProgress(), strict_upload=False, resume=False
+            )
         except JobError as exc:
             err.print(f"imagen: {exc.message}", highlight=False)
             return 1

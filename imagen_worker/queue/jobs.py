@@ -94,6 +94,8 @@ class Job:
     quality: int | None = None
     # The upload an earlier attempt recorded (``ImageRecord.as_result``): link it, render nothing.
     result: Mapping[str, Any] | None = None
+    # False when this is the job's first claim ever: no earlier attempt left files to reuse.
+    ran_before: bool = True
 
     @classmethod
     def from_record(cls, row: Mapping[str, Any]) -> Job:

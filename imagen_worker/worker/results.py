@@ -47,7 +47,7 @@ async def produce(
     if job.result is not None:
         rendered()
         return images_from_result(job.result), None
-    artifact = await pipeline.run(job.id, spec, ctx, rendered=rendered)
+    artifact = await pipeline.run(job.id, spec, ctx, rendered=rendered, resume=job.ran_before)
     artifact.timings["claim"] = claim_seconds
     artifact.sidecar["timings_ms"] = stage_milliseconds(artifact.timings)
     records = artifact.image_records()

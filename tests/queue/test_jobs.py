@@ -297,6 +297,20 @@ async def test_release_returns_jobs_without_spending_an_attempt_and_wakes_worker
     assert heard, "released jobs are announced so another worker takes them at once"
 
 
+async def test_a_claim_says_whether_an_earlier_attempt_ran_even_one_that_spent_none(db: asyncpg.Pool) -> None:
+    # An earlier attempt may have left files on this host to reuse; a first claim cannot have.
+    await enqueue(db)
+    queue = worker(db)
+    (first,) = await claim(queue)
+    assert first.ran_before is False
+    await queue.release([first.key])
+    (released,) = await claim(queue)
+    assert released.attempts == 1 and released.ran_before is True
+    await expire_leases(db)
+    (retaken,) = await claim(worker(db))
+    assert retaken.attempts == 2 and retaken.ran_before is True
+
+
 async def test_boot_recovery_requeues_only_expired_leases(db: asyncpg.Pool) -> None:
     await enqueue(db)
     await enqueue(db)
