@@ -196,8 +196,8 @@ def _write_journal(directory: Path, job_id: UUID, artifact: Artifact) -> None:
 def forget(directory: Path, job_id: UUID) -> concurrent.futures.Future[None]:
     """Drop the journal once the job's result is recorded durably, on a file thread.
 
-    Not waited for: a journal left behind names only files of a job that is done, and a retry
-    of that job would reuse them.
+    Not waited for: a journal left behind (the unlink failed) costs only disk space, since a
+    job that is done never runs again.
     """
     return output.start_remove(_journal_path(directory, job_id))
 
