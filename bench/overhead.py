@@ -317,8 +317,7 @@ async def run(
         pipe, child = ctx.Pipe()
         fake = ctx.Process(target=_fake_process, args=(gpu_ms / 1000, child), daemon=True)
         fake.start()
-        fake_url: str = await asyncio.get_running_loop().run_in_executor(None, pipe.recv)
-        url = fake_url
+        url = str(await asyncio.get_running_loop().run_in_executor(None, pipe.recv))
     try:
         with tempfile.TemporaryDirectory(prefix="imagen-bench-overhead-") as tmp:
             result = await measure(url, jobs, warmup, template, Path(tmp))
