@@ -7,6 +7,7 @@ the worker emits events, and this module turns them into metrics.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import structlog
@@ -76,8 +77,9 @@ class Service:
         )
 
     async def _observe(self) -> None:
-        """Every few seconds: listener and backend gauges, queue depth."""
+        """Every few seconds: listener and backend gauges; the queue depth when it is due."""
         seen_reconnects = 0
+        depth_due = 0.0
         while True:
             listener = self.worker.listener
             m.LISTENER_CONNECTED.set(1 if listener.connected else 0)
@@ -93,10 +95,11 @@ class Service:
                 self._backend_health[name] = healthy
                 available = healthy and backend.unavailable_reason is None
                 m.BACKEND_HEALTHY.labels(backend=name).set(1 if available else 0)
-            try:
-                await m.METRICS.refresh_queue_depth(self.worker.pool)
-            except Exception as exc:
-                log.warning("queue depth refresh failed", error=str(exc))
+            if time.monotonic() >= depth_due:
+                try:
+                    depth_due = time.monotonic() + await m.METRICS.refresh_queue_depth(self.worker.pool)
+                except Exception as exc:
+                    log.warning("queue depth refresh failed", error=str(exc))
             await asyncio.sleep(5)
 
     def _alive(self) -> bool:
