@@ -28,6 +28,11 @@ def relations_read_in_full(plan: dict[str, Any]) -> list[str]:
     return found
 
 
+def node_types(plan: dict[str, Any]) -> list[str]:
+    """Every node of the plan, by type (``"Sort"``, ``"Index Scan"``, ...)."""
+    return [str(plan["Node Type"])] + [kind for child in plan.get("Plans", []) for kind in node_types(child)]
+
+
 def subplan(plan: dict[str, Any], name: str) -> dict[str, Any]:
     """The node of a named subplan (a CTE: ``"CTE named"``)."""
     if plan.get("Subplan Name") == name:

@@ -19,7 +19,7 @@ import pytest
 from imagen_worker.queries import sql
 from imagen_worker.queue.jobs import Job, JobSpec, Queue
 from tests.db.test_rls import request_as
-from tests.queue.plans import explain, relations_read_in_full
+from tests.queue.plans import explain, node_types, relations_read_in_full, subplan
 
 A, B, C = (uuid.UUID(f"00000000-0000-4000-8000-00000000000{n}") for n in "abc")
 
@@ -188,3 +188,5 @@ async def test_one_owners_long_backlog_is_claimed_through_the_index_not_read_in_
         )  # fmt: skip
 
     assert "jobs" not in relations_read_in_full(plan)
+    # Nor read through another index and sorted: the first rows of the claim index are the answer.
+    assert "Sort" not in node_types(subplan(plan, "CTE defaults"))
