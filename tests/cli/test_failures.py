@@ -168,9 +168,8 @@ async def test_missing_storage_credentials_are_exit_77(database_url: str, tmp_pa
 
 def test_a_refused_database_password_is_exit_77(tmp_path: Path, database_url: str) -> None:
     parts = urlsplit(database_url)
-    nobody = urlunsplit(
-        parts._replace(netloc=f"no_such_role_{uuid.uuid4().hex[:6]}@{parts.hostname}:{parts.port}")
-    )
+    address = parts.netloc.rpartition("@")[2]  # empty for a Unix socket named in the query
+    nobody = urlunsplit(parts._replace(netloc=f"no_such_role_{uuid.uuid4().hex[:6]}@{address}"))
 
     result = run("imagen", "list", dsn=nobody, config=write_config(tmp_path))
 

@@ -20,7 +20,7 @@ import contextlib
 import threading
 from collections.abc import Coroutine
 from typing import Any, Self, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 _CHUNK = 65536
 _T = TypeVar("_T")
@@ -28,6 +28,8 @@ _T = TypeVar("_T")
 
 class FaultProxy:
     def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        # A host that is a directory names a Unix socket there (libpq's rule): the embedded
+        # server of the tests listens on nothing else.
         self.upstream = (upstream_host, upstream_port)
         self.port = 0
         self.accepted = 0
@@ -43,14 +45,17 @@ class FaultProxy:
     @classmethod
     def for_dsn(cls, dsn: str) -> Self:
         parts = urlsplit(dsn)
-        return cls(parts.hostname or "127.0.0.1", parts.port or 5432)
+        query = dict(parse_qsl(parts.query))
+        host = query.get("host") or parts.hostname or "127.0.0.1"
+        return cls(host, int(query.get("port") or parts.port or 5432))
 
     def dsn(self, dsn: str) -> str:
-        """``dsn`` with its host and port replaced by this proxy's."""
+        """``dsn`` with its host and port (in the address or the query) replaced by this proxy's."""
         parts = urlsplit(dsn)
         credentials = parts.netloc.rpartition("@")[0]
         netloc = f"{credentials}@127.0.0.1:{self.port}" if credentials else f"127.0.0.1:{self.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
+        query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in ("host", "port")])
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
 
     # --- lifecycle (call from any thread) ------------------------------------------------
 
@@ -130,13 +135,19 @@ class FaultProxy:
     async def _count(self) -> int:
         return len(self._clients)
 
+    async def _connect_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        host, port = self.upstream
+        if host.startswith("/"):
+            return await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
+        return await asyncio.open_connection(host, port)
+
     async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
         self._writers.add(client_writer)
         self._clients.add(client_writer)
         await self._open.wait()  # a blackholed path does not even reach the server
         try:
-            server_reader, server_writer = await asyncio.open_connection(*self.upstream)
+            server_reader, server_writer = await self._connect_upstream()
         except OSError:
             client_writer.transport.abort()
             self._writers.discard(client_writer)
