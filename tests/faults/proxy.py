@@ -28,8 +28,6 @@ _T = TypeVar("_T")
 
 class FaultProxy:
     def __init__(self, upstream_host: str, upstream_port: int) -> None:
-        # A host that is a directory names a Unix socket there (libpq's rule): the embedded
-        # server of the tests listens on nothing else.
         self.upstream = (upstream_host, upstream_port)
         self.port = 0
         self.accepted = 0
@@ -136,6 +134,8 @@ class FaultProxy:
         return len(self._clients)
 
     async def _connect_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        # A host that is a directory names a Unix socket there (libpq's rule): the embedded
+        # server of the tests listens on nothing else.
         host, port = self.upstream
         if host.startswith("/"):
             return await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -25,6 +27,31 @@ async def test_traffic_flows_through_the_proxy(proxy: FaultProxy, database_url: 
         assert proxy.connections == 1
     finally:
         await conn.close()
+
+
+async def test_a_server_on_a_unix_socket_is_reached_through_the_proxys_tcp_port(database_url: str) -> None:
+    # The tests' embedded server listens on a Unix socket only, named in the DSN's query.
+    conn = await asyncpg.connect(database_url)
+    try:
+        directories, port, name = await conn.fetchrow(
+            "SELECT current_setting('unix_socket_directories'), current_setting('port'), current_database()"
+        )
+    finally:
+        await conn.close()
+    directory = directories.split(",")[0].strip()
+    if not directory or not (Path(directory) / f".s.PGSQL.{port}").exists():
+        pytest.skip("this server has no Unix socket on this host (a container's)")
+    credentials = urlsplit(database_url).netloc.rpartition("@")[0] or "postgres"
+    on_socket = f"postgresql://{credentials}@/{name}?host={directory}&port={port}"
+
+    with FaultProxy.for_dsn(on_socket) as proxy:
+        assert proxy.dsn(on_socket) == f"postgresql://{credentials}@127.0.0.1:{proxy.port}/{name}"
+        through = await asyncpg.connect(proxy.dsn(on_socket))
+        try:
+            assert await through.fetchval("SELECT 41 + 1") == 42
+            assert proxy.connections == 1
+        finally:
+            await through.close()
 
 
 async def test_cut_resets_open_connections_and_new_ones_work(proxy: FaultProxy, database_url: str) -> None:
