@@ -7,13 +7,15 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -68,6 +70,42 @@ async def scratch_database(
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+# Set while ``python -m bench`` runs: scratch directories are removed once every benchmark is over.
+_deferred: list[Path] | None = None
+
+
+@contextlib.contextmanager
+def scratch_directory(prefix: str) -> Iterator[Path]:
+    """A new directory for one benchmark's files (the workers' images among them).
+
+    Under ``python -m bench`` it is removed only after the last benchmark: on a filesystem
+    without a journal, ext4 makes every new file skip the inodes freed in the last minutes, so
+    one benchmark's removal of thousands of files slowed the next one's file writes
+    (docs/performance.md, Findings, item 35).
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        if _deferred is not None:
+            _deferred.append(path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def removals_deferred() -> Iterator[None]:
+    """Keep every ``scratch_directory`` until this block ends, then remove them all."""
+    global _deferred
+    _deferred = []
+    try:
+        yield
+    finally:
+        kept, _deferred = _deferred, None
+        for path in kept:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -32,6 +31,7 @@ from bench.common import (
     machine_info,
     print_table,
     scratch_database,
+    scratch_directory,
     spawn_worker,
     stop_worker,
     summary_ms,
@@ -182,8 +182,8 @@ async def run(
             f"  {rows:,} pending rows over {owners:,} owners: claim p50 {cost['claim']['p50_ms']} ms",
             flush=True,
         )
-        with tempfile.TemporaryDirectory(prefix="imagen-fair-") as tmp:
-            waits = [await starvation(dsn, backlog, c, job_ms, Path(tmp)) for c in (1, 4)]
+        with scratch_directory("imagen-fair-") as tmp:
+            waits = [await starvation(dsn, backlog, c, job_ms, tmp) for c in (1, 4)]
     print_table(
         "Claim and web insert latency with a backlog over many owners (statement round trip)",
         ["pending rows", "owners", "load s", "claim p50", "claim p95", "claim p50 (max 2 running/owner)",

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import itertools
 import multiprocessing as mp
-import tempfile
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -33,6 +32,7 @@ from bench.common import (
     percentile,
     print_table,
     scratch_database,
+    scratch_directory,
     write_result,
     write_worker_config,
 )
@@ -165,9 +165,9 @@ async def run(jobs: int = 200, gpu_ms: float = 200.0, upload_ms: float = 150.0) 
     info = await machine_info()
     results = []
     async with scratch_database("bench_gpu") as dsn:
-        with tempfile.TemporaryDirectory(prefix="imagen-bench-gpu-") as tmp:
+        with scratch_directory("imagen-bench-gpu-") as tmp:
             for lookahead in (0, 1):
-                result = await measure(dsn, Path(tmp), jobs, gpu_ms, upload_ms, lookahead)
+                result = await measure(dsn, tmp, jobs, gpu_ms, upload_ms, lookahead)
                 results.append(result)
                 print(f"  lookahead {lookahead}: busy {result['busy_share']:.1%}", flush=True)
     print_table(

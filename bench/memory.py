@@ -20,7 +20,6 @@ import collections
 import json
 import os
 import signal
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from bench.common import (
     machine_info,
     print_table,
     scratch_database,
+    scratch_directory,
     spawn_worker,
     stop_worker,
     wait_for_workers,
@@ -102,20 +102,20 @@ async def run(jobs: int = 10_000, warmup: int | None = None, probe: bool = False
     info = await machine_info()
     async with scratch_database("bench_memory") as dsn:
         conn = await asyncpg.connect(dsn)
-        with tempfile.TemporaryDirectory(prefix="imagen-bench-mem-") as tmp:
+        with scratch_directory("imagen-bench-mem-") as tmp:
             config = write_worker_config(
-                Path(tmp),
+                tmp,
                 backends={"mock": {"type": "mock", "latency_ms": 0, "capacity": 16}},
                 worker={"concurrency": 16},
             )
-            probe_base = Path(tmp) / "probe"
+            probe_base = tmp / "probe"
             extra = (
                 {"PYTHONPATH": str(ROOT / "bench" / "memprobe"), "IMAGEN_MEMPROBE": str(probe_base)}
                 if probe
                 else {}
             )
             probes: list[dict[str, Any]] = []
-            proc = spawn_worker(worker_env(dsn, config, **extra), Path(tmp) / "worker.log")
+            proc = spawn_worker(worker_env(dsn, config, **extra), tmp / "worker.log")
             try:
                 await wait_for_workers(conn, 1, timeout=60)
                 ps = psutil.Process(proc.pid)

@@ -28,7 +28,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import tempfile
 import time
 import uuid
 from multiprocessing.connection import Connection
@@ -43,6 +42,7 @@ from bench.common import (
     machine_info,
     print_table,
     scratch_database,
+    scratch_directory,
     spawn_worker,
     stop_worker,
     summary_ms,
@@ -319,8 +319,8 @@ async def run(
         fake.start()
         url = str(await asyncio.get_running_loop().run_in_executor(None, pipe.recv))
     try:
-        with tempfile.TemporaryDirectory(prefix="imagen-bench-overhead-") as tmp:
-            result = await measure(url, jobs, warmup, template, Path(tmp))
+        with scratch_directory("imagen-bench-overhead-") as tmp:
+            result = await measure(url, jobs, warmup, template, tmp)
     finally:
         if fake is not None and pipe is not None:
             pipe.send("stop")

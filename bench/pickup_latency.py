@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
-import tempfile
 import time
 import uuid
 from multiprocessing.connection import Connection
@@ -43,6 +42,7 @@ from bench.common import (
     machine_info,
     print_table,
     scratch_database,
+    scratch_directory,
     summary_ms,
     write_result,
     write_worker_config,
@@ -222,11 +222,11 @@ async def run(jobs: int = 1000, backlog_rows: int = 10_000, floor_samples: int =
     async with scratch_database("bench_pickup") as dsn:
         info = await machine_info()
         floors = await floor(dsn, floor_samples)
-        with tempfile.TemporaryDirectory(prefix="imagen-bench-pickup-") as tmp:
+        with scratch_directory("imagen-bench-pickup-") as tmp:
             scenarios = {
-                "idle": await pickup(dsn, Path(tmp), jobs, None, 0),
-                "backlog_future": await pickup(dsn, Path(tmp), jobs, "future", backlog_rows),
-                "backlog_foreign": await pickup(dsn, Path(tmp), jobs, "foreign", backlog_rows),
+                "idle": await pickup(dsn, tmp, jobs, None, 0),
+                "backlog_future": await pickup(dsn, tmp, jobs, "future", backlog_rows),
+                "backlog_foreign": await pickup(dsn, tmp, jobs, "foreign", backlog_rows),
             }
     rows = [
         ("floor: SELECT 1 round trip", floors["select_1"]),

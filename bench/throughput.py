@@ -43,7 +43,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
@@ -60,6 +59,7 @@ from bench.common import (
     machine_info,
     print_table,
     scratch_database,
+    scratch_directory,
     spawn_worker,
     stop_worker,
     wait_for_workers,
@@ -339,12 +339,12 @@ async def run(
     systems (A B C, A B C, ...) and the table shows each system's median."""
     info = await machine_info()
     results: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="imagen-bench-tp-") as tmp:
+    with scratch_directory("imagen-bench-tp-") as tmp:
         for round_ in range(repeat):
             for processes in process_counts:
                 for system in systems:
                     n = imagen_jobs or jobs if system == "imagen" else jobs
-                    result = await measure(system, processes, n, Path(tmp))
+                    result = await measure(system, processes, n, tmp)
                     result["round"] = round_
                     results.append(result)
                     print(
