@@ -4,7 +4,10 @@ Three loops run side by side in one task group, and each running job is a task i
 
 - the claim loop wakes on a NOTIFY (the listener), on a finished job, on a backend's change
   hook, or on the safety poll (``worker.poll_interval``, shortened to the next ``run_at``),
-  and claims up to the free capacity of every available backend;
+  and claims up to the free capacity of every available backend. A backend whose last claim
+  came back short is not asked again until something may have made rows runnable (a NOTIFY,
+  this worker's own retry or release, a freed per-owner slot, the poll): a job ending, or
+  ComfyUI reporting its queue, is no reason to read an empty backlog again;
 - the heartbeat loop renews the leases of the running (job, attempt)s every third of a
   lease, and stops any job whose lease it could not renew for two thirds of a lease, so the
   lease never expires while this worker still runs the job;
@@ -48,6 +51,8 @@ from imagen_worker.worker.running import DB_ERRORS, Event, JobRunner, RunningJob
 log = structlog.get_logger("imagen.worker")
 
 Hook = Callable[[Event, dict[str, Any]], None]
+# This worker's own outcomes that put a row back to pending (now or at a later run_at).
+BACK_TO_PENDING = frozenset({Event.RETRIED, Event.REQUEUED, Event.RELEASED})
 
 
 class Liveness:
@@ -78,6 +83,10 @@ class Worker:
         self.outbox: webhooks.Outbox | None = None
         self.liveness = Liveness()
         self.wake = asyncio.Event()  # claim now
+        # Bumped by everything that may make rows runnable; a backend's last short claim
+        # (``_dry``) holds only while the generation it saw is still the current one.
+        self._generation = 0
+        self._dry: dict[str, int] = {}
         self.control = asyncio.Event()  # a control message arrived: re-read cancel flags
         self.ready = asyncio.Event()
         self.draining = asyncio.Event()  # first stop signal
@@ -149,7 +158,7 @@ class Worker:
         stack.push_async_callback(self._unregister)
         await self._recover_expired()
         self.listener = Listener(
-            self.dsn, self.wake.set, self.control.set, server_settings=limits.session_settings()
+            self.dsn, self._rows_changed, self.control.set, server_settings=limits.session_settings()
         )
         await self.listener.start()
         stack.push_async_callback(self.listener.stop)
@@ -251,40 +260,60 @@ class Worker:
 
     # --- the claim loop -------------------------------------------------------------
 
+    def _rows_changed(self) -> None:
+        """Rows may be runnable that were not: every backend is worth a claim again."""
+        self._generation += 1
+        self.wake.set()
+
     async def _claim_loop(self) -> None:
-        timeout = 0.0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time()
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
+            try:
+                async with asyncio.timeout_at(deadline):
                     await self.wake.wait()
+            except TimeoutError:
+                self._generation += 1  # time passed: delayed rows came due, leases expired
             self.wake.clear()
             if self.stopping:
                 return
             self.liveness.claim_busy_since = time.monotonic()
             try:
                 await self.fleet.refresh()
+                drained, asked = await self._drain()
                 # Slots full: a job settling wakes the loop, the poll interval is the fallback.
-                # Backlog drained: ask when the next scheduled job is due.
-                drained = await self._drain()
-                timeout = await self._poll_timeout() if drained else self.settings.poll_interval
+                # Backlog drained: ask when the next scheduled job is due. A wake-up that asked
+                # nothing keeps the deadline it found.
+                if asked or loop.time() >= deadline:
+                    timeout = await self._poll_timeout() if drained else self.settings.poll_interval
+                    deadline = loop.time() + timeout
             except DB_ERRORS as exc:
                 log.warning("claim failed; retrying at the next wake-up", error=str(exc))
-                timeout = min(1.0, self.settings.poll_interval)
+                deadline = loop.time() + min(1.0, self.settings.poll_interval)
             except Exception:
                 log.exception("claim loop iteration failed; retrying at the next wake-up")
-                timeout = self.settings.poll_interval
+                deadline = loop.time() + self.settings.poll_interval
             finally:
                 self.liveness.claim_busy_since = None
 
-    async def _drain(self) -> bool:
-        """Claim until every available backend is full or the backlog is empty; True when some
-        backend had a slot left that its backlog could not fill."""
-        drained = False
+    async def _drain(self) -> tuple[bool, bool]:
+        """Claim until every available backend is full or the backlog is empty.
+
+        Returns (drained, asked): drained when some backend had a slot left that its backlog
+        could not fill, asked when a claim went to the database.
+        """
+        drained = asked = False
         for name in self.backends:
             if not await self.fleet.available(name):
+                self._dry.pop(name, None)
+                continue
+            if self._dry.get(name) == self._generation:
+                drained = drained or self._free_slots(name) > 0
                 continue
             is_default = name == self.default_backend
             while not self.stopping and (free := self._free_slots(name)) > 0:
+                asked = True
+                generation = self._generation
                 sent = time.monotonic()
                 jobs = await self.queue.claim(
                     name, is_default=is_default, limit=free, lease_seconds=self.settings.lease_seconds,
@@ -296,8 +325,9 @@ class Worker:
                     self._start_job(job, name, sent)
                 if len(jobs) < free:
                     drained = True
+                    self._dry[name] = generation
                     break
-        return drained
+        return drained, asked
 
     def _free_slots(self, backend: str) -> int:
         """Slots are held by jobs that still use their backend; a settled job (its outcome being
@@ -322,7 +352,7 @@ class Worker:
             keep=self.config.output.keep_previews,
         )  # fmt: skip
         running = RunningJob(
-            job, backend, WorkerJobContext(self.queue, job, previews=previews), on_settled=self.wake.set
+            job, backend, WorkerJobContext(self.queue, job, previews=previews), on_settled=self._slot_freed
         )
         running.claim_seconds = time.monotonic() - claimed_at
         self.running[running.key] = running
@@ -334,7 +364,14 @@ class Worker:
     def _job_finished(self, running: RunningJob) -> None:
         running.finished()
         self.running.pop(running.key, None)
-        self.wake.set()
+        self._slot_freed()
+
+    def _slot_freed(self) -> None:
+        # Under a per-owner cap, a job ending may let its owner's next job run.
+        if self.settings.max_running_per_owner is None:
+            self.wake.set()
+        else:
+            self._rows_changed()
 
     # --- the heartbeat loop ---------------------------------------------------------
 
@@ -403,6 +440,8 @@ class Worker:
             hook(outcome)
 
     def _emit(self, event: Event, **data: Any) -> None:
+        if event in BACK_TO_PENDING:
+            self._rows_changed()
         for hook in self.hooks:
             try:
                 hook(event, data)

@@ -8,12 +8,14 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
 from imagen_worker.backends.base import GenerateRequest, GenerateResult, JobContext
 from imagen_worker.backends.mock import MockBackend
-from imagen_worker.queue.jobs import JobSpec, Queue
+from imagen_worker.queue.jobs import Job, JobSpec, Queue
+from imagen_worker.worker.daemon import Worker
 from tests.fakes.storage import FakeStorage
 from tests.workers import eventually, image_row, insert_job, job_row, make_config, running_worker, terminal
 
@@ -68,6 +70,69 @@ async def test_a_killed_listener_reconnects_and_the_poll_still_picks_jobs_up(
         await eventually(lambda: _connected_again(worker, listener_pid), within=10)
     assert job["status"] == "done"
     assert worker.listener.reconnects >= 1
+
+
+async def test_an_idle_worker_reads_an_empty_backlog_once_not_at_every_job_ending(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    config = make_config(tmp_path, worker={"poll_interval": 30, "concurrency": 2})
+    async with running_worker(config, database_url) as worker:
+        await asyncio.sleep(0.2)  # the start-up claim found the backlog empty
+        claims = _count_claims(worker)
+        jobs = []
+        for i in range(5):
+            jobs.append(await insert(db, f"one at a time {i}"))
+            await terminal(db, jobs[-1], within=5)
+        await asyncio.sleep(0.2)  # any wake-up the last job's ending caused is over
+    statuses = [(await job_row(db, job))["status"] for job in jobs]
+    assert statuses == ["done"] * len(jobs)
+    # One claim per NOTIFY; a job settling or ending is no news about the backlog.
+    assert claims.calls == len(jobs), f"{claims.calls} claims for {len(jobs)} jobs"
+
+
+async def test_a_job_retried_later_runs_when_due_not_at_the_next_poll(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    config = make_config(tmp_path, worker={"poll_interval": 30, "retry_base_seconds": 0.05})
+    async with running_worker(config, database_url):
+        await asyncio.sleep(0.2)  # the start-up claim found the backlog empty
+        job_id = await insert(db, params={"mock_fail": "retryable"}, max_attempts=2)
+        job = await terminal(db, job_id, within=5)
+    assert job["status"] == "failed" and job["attempts"] == 2
+
+
+async def test_under_a_per_owner_cap_an_owners_next_job_starts_as_the_last_one_ends(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    config = make_config(
+        tmp_path,
+        backends={"mock": {"type": "mock", "latency_ms": 200}},
+        worker={"poll_interval": 30, "concurrency": 2, "max_running_per_owner": 1},
+    )
+    async with running_worker(config, database_url):
+        await asyncio.sleep(0.2)
+        first, second = await insert(db, "first"), await insert(db, "second")
+        rows = [await terminal(db, job, within=5) for job in (first, second)]
+    assert [row["status"] for row in rows] == ["done", "done"]
+    earlier, later = sorted(rows, key=lambda row: row["started_at"])
+    assert later["started_at"] >= earlier["finished_at"], "one owner, one running job"
+
+
+class _ClaimCounter:
+    calls = 0
+
+
+def _count_claims(worker: Worker) -> _ClaimCounter:
+    """Counts the claim statements the worker sends (each still runs against the database)."""
+    counter = _ClaimCounter()
+    claim = worker.queue.claim
+
+    async def counted(*args: Any, **kwargs: Any) -> list[Job]:
+        counter.calls += 1
+        return await claim(*args, **kwargs)
+
+    worker.queue.claim = counted  # type: ignore[method-assign]
+    return counter
 
 
 async def _connected_again(worker: object, old_pid: int | None) -> bool:
