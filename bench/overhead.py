@@ -14,7 +14,9 @@ job at a time, alternating raw / worker / worker / raw ... so drift hits both al
   the final commit.
 
 The difference of the two (p50, p95) is the worker's per-job overhead; the table of stage
-timings (the images rows' ``sidecar.timings_ms``) says where it goes. By default ComfyUI is
+timings (the images rows' ``sidecar.timings_ms``) says where it goes, and the floor (the four
+commits a job's promises need, measured alone after the worker stopped, plus the disk's durable
+write) says how much of it no code change can remove on this machine. By default ComfyUI is
 the fake (``tests/fakes/comfyui.py``, in its own process, ``--gpu-ms`` per prompt);
 ``--comfyui-url`` measures a real server, ``--workflow`` takes another API-format graph whose
 node "1" has a ``color`` input and node "2" a ``filename_prefix`` input.
@@ -191,6 +193,50 @@ class WorkerPath:
         return finished - started, job_id
 
 
+# --- the commits the promises need, alone --------------------------------------------------------
+
+COMMITS = ("insert", "claim", "backend ref", "completion")
+
+
+async def commit_floor(dsn: str, jobs: int) -> dict[str, Any]:
+    """The four commits a job's promises need, one job at a time on an idle database, through
+    the worker's own statements and nothing else: the job's INSERT, the claim, the backend ref
+    recorded before the POST (a crash after the POST adopts the prompt instead of rendering it
+    twice) and the completion (the images row and ``done`` together). No notification is
+    waited for and no file written: this is what the worker's overhead cannot go below here,
+    however little Python it runs."""
+    from imagen_worker.db.connect import create_pool
+    from imagen_worker.queue.jobs import ImageRecord, Queue
+
+    pool = await create_pool(dsn, min_size=1, max_size=1, full_reset=False)
+    queue = Queue(pool, uuid.uuid4())
+    times: dict[str, list[float]] = {name: [] for name in (*COMMITS, "all four")}
+    try:
+        for _ in range(jobs):
+            clock = [time.perf_counter()]
+            await pool.fetchval(INSERT_JOB, OWNER, random.randrange(16_777_216))
+            clock.append(time.perf_counter())
+            [job] = await queue.claim("comfyui", is_default=False, limit=1, lease_seconds=60)
+            clock.append(time.perf_counter())
+            await queue.set_backend_ref(job, f"floor#{uuid.uuid4()}")
+            clock.append(time.perf_counter())
+            record = ImageRecord(
+                storage_path=f"local:{OWNER}/{job.id}.png", mime_type="image/png", bytes=200,
+                sha256="0" * 64, backend="comfyui", seed=1, latency_ms=10, sidecar={"floor": True},
+                width=64, height=64, thumbnail_path=f"local:{OWNER}/{job.id}.thumb.webp",
+            )  # fmt: skip
+            [outcome] = await queue.complete_many([(job, record)])
+            clock.append(time.perf_counter())
+            if outcome.image_id is None:
+                raise RuntimeError(f"floor job {job.id} was not recorded")
+            for name, start, end in zip(COMMITS, clock, clock[1:], strict=False):
+                times[name].append(end - start)
+            times["all four"].append(clock[-1] - clock[0])
+    finally:
+        await pool.close()
+    return {name: summary_ms(values) for name, values in times.items()}
+
+
 # --- one run -----------------------------------------------------------------------------------
 
 
@@ -283,6 +329,7 @@ async def measure(
             stop_worker(proc)
             await listener.close()
             await conn.close()
+        commits = await commit_floor(dsn, jobs)
     floors["after"] = await asyncio.to_thread(disk_floor, floor_dir)
     failed = [row["error"] for row in rows if row["status"] != "done"]
     if failed:
@@ -300,7 +347,7 @@ async def measure(
         stages[REST].append(elapsed_by_job[row["id"]] - accounted)
     return {"raw": summary_ms(raw_times), "worker": summary_ms(worker_times),
             "stages": {stage: summary_ms(values) for stage, values in stages.items() if values},
-            "disk_floor": floors}  # fmt: skip
+            "disk_floor": floors, "commit_floor": commits}  # fmt: skip
 
 
 async def run(
@@ -352,12 +399,25 @@ async def run(
             for when, f in result["disk_floor"].items()
         ],
     )  # fmt: skip
+    print_table(
+        "The commits a job's promises need, alone, one job at a time after the worker stopped "
+        "(see commit_floor)",
+        ["commit", "p50 ms", "p95 ms"],
+        [(name, c["p50_ms"], c["p95_ms"]) for name, c in result["commit_floor"].items()],
+    )
     overhead = round(worker["p50_ms"] - raw["p50_ms"], 3)
+    floor = round(
+        result["commit_floor"]["all four"]["p50_ms"]
+        + result["disk_floor"]["after"]["durable_write"]["p50_ms"],
+        3,
+    )
     print(f"  overhead at p50: {overhead} ms (goal: <= 3 ms)")
+    print(f"  floor at p50: {floor} ms (the four commits and the image's durable write)")
     out = {
         "machine": info,
         "parameters": {"jobs": jobs, "warmup": warmup, "comfyui": target, "workflow": template},
         "overhead_p50_ms": overhead,
+        "floor_p50_ms": floor,
         **result,
     }
     write_result(NAME if comfyui_url is None else f"{NAME}_real_comfyui", out)
