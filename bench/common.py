@@ -9,13 +9,14 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -23,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import yaml
 
-from imagen_worker.db.connect import connect
+from imagen_worker.db.connect import connect, embedded_dsn
 from imagen_worker.db.migrate import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,12 +32,37 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
-def server_dsn() -> str:
-    """The maintenance database to create scratch databases from."""
+_resolved_dsn: str | None = None
+
+
+def server_dsn(fallback: Callable[[], str] = embedded_dsn) -> str:
+    """The maintenance database to create scratch databases from.
+
+    ``IMAGEN_BENCH_DATABASE_URL``, else ``IMAGEN_TEST_DATABASE_URL``, else a server answering
+    at 127.0.0.1:5432, else the embedded server ``make demo`` uses: a fresh clone benchmarks
+    without a PostgreSQL of its own, as it tests without one. Decided once per process.
+    """
+    global _resolved_dsn
     for var in ("IMAGEN_BENCH_DATABASE_URL", "IMAGEN_TEST_DATABASE_URL"):
         if value := os.environ.get(var):
             return value
-    return DEFAULT_DSN
+    if _resolved_dsn is None:
+        if _answers(DEFAULT_DSN):
+            _resolved_dsn = DEFAULT_DSN
+        else:
+            _resolved_dsn = fallback()
+            where = urlsplit(DEFAULT_DSN)
+            print(f"  no PostgreSQL at {where.hostname}:{where.port}: using the embedded server", flush=True)
+    return _resolved_dsn
+
+
+def _answers(dsn: str) -> bool:
+    parts = urlsplit(dsn)
+    try:
+        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5432), timeout=2).close()
+    except OSError:
+        return False
+    return True
 
 
 def with_database(dsn: str, name: str) -> str:
