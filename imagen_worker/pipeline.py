@@ -186,11 +186,13 @@ def _read_journal(directory: Path, job_id: UUID) -> Artifact | None:
     return artifact
 
 
-def _write_journal(directory: Path, job_id: UUID, artifact: Artifact) -> None:
+def _write_journal(directory: Path, job_id: UUID, artifact: Artifact) -> Path:
     # Shallow: ``asdict`` would deep-copy every sidecar only to serialise it.
     raw = {f.name: getattr(artifact, f.name) for f in fields(artifact) if f.name != "upload_error"}
     raw["pictures"] = [vars(picture) for picture in artifact.pictures]
-    output.write_copy(_journal_path(directory, job_id), json.dumps(raw, default=str).encode())
+    path = _journal_path(directory, job_id)
+    output.write_copy(path, json.dumps(raw, default=str).encode())
+    return path
 
 
 def forget(directory: Path, job_id: UUID) -> concurrent.futures.Future[None]:
@@ -332,11 +334,13 @@ class Pipeline:
         result: GenerateResult,
         generate_seconds: float,
     ) -> Artifact:
-        """Every image of the batch, its thumbnail and its sidecar on local disk, then the journal
+        """Every image of the batch, its thumbnail and its sidecar on local disk, and the journal
         that lets a retry on this host reuse them: one thread hop for all of a job's file work.
 
-        The images are flushed to disk on threads of their own while the rest is written; the
-        journal comes only once they are durable.
+        The images are flushed to disk on threads of their own while the rest, the journal
+        included, is written. The journal need not wait for them: a retry reuses only images
+        whose bytes match the journal's sha256, so one that never became durable is rendered
+        again; and the stage still returns only once every image is durable.
         """
         when = datetime.now().astimezone()
         latency_ms = int(generate_seconds * 1000)
@@ -351,16 +355,16 @@ class Pipeline:
                             index, produced, spec, backend, request, result, when, latency_ms, files
                         )
                     )
+                artifact = Artifact(
+                    pictures=pictures, seed=request.seed, backend=backend.name, model=result.model,
+                    latency_ms=latency_ms, timings={"generate": generate_seconds, **result.timings},
+                )  # fmt: skip
+                files.written.append(_write_journal(self.output.directory, job_id, artifact))
             finally:
                 for produced in outputs:
                     produced.discard()  # a backend's temporary files, written into place or not
                 files.settle()
             files.check()
-            artifact = Artifact(
-                pictures=pictures, seed=request.seed, backend=backend.name, model=result.model,
-                latency_ms=latency_ms, timings={"generate": generate_seconds, **result.timings},
-            )  # fmt: skip
-            _write_journal(self.output.directory, job_id, artifact)
         except OSError:
             files.remove()  # no journal names them: nothing would ever remove them
             raise

@@ -102,6 +102,24 @@ async def test_a_failed_upload_keeps_the_image_and_the_retry_uploads_the_same_fi
     assert hashlib.sha256(images[0].read_bytes()).hexdigest() == artifact.sha256
 
 
+async def test_a_journal_whose_image_never_became_durable_is_not_reused(tmp_path: Path) -> None:
+    # The journal is written while the image flushes; after a power cut it can name an image
+    # whose bytes never reached the disk. The retry must render again, not upload those bytes.
+    store = FlakyStore(outages=1)
+    job_id = uuid.uuid4()
+    CountingMock.calls = 0
+    with pytest.raises(RetryableError):
+        await pipeline(tmp_path, store).run(job_id, SPEC, CountingContext())
+    [image] = tmp_path.glob("*.png")
+    image.write_bytes(image.read_bytes()[:20])  # what a lost flush leaves: a torn file
+
+    artifact = await pipeline(tmp_path, store).run(job_id, SPEC, CountingContext())
+
+    assert not artifact.reused and CountingMock.calls == 2, "rendered again"
+    assert hashlib.sha256(artifact.image_path.read_bytes()).hexdigest() == artifact.sha256
+    assert store.objects[artifact.storage_key] == artifact.image_path.read_bytes()
+
+
 async def test_a_first_attempt_does_not_look_for_a_journal_and_forgetting_removes_it(tmp_path: Path) -> None:
     job_id = uuid.uuid4()
     CountingMock.calls = 0
