@@ -50,6 +50,7 @@ class FlakyStore(StorageSink):
 
 class CountingContext:
     backend_ref: str | None = None
+    first_claim = True
     cancel_requested = False
 
     def __init__(self) -> None:

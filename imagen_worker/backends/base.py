@@ -196,6 +196,15 @@ class JobContext(Protocol):
     async def set_backend_ref(self, ref: str) -> None:
         """Persist the backend's id for this job before submitting; raises ``LeaseLost``."""
 
+    @property
+    def first_claim(self) -> bool:
+        """True on the job's first claim ever: no earlier attempt can have submitted anything.
+
+        An adapter may then submit under an id derived from the job id alone, with no
+        ``set_backend_ref`` (a commit) before it: a later attempt (False here) looks for that id.
+        A resubmission needs an id of its own, stored with ``set_backend_ref`` first.
+        """
+
     def report_progress(self, value: float, maximum: float, **extra: Any) -> None:
         """Record progress; cheap to call often (the caller throttles database writes).
 
@@ -210,7 +219,7 @@ class JobContext(Protocol):
     def cancel_requested(self) -> bool:
         """Why ``generate`` was cancelled: True when the job's owner cancelled it, so remote work
         must stop; False when the worker only lets go (lease lost, shutdown), so remote work
-        should go on for the next owner, who adopts it through ``backend_ref``."""
+        should go on for the next owner, who adopts it (``backend_ref``, ``first_claim``)."""
 
 
 class Backend(abc.ABC):

@@ -407,6 +407,7 @@ class _TerminalProgress:
     """JobContext for in-process generation: progress goes to stderr, nothing is stored."""
 
     backend_ref: str | None = None
+    first_claim = True  # a fresh job id for every run
     cancel_requested = True  # Ctrl-C here means: stop the remote work too
 
     async def set_backend_ref(self, ref: str) -> None:

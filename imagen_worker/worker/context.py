@@ -61,6 +61,10 @@ class WorkerJobContext:
         await self.queue.set_backend_ref(self.job, ref)
         self._ref = ref
 
+    @property
+    def first_claim(self) -> bool:
+        return not self.job.ran_before
+
     def report_progress(self, value: float, maximum: float, **extra: Any) -> None:
         fraction = min(max(value / maximum, 0.0), 1.0) if maximum else 0.0
         self._progress = {

@@ -119,6 +119,7 @@ class Spy:
 
 class _Ctx:
     backend_ref = None
+    first_claim = True
     cancel_requested = False
 
     async def set_backend_ref(self, ref: str) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from imagen_worker.backends.comfyui.pool import first_prompt_id
 from imagen_worker.queue.jobs import Queue
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.storage import FakeStorage
@@ -36,7 +37,7 @@ async def insert(
     return await insert_job(db, prompt, owner_user_id=OWNER, steps=steps, width=width, height=height)
 
 
-async def test_a_comfyui_job_records_its_prompt_id_and_progress_and_ends_done(
+async def test_a_comfyui_job_posts_under_its_first_prompt_id_reports_progress_and_ends_done(
     db: asyncpg.Pool, database_url: str, tmp_path: Path, comfy: FakeComfyUI
 ) -> None:
     comfy.default_duration = 2.5
@@ -53,8 +54,9 @@ async def test_a_comfyui_job_records_its_prompt_id_and_progress_and_ends_done(
 
         await eventually(finished, within=15, every=0.05)
     job = await job_row(db, job_id)
-    prompt_id = job["backend_ref"].split("@")[0]
+    prompt_id = first_prompt_id(job_id)
     assert [r.body["prompt_id"] for r in comfy.calls("POST", "/prompt")] == [prompt_id]
+    assert job["backend_ref"] is None, "a first claim writes nothing before its POST"
     assert len(progress) >= 2, "progress was written while ComfyUI worked"
     fractions = [p["fraction"] for p in progress]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
@@ -75,7 +77,7 @@ async def test_cancelling_a_running_job_interrupts_exactly_its_prompt(
         job = await terminal(db, job_id, within=10)
     assert job["status"] == "cancelled"
     assert [i.prompt_id for i in comfy.interrupts] == [running], "a targeted interrupt, never a bare one"
-    assert job["backend_ref"].startswith(running)
+    assert running == first_prompt_id(job_id)
 
 
 async def test_two_instances_share_a_backlog(
@@ -129,9 +131,9 @@ async def test_a_taken_over_job_adopts_the_running_prompt_instead_of_resubmittin
     async with running_worker(config, database_url) as first:
         job_id = await insert(db, "an adopted render")
         await comfy.wait_running(within=10)
-        first.force.set()  # leave at once: the job is released with its backend_ref
+        first.force.set()  # leave at once: the job is released, its prompt left running
     job = await job_row(db, job_id)
-    assert job["status"] == "pending" and job["backend_ref"]
+    assert job["status"] == "pending" and job["backend_ref"] is None
     async with running_worker(config, database_url):
         job = await terminal(db, job_id, within=15)
     assert job["status"] == "done"

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import asyncpg
 
+from imagen_worker.backends.comfyui.pool import first_prompt_id
+from tests.fakes.comfyui import FakeComfyUI
 from tests.workers import eventually, wait_registered, worker_processes, write_config
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-000000000002")
@@ -74,6 +76,39 @@ async def test_a_job_of_a_kill_9_worker_is_finished_by_another_after_its_lease_e
     job = await db.fetchrow("SELECT * FROM imagen.jobs WHERE id = $1", job_id)
     assert job["attempts"] == 2
     assert await db.fetchval("SELECT count(*) FROM imagen.images WHERE job_id = $1", job_id) == 1
+
+
+async def test_a_kill_9_after_the_post_leaves_a_prompt_the_next_worker_adopts_not_renders_again(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, fake_comfyui: FakeComfyUI
+) -> None:
+    # The first claim writes nothing between the claim and the POST: the rescuer finds the
+    # prompt by the id derived from the job id.
+    fake_comfyui.default_duration = 4.0
+    block = {
+        "type": "comfyui", "base_url": fake_comfyui.url, "workflow": "sd15", "poll_interval": 0.5,
+        "connect_timeout": 2.0, "timeout": 30,
+    }  # fmt: skip
+    config = write_config(tmp_path, backends={"gpu": block}, worker={"lease_seconds": 3, "concurrency": 1})
+    with worker_processes(database_url, config, 1, tmp_path) as (victim,):
+        await wait_registered(db, victim)
+        (job_id,) = await insert_many(db, 1, steps=10)
+        running = await fake_comfyui.wait_running(within=10)
+        victim.kill()
+    assert await db.fetchval("SELECT backend_ref FROM imagen.job_runs WHERE job_id = $1", job_id) is None
+    with worker_processes(database_url, config, 1, tmp_path) as (rescuer,):
+        await wait_registered(db, rescuer)
+        await eventually(lambda: _all_done(db, 1), within=30, every=0.2)
+
+    assert running == first_prompt_id(job_id)
+    assert [r.body["prompt_id"] for r in fake_comfyui.calls("POST", "/prompt")] == [running], "rendered once"
+    job = await db.fetchrow("SELECT * FROM imagen.jobs WHERE id = $1", job_id)
+    assert job["attempts"] == 2
+    image = await db.fetchrow(
+        "SELECT i.id, n.backend_metadata FROM imagen.images i "
+        "JOIN imagen.image_internals n ON n.image_id = i.id WHERE i.job_id = $1",
+        job_id,
+    )
+    assert image["id"] == job["image_id"] and image["backend_metadata"]["prompt_id"] == running
 
 
 async def _running_on(db: asyncpg.Pool, job_id: uuid.UUID) -> bool:

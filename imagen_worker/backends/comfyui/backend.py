@@ -8,8 +8,10 @@ The life of a job:
    downloading and uploading the previous result, and the backlog stays in our database
    instead of ComfyUI's volatile, hard-to-cancel queue.
 2. Upload the job's input images to that instance (``/upload/image`` into ``imagen/<job id>/``,
-   so no job ever loads another's), mint a uuid4 prompt id, store ``<prompt_id>@<base_url>`` as
-   the job's backend ref, then POST.
+   so no job ever loads another's), then POST. On the job's first claim the prompt id is
+   derived from the job id (``pool.first_prompt_id``) and nothing is written first: a later
+   attempt finds it by that id on every instance. A resubmission mints a uuid4, stores
+   ``<prompt_id>@<base_url>`` as the job's backend ref, then POSTs.
 3. Follow the socket until ``executing`` with ``node: null`` for our id, beside a slow
    ``/history`` poll so a dead or silent socket cannot hang the job (the events also feed the
    job's overall percentage and preview frames, see ``progress.py``); then read the history
@@ -29,7 +31,7 @@ busy, the job did nothing wrong); past the run budget it is interrupted and the 
 Outages: while every instance is down ``unavailable_reason`` says so and capacity is 0; both
 recover on their own when a socket connects again (``notify_change`` each time). A job whose
 instance dies, or that finds nothing to submit to, raises ``BackendUnavailable``; its retry
-adopts the prompt through the backend ref if it survived.
+adopts the prompt if it survived (through the backend ref, or the first prompt id).
 
 Cancellation (the worker cancels the task): when the owner cancelled (``ctx.cancel_requested``),
 the prompt is withdrawn: ``POST /api/jobs/{id}/cancel`` where the server has it, else ``POST
@@ -84,7 +86,7 @@ from imagen_worker.backends.comfyui.history import (
     raise_for_outcome,
 )
 from imagen_worker.backends.comfyui.params import closed, params_model
-from imagen_worker.backends.comfyui.pool import Instance, Pool, make_ref, parse_ref
+from imagen_worker.backends.comfyui.pool import Instance, Pool, first_prompt_id, make_ref, parse_ref
 from imagen_worker.backends.comfyui.progress import JobProgress
 from imagen_worker.backends.comfyui.workflows import Workflow, WorkflowError, job_workflow, model_name
 from imagen_worker.errors import BackendUnavailable, ConfigError, RetryableError, TerminalError
@@ -350,11 +352,14 @@ class ComfyUIBackend(Backend):
     async def generate(self, request: GenerateRequest, ctx: JobContext) -> GenerateResult:
         await self.start()
         workflow = self._workflow_for(request)
-        if ctx.backend_ref:
-            recovered = await self._recover(ctx.backend_ref, request, ctx)
+        first = ctx.first_claim and not ctx.backend_ref
+        if not first:
+            recovered = await self._recover(request, ctx)
             if recovered is not None:
                 return recovered
-        prompt_id = str(uuid.uuid4())
+        # A resubmission needs a fresh id: ComfyUI runs a second prompt under a known id and
+        # overwrites the first one's history with it.
+        prompt_id = first_prompt_id(request.job_id) if first else str(uuid.uuid4())
         planned = {
             name: f"{_inputs_folder(request)}/{name}.{image.extension}"
             for name, image in request.inputs.items()
@@ -372,11 +377,12 @@ class ComfyUIBackend(Backend):
             uploaded = await self._upload_inputs(client, request)
             if uploaded != planned:
                 graph = self._render(workflow, request, prompt_id, uploaded)
-            await ctx.set_backend_ref(make_ref(prompt_id, client.base_url))
+            if not first:
+                await ctx.set_backend_ref(make_ref(prompt_id, client.base_url))
         except BaseException:
             self._pool.release(inst, prompt_id)
             raise
-        # submit: a slot, a live socket, the prompt id recorded; execute: POST /prompt until
+        # submit: a slot, a live socket, a resubmission's prompt id recorded; execute: POST /prompt until
         # ComfyUI says it is done; download: /history and /view of every output.
         submitted = time.perf_counter()
         saves = SocketSaves(graph, await self._spool_dir(), self.config.max_output_bytes)
@@ -738,18 +744,49 @@ class ComfyUIBackend(Backend):
 
     # --- recovery -----------------------------------------------------------------------
 
-    async def _recover(self, ref: str, request: GenerateRequest, ctx: JobContext) -> GenerateResult | None:
-        """An earlier attempt's prompt: collect it, wait for it, or return None to resubmit."""
-        parsed = parse_ref(ref)
-        inst = next((i for i in self._instances if parsed and i.client.base_url == parsed[1]), None)
-        if parsed is None or inst is None:
-            log.info("comfyui backend ref not usable; submitting again", ref=ref)
-            return None
-        prompt_id = parsed[0]
+    async def _recover(self, request: GenerateRequest, ctx: JobContext) -> GenerateResult | None:
+        """An earlier attempt's prompt: collect it, wait for it, or return None to resubmit.
+
+        That prompt is the one the backend ref names or, with no ref, the first claim's, on
+        whichever instance knows it.
+        """
+        if ctx.backend_ref:
+            ref = ctx.backend_ref
+            parsed = parse_ref(ref)
+            inst = next((i for i in self._instances if parsed and i.client.base_url == parsed[1]), None)
+            if parsed is None or inst is None:
+                log.info("comfyui backend ref not usable; submitting again", ref=ref)
+                return None
+            prompt_id = parsed[0]
+        else:
+            prompt_id = first_prompt_id(request.job_id)
+            inst = await self._holder(prompt_id)
+            if inst is None:
+                log.info("comfyui first prompt not on any instance; submitting again", prompt_id=prompt_id)
+                return None
+            ref = make_ref(prompt_id, inst.client.base_url)
         try:
             return await self._adopt(inst, prompt_id, request, ctx, ref)
         finally:
             self._executed.pop(prompt_id, None)
+
+    async def _holder(self, prompt_id: str) -> Instance | None:
+        """The instance that has the prompt queued, running or in its history.
+
+        The queue is read before the history: a prompt leaves the queue only once its history
+        entry is written, so one that ends between the two reads is still found. An instance
+        that does not answer is passed over, as an unreachable ref's instance is.
+        """
+        for inst in self._instances:
+            try:
+                if prompt_id in await inst.client.queue() or await inst.client.history(prompt_id):
+                    return inst
+            except RetryableError as exc:
+                log.info(
+                    "comfyui instance unreachable during recovery",
+                    instance=inst.client.base_url, prompt_id=prompt_id, error=exc.message,
+                )  # fmt: skip
+        return None
 
     async def _adopt(
         self, inst: Instance, prompt_id: str, request: GenerateRequest, ctx: JobContext, ref: str

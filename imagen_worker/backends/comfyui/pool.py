@@ -1,4 +1,4 @@
-"""Which ComfyUI instance takes a prompt, and how a job remembers where its prompt went.
+"""Which ComfyUI instance takes a prompt, and how a job finds its prompt again.
 
 Each instance holds at most ``1 + lookahead`` of our prompts, so the GPU always has the next
 prompt queued while the worker downloads and uploads the previous result, but the backlog stays
@@ -31,6 +31,20 @@ log = structlog.get_logger(__name__)
 # Our prompts that just left an instance: a /queue answer read before they left must not
 # make them look foreign.
 RETIRED_KEPT = 64
+
+
+# The namespace of first prompt ids (uuid5): any fixed UUID would do, it must never change.
+FIRST_PROMPT_NAMESPACE = uuid.UUID("5b0f6a3e-8c1d-4e52-9a7b-2f64c9d0e1a8")
+
+
+def first_prompt_id(job_id: uuid.UUID) -> str:
+    """The prompt id of a job's first submission, derived from the job id alone.
+
+    The first claim submits under it without recording a ref first (a commit saved on every
+    job); a later attempt with no ref looks for it on every instance. A canonical UUID, as
+    ComfyUI 0.38 and later require of a client's prompt id.
+    """
+    return str(uuid.uuid5(FIRST_PROMPT_NAMESPACE, str(job_id)))
 
 
 def make_ref(prompt_id: str, base_url: str) -> str:

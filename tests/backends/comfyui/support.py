@@ -20,9 +20,11 @@ class RecordingContext:
         backend_ref: str | None = None,
         fake: FakeComfyUI | None = None,
         *,
+        first_claim: bool = True,
         cancel_requested: bool = True,
     ) -> None:
         self._ref = backend_ref
+        self.first_claim = first_claim  # False: a later attempt, which looks for the first prompt
         self.cancel_requested = cancel_requested  # True: cancellations are the owner's
         self._fake = fake
         self.refs: list[str] = []

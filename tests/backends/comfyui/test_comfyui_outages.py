@@ -9,6 +9,7 @@ import pytest
 
 from imagen_worker.backends.comfyui import ComfyUIBackend
 from imagen_worker.backends.comfyui.failures import UNAVAILABLE
+from imagen_worker.backends.comfyui.pool import make_ref
 from imagen_worker.errors import BackendUnavailable
 from tests.backends.comfyui.conftest import BackendFactory
 from tests.backends.comfyui.support import RecordingContext, make_request
@@ -66,8 +67,9 @@ async def test_a_job_whose_instance_dies_mid_run_goes_back_without_blame_and_run
 ) -> None:
     backend = await make_backend(fake)
     ctx = RecordingContext()
-    job = asyncio.create_task(backend.generate(make_request("[fake:duration=5]", steps=20), ctx))
-    await fake.wait_running()
+    request = make_request("[fake:duration=5]", steps=20)
+    job = asyncio.create_task(backend.generate(request, ctx))
+    first = await fake.wait_running()
     loop = asyncio.get_running_loop()
 
     stopped = loop.time()
@@ -81,9 +83,10 @@ async def test_a_job_whose_instance_dies_mid_run_goes_back_without_blame_and_run
     assert fake.executions[0].outcome == "lost"
     await fake.start()
     await until(lambda: backend.unavailable_reason is None)
-    retry = RecordingContext(backend_ref=ctx.refs[0])
-    result = await asyncio.wait_for(backend.generate(make_request(), retry), 5)
-    assert result.metadata["prompt_id"] != ctx.refs[0].partition("@")[0]  # the old prompt died with it
+    retry = RecordingContext(first_claim=False)
+    result = await asyncio.wait_for(backend.generate(make_request(job_id=request.job_id), retry), 5)
+    assert result.metadata["prompt_id"] != first  # the old prompt died with it
+    assert retry.refs == [make_ref(result.metadata["prompt_id"], fake.url)], "a resubmission is recorded"
 
 
 async def test_nothing_is_submitted_while_no_instance_answers(

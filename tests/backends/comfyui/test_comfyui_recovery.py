@@ -1,13 +1,17 @@
-"""A job that already has a backend ref (a retry, or a takeover after a crashed worker)."""
+"""A later attempt of a job (a retry, or a takeover after a crashed worker) finds its earlier prompt:
+the one its backend ref names or, with no ref, the one its first claim submitted under the job's
+first prompt id."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
+from typing import Any
 
 import httpx
 
-from imagen_worker.backends.comfyui.pool import make_ref
+from imagen_worker.backends.comfyui.pool import first_prompt_id, make_ref
 from tests.backends.comfyui.conftest import BackendFactory
 from tests.backends.comfyui.support import RecordingContext, make_request
 from tests.fakes.comfyui import FakeComfyUI
@@ -21,11 +25,11 @@ GRAPH = {
 }
 
 
-async def _post_elsewhere(fake: FakeComfyUI, prompt_id: str) -> None:
+async def _post_elsewhere(fake: FakeComfyUI, prompt_id: str, graph: dict[str, Any] = GRAPH) -> None:
     """Submit as a previous worker process would have: another client_id, our prompt id."""
     async with httpx.AsyncClient(base_url=fake.url) as http:
         answer = await http.post(
-            "/prompt", json={"prompt": GRAPH, "prompt_id": prompt_id, "client_id": "dead-worker"}
+            "/prompt", json={"prompt": graph, "prompt_id": prompt_id, "client_id": "dead-worker"}
         )
         assert answer.status_code == 200
 
@@ -88,3 +92,56 @@ async def test_a_ref_for_an_instance_no_longer_configured_is_resubmitted(
     result = await backend.generate(make_request(), ctx)
 
     assert ctx.refs == [make_ref(result.metadata["prompt_id"], fake.url)]
+
+
+async def test_with_no_ref_the_first_prompt_is_found_on_whichever_instance_has_it(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    request = make_request()
+    async with FakeComfyUI() as other:
+        await _post_elsewhere(other, first_prompt_id(request.job_id))
+        await other.wait_until(lambda: other.history_entry(first_prompt_id(request.job_id)) is not None)
+        backend = await make_backend([fake.url, other.url])
+        ctx = RecordingContext(first_claim=False)
+
+        result = await backend.generate(request, ctx)
+
+        assert fake.calls("POST", "/prompt") == [] and len(other.calls("POST", "/prompt")) == 1
+    assert ctx.refs == []
+    assert result.metadata["prompt_id"] == first_prompt_id(request.job_id)
+    assert result.metadata["instance"] == other.url
+
+
+async def test_with_no_ref_a_first_prompt_still_running_is_waited_for(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    fake.default_duration = 0.3
+    request = make_request()
+    await _post_elsewhere(fake, first_prompt_id(request.job_id))
+    await fake.wait_running()
+    backend = await make_backend(fake, poll_interval=0.05)
+
+    result = await asyncio.wait_for(backend.generate(request, RecordingContext(first_claim=False)), 5)
+
+    assert len(fake.calls("POST", "/prompt")) == 1
+    assert result.metadata["prompt_id"] == first_prompt_id(request.job_id)
+
+
+async def test_with_no_ref_a_failed_first_prompt_is_submitted_again_under_a_new_recorded_id(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    request = make_request()
+    first = first_prompt_id(request.job_id)
+    failing = json.loads(json.dumps(GRAPH))
+    failing["2"]["inputs"]["filename_prefix"] = "x[fake:error]"
+    await _post_elsewhere(fake, first, failing)
+    await fake.wait_until(lambda: fake.history_entry(first) is not None)
+    backend = await make_backend(fake)
+    ctx = RecordingContext(first_claim=False, fake=fake)
+
+    result = await backend.generate(request, ctx)
+
+    # A second prompt under the first id would overwrite the first one's history.
+    assert result.metadata["prompt_id"] != first
+    assert ctx.refs == [make_ref(result.metadata["prompt_id"], fake.url)]
+    assert ctx.posts_before_ref == [1], "recorded before its POST (the one before is the failed first)"

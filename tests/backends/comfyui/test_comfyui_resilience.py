@@ -56,7 +56,8 @@ async def test_a_restart_that_forgets_the_prompt_is_an_outage_and_the_retry_resu
 ) -> None:
     backend = await make_backend(fake)
     ctx = RecordingContext()
-    job = asyncio.create_task(backend.generate(make_request("[fake:duration=5]", steps=20), ctx))
+    request = make_request("[fake:duration=5]", steps=20)
+    job = asyncio.create_task(backend.generate(request, ctx))
     first = await fake.wait_running()
 
     await fake.restart()
@@ -66,8 +67,8 @@ async def test_a_restart_that_forgets_the_prompt_is_an_outage_and_the_retry_resu
     assert caught.value.detail["instance"] == fake.url
     # The worker retries once the backend is available again (it claims nothing before).
     await until(lambda: backend.unavailable_reason is None)
-    retry = RecordingContext(backend_ref=ctx.refs[0])
-    result = await asyncio.wait_for(backend.generate(make_request(), retry), 5)
+    retry = RecordingContext(first_claim=False)
+    result = await asyncio.wait_for(backend.generate(make_request(job_id=request.job_id), retry), 5)
     assert result.metadata["prompt_id"] != first
     assert retry.refs and retry.refs[0].startswith(result.metadata["prompt_id"])
     assert backend._instances[0].client.connected

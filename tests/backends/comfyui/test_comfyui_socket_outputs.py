@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from imagen_worker.backends.comfyui.frames import SocketSaves
+from imagen_worker.backends.comfyui.pool import first_prompt_id
 from imagen_worker.errors import RetryableError, TerminalError
 from tests.backends.comfyui.conftest import BackendFactory
 from tests.backends.comfyui.support import RecordingContext, make_request
@@ -106,7 +107,7 @@ async def test_a_socket_drop_while_the_saver_sends_fails_retryably_and_the_retry
     with pytest.raises(RetryableError) as caught:
         await asyncio.wait_for(job, 10)
 
-    first = ctx.refs[0].split("@")[0]
+    first = first_prompt_id(request.job_id)
     assert caught.value.message == (
         f"ComfyUI finished prompt {first} but the websocket dropped while SaveImageWebsocket node 2 was "
         f"sending its images ({caught.value.message.split('(')[1].split(' received')[0]} received); ComfyUI "
@@ -116,7 +117,7 @@ async def test_a_socket_drop_while_the_saver_sends_fails_retryably_and_the_retry
     assert backend._spool is not None and not list(backend._spool.iterdir()), "the partial frames are gone"
 
     fake.frame_interval = 0.0
-    retry = await backend.generate(request, RecordingContext(backend_ref=ctx.refs[0]))
+    retry = await backend.generate(request, RecordingContext(first_claim=False))
     assert len(outputs_of(retry)) == 3 and retry.metadata["prompt_id"] != first, "submitted again"
 
 
@@ -134,10 +135,10 @@ async def test_an_earlier_prompt_still_running_is_withdrawn_not_adopted(
     job.cancel()  # the worker lets go (lease lost): the prompt keeps running for the next owner
     with pytest.raises(asyncio.CancelledError):
         await job
-    earlier = ctx.refs[0].split("@")[0]
+    earlier = first_prompt_id(request.job_id)
     fake.frame_interval = 0.0
 
-    result = await second.generate(request, RecordingContext(backend_ref=ctx.refs[0]))
+    result = await second.generate(request, RecordingContext(first_claim=False))
 
     assert len(outputs_of(result)) == 3 and result.metadata["prompt_id"] != earlier
     assert [i.prompt_id for i in fake.interrupts] == [earlier], "the earlier prompt was stopped"

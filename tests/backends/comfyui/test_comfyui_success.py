@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import uuid
 
 import pytest
 
-from imagen_worker.backends.comfyui.pool import parse_ref
+from imagen_worker.backends.comfyui.pool import first_prompt_id, parse_ref
 from tests.backends.comfyui.conftest import BackendFactory
 from tests.backends.comfyui.support import RecordingContext, make_request
 from tests.fakes.comfyui import FakeComfyUI
@@ -36,20 +37,39 @@ async def test_success_returns_the_png_and_records_where_it_came_from(
     assert meta["outputs"][0]["subfolder"] == f"imagen/{request.job_id}"
 
 
-async def test_the_ref_is_stored_before_the_post_and_names_instance_and_prompt(
+async def test_a_first_claim_posts_under_the_jobs_first_prompt_id_and_stores_no_ref(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    # No commit before the POST: a later attempt finds this prompt by the job id alone.
+    backend = await make_backend(fake)
+    ctx = RecordingContext(fake=fake)
+    request = make_request()
+
+    result = await backend.generate(request, ctx)
+
+    assert ctx.refs == []
+    post = fake.calls("POST", "/prompt")[0]
+    assert post.body["prompt_id"] == result.metadata["prompt_id"] == first_prompt_id(request.job_id)
+    assert str(uuid.UUID(post.body["prompt_id"])) == post.body["prompt_id"], "canonical, lowercase"
+    assert post.body["client_id"] == result.metadata["client_id"]
+    before_post = fake.requests[: fake.requests.index(post)]
+    assert not [r for r in before_post if r.path.startswith("/history")], "nothing earlier to look for"
+
+
+async def test_a_resubmission_stores_its_ref_before_the_post_naming_instance_and_prompt(
     fake: FakeComfyUI, make_backend: BackendFactory
 ) -> None:
     backend = await make_backend(fake)
-    ctx = RecordingContext(fake=fake)
+    ctx = RecordingContext(fake=fake, first_claim=False)
+    request = make_request()
 
-    result = await backend.generate(make_request(), ctx)
+    result = await backend.generate(request, ctx)
 
     assert ctx.posts_before_ref == [0]
-    parsed = parse_ref(ctx.refs[0])
-    assert parsed == (result.metadata["prompt_id"], fake.url)
+    assert parse_ref(ctx.refs[0]) == (result.metadata["prompt_id"], fake.url)
+    assert result.metadata["prompt_id"] != first_prompt_id(request.job_id), "a fresh id"
     post = fake.calls("POST", "/prompt")[0]
     assert post.body["prompt_id"] == result.metadata["prompt_id"] == result.metadata["prompt_id"].lower()
-    assert post.body["client_id"] == result.metadata["client_id"]
 
 
 async def test_request_fields_are_patched_into_the_graph_verbatim(
