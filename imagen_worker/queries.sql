@@ -392,7 +392,9 @@ RETURNING status;
 
 -- name: retry_job
 -- An operator's retry of a failed or cancelled job: a fresh set of attempts, now, and a fresh
--- run record (an earlier upload is rendered again).
+-- run record (an earlier upload is rendered again). The backend ref becomes a note that names
+-- no submission: an adapter that finds an earlier attempt's work by the job id alone (ComfyUI's
+-- first prompt) must not adopt it either, since the retry is there to render again.
 WITH retried AS (
     UPDATE imagen.jobs
     SET status = 'pending', attempts = 0, run_at = now(), error = NULL,
@@ -402,7 +404,8 @@ WITH retried AS (
 ),
 reset AS (
     UPDATE imagen.job_runs w
-    SET worker_id = NULL, attempt = 0, backend_ref = NULL, error_detail = NULL, result = NULL,
+    SET worker_id = NULL, attempt = 0, backend_ref = 'retried by an operator', error_detail = NULL,
+        result = NULL,
         updated_at = now()
     FROM retried WHERE w.job_id = retried.id
 )

@@ -328,10 +328,14 @@ async def test_an_operator_retry_gives_a_failed_job_fresh_attempts(db: asyncpg.P
     job_id = await enqueue(db)
     queue = worker(db)
     (job,) = await claim(queue)
+    await queue.set_backend_ref(job, "prompt-1@http://gpu:8188")
     await queue.fail(job, "boom")
     assert await Queue(db).retry(job_id)
     row = await db.fetchrow("SELECT status, attempts, error FROM imagen.jobs")
     assert (row["status"], row["attempts"], row["error"]) == ("pending", 0, None)
+    (again,) = await claim(queue)
+    # A ref that names no submission: nothing earlier is adopted, the job is rendered again.
+    assert again.backend_ref == "retried by an operator" and again.ran_before
     assert not await Queue(db).retry(job_id), "only failed or cancelled jobs can be retried"
 
 

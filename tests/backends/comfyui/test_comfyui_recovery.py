@@ -145,3 +145,22 @@ async def test_with_no_ref_a_failed_first_prompt_is_submitted_again_under_a_new_
     assert result.metadata["prompt_id"] != first
     assert ctx.refs == [make_ref(result.metadata["prompt_id"], fake.url)]
     assert ctx.posts_before_ref == [1], "recorded before its POST (the one before is the failed first)"
+
+
+async def test_after_an_operators_retry_even_a_finished_first_prompt_is_rendered_again(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    # The retry resets the ref to a note that names no submission (imagen_worker/queries.sql,
+    # retry_job): the operator asked for a new render, not for the old one's files again.
+    request = make_request()
+    first = first_prompt_id(request.job_id)
+    await _post_elsewhere(fake, first)
+    await fake.wait_until(lambda: fake.history_entry(first) is not None)
+    backend = await make_backend(fake)
+    ctx = RecordingContext(backend_ref="retried by an operator", first_claim=False, fake=fake)
+
+    result = await backend.generate(request, ctx)
+
+    assert result.metadata["prompt_id"] != first
+    assert len(fake.calls("POST", "/prompt")) == 2
+    assert ctx.refs == [make_ref(result.metadata["prompt_id"], fake.url)]
