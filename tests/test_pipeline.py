@@ -82,12 +82,18 @@ def pipeline(tmp_path: Path, store: StorageSink) -> Pipeline:
 SPEC = JobSpec(owner_user_id=OWNER, prompt="a heron", width=64, height=64, steps=3)
 
 
-async def test_a_failed_upload_keeps_the_image_and_the_retry_uploads_the_same_file(tmp_path: Path) -> None:
-    store = FlakyStore(outages=1)
+async def _upload_failed_once(tmp_path: Path, store: FlakyStore) -> uuid.UUID:
+    """A job rendered once whose upload failed: its files and journal wait for the retry."""
     job_id = uuid.uuid4()
     CountingMock.calls = 0
     with pytest.raises(RetryableError):
         await pipeline(tmp_path, store).run(job_id, SPEC, CountingContext())
+    return job_id
+
+
+async def test_a_failed_upload_keeps_the_image_and_the_retry_uploads_the_same_file(tmp_path: Path) -> None:
+    store = FlakyStore(outages=1)
+    job_id = await _upload_failed_once(tmp_path, store)
     images = list(tmp_path.glob("*.png"))
     assert len(images) == 1, "the image is on disk although the upload failed"
 
@@ -107,10 +113,7 @@ async def test_a_journal_whose_image_never_became_durable_is_not_reused(tmp_path
     # The journal is written while the image flushes; after a power cut it can name an image
     # whose bytes never reached the disk. The retry must render again, not upload those bytes.
     store = FlakyStore(outages=1)
-    job_id = uuid.uuid4()
-    CountingMock.calls = 0
-    with pytest.raises(RetryableError):
-        await pipeline(tmp_path, store).run(job_id, SPEC, CountingContext())
+    job_id = await _upload_failed_once(tmp_path, store)
     [image] = tmp_path.glob("*.png")
     image.write_bytes(image.read_bytes()[:20])  # what a lost flush leaves: a torn file
 

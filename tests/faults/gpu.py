@@ -21,6 +21,14 @@ _TAG = re.compile(r"\[job:(\d+)\]")
 _OUTCOMES = {"success": "ok", "interrupted": "cancelled"}
 
 
+def comfyui_block(fake: FakeComfyUI, **extra: Any) -> dict[str, Any]:
+    """A ``comfyui`` backend on the fake, with timeouts short enough for a fault scenario."""
+    return {
+        "type": "comfyui", "base_url": fake.url, "workflow": "sd15", "poll_interval": 0.5,
+        "connect_timeout": 2.0, "timeout": 30, **extra,
+    }  # fmt: skip
+
+
 class GpuLedger:
     def __init__(self, fake: FakeComfyUI, *, duration: float, foreign_duration: float = 0.0) -> None:
         self.fake = fake

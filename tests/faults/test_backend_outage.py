@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from tests.fakes.comfyui import FakeComfyUI
-from tests.faults.gpu import GpuLedger
+from tests.faults.gpu import GpuLedger, comfyui_block
 from tests.faults.harness import Fleet, settled
 from tests.faults.ledger import assert_each_done_exactly_once
 
@@ -33,10 +33,7 @@ async def test_a_backend_outage_longer_than_all_retries_fails_nothing(
     db: asyncpg.Pool, database_url: str, tmp_path: Path, fake_comfyui: FakeComfyUI
 ) -> None:
     gpu = GpuLedger(fake_comfyui, duration=0.5)
-    block = {
-        "type": "comfyui", "base_url": fake_comfyui.url, "workflow": "sd15", "poll_interval": 0.5,
-        "interrupt_grace": 1.0, "connect_timeout": CONNECT_TIMEOUT, "timeout": 30,
-    }  # fmt: skip
+    block = comfyui_block(fake_comfyui, interrupt_grace=1.0, connect_timeout=CONNECT_TIMEOUT)
     async with Fleet(database_url, tmp_path) as fleet:
         settings = {"poll_interval": 0.5, "concurrency": 2, "max_attempts": MAX_ATTEMPTS}
         workers = [fleet.add(f"w{i}", backends={"gpu": block}, worker=settings) for i in range(2)]

@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from tests.fakes.comfyui import FakeComfyUI
-from tests.faults.gpu import GpuLedger
+from tests.faults.gpu import GpuLedger, comfyui_block
 from tests.faults.harness import FaultWorker, Fleet, running_on, settled
 from tests.faults.ledger import assert_each_done_exactly_once
 from tests.workers import eventually
@@ -30,10 +30,7 @@ async def test_kill_9_while_prompts_render_leaves_every_job_rendered_exactly_onc
     db: asyncpg.Pool, database_url: str, tmp_path: Path, fake_comfyui: FakeComfyUI
 ) -> None:
     gpu = GpuLedger(fake_comfyui, duration=0.4)
-    block = {
-        "type": "comfyui", "base_url": fake_comfyui.url, "workflow": "sd15", "poll_interval": 0.5,
-        "connect_timeout": 2.0, "timeout": 30,
-    }  # fmt: skip
+    block = comfyui_block(fake_comfyui)
     killed: list[tuple[uuid.UUID, str, float]] = []  # job, its prompt, when its worker died
     async with Fleet(database_url, tmp_path) as fleet:
         settings = {"poll_interval": 0.5, "concurrency": 2}

@@ -11,6 +11,7 @@ import asyncpg
 
 from imagen_worker.backends.comfyui.pool import first_prompt_id
 from tests.fakes.comfyui import FakeComfyUI
+from tests.faults.gpu import comfyui_block
 from tests.workers import eventually, wait_registered, worker_processes, write_config
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-000000000002")
@@ -84,11 +85,8 @@ async def test_a_kill_9_after_the_post_leaves_a_prompt_the_next_worker_adopts_no
     # The first claim writes nothing between the claim and the POST: the rescuer finds the
     # prompt by the id derived from the job id.
     fake_comfyui.default_duration = 4.0
-    block = {
-        "type": "comfyui", "base_url": fake_comfyui.url, "workflow": "sd15", "poll_interval": 0.5,
-        "connect_timeout": 2.0, "timeout": 30,
-    }  # fmt: skip
-    config = write_config(tmp_path, backends={"gpu": block}, worker={"lease_seconds": 3, "concurrency": 1})
+    backends = {"gpu": comfyui_block(fake_comfyui)}
+    config = write_config(tmp_path, backends=backends, worker={"lease_seconds": 3, "concurrency": 1})
     with worker_processes(database_url, config, 1, tmp_path) as (victim,):
         await wait_registered(db, victim)
         (job_id,) = await insert_many(db, 1, steps=10)
