@@ -366,7 +366,7 @@ class Pipeline:
                 files.settle()
             files.check()
         except OSError:
-            files.remove()  # no journal names them: nothing would ever remove them
+            files.remove()  # the journal goes with them: nothing else would ever remove them
             raise
         return artifact
 
