@@ -2,7 +2,10 @@
 -- "-- name: <name>". The job state machine comes first: transitions out of 'running' are
 -- fenced on (id, worker_id, attempts, status), and zero rows means the lease was lost. The
 -- worker id (with backend_ref, error_detail and the upload record) lives in the worker-only
--- imagen.job_runs, so every fenced statement joins it.
+-- imagen.job_runs, so every fenced statement reads it. Statements over a list of jobs read it
+-- per job by key, `(SELECT w.worker_id FROM imagen.job_runs w WHERE w.job_id = j.id)`: as a
+-- join, a plan cached while the table was small scans every run record, and keeps doing so
+-- as it grows until the table is analyzed again.
 
 -- name: enqueue
 -- Idempotent on (owner, dedupe_key) among live jobs: a conflict inserts nothing.
@@ -176,8 +179,8 @@ WITH held AS (
 locked AS (
     SELECT j.id FROM imagen.jobs j
     JOIN held h ON h.id = j.id AND h.attempts = j.attempts
-    JOIN imagen.job_runs w ON w.job_id = j.id AND w.worker_id = $1
     WHERE j.status = 'running'
+      AND (SELECT w.worker_id FROM imagen.job_runs w WHERE w.job_id = j.id) = $1
     FOR UPDATE OF j SKIP LOCKED
 ),
 renewed AS (
@@ -188,20 +191,20 @@ renewed AS (
 )
 SELECT h.id, h.attempts,
        r.id IS NOT NULL AS renewed,
-       coalesce(w.worker_id = $1 AND j.attempts = h.attempts AND j.status = 'running', false) AS ours,
+       coalesce((SELECT w.worker_id FROM imagen.job_runs w WHERE w.job_id = h.id) = $1
+                AND j.attempts = h.attempts AND j.status = 'running', false) AS ours,
        coalesce(r.cancel_requested, j.cancel_requested, false) AS cancel_requested
 FROM held h
 LEFT JOIN renewed r ON r.id = h.id
-LEFT JOIN imagen.jobs j ON j.id = h.id
-LEFT JOIN imagen.job_runs w ON w.job_id = h.id;
+LEFT JOIN imagen.jobs j ON j.id = h.id;
 
 -- name: cancel_requested
 -- After any imagen_control message (a hint anyone may send): which of the (job, attempt)
 -- pairs this worker runs really have a cancel request on their row.
 SELECT j.id, j.attempts FROM imagen.jobs j
 JOIN unnest($2::uuid[], $3::int[]) AS h (id, attempts) ON h.id = j.id AND h.attempts = j.attempts
-JOIN imagen.job_runs w ON w.job_id = j.id AND w.worker_id = $1
-WHERE j.status = 'running' AND j.cancel_requested;
+WHERE j.status = 'running' AND j.cancel_requested
+  AND (SELECT w.worker_id FROM imagen.job_runs w WHERE w.job_id = j.id) = $1;
 
 -- name: set_backend_ref
 UPDATE imagen.job_runs w SET backend_ref = $4, updated_at = now()
@@ -261,13 +264,14 @@ WITH input AS (
         job_id uuid, attempt int, owner_user_id uuid, prompt text, prompt_hash text, backend text,
         model text, seed bigint, steps int, width int, height int, latency_ms int,
         cost_usd_estimate numeric, storage_path text, mime_type text, bytes bigint, sha256 text,
-        sidecar jsonb, internals jsonb, index int, thumbnail_path text)
+        sidecar jsonb, internals jsonb, index int, thumbnail_path text, position int)
+    LIMIT $3  -- the number of jobs, which the planner would take for 100
 ),
 fenced AS MATERIALIZED (
     SELECT j.id FROM imagen.jobs j
     JOIN input i ON i.job_id = j.id AND i.attempt = j.attempts
-    JOIN imagen.job_runs w ON w.job_id = j.id AND w.worker_id = $1
     WHERE j.status = 'running'
+      AND (SELECT w.worker_id FROM imagen.job_runs w WHERE w.job_id = j.id) = $1
     ORDER BY j.id
     FOR UPDATE OF j
 ),
@@ -279,6 +283,7 @@ image AS (
            i.width, i.height, i.latency_ms, i.cost_usd_estimate, i.storage_path, i.mime_type,
            i.bytes, i.sha256, coalesce(i.sidecar, '{}'::jsonb), i.index, i.thumbnail_path
     FROM input i JOIN fenced f ON f.id = i.job_id
+    ORDER BY i.position  -- as one after the other: of two on one storage path, the first wins
     ON CONFLICT DO NOTHING
     RETURNING id, job_id
 ),
@@ -357,9 +362,9 @@ WITH released AS (
     UPDATE imagen.jobs j
     SET status = 'pending', attempts = greatest(j.attempts - 1, 0), run_at = now(),
         lease_expires_at = NULL, updated_at = now()
-    FROM unnest($2::uuid[], $3::int[]) AS h (id, attempts), imagen.job_runs w
-    WHERE j.id = h.id AND j.attempts = h.attempts AND w.job_id = j.id AND w.worker_id = $1
-      AND j.status = 'running'
+    FROM unnest($2::uuid[], $3::int[]) AS h (id, attempts)
+    WHERE j.id = h.id AND j.attempts = h.attempts AND j.status = 'running'
+      AND (SELECT w.worker_id FROM imagen.job_runs w WHERE w.job_id = j.id) = $1
     RETURNING j.id, j.backend
 )
 SELECT count(*) AS released,

@@ -381,8 +381,8 @@ class Queue:
         same. (The statement keeps its images INSERT within the first 1,024 characters, so
         ``pg_stat_activity`` shows it.)
         """
-        payload = [_completion_row(job, image) for job, image in items]
-        rows = await self.db.fetch(sql("complete_batch"), self._me, payload)
+        payload = [_completion_row(job, image, position) for position, (job, image) in enumerate(items)]
+        rows = await self.db.fetch(sql("complete_batch"), self._me, payload, len(payload))
         by_key = {(row["job_id"], row["attempt"]): Completion(row["fenced"], row["image_id"]) for row in rows}
         return [by_key.get(job.key, Completion(False, None)) for job, _ in items]
 
@@ -437,7 +437,7 @@ class Completion:
     image_id: UUID | None
 
 
-def _completion_row(job: Job, image: ImageRecord) -> dict[str, Any]:
+def _completion_row(job: Job, image: ImageRecord, position: int) -> dict[str, Any]:
     """One element of ``complete_batch``'s JSON input: the fence and the images row."""
     return {
         "job_id": str(job.id), "attempt": job.attempts, "owner_user_id": str(job.owner_user_id),
@@ -447,7 +447,7 @@ def _completion_row(job: Job, image: ImageRecord) -> dict[str, Any]:
         "cost_usd_estimate": image.cost_usd_estimate, "storage_path": image.storage_path,
         "mime_type": image.mime_type, "bytes": image.bytes, "sha256": image.sha256,
         "sidecar": dict(image.sidecar), "internals": dict(image.internals), "index": image.index,
-        "thumbnail_path": image.thumbnail_path,
+        "thumbnail_path": image.thumbnail_path, "position": position,
     }  # fmt: skip
 
 

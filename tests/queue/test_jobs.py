@@ -11,7 +11,7 @@ import pytest
 from imagen_worker.errors import BackendUnavailable, ConfigError, LeaseLost, RetryableError, TerminalError
 from imagen_worker.queries import sql
 from imagen_worker.queue.jobs import ImageRecord, Job, JobSpec, Outcome, Queue, Renewal, backoff_seconds
-from tests.queue.plans import explain, relations_read_in_full, subplan
+from tests.queue.plans import explain, node_types, relations_read_in_full, subplan
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-000000000003")
 
@@ -152,6 +152,44 @@ async def test_marking_waiting_reasons_walks_the_claim_index_not_the_whole_backl
 
     for branch in ("CTE named", "CTE defaults"):
         assert relations_read_in_full(subplan(plan, branch)) == [], branch
+
+
+def _over_jobs(name: str, me: uuid.UUID, jobs: list[Job]) -> tuple[object, ...]:
+    ids, attempts = [j.id for j in jobs], [j.attempts for j in jobs]
+    if name == "complete_batch":
+        return (me, [], len(jobs))
+    if name == "heartbeat":
+        return (me, 30.0, ids, attempts)
+    return (me, ids, attempts)
+
+
+@pytest.mark.parametrize("name", ["complete_batch", "heartbeat", "cancel_requested", "release"])
+async def test_statements_over_a_list_of_jobs_look_each_run_record_up_by_its_key(
+    db: asyncpg.Pool, name: str
+) -> None:
+    # Planned while the run records are few and kept in the statement cache, a plan that read
+    # them all would read them all at every call once they are many.
+    me = uuid.uuid4()
+    # The history a worker leaves: jobs that ran and ended (their running versions stay in
+    # the running index until a vacuum).
+    await db.execute(
+        "INSERT INTO imagen.jobs (owner_user_id, prompt, status, attempts, lease_expires_at)"
+        " SELECT gen_random_uuid(), 'p', 'running', 1, now() FROM generate_series(1, 1000)"
+    )
+    await db.execute(
+        "UPDATE imagen.jobs SET status = 'failed', error = 'e', lease_expires_at = NULL, finished_at = now()"
+    )
+    for _ in range(3):
+        await enqueue(db)
+    jobs = await claim(Queue(db, me))
+    async with db.acquire() as conn:
+        plan = await explain(
+            conn, sql(name), *_over_jobs(name, me, jobs), plan_cache_mode="force_generic_plan"
+        )
+
+    assert "job_runs" not in relations_read_in_full(plan)
+    if name == "complete_batch":
+        assert "Bitmap Heap Scan" not in node_types(subplan(plan, "CTE fenced")), "jobs by their key"
 
 
 async def test_the_claim_never_retakes_an_expired_job_its_worker_still_holds(db: asyncpg.Pool) -> None:
