@@ -141,6 +141,24 @@ async def test_a_taken_over_job_adopts_the_running_prompt_instead_of_resubmittin
     assert comfy.interrupts == [], "releasing a job does not interrupt its prompt"
 
 
+async def test_a_job_whose_finished_prompt_cannot_be_collected_is_rendered_again_not_failed(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, comfy: FakeComfyUI
+) -> None:
+    # Its outputs answer 404 (as after someone cleared ComfyUI's output folder) to the first
+    # attempt and to the retry that adopts the same prompt; the retry then renders it anew.
+    comfy.fail_next["/view"] = [404, 404]
+    config = make_config(tmp_path, backends=comfy_backend(comfy))
+    async with running_worker(config, database_url):
+        job_id = await insert_job(db, "a second render", owner_user_id=OWNER, max_attempts=2)
+        job = await terminal(db, job_id, within=15)
+    assert job["status"] == "done", job["error"]
+    assert job["attempts"] == 2
+    prompts = [r.body["prompt_id"] for r in comfy.calls("POST", "/prompt")]
+    assert prompts[0] == first_prompt_id(job_id) and len(prompts) == 2
+    image = await image_row(db, job["image_id"])
+    assert image["backend_metadata"]["prompt_id"] == prompts[1]
+
+
 async def test_a_comfyui_job_with_n_4_in_jpeg_gives_four_rows_and_leaves_no_history_on_comfyui(
     db: asyncpg.Pool, database_url: str, tmp_path: Path, comfy: FakeComfyUI
 ) -> None:

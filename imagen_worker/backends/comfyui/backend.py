@@ -31,7 +31,8 @@ busy, the job did nothing wrong); past the run budget it is interrupted and the 
 Outages: while every instance is down ``unavailable_reason`` says so and capacity is 0; both
 recover on their own when a socket connects again (``notify_change`` each time). A job whose
 instance dies, or that finds nothing to submit to, raises ``BackendUnavailable``; its retry
-adopts the prompt if it survived (through the backend ref, or the first prompt id).
+adopts the prompt if it survived (through the backend ref, or the first prompt id), unless
+the instance answers but will not hand over its outputs: then it renders again.
 
 Cancellation (the worker cancels the task): when the owner cancelled (``ctx.cancel_requested``),
 the prompt is withdrawn: ``POST /api/jobs/{id}/cancel`` where the server has it, else ``POST
@@ -813,7 +814,19 @@ class ComfyUIBackend(Backend):
         graph = (
             prompt[2] if isinstance(prompt, list) and len(prompt) > 2 and isinstance(prompt[2], dict) else {}
         )
-        return await self._collect(inst, prompt_id, entry, graph, request)
+        try:
+            return await self._collect(inst, prompt_id, entry, graph, request)
+        except BackendUnavailable:
+            raise  # an outage: the next attempt adopts the prompt again once the instance answers
+        except RetryableError as exc:
+            # The instance answers but cannot hand over the outputs (its output folder was
+            # cleared while the history stayed in memory): adopting the same prompt at every
+            # retry would fail the job once its attempts ran out, so render it again.
+            log.info(
+                "comfyui earlier prompt's outputs could not be collected; submitting again",
+                ref=ref, error=exc.message,
+            )  # fmt: skip
+            return None
 
     async def _abandon(self, inst: Instance, prompt_id: str, ref: str) -> None:
         """An earlier prompt with SaveImageWebsocket nodes cannot be adopted: their images went

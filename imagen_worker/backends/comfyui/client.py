@@ -323,9 +323,13 @@ class ComfyUIClient:
         digest = hashlib.sha256()
         try:
             async with http.stream("GET", "/view", params=params) as response:
-                if response.status_code != 200:
+                status = response.status_code
+                if status in _GATEWAY_STATUSES:
+                    detail = {"instance": self.base_url, "status": status, "file": ref.__dict__}
+                    raise failures.gateway(self.base_url, status, "GET /view", detail)
+                if status != 200:
                     raise RetryableError(
-                        f"ComfyUI at {self.base_url} answered {response.status_code} for output file "
+                        f"ComfyUI at {self.base_url} answered {status} for output file "
                         f"{ref.subfolder}/{ref.filename} ({ref.type})",
                         detail={"instance": self.base_url, "file": ref.__dict__},
                     )

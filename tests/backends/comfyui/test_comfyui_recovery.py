@@ -10,8 +10,10 @@ import uuid
 from typing import Any
 
 import httpx
+import pytest
 
 from imagen_worker.backends.comfyui.pool import first_prompt_id, make_ref
+from imagen_worker.errors import BackendUnavailable
 from tests.backends.comfyui.conftest import BackendFactory
 from tests.backends.comfyui.support import RecordingContext, make_request
 from tests.fakes.comfyui import FakeComfyUI
@@ -164,3 +166,42 @@ async def test_after_an_operators_retry_even_a_finished_first_prompt_is_rendered
     assert result.metadata["prompt_id"] != first
     assert len(fake.calls("POST", "/prompt")) == 2
     assert ctx.refs == [make_ref(result.metadata["prompt_id"], fake.url)]
+
+
+async def test_a_finished_prompt_whose_outputs_are_gone_is_rendered_again(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    # ComfyUI keeps a prompt's history in memory and its files on disk: an operator clearing
+    # the output folder leaves a history whose files answer 404, and adopting it again at
+    # every retry would fail the job once its attempts ran out.
+    earlier = str(uuid.uuid4())
+    await _post_elsewhere(fake, earlier)
+    await fake.wait_until(lambda: fake.history_entry(earlier) is not None)
+    fake.files = {key: data for key, data in fake.files.items() if key[0] != "output"}
+    backend = await make_backend(fake)
+    ctx = RecordingContext(backend_ref=make_ref(earlier, fake.url), fake=fake)
+
+    result = await backend.generate(make_request(), ctx)
+
+    asked_first = fake.calls("GET", "/view")[0]
+    assert asked_first.query["filename"] == "out_00001_.png", "the earlier prompt's outputs"
+    assert len(fake.calls("POST", "/prompt")) == 2
+    assert result.metadata["prompt_id"] != earlier
+    assert ctx.refs == [make_ref(result.metadata["prompt_id"], fake.url)]
+
+
+async def test_an_instance_that_drops_out_while_an_earlier_prompt_is_collected_is_an_outage(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    earlier = str(uuid.uuid4())
+    await _post_elsewhere(fake, earlier)
+    await fake.wait_until(lambda: fake.history_entry(earlier) is not None)
+    fake.fail_next["/view"] = [502]
+    backend = await make_backend(fake)
+    ctx = RecordingContext(backend_ref=make_ref(earlier, fake.url), fake=fake)
+
+    with pytest.raises(BackendUnavailable):
+        await backend.generate(make_request(), ctx)
+
+    assert len(fake.calls("POST", "/prompt")) == 1, "not rendered again: the next attempt adopts it"
+    assert ctx.refs == []
