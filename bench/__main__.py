@@ -24,7 +24,7 @@ from bench.common import removals_deferred, server_dsn
 BENCHMARKS: dict[str, Callable[[], Coroutine[Any, Any, Any]]] = {
     "overhead": lambda: overhead.run(jobs=300),
     "pickup_latency": lambda: pickup_latency.run(jobs=1000, backlog_rows=10_000),
-    "throughput": lambda: throughput.run(jobs=4000, repeat=2),
+    "throughput": lambda: throughput.run(jobs=4000, repeat=3),
     "memory": lambda: memory.run(jobs=memory.SOAK_JOBS),
     "backlog_scale": lambda: backlog_scale.run((0, 100_000, 1_000_000)),
     "fairness": lambda: fairness.run(rows=1_000_000, owners=10_000),
