@@ -222,12 +222,13 @@ def write_worker_config(
     backends: Mapping[str, Mapping[str, Any]],
     storage: Mapping[str, Any] | None = None,
     worker: Mapping[str, Any] | None = None,
+    output: Mapping[str, Any] | None = None,
 ) -> Path:
     """An imagen.yaml for a benchmark worker; output goes to ``directory/images``."""
     directory.mkdir(parents=True, exist_ok=True)
     data: dict[str, Any] = {
         "backends": {name: dict(block) for name, block in backends.items()},
-        "output": {"directory": str(directory / "images"), "cloud_sync": "off"},
+        "output": {"directory": str(directory / "images"), "cloud_sync": "off", **(output or {})},
         "storage": dict(storage or {"type": "local"}),
         "worker": dict(worker or {}),
         "metrics": {"enabled": False},

@@ -15,6 +15,10 @@ last job is recorded as finished (polled every 20 ms). What each system does per
   from the status trigger (running, done). No upload record (local storage keeps the files
   on this host) and no progress write (the job is over before its first one is due).
   Concurrency 16 per process; a job whose outcome is being written frees its slot.
+* ``imagen lean`` (the same, with the files an operator may switch off switched off:
+  ``output.thumbnail_size: 0`` and ``output.write_metadata_json: false``): the image, fsync'ed
+  with its directory, and the journal are all a job writes on disk. With ``imagen`` and
+  ``imagen queue only`` (no files at all) it tells what the local files cost.
 * ``imagen queue only`` (``Queue`` API, no files): the same claim and the same batched
   images-row + done completion, nothing else; 16 jobs working per process, slots freed at
   the hand-off to the completion batch as in the daemon. This is the queue's cost without
@@ -207,7 +211,20 @@ WORKERS: dict[str, Callable[[str], Coroutine[Any, Any, None]]] = {
     "procrastinate": _procrastinate_worker,
     "procrastinate+result": lambda dsn: _procrastinate_worker(dsn, with_result=True),
 }
-SYSTEMS = ("imagen", "imagen-queue", "pgqueuer", "pgqueuer+result", "procrastinate", "procrastinate+result")
+# The end-to-end systems: imagen-worker processes, each with these output settings.
+END_TO_END: dict[str, dict[str, Any]] = {
+    "imagen": {},
+    "imagen-lean": {"thumbnail_size": 0, "write_metadata_json": False},
+}
+SYSTEMS = (
+    "imagen",
+    "imagen-lean",
+    "imagen-queue",
+    "pgqueuer",
+    "pgqueuer+result",
+    "procrastinate",
+    "procrastinate+result",
+)
 
 
 def _spawn_python_worker(kind: str, dsn: str, log: Path) -> subprocess.Popen[bytes]:
@@ -266,11 +283,12 @@ async def measure(system: str, processes: int, jobs: int, workdir: Path) -> dict
                 async with app.open_async():
                     await app.schema_manager.apply_schema_async()
 
-            if system == "imagen":
+            if system in END_TO_END:
                 config = write_worker_config(
-                    workdir / f"imagen-{processes}",
+                    workdir / f"{system}-{processes}",
                     backends={"mock": {"type": "mock", "latency_ms": 0, "capacity": CONCURRENCY}},
                     worker={"concurrency": CONCURRENCY, "poll_interval": 5.0},
+                    output=END_TO_END[system],
                 )
                 env = worker_env(dsn, config)
                 procs = [spawn_worker(env, log) for _ in range(processes)]
@@ -350,7 +368,7 @@ async def run(
         for round_ in range(repeat):
             for processes in process_counts:
                 for system in round_order(systems, round_):
-                    n = imagen_jobs or jobs if system == "imagen" else jobs
+                    n = imagen_jobs or jobs if system in END_TO_END else jobs
                     result = await measure(system, processes, n, tmp)
                     result["round"] = round_
                     results.append(result)
