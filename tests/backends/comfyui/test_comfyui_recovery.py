@@ -36,12 +36,18 @@ async def _post_elsewhere(fake: FakeComfyUI, prompt_id: str, graph: dict[str, An
         assert answer.status_code == 200
 
 
-async def test_a_finished_prompt_is_collected_without_resubmitting(
-    fake: FakeComfyUI, make_backend: BackendFactory
-) -> None:
+async def _finished_elsewhere(fake: FakeComfyUI) -> str:
+    """A prompt an earlier worker process submitted, finished and in ComfyUI's history."""
     prompt_id = str(uuid.uuid4())
     await _post_elsewhere(fake, prompt_id)
     await fake.wait_until(lambda: fake.history_entry(prompt_id) is not None)
+    return prompt_id
+
+
+async def test_a_finished_prompt_is_collected_without_resubmitting(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    prompt_id = await _finished_elsewhere(fake)
     backend = await make_backend(fake)
     ctx = RecordingContext(backend_ref=make_ref(prompt_id, fake.url))
 
@@ -174,9 +180,7 @@ async def test_a_finished_prompt_whose_outputs_are_gone_is_rendered_again(
     # ComfyUI keeps a prompt's history in memory and its files on disk: an operator clearing
     # the output folder leaves a history whose files answer 404, and adopting it again at
     # every retry would fail the job once its attempts ran out.
-    earlier = str(uuid.uuid4())
-    await _post_elsewhere(fake, earlier)
-    await fake.wait_until(lambda: fake.history_entry(earlier) is not None)
+    earlier = await _finished_elsewhere(fake)
     fake.files = {key: data for key, data in fake.files.items() if key[0] != "output"}
     backend = await make_backend(fake)
     ctx = RecordingContext(backend_ref=make_ref(earlier, fake.url), fake=fake)
@@ -193,9 +197,7 @@ async def test_a_finished_prompt_whose_outputs_are_gone_is_rendered_again(
 async def test_an_instance_that_drops_out_while_an_earlier_prompt_is_collected_is_an_outage(
     fake: FakeComfyUI, make_backend: BackendFactory
 ) -> None:
-    earlier = str(uuid.uuid4())
-    await _post_elsewhere(fake, earlier)
-    await fake.wait_until(lambda: fake.history_entry(earlier) is not None)
+    earlier = await _finished_elsewhere(fake)
     fake.fail_next["/view"] = [502]
     backend = await make_backend(fake)
     ctx = RecordingContext(backend_ref=make_ref(earlier, fake.url), fake=fake)
