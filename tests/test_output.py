@@ -333,6 +333,19 @@ def test_a_thumbnail_is_a_small_webp_keeping_the_aspect_ratio() -> None:
     assert thumbnail(b"not an image", 256) is None
 
 
+def test_a_thumbnail_is_upright_when_the_camera_said_the_image_is_turned() -> None:
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the stored pixels are to be turned 90 degrees clockwise
+    out = io.BytesIO()
+    Image.new("RGB", (400, 200), (200, 30, 30)).save(out, format="JPEG", exif=exif)
+    small = thumbnail(out.getvalue(), 256)
+    assert small is not None
+    with Image.open(io.BytesIO(small)) as image:
+        assert image.size == (128, 256)
+        assert not image.getexif(), "a thumbnail carries no metadata"
+
+
 def test_batch_keys_are_a_pure_function_of_owner_job_and_index() -> None:
 
     assert object_key(OWNER, JOB, "webp", 0) == f"{OWNER}/{JOB}.webp"
