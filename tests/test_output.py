@@ -312,6 +312,26 @@ def test_embed_metadata_false_strips_every_chunk(fmt: str) -> None:
     assert b"KSampler" not in data and b"x:xmpmeta" not in data and b"ns.adobe.com/xap" not in data
 
 
+def _turned_camera_jpeg() -> bytes:
+    """400x200 stored pixels whose EXIF says: turn 90 degrees clockwise; and a camera's make."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    exif[0x010F] = "a camera maker"  # Make
+    out = io.BytesIO()
+    Image.new("RGB", (400, 200), (200, 30, 30)).save(out, format="JPEG", exif=exif)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["webp", "jpeg"])
+def test_a_turned_camera_image_is_written_upright_and_with_none_of_the_cameras_metadata(fmt: str) -> None:
+
+    for metadata in (EMBEDDED, None):
+        data, _ = encode(_turned_camera_jpeg(), fmt, 80, metadata)
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.size == (200, 400)
+            assert 0x0112 not in image.getexif() and 0x010F not in image.getexif()
+
+
 def test_quality_changes_the_lossy_size() -> None:
 
     noisy = Image.effect_noise((128, 128), 64).convert("RGB")
@@ -335,11 +355,7 @@ def test_a_thumbnail_is_a_small_webp_keeping_the_aspect_ratio() -> None:
 
 def test_a_thumbnail_is_upright_when_the_camera_said_the_image_is_turned() -> None:
 
-    exif = Image.Exif()
-    exif[0x0112] = 6  # Orientation: the stored pixels are to be turned 90 degrees clockwise
-    out = io.BytesIO()
-    Image.new("RGB", (400, 200), (200, 30, 30)).save(out, format="JPEG", exif=exif)
-    small = thumbnail(out.getvalue(), 256)
+    small = thumbnail(_turned_camera_jpeg(), 256)
     assert small is not None
     with Image.open(io.BytesIO(small)) as image:
         assert image.size == (128, 256)
