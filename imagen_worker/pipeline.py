@@ -403,7 +403,8 @@ class Pipeline:
         fmt = spec.format or own.format or self.output.format
         quality = spec.quality or own.quality or self.output.quality
         embedded = self._embedded(spec, request, result) if self.output.embed_metadata else None
-        data, _ = output.encode(produced.read(), fmt, quality, embedded)
+        size = self.output.thumbnail_size
+        data, _, small = output.encode(produced.read(), fmt, quality, embedded, thumbnail_size=size)
         facts = output.image_facts(data, produced.mime_type)
         names = output.plan_names(
             self.output.naming, prompt=spec.prompt, seed=seed, backend=backend.name,
@@ -413,7 +414,8 @@ class Pipeline:
         image_path = output.claim_path(self.output.directory, names.relative, job_id)
         files.flush(image_path, data)
         thumbnail_path = thumbnail_key = None
-        small = output.thumbnail(data, self.output.thumbnail_size) if self.output.thumbnail_size else None
+        if small is None and size:
+            small = output.thumbnail(data, size)  # started after the image's flush, to overlap it
         if small is not None:
             thumbnail_path = image_path.with_name(f"{image_path.stem}.thumb.webp")
             output.write_copy(thumbnail_path, small)  # derived from the image: no fsync of its own

@@ -205,7 +205,7 @@ EMBEDDED = {"imagen": {"prompt": "a heron", "seed": 7, "workflow": {"3": {"class
 
 def test_png_keeps_its_workflow_chunks_and_gains_the_imagen_chunk() -> None:
 
-    data, mime = encode(_png_with_comfy_chunks(), "png", 90, EMBEDDED)
+    data, mime, _ = encode(_png_with_comfy_chunks(), "png", 90, EMBEDDED)
     with Image.open(io.BytesIO(data)) as image:
         assert mime == "image/png" and image.format == "PNG"
         assert json.loads(image.info["imagen"]) == EMBEDDED["imagen"]
@@ -215,8 +215,8 @@ def test_png_keeps_its_workflow_chunks_and_gains_the_imagen_chunk() -> None:
 def test_a_png_that_stays_png_keeps_its_pixel_data_byte_for_byte() -> None:
 
     source = _png_with_comfy_chunks()
-    embedded, _ = encode(source, "png", 90, {"imagen": {"prompt": "un héron sous la pluie ☔"}})
-    stripped, _ = encode(source, "png", 90, None)
+    embedded, _, _ = encode(source, "png", 90, {"imagen": {"prompt": "un héron sous la pluie ☔"}})
+    stripped, _, _ = encode(source, "png", 90, None)
 
     def pixel_data(png: bytes) -> bytes:
         start = png.index(b"IDAT") - 4
@@ -233,7 +233,7 @@ def test_a_png_whose_checksums_fail_gets_no_chunks_spliced_in() -> None:
     damaged = bytearray(_png_with_comfy_chunks())
     damaged[damaged.index(b"IDAT") + 6] ^= 0xFF  # the chunk's CRC no longer matches
 
-    data, _ = encode(bytes(damaged), "png", 90, EMBEDDED)
+    data, _, _ = encode(bytes(damaged), "png", 90, EMBEDDED)
 
     assert data == bytes(damaged)  # Pillow cannot decode it either: kept exactly as produced
 
@@ -241,7 +241,7 @@ def test_a_png_whose_checksums_fail_gets_no_chunks_spliced_in() -> None:
 @pytest.mark.parametrize(("fmt", "pillow"), [("webp", "WEBP"), ("jpeg", "JPEG")])
 def test_webp_and_jpeg_carry_the_metadata_in_exif(fmt: str, pillow: str) -> None:
 
-    data, mime = encode(_png_with_comfy_chunks(), fmt, 80, EMBEDDED)
+    data, mime, _ = encode(_png_with_comfy_chunks(), fmt, 80, EMBEDDED)
     with Image.open(io.BytesIO(data)) as image:
         assert image.format == pillow and mime == f"image/{fmt}" and image.size == (40, 30)
         assert json.loads(image.getexif()[0x010E]) == EMBEDDED
@@ -257,7 +257,7 @@ def test_webp_and_jpeg_carry_an_xmp_packet_with_prompt_seed_and_the_whole_metada
 ) -> None:
 
     embedded = {"imagen": {**EMBEDDED["imagen"], "prompt": "a heron <at> dawn & dusk", "model": "sd15"}}
-    data, _ = encode(_png_with_comfy_chunks(), fmt, 80, embedded)
+    data, _, _ = encode(_png_with_comfy_chunks(), fmt, 80, embedded)
     with Image.open(io.BytesIO(data)) as image:
         assert image.format == pillow
         xmp = _xmp(image)
@@ -273,7 +273,7 @@ def test_webp_and_jpeg_carry_an_xmp_packet_with_prompt_seed_and_the_whole_metada
 def test_characters_xml_cannot_hold_do_not_break_the_xmp_packet() -> None:
 
     embedded = {"imagen": {"prompt": "bell \x07 and tab\t", "seed": 1}}
-    data, _ = encode(_png_with_comfy_chunks(), "webp", 80, embedded)
+    data, _, _ = encode(_png_with_comfy_chunks(), "webp", 80, embedded)
     with Image.open(io.BytesIO(data)) as image:
         xmp = _xmp(image)
     assert xmp.findtext(".//dc:description/rdf:Alt/rdf:li", namespaces=XMP) == "bell \ufffd and tab\t"
@@ -283,8 +283,8 @@ def test_characters_xml_cannot_hold_do_not_break_the_xmp_packet() -> None:
 def test_a_jpeg_leaves_out_a_workflow_too_large_for_its_segments_and_keeps_the_rest() -> None:
 
     huge = {"imagen": {"prompt": "a heron", "seed": 7, "workflow": {"1": {"text": "x" * 70_000}}}}
-    jpeg, _ = encode(_png_with_comfy_chunks(), "jpeg", 80, huge)
-    webp, _ = encode(_png_with_comfy_chunks(), "webp", 80, huge)
+    jpeg, _, _ = encode(_png_with_comfy_chunks(), "jpeg", 80, huge)
+    webp, _, _ = encode(_png_with_comfy_chunks(), "webp", 80, huge)
     with Image.open(io.BytesIO(jpeg)) as image:
         described = json.loads(image.getexif()[0x010E])
         in_xmp = json.loads(_xmp(image).findtext(".//imagen:metadata", namespaces=XMP) or "")
@@ -297,7 +297,7 @@ def test_a_jpeg_leaves_out_a_workflow_too_large_for_its_segments_and_keeps_the_r
 
 def test_png_output_keeps_text_chunks_and_gets_no_xmp() -> None:
 
-    data, _ = encode(_png_with_comfy_chunks(), "png", 90, EMBEDDED)
+    data, _, _ = encode(_png_with_comfy_chunks(), "png", 90, EMBEDDED)
     with Image.open(io.BytesIO(data)) as image:
         assert "xmp" not in image.info and image.info["prompt"] == '{"3": {"class_type": "KSampler"}}'
 
@@ -305,7 +305,7 @@ def test_png_output_keeps_text_chunks_and_gets_no_xmp() -> None:
 @pytest.mark.parametrize("fmt", ["png", "webp", "jpeg"])
 def test_embed_metadata_false_strips_every_chunk(fmt: str) -> None:
 
-    data, _ = encode(_png_with_comfy_chunks(), fmt, 80, None)
+    data, _, _ = encode(_png_with_comfy_chunks(), fmt, 80, None)
     with Image.open(io.BytesIO(data)) as image:
         assert not image.getexif()
         assert not {"prompt", "workflow", "imagen", "exif", "xmp"} & set(image.info)
@@ -326,7 +326,7 @@ def _turned_camera_jpeg() -> bytes:
 def test_a_turned_camera_image_is_written_upright_and_with_none_of_the_cameras_metadata(fmt: str) -> None:
 
     for metadata in (EMBEDDED, None):
-        data, _ = encode(_turned_camera_jpeg(), fmt, 80, metadata)
+        data, _, _ = encode(_turned_camera_jpeg(), fmt, 80, metadata)
         with Image.open(io.BytesIO(data)) as image:
             assert image.size == (200, 400)
             assert 0x0112 not in image.getexif() and 0x010F not in image.getexif()
@@ -337,8 +337,8 @@ def test_quality_changes_the_lossy_size() -> None:
     noisy = Image.effect_noise((128, 128), 64).convert("RGB")
     out = io.BytesIO()
     noisy.save(out, format="PNG")
-    low, _ = encode(out.getvalue(), "jpeg", 10, None)
-    high, _ = encode(out.getvalue(), "jpeg", 95, None)
+    low, _, _ = encode(out.getvalue(), "jpeg", 10, None)
+    high, _, _ = encode(out.getvalue(), "jpeg", 95, None)
     assert len(low) < len(high)
 
 
@@ -360,6 +360,22 @@ def test_a_thumbnail_is_upright_when_the_camera_said_the_image_is_turned() -> No
     with Image.open(io.BytesIO(small)) as image:
         assert image.size == (128, 256)
         assert not image.getexif(), "a thumbnail carries no metadata"
+
+
+def test_a_format_change_gives_the_thumbnail_from_the_same_decode_and_a_png_leaves_it_to_later() -> None:
+
+    out = io.BytesIO()
+    Image.new("RGBA", (1024, 512), (10, 200, 30, 128)).save(out, format="PNG")
+    source = out.getvalue()
+
+    as_jpeg = encode(source, "jpeg", 80, None, thumbnail_size=256)
+    assert as_jpeg.thumbnail is not None
+    with Image.open(io.BytesIO(as_jpeg.thumbnail)) as small:
+        assert (small.format, small.size, small.mode) == ("WEBP", (256, 128), "RGB"), (
+            "no alpha: the JPEG has none"
+        )
+    assert encode(source, "png", 80, None, thumbnail_size=256).thumbnail is None
+    assert encode(source, "webp", 80, None).thumbnail is None, "none asked for"
 
 
 def test_batch_keys_are_a_pure_function_of_owner_job_and_index() -> None:
