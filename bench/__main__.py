@@ -15,7 +15,16 @@ from typing import Any
 
 import asyncpg
 
-from bench import backlog_scale, fairness, gpu_utilisation, memory, overhead, pickup_latency, throughput
+from bench import (
+    backlog_scale,
+    fairness,
+    gpu_utilisation,
+    memory,
+    overhead,
+    pickup_latency,
+    throughput,
+    write_stage,
+)
 from bench.common import removals_deferred, server_dsn
 
 # The overhead comes first: one job at a time, it measures milliseconds that the heavy runs'
@@ -24,6 +33,7 @@ from bench.common import removals_deferred, server_dsn
 BENCHMARKS: dict[str, Callable[[], Coroutine[Any, Any, Any]]] = {
     "overhead": lambda: overhead.run(jobs=300),
     "pickup_latency": lambda: pickup_latency.run(jobs=1000, backlog_rows=10_000),
+    "write_stage": lambda: write_stage.run(jobs=50, size=1024),
     "throughput": lambda: throughput.run(jobs=4000, repeat=3),
     "memory": lambda: memory.run(jobs=memory.SOAK_JOBS),
     "backlog_scale": lambda: backlog_scale.run((0, 100_000, 1_000_000)),
