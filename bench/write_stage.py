@@ -2,7 +2,9 @@
 
 The other benchmarks use 64x64 images, where decoding and encoding cost next to nothing; at
 1024x1024 they are most of the write stage. This runs the pipeline in-process (the mock
-backend, 0 ms, local storage, default output settings but the format) and reports the
+backend at 0 ms, answering every job with one noisy picture saved the way ComfyUI saves, since
+the mock's own gradient decodes several times faster than a render does; local storage,
+default output settings but the format) and reports the
 ``write`` stage of each job's timings: the encode into the output format with the metadata
 embedded, the image written and fsync'ed with its directory, the thumbnail, the sidecar and
 the journal. Formats alternate job by job (png, webp, jpeg, png, ...), so a drifting disk
@@ -13,12 +15,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import io
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from PIL import Image, ImageFilter
+
 from bench.common import machine_info, print_table, scratch_directory, summary_ms, write_result
+from imagen_worker.backends.base import GenerateRequest
 from imagen_worker.backends.mock import MockBackend
 from imagen_worker.config import OutputConfig
 from imagen_worker.pipeline import Pipeline
@@ -28,6 +35,22 @@ from imagen_worker.storage.local import LocalSink
 NAME = "write_stage"
 FORMATS: tuple[Literal["png", "webp", "jpeg"], ...] = ("png", "webp", "jpeg")
 WARM_UP = 5
+
+
+@functools.cache
+def _picture(width: int, height: int) -> bytes:
+    """A PNG that compresses like a render (fractal, noise, a blur), at ComfyUI's level 4."""
+    fractal = Image.effect_mandelbrot((width, height), (-2.0, -1.5, 1.0, 1.5), 100).convert("RGB")
+    noise = Image.effect_noise((width, height), 40).convert("RGB")
+    picture = Image.blend(fractal, noise, 0.3).filter(ImageFilter.GaussianBlur(1.2))
+    out = io.BytesIO()
+    picture.save(out, format="PNG", compress_level=4)
+    return out.getvalue()
+
+
+class _Rendered(MockBackend):
+    async def _render(self, request: GenerateRequest, index: int) -> bytes:
+        return _picture(request.width, request.height)
 
 
 class _Quiet:
@@ -48,7 +71,7 @@ class _Quiet:
 
 
 async def measure(directory: Path, jobs: int, size: int) -> dict[str, list[float]]:
-    backend = MockBackend.from_config("mock", {"type": "mock"})
+    backend = _Rendered.from_config("mock", {"type": "mock"})
     sink = LocalSink(directory, output_directory=directory)
     pipelines = {
         fmt: Pipeline({"mock": backend}, "mock", sink, OutputConfig(directory=directory, format=fmt))
