@@ -4,10 +4,9 @@ The other benchmarks use 64x64 images, where decoding and encoding cost next to 
 1024x1024 they are most of the write stage. This runs the pipeline in-process (the mock
 backend at 0 ms, answering every job with one noisy picture saved the way ComfyUI saves, since
 the mock's own gradient decodes several times faster than a render does; local storage,
-default output settings but the format) and reports the
-``write`` stage of each job's timings: the encode into the output format with the metadata
-embedded, the image written and fsync'ed with its directory, the thumbnail, the sidecar and
-the journal. Formats alternate job by job (png, webp, jpeg, png, ...), so a drifting disk
+default output settings but the format) and reports the ``write`` stage of each job's
+timings: the encode into the output format with the metadata embedded, the image written and
+fsync'ed with its directory, the thumbnail, the sidecar and the journal. Formats alternate job by job (png, webp, jpeg, png, ...), so a drifting disk
 affects them alike; the first jobs of each warm up and are not counted.
 """
 
