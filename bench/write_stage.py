@@ -6,8 +6,9 @@ backend at 0 ms, answering every job with one noisy picture saved the way ComfyU
 the mock's own gradient decodes several times faster than a render does; local storage,
 default output settings but the format) and reports the ``write`` stage of each job's
 timings: the encode into the output format with the metadata embedded, the image written and
-fsync'ed with its directory, the thumbnail, the sidecar and the journal. Formats alternate job by job (png, webp, jpeg, png, ...), so a drifting disk
-affects them alike; the first jobs of each warm up and are not counted.
+fsync'ed with its directory, the thumbnail, the sidecar and the journal. Formats alternate
+job by job (png, webp, jpeg, png, ...), so a drifting disk affects them alike; the first jobs
+of each warm up and are not counted.
 """
 
 from __future__ import annotations
