@@ -36,7 +36,9 @@ test: $(STAMP)
 		export IMAGEN_TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres; fi; \
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
+# The benchmarks are type-checked too, against the libraries they compare with (the bench extra).
 lint: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,embedded,bench]'
 	$(BIN)/ruff check imagen_worker tests bench
 	$(BIN)/ruff format --check imagen_worker tests bench
 	$(BIN)/mypy
