@@ -63,16 +63,31 @@ XMP_NAMESPACE = "urn:imagen-worker:xmp:1.0#"
 _JPEG_SEGMENT_BYTES = 65000
 
 
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the produced file itself says: the images row records these, never the request."""
+
+    width: int | None
+    height: int | None
+    mime_type: str
+
+
 class Encoded(NamedTuple):
     data: bytes
-    mime_type: str
+    facts: ImageFacts  # of ``data``, known while encoding: the file is never parsed again
     # Made from the same decode when encoding had to decode the image (a format change);
     # None otherwise: ``thumbnail`` makes it from ``data``.
     thumbnail: bytes | None = None
 
 
 def encode(
-    data: bytes, fmt: str, quality: int, metadata: Mapping[str, Any] | None, *, thumbnail_size: int = 0
+    data: bytes,
+    fmt: str,
+    quality: int,
+    metadata: Mapping[str, Any] | None,
+    *,
+    declared_mime: str = "application/octet-stream",
+    thumbnail_size: int = 0,
 ) -> Encoded:
     """The image in ``fmt``, with ``metadata`` embedded, or with no metadata at all when None.
 
@@ -80,30 +95,32 @@ def encode(
     kept only when metadata is embedded); WebP and JPEG get the metadata as JSON in the EXIF
     ImageDescription and as an XMP packet (``xmp_packet``). A JPEG segment holds under 64 KiB,
     so a JPEG whose metadata is larger embeds it without the workflow graph. Bytes Pillow
-    cannot read (a video) are returned as they are. With ``thumbnail_size``, an image decoded
-    here also gives its thumbnail: a second decode of a 1024 px WebP costs about 7 ms.
+    cannot read (a video) are returned as they are, under ``declared_mime``. An image whose
+    EXIF says it is turned is written upright, in every format. With ``thumbnail_size``, an
+    image decoded here also gives its thumbnail: a second decode of a 1024 px WebP costs
+    about 7 ms.
     """
     if fmt == "png":
         rewritten = _png_text_rewritten(data, metadata)
         if rewritten is not None:
-            return Encoded(rewritten, "image/png")
+            return Encoded(rewritten, _png_facts(rewritten))
     try:
         source = Image.open(io.BytesIO(data))
         source.load()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        return Encoded(data, image_facts(data, "application/octet-stream").mime_type)
+        return Encoded(data, image_facts(data, declared_mime))
     with source:
-        if fmt != "png":
-            # In place: a copy of a decoded 1024 px image costs 5 ms of fresh memory here.
-            ImageOps.exif_transpose(source, in_place=True)
+        # In place: a copy of a decoded 1024 px image costs 5 ms of fresh memory here.
+        ImageOps.exif_transpose(source, in_place=True)
         image = _savable(source, fmt)
         text = source.info if source.format == "PNG" else {}
         encoded = _saved(image, fmt, quality, metadata, text)
+        facts = ImageFacts(width=image.width, height=image.height, mime_type=MIME_OF_FORMAT[fmt])
         small = None
         if thumbnail_size:
             with contextlib.suppress(OSError, ValueError):  # no thumbnail is no reason to fail
-                small = _thumbnail_of(image, thumbnail_size)
-    return Encoded(encoded, MIME_OF_FORMAT[fmt], small)
+                small = _thumbnail_of(image, thumbnail_size)  # shrinks ``image``: facts first
+    return Encoded(encoded, facts, small)
 
 
 def _savable(image: Image.Image, fmt: str) -> Image.Image:
@@ -216,6 +233,12 @@ def _png_text_rewritten(data: bytes, metadata: Mapping[str, Any] | None) -> byte
     return b"".join(out)
 
 
+def _png_facts(png: bytes) -> ImageFacts:
+    """A whole PNG's size, from its IHDR chunk (always first, right after the signature)."""
+    width, height = struct.unpack_from(">II", png, len(_PNG_SIGNATURE) + 8)
+    return ImageFacts(width=width, height=height, mime_type="image/png")
+
+
 def _json(metadata: Mapping[str, Any]) -> str:
     return json.dumps(metadata, default=str, ensure_ascii=True)
 
@@ -301,15 +324,6 @@ def _thumbnail_of(image: Image.Image, size: int) -> bytes:
     # 256 px image at much the same size; a thumbnail is made for every image.
     image.save(out, format="WEBP", quality=80, method=0)
     return out.getvalue()
-
-
-@dataclass(frozen=True)
-class ImageFacts:
-    """What the produced file itself says: the images row records these, never the request."""
-
-    width: int | None
-    height: int | None
-    mime_type: str
 
 
 def image_facts(data: bytes, declared_mime: str) -> ImageFacts:

@@ -404,8 +404,9 @@ class Pipeline:
         quality = spec.quality or own.quality or self.output.quality
         embedded = self._embedded(spec, request, result) if self.output.embed_metadata else None
         size = self.output.thumbnail_size
-        data, _, small = output.encode(produced.read(), fmt, quality, embedded, thumbnail_size=size)
-        facts = output.image_facts(data, produced.mime_type)
+        data, facts, small = output.encode(
+            produced.read(), fmt, quality, embedded, declared_mime=produced.mime_type, thumbnail_size=size
+        )
         names = output.plan_names(
             self.output.naming, prompt=spec.prompt, seed=seed, backend=backend.name,
             mime_type=facts.mime_type, job_id=job_id, owner_user_id=spec.owner_user_id, when=when,

@@ -205,9 +205,9 @@ EMBEDDED = {"imagen": {"prompt": "a heron", "seed": 7, "workflow": {"3": {"class
 
 def test_png_keeps_its_workflow_chunks_and_gains_the_imagen_chunk() -> None:
 
-    data, mime, _ = encode(_png_with_comfy_chunks(), "png", 90, EMBEDDED)
+    data, facts, _ = encode(_png_with_comfy_chunks(), "png", 90, EMBEDDED)
     with Image.open(io.BytesIO(data)) as image:
-        assert mime == "image/png" and image.format == "PNG"
+        assert facts == ImageFacts(40, 30, "image/png") and image.format == "PNG"
         assert json.loads(image.info["imagen"]) == EMBEDDED["imagen"]
         assert image.info["workflow"] == '{"nodes": []}'
 
@@ -233,17 +233,19 @@ def test_a_png_whose_checksums_fail_gets_no_chunks_spliced_in() -> None:
     damaged = bytearray(_png_with_comfy_chunks())
     damaged[damaged.index(b"IDAT") + 6] ^= 0xFF  # the chunk's CRC no longer matches
 
-    data, _, _ = encode(bytes(damaged), "png", 90, EMBEDDED)
+    data, facts, _ = encode(bytes(damaged), "png", 90, EMBEDDED, declared_mime="image/png")
 
     assert data == bytes(damaged)  # Pillow cannot decode it either: kept exactly as produced
+    assert facts == ImageFacts(40, 30, "image/png"), "its header still says what it is"
 
 
 @pytest.mark.parametrize(("fmt", "pillow"), [("webp", "WEBP"), ("jpeg", "JPEG")])
 def test_webp_and_jpeg_carry_the_metadata_in_exif(fmt: str, pillow: str) -> None:
 
-    data, mime, _ = encode(_png_with_comfy_chunks(), fmt, 80, EMBEDDED)
+    data, facts, _ = encode(_png_with_comfy_chunks(), fmt, 80, EMBEDDED)
     with Image.open(io.BytesIO(data)) as image:
-        assert image.format == pillow and mime == f"image/{fmt}" and image.size == (40, 30)
+        assert image.format == pillow and image.size == (40, 30)
+        assert facts == ImageFacts(40, 30, f"image/{fmt}")
         assert json.loads(image.getexif()[0x010E]) == EMBEDDED
 
 
@@ -322,14 +324,23 @@ def _turned_camera_jpeg() -> bytes:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("fmt", ["webp", "jpeg"])
+@pytest.mark.parametrize("fmt", ["png", "webp", "jpeg"])
 def test_a_turned_camera_image_is_written_upright_and_with_none_of_the_cameras_metadata(fmt: str) -> None:
 
     for metadata in (EMBEDDED, None):
-        data, _, _ = encode(_turned_camera_jpeg(), fmt, 80, metadata)
+        data, facts, _ = encode(_turned_camera_jpeg(), fmt, 80, metadata)
         with Image.open(io.BytesIO(data)) as image:
-            assert image.size == (200, 400)
+            assert image.size == (200, 400) and (facts.width, facts.height) == (200, 400)
             assert 0x0112 not in image.getexif() and 0x010F not in image.getexif()
+
+
+def test_what_cannot_be_decoded_keeps_its_bytes_and_the_type_the_backend_declared() -> None:
+
+    video = b"\x00\x00\x00\x18ftypmp42" + bytes(64)
+    for fmt in ("png", "webp", "jpeg"):
+        assert encode(video, fmt, 80, EMBEDDED, declared_mime="video/mp4") == (
+            video, ImageFacts(None, None, "video/mp4"), None,
+        )  # fmt: skip
 
 
 def test_quality_changes_the_lossy_size() -> None:
