@@ -36,7 +36,7 @@ from xml.sax.saxutils import escape
 
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from imagen_worker.errors import ConfigError
+from imagen_worker.errors import ConfigError, RetryableError
 from imagen_worker.storage.keys import object_key
 
 PLACEHOLDERS = frozenset({"date", "time", "slug", "seed", "backend", "ext", "id"})
@@ -95,10 +95,10 @@ def encode(
     kept only when metadata is embedded); WebP and JPEG get the metadata as JSON in the EXIF
     ImageDescription and as an XMP packet (``xmp_packet``). A JPEG segment holds under 64 KiB,
     so a JPEG whose metadata is larger embeds it without the workflow graph. Bytes Pillow
-    cannot read (a video) are returned as they are, under ``declared_mime``. An image whose
-    EXIF says it is turned is written upright, in every format. With ``thumbnail_size``, an
-    image decoded here also gives its thumbnail: a second decode of a 1024 px WebP costs
-    about 7 ms.
+    cannot read (a video) are returned as they are, under ``declared_mime``; a PNG, WebP or
+    JPEG that cannot be read raises ``RetryableError``. An image whose EXIF says it is turned
+    is written upright, in every format. With ``thumbnail_size``, an image decoded here also
+    gives its thumbnail: a second decode of a 1024 px WebP costs about 7 ms.
     """
     if fmt == "png":
         rewritten = _png_text_rewritten(data, metadata)
@@ -107,8 +107,18 @@ def encode(
     try:
         source = Image.open(io.BytesIO(data))
         source.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # too many pixels to decode safely here: kept as it is
         return Encoded(data, image_facts(data, declared_mime))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        facts = image_facts(data, declared_mime)
+        if facts.mime_type in MIME_OF_FORMAT.values():
+            # It says it is a PNG, WebP or JPEG and cannot be read: storing it would hand the
+            # user a broken file under a job marked done.
+            raise RetryableError(
+                f"the backend's {facts.mime_type.split('/')[1].upper()} image is damaged and cannot be read",
+                detail={"mime_type": facts.mime_type, "bytes": len(data), "error": str(exc)},
+            ) from None
+        return Encoded(data, facts)
     with source:
         # In place: a copy of a decoded 1024 px image costs 5 ms of fresh memory here.
         ImageOps.exif_transpose(source, in_place=True)

@@ -365,7 +365,7 @@ class Pipeline:
                     produced.discard()  # a backend's temporary files, written into place or not
                 files.settle()
             files.check()
-        except OSError:
+        except (OSError, JobError):  # a full disk, a damaged image: nothing of the job stays
             files.remove()  # the journal goes with them: nothing else would ever remove them
             raise
         return artifact

@@ -6,7 +6,9 @@ import io
 import json
 import os
 import re
+import struct
 import uuid
+import zlib
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from xml.etree import ElementTree
@@ -15,6 +17,7 @@ import pytest
 from PIL import Image
 
 from imagen_worker import output
+from imagen_worker.errors import RetryableError
 from imagen_worker.output import (
     ImageFacts,
     check_naming,
@@ -228,15 +231,27 @@ def test_a_png_that_stays_png_keeps_its_pixel_data_byte_for_byte() -> None:
         assert json.loads(image.info["imagen"])["prompt"] == "un héron sous la pluie ☔"
 
 
-def test_a_png_whose_checksums_fail_gets_no_chunks_spliced_in() -> None:
+@pytest.mark.parametrize("fmt", ["png", "webp"])
+def test_a_damaged_png_is_refused_in_words_not_stored(fmt: str) -> None:
 
     damaged = bytearray(_png_with_comfy_chunks())
     damaged[damaged.index(b"IDAT") + 6] ^= 0xFF  # the chunk's CRC no longer matches
 
-    data, facts, _ = encode(bytes(damaged), "png", 90, EMBEDDED, declared_mime="image/png")
+    with pytest.raises(RetryableError) as refused:
+        encode(bytes(damaged), fmt, 90, EMBEDDED, declared_mime="image/png")
 
-    assert data == bytes(damaged)  # Pillow cannot decode it either: kept exactly as produced
-    assert facts == ImageFacts(40, 30, "image/png"), "its header still says what it is"
+    assert refused.value.message == "the backend's PNG image is damaged and cannot be read"
+
+
+def test_an_image_too_large_to_decode_here_is_kept_as_produced() -> None:
+
+    huge = bytearray(_png_with_comfy_chunks())
+    huge[16:24] = struct.pack(">II", 40_000, 40_000)  # IHDR: 1.6 gigapixels, over Pillow's limit
+    huge[29:33] = struct.pack(">I", zlib.crc32(bytes(huge[12:29])))
+
+    data, facts, _ = encode(bytes(huge), "webp", 80, EMBEDDED, declared_mime="image/png")
+
+    assert data == bytes(huge) and facts == ImageFacts(None, None, "image/png")
 
 
 @pytest.mark.parametrize(("fmt", "pillow"), [("webp", "WEBP"), ("jpeg", "JPEG")])

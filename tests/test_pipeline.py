@@ -279,6 +279,30 @@ async def test_a_batch_of_four_webp_is_four_files_four_thumbnails_and_four_uploa
     assert not [p for p in tmp_path.rglob("*") if p.is_file()], "discard removes every file of the batch"
 
 
+class DamagedSecondMock(MockBackend):
+    """A batch whose second image arrives damaged (its pixel data's checksum fails)."""
+
+    async def generate(self, request: Any, ctx: Any) -> Any:
+        result = await super().generate(request, ctx)
+        damaged = bytearray(result.extra_outputs[0].read())
+        damaged[damaged.index(b"IDAT") + 6] ^= 0xFF
+        result.extra_outputs[0] = Output(data=bytes(damaged), mime_type="image/png")
+        return result
+
+
+async def test_a_damaged_image_fails_the_attempt_in_words_and_leaves_no_file_of_the_job(
+    tmp_path: Path,
+) -> None:
+    backend = DamagedSecondMock.from_config("mock", {"type": "mock"})
+    run = Pipeline({"mock": backend}, "mock", FlakyStore(0), OutputConfig(directory=tmp_path, format="webp"))
+    spec = JobSpec(owner_user_id=OWNER, prompt="a heron", width=64, height=64, n=2)
+
+    with pytest.raises(RetryableError, match=r"^the backend's PNG image is damaged and cannot be read$"):
+        await run.run(uuid.uuid4(), spec, CountingContext())
+
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()], "the first image's files went too"
+
+
 async def test_n_over_max_batch_is_refused_before_the_backend_runs(tmp_path: Path) -> None:
     spec = JobSpec(owner_user_id=OWNER, prompt="a heron", width=64, height=64, n=5)
     CountingMock.calls = 0

@@ -12,6 +12,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from imagen_worker.backends.base import GenerateRequest
 from imagen_worker.errors import BackendUnavailable
 from tests.fakes.storage import FakeStorage
 from tests.workers import insert_job, make_config, running_worker, terminal
@@ -53,3 +54,27 @@ async def test_an_internal_address_in_a_backend_error_stays_with_the_operator(
     assert job["status"] == "failed"
     assert job["error"] == "ComfyUI is unreachable (connection refused) (gave up after 1 attempts)"
     assert "10.20.30.40" in job["error_detail"]["message"]
+
+
+async def test_a_damaged_image_fails_the_job_in_words_and_the_next_job_still_runs(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imagen_worker.backends.mock import MockBackend, render_png
+
+    async def damaged_for_kites(self: MockBackend, request: GenerateRequest, index: int) -> bytes:
+        png = bytearray(render_png(request.prompt, request.seed, request.width, request.height))
+        if "kite" in request.prompt:
+            png[png.index(b"IDAT") + 6] ^= 0xFF  # the pixel data's checksum no longer matches
+        return bytes(png)
+
+    monkeypatch.setattr(MockBackend, "_render", damaged_for_kites)
+    output = {"directory": str(tmp_path / "images"), "cloud_sync": "off", "format": "webp"}
+    async with running_worker(make_config(tmp_path, output=output), database_url):
+        kite = await terminal(db, await insert_job(db, "a red kite", owner_user_id=OWNER, max_attempts=2))
+        heron = await terminal(db, await insert_job(db, "a heron", owner_user_id=OWNER))
+
+    assert kite["status"] == "failed" and kite["attempts"] == 2
+    assert kite["error"] == "the backend's PNG image is damaged and cannot be read (gave up after 2 attempts)"
+    assert heron["status"] == "done"
+    kept = {p.name for p in (tmp_path / "images").rglob("*") if p.is_file() and not p.name.startswith(".")}
+    assert kept and all("heron" in name for name in kept), "nothing of the damaged job stays on disk"
