@@ -532,10 +532,14 @@ SELECT current_setting('server_version');
 
 -- name: webhook_settings
 -- Which job endings the trigger queues ($1; empty = webhooks off); each worker writes its own
--- webhooks block's events when it starts.
+-- webhooks block's events when it starts. Returns the events it replaced (no row when nothing
+-- changed; NULL when there was no setting yet), so a worker that changes the fleet's setting
+-- can say so.
+WITH previous AS (SELECT events FROM imagen.webhook_settings WHERE singleton)
 INSERT INTO imagen.webhook_settings (singleton, events) VALUES (true, $1)
 ON CONFLICT (singleton) DO UPDATE SET events = EXCLUDED.events, updated_at = now()
-WHERE imagen.webhook_settings.events IS DISTINCT FROM EXCLUDED.events;
+WHERE imagen.webhook_settings.events IS DISTINCT FROM EXCLUDED.events
+RETURNING (SELECT events FROM previous) AS previous;
 
 -- name: webhook_claim
 -- Up to $2 due pending deliveries for worker $1, leased for $3 seconds; $4 lists the rows it

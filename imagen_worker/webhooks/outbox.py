@@ -60,9 +60,19 @@ class Interrupted(Exception):
 
 
 async def configure(pool: asyncpg.Pool, settings: WebhooksConfig | None) -> None:
-    """Tell the trigger which job endings to queue: this worker's events, or none."""
+    """Tell the trigger which job endings to queue: this worker's events, or none.
+
+    The setting is one row for the whole fleet, so a worker whose block differs from the
+    others' changes it for every worker: that is said in a warning, not left to be found.
+    """
     events = [str(event) for event in settings.events] if settings is not None else []
-    await pool.execute(sql("webhook_settings"), events)
+    changed = await pool.fetchrow(sql("webhook_settings"), events)
+    if changed is not None and changed["previous"] is not None:
+        log.warning(
+            "webhook events changed for the whole fleet: every worker should carry the same webhooks block",
+            previous=list(changed["previous"]),
+            events=events,
+        )
 
 
 def read_secret(settings: WebhooksConfig) -> bytes:

@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
 from imagen_worker.errors import ConfigError
 from imagen_worker.webhooks import signing
@@ -216,12 +217,29 @@ async def test_a_worker_without_webhooks_turns_the_outbox_off(
     outbox_db: asyncpg.Pool, database_url: str, tmp_path: Path, receiver: Receiver, secret: str
 ) -> None:
     await outbox_db.execute("INSERT INTO imagen.webhook_settings (events) VALUES ('{done}')")
-    async with running_worker(make_config(tmp_path), database_url):
-        job_id = await insert_job(outbox_db)
-        await terminal(outbox_db, job_id)
+    with capture_logs() as logs:
+        async with running_worker(make_config(tmp_path), database_url):
+            job_id = await insert_job(outbox_db)
+            await terminal(outbox_db, job_id)
 
     assert await outbox_db.fetchval("SELECT events FROM imagen.webhook_settings") == []
     assert await delivery_rows(outbox_db, job_id) == []
+    [warning] = [entry for entry in logs if entry["event"].startswith("webhook events changed")]
+    assert (warning["log_level"], warning["previous"], warning["events"]) == ("warning", ["done"], [])
+
+
+async def test_workers_that_agree_on_webhooks_change_nothing_and_warn_of_nothing(
+    outbox_db: asyncpg.Pool, database_url: str, tmp_path: Path, receiver: Receiver, secret: str
+) -> None:
+    config = make_config(tmp_path, webhooks=hooks_block(receiver.url, events=["done"]))
+    with capture_logs() as logs:
+        async with running_worker(config, database_url):  # the first one sets it: nothing to warn of
+            pass
+        async with running_worker(config, database_url):
+            pass
+
+    assert await outbox_db.fetchval("SELECT events FROM imagen.webhook_settings") == ["done"]
+    assert not [entry for entry in logs if entry["event"].startswith("webhook events changed")]
 
 
 @pytest.mark.parametrize("value", [None, "short"])
