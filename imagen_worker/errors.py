@@ -85,6 +85,14 @@ class RetryableError(JobError):
     retryable = True
 
 
+class StorageUnavailable(RetryableError):
+    """Storage did not answer (transport errors, 429 or 5xx) through the sink's own retries.
+
+    The worker then asks the sink whether Storage answers at all: while it does not, a job
+    holding a rendered image waits for it instead of spending attempts (``storage.outage``).
+    """
+
+
 class BackendUnavailable(RetryableError):
     """The backend's infrastructure failed, not the job (no instance answers, the instance died
     mid-job): the job goes back to pending without spending an attempt, up to a cap that keeps

@@ -34,7 +34,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from imagen_worker.errors import ConfigError, RetryableError, TerminalError, public_message
+from imagen_worker.errors import ConfigError, StorageUnavailable, TerminalError, public_message
 from imagen_worker.storage.base import ObjectNotFound, ObjectTooLarge, StorageSink, StoredObject
 from imagen_worker.storage.keys import MissingCredentials, encode_key
 
@@ -237,7 +237,7 @@ class SupabaseSink(StorageSink):
     async def _with_retries(
         self, operation: str, key: str | None, attempt_once: Callable[[], Awaitable[httpx.Response]]
     ) -> httpx.Response:
-        """Run ``attempt_once`` until it answers or fails for good; transient ends → RetryableError."""
+        """Run ``attempt_once`` until it answers or fails for good; transient ends → StorageUnavailable."""
 
         def _log_retry(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -260,7 +260,7 @@ class SupabaseSink(StorageSink):
                 with attempt:
                     return await attempt_once()
         except _Transient as exc:
-            raise RetryableError(
+            raise StorageUnavailable(
                 f"storage {operation} failed after {self.max_retries + 1} attempt(s): {exc.reason}",
                 detail={"operation": operation, "bucket": self.bucket, "key": key, **exc.detail},
             ) from None
@@ -412,7 +412,7 @@ class SupabaseSink(StorageSink):
     async def check(self) -> None:
         """Fail at startup, in one line, on an anon key, a foreign key or a missing bucket.
 
-        An unreachable server is a ``RetryableError``, not a ``ConfigError``: the worker starts
+        An unreachable server is a ``StorageUnavailable``, not a ``ConfigError``: the worker starts
         anyway and its jobs retry their uploads once storage is back.
         """
         role = _jwt_role(self._key)
@@ -428,8 +428,8 @@ class SupabaseSink(StorageSink):
 
         try:
             response = await self._with_retries("check", None, attempt_once)
-        except RetryableError as exc:
-            raise RetryableError(f"storage: cannot reach {self.url}: {exc.message}") from None
+        except StorageUnavailable as exc:
+            raise StorageUnavailable(f"storage: cannot reach {self.url}: {exc.message}") from None
         if response.is_success:
             return
         error = StorageApiError.from_response(response)
@@ -446,6 +446,15 @@ class SupabaseSink(StorageSink):
         raise ConfigError(
             f"storage: checking bucket {self.bucket!r} failed ({error.status} {error.code}): {error.message}"
         )
+
+    async def unreachable(self) -> str | None:
+        """One ``GET`` of the bucket: any answer but a transport error, 429 or 5xx is an answer."""
+        url = f"{self.api}/bucket/{quote(self.bucket, safe='')}"
+        try:
+            await self._send(self._http().build_request("GET", url))
+        except _Transient as exc:
+            return exc.reason
+        return None
 
     async def aclose(self) -> None:
         if self._client is not None:

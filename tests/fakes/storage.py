@@ -262,6 +262,10 @@ class FakeStorage:
         allowed = frozenset(m.upper() for m in methods) if methods else None
         self._failures.extend(_Failure(status, allowed) for _ in range(n))
 
+    def recover(self) -> None:
+        """The outage is over: failures still queued by ``fail_next`` are dropped."""
+        self._failures.clear()
+
     def advance_clock(self, seconds: float) -> None:
         """Move the fake's clock forward (signed-URL expiry) without sleeping."""
         self.clock_offset += seconds
