@@ -30,7 +30,7 @@ from imagen_worker.backends.base import Backend, GenerateRequest, GenerateResult
 from imagen_worker.config import OutputConfig
 from imagen_worker.errors import JobError, RetryableError, TerminalError
 from imagen_worker.queue.jobs import ImageRecord, JobSpec
-from imagen_worker.storage import keys
+from imagen_worker.storage import keys, outage
 from imagen_worker.storage.base import StorageSink
 
 _MAX_SEED = 2**32 - 1
@@ -253,14 +253,17 @@ class Pipeline:
         strict_upload: bool = True,
         rendered: Callable[[], None] = lambda: None,
         resume: bool = True,
+        patience: outage.Patience | None = None,
     ) -> Artifact:
         """Generate (or reuse a journaled result), write locally, then store.
 
         With ``strict_upload`` an upload failure raises (the worker retries the job); without
         it the error is returned on the artifact (the CLI reports it and exits 0). ``rendered``
-        is called once the image is on local disk, before the upload. ``resume`` False says no
-        earlier attempt ran (a job's first claim), so there is no journal to look for: a file
-        lookup on the event loop is a wait for the interpreter lock when file threads are busy.
+        is called once the image is on local disk, before the upload; with ``patience`` the
+        upload waits for as long as Storage does not answer (``storage.outage``). ``resume``
+        False says no earlier attempt ran (a job's first claim), so there is no journal to look
+        for: a file lookup on the event loop is a wait for the interpreter lock when file
+        threads are busy.
         """
         # File work (fsync, hashing) runs in a thread: heartbeats share this event loop.
         directory = self.output.directory
@@ -274,11 +277,11 @@ class Pipeline:
         try:
             for picture in artifact.pictures:
                 picture.storage_key = await self._store(
-                    picture.storage_key, picture.image_path, picture.mime_type
+                    picture.storage_key, picture.image_path, picture.mime_type, patience
                 )
                 if picture.thumbnail_path is not None and picture.thumbnail_key is not None:
                     picture.thumbnail_key = await self._store(
-                        picture.thumbnail_key, picture.thumbnail_path, "image/webp"
+                        picture.thumbnail_key, picture.thumbnail_path, "image/webp", patience
                     )
         except JobError as exc:
             if strict_upload:
@@ -287,11 +290,11 @@ class Pipeline:
         artifact.timings["upload"] = time.perf_counter() - started
         return artifact
 
-    async def _store(self, key: str, path: Path, mime_type: str) -> str:
+    async def _store(self, key: str, path: Path, mime_type: str, patience: outage.Patience | None) -> str:
         """Upload one file; the key the images row records (``local:`` when it stayed here)."""
         if key.startswith(keys.LOCAL_PREFIX):
             return key  # a journaled artifact that local storage kept before
-        stored = await self.sink.put(key, path, mime_type)
+        stored = await outage.put(self.sink, key, path, mime_type, patience)
         # Nothing stored under the key: local storage keeps the output file itself.
         return keys.LOCAL_PREFIX + key if stored.in_place else key
 

@@ -102,6 +102,12 @@ class Metrics:
             ["backend"],
             registry=r,
         )
+        self.storage_waits = Counter(
+            "imagen_storage_waits_total",
+            "Jobs whose finished image had to wait for Storage to answer again (an outage).",
+            ["backend"],
+            registry=r,
+        )
         self.webhook_deliveries = Counter(
             "imagen_webhook_deliveries_total",
             "Webhook attempts by outcome (delivered|retried|failed); failed = given up for good.",
@@ -117,6 +123,7 @@ class Metrics:
             self.jobs_in_flight.labels(backend=backend)
             self.backend_healthy.labels(backend=backend)
             self.backend_outages.labels(backend=backend)
+            self.storage_waits.labels(backend=backend)
             for outcome in OUTCOMES:
                 self.jobs_finished.labels(backend=backend, outcome=outcome)
             for stage in STAGES:
@@ -162,6 +169,7 @@ LISTENER_RECONNECTS: Final = METRICS.listener_reconnects
 LISTENER_CONNECTED: Final = METRICS.listener_connected
 BACKEND_HEALTHY: Final = METRICS.backend_healthy
 BACKEND_OUTAGES: Final = METRICS.backend_outages
+STORAGE_WAITS: Final = METRICS.storage_waits
 WEBHOOK_DELIVERIES: Final = METRICS.webhook_deliveries
 
 

@@ -22,6 +22,7 @@ from imagen_worker.backends.base import JobContext
 from imagen_worker.errors import RetryableError
 from imagen_worker.pipeline import Artifact, Pipeline
 from imagen_worker.queue.jobs import ImageRecord, Job, JobSpec, Queue, images_from_result
+from imagen_worker.storage import outage
 
 # The stages a job's time is told apart by, in order; "generate" (the backend's whole call)
 # covers submit, execute and download, and "total" is claim + generate + write + upload + record.
@@ -42,12 +43,15 @@ async def produce(
     *,
     claim_seconds: float = 0.0,
     rendered: Callable[[], None] = lambda: None,
+    patience: outage.Patience | None = None,
 ) -> tuple[list[ImageRecord], Artifact | None]:
     """The images rows to write (main image first), and the artifact when this attempt made it."""
     if job.result is not None:
         rendered()
         return images_from_result(job.result), None
-    artifact = await pipeline.run(job.id, spec, ctx, rendered=rendered, resume=job.ran_before)
+    artifact = await pipeline.run(
+        job.id, spec, ctx, rendered=rendered, resume=job.ran_before, patience=patience
+    )
     artifact.timings["claim"] = claim_seconds
     artifact.sidecar["timings_ms"] = stage_milliseconds(artifact.timings)
     records = artifact.image_records()

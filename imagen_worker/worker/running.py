@@ -26,6 +26,7 @@ from imagen_worker.errors import BackendUnavailable, JobError, LeaseLost, Retrya
 from imagen_worker.pipeline import Pipeline
 from imagen_worker.queue.batch import CompletionBatcher
 from imagen_worker.queue.jobs import Job, JobKey, JobSpec, Outcome, Queue
+from imagen_worker.storage import outage
 from imagen_worker.worker import results
 from imagen_worker.worker.context import WorkerJobContext
 
@@ -56,6 +57,7 @@ class Event(enum.StrEnum):
     RELEASED = "released"
     BACKEND_UNAVAILABLE = "backend_unavailable"
     BACKEND_AVAILABLE = "backend_available"
+    STORAGE_WAITING = "storage_waiting"  # a rendered image waits for Storage to answer
 
 
 Emit = Callable[..., None]
@@ -72,6 +74,9 @@ class RunningJob:
     # The image is on local disk: a shutdown lets the upload and the final write finish (each
     # has its own timeouts) instead of throwing the render away for another worker to repeat.
     rendered: bool = False
+    # A shutdown that came while the job was rendered and uploading: it stops the job if the
+    # upload then has to wait for Storage (``mark_waiting``).
+    shutdown_deferred: bool = False
     claim_seconds: float = 0.0  # the claim statement's round trip, the job's first stage
     # Called once the job is settled: it no longer uses its backend, so its slot can take the
     # next job while the outcome is written (group-committed with others).
@@ -87,6 +92,7 @@ class RunningJob:
         if self.stop_reason is not None or self.settled or self.task is None or self.task.done():
             return
         if reason is StopReason.SHUTDOWN and self.rendered:
+            self.shutdown_deferred = True
             return
         self.stop_reason = reason
         self.ctx.cancel_requested = reason is StopReason.CANCELLED
@@ -94,6 +100,13 @@ class RunningJob:
 
     def mark_rendered(self) -> None:
         self.rendered = True
+
+    def mark_waiting(self) -> None:
+        """The upload waits for Storage, which may take hours: a shutdown may stop the job now,
+        and the next attempt on this host uploads the image the journal kept."""
+        self.rendered = False
+        if self.shutdown_deferred:
+            self.stop(StopReason.SHUTDOWN)
 
     def settle(self) -> None:
         """The outcome is being written: no longer stoppable, and its backend slot is free."""
@@ -188,6 +201,11 @@ class JobRunner:
             await self.queue.cancelled(job)
             self.emit(Event.CANCELLED, job=job, backend=running.backend)
             return
+
+        def waiting() -> None:
+            running.mark_waiting()
+            self.emit(Event.STORAGE_WAITING, job=job, backend=running.backend)
+
         try:
             records, artifact = await results.produce(
                 self.pipeline,
@@ -197,6 +215,7 @@ class JobRunner:
                 running.ctx,
                 claim_seconds=running.claim_seconds,
                 rendered=running.mark_rendered,
+                patience=outage.Patience(running.ctx, waiting, running.mark_rendered),
             )
             running.settle()
             await running.ctx.close()

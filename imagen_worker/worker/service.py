@@ -35,6 +35,9 @@ def record_metrics(event: Event, data: dict[str, Any]) -> None:
     if event is Event.BACKEND_UNAVAILABLE:
         m.BACKEND_OUTAGES.labels(backend=backend).inc()
         return
+    if event is Event.STORAGE_WAITING:
+        m.STORAGE_WAITS.labels(backend=backend).inc()
+        return
     if event in _OUTCOMES:
         m.JOBS_FINISHED.labels(backend=backend, outcome=event.value).inc()
         m.JOBS_IN_FLIGHT.labels(backend=backend).dec()

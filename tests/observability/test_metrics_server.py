@@ -25,6 +25,7 @@ EXPECTED = {
     "imagen_listener_connected": ("gauge", ()),
     "imagen_backend_healthy": ("gauge", ("backend",)),
     "imagen_backend_outages": ("counter", ("backend",)),
+    "imagen_storage_waits": ("counter", ("backend",)),
     "imagen_webhook_deliveries": ("counter", ("outcome",)),
 }
 

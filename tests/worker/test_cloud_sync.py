@@ -10,11 +10,15 @@ from pathlib import Path
 import asyncpg
 import httpx
 
+from imagen_worker.storage import outage
+from imagen_worker.worker.running import Event
 from tests.fakes.storage import FakeStorage
 from tests.workers import (
     BIN,
+    eventually,
     image_row,
     insert_job,
+    job_row,
     make_config,
     running_worker,
     terminal,
@@ -70,6 +74,63 @@ async def test_a_storage_outage_sends_the_job_back_and_the_retry_uploads_the_sam
     assert storage.object_count() == 2 and storage.put_count(image["storage_path"]) == 1
     assert storage.put_count(image["thumbnail_path"]) == 1
     assert len(list((tmp_path / "images").glob("*.png"))) == 1, "the image was generated once"
+
+
+async def test_a_storage_outage_longer_than_the_attempts_keeps_the_job_and_uploads_once_storage_is_back(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, storage: FakeStorage
+) -> None:
+    storage.fail_next(100_000, status=503)  # every request: Storage is down
+    config = make_config(tmp_path, storage=STORAGE)
+    events: list[Event] = []
+    async with running_worker(config, database_url) as worker:
+        worker.hooks.append(lambda event, _data: events.append(event))
+        job_id = await insert(db, "a lantern in the snow")
+        row = await eventually(lambda: waiting_for_storage(db, job_id))
+        # With retry_base_seconds 0.05 the job's three attempts would long be spent and failed.
+        await asyncio.sleep(1.0)
+        row = await job_row(db, job_id)
+        assert row["status"] == "running" and row["attempts"] == 1 and row["error"] is None
+        assert row["progress"]["message"] == outage.WAITING_MESSAGE
+        assert len(list((tmp_path / "images").glob("*.png"))) == 1, "the image waits on local disk"
+
+        storage.recover()
+        job = await terminal(db, job_id, within=20)
+    assert job["status"] == "done" and job["attempts"] == 1, job["error"]
+    image = await image_row(db, job["image_id"])
+    assert storage.put_count(image["storage_path"]) == 1 and storage.put_count(image["thumbnail_path"]) == 1
+    assert job["progress"]["stage"] == "uploaded"
+    assert events == [Event.CLAIMED, Event.STORAGE_WAITING, Event.DONE], "one wait, counted once"
+
+
+async def test_a_worker_stopped_during_a_storage_outage_hands_the_job_back_and_its_image_is_reused(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, storage: FakeStorage
+) -> None:
+    storage.fail_next(100_000, status=503)
+    config = make_config(tmp_path, storage=STORAGE, worker={"shutdown_grace": 0.2})
+    async with running_worker(config, database_url):
+        job_id = await insert(db, "a heron at dusk")
+        await eventually(lambda: waiting_for_storage(db, job_id))
+    released = await job_row(db, job_id)
+    assert released["status"] == "pending", "handed back at shutdown, not failed and not left running"
+    [image_path] = (tmp_path / "images").glob("*.png")
+    first_render = image_path.stat().st_ino
+
+    storage.recover()
+    async with running_worker(config, database_url):
+        job = await terminal(db, job_id, within=20)
+    assert job["status"] == "done", job["error"]
+    assert image_path.stat().st_ino == first_render, (
+        "the next attempt uploaded the same file, not a new render"
+    )
+    image = await image_row(db, job["image_id"])
+    blob = storage.get(image["storage_path"])
+    assert blob is not None and blob.data == image_path.read_bytes()
+
+
+async def waiting_for_storage(db: asyncpg.Pool, job_id: uuid.UUID) -> asyncpg.Record | None:
+    row = await job_row(db, job_id)
+    progress = row["progress"] or {}
+    return row if progress.get("stage") == "waiting_for_storage" else None
 
 
 async def test_upload_landed_but_the_database_transaction_failed_yields_one_object_and_one_row(

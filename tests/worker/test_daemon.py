@@ -318,5 +318,26 @@ async def test_a_shutdown_finishes_the_upload_of_a_rendered_image_instead_of_thr
     assert storage.object_count() == 2  # the image and its thumbnail
 
 
+async def test_a_shutdown_that_let_an_upload_finish_hands_the_job_back_once_storage_stops_answering(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, storage: FakeStorage
+) -> None:
+    storage.upload_latency = 1.5  # the grace runs out while the rendered image is uploading,
+    storage.fail_next(1, status="drop_after", methods=["PUT"])  # whose answer is then lost,
+    storage.fail_next(100_000, status=503)  # and Storage stops answering
+    config = make_config(
+        tmp_path, worker={"shutdown_grace": 0.2}, storage={"type": "supabase", "max_retries": 0}
+    )
+    async with running_worker(config, database_url) as worker:
+        job_id = await insert(db, "rendered before an outage and a deploy")
+        await eventually(lambda: _uploading(storage))
+        worker.request_stop()
+        stopping = asyncio.get_running_loop().time()
+    assert asyncio.get_running_loop().time() - stopping < 10, "the stop did not wait for Storage"
+
+    job = await job_row(db, job_id)
+    assert job["status"] == "pending" and job["error"] is None, "handed back, not failed"
+    assert len(list((tmp_path / "images").glob("*.png"))) == 1, "the image stays for the next attempt here"
+
+
 async def _uploading(storage: FakeStorage) -> bool:
     return any(r.method == "PUT" for r in storage.requests)

@@ -1,0 +1,116 @@
+"""Waiting out a Storage outage: a rendered image is uploaded once Storage answers again,
+while an upload Storage refuses as it answers others still fails at once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imagen_worker.errors import StorageUnavailable
+from imagen_worker.storage import outage
+from imagen_worker.storage.supabase import SupabaseSink
+from tests.fakes.storage import FakeStorage
+
+KEY = "00000000-0000-4000-8000-000000000001/00000000-0000-4000-8000-000000000002.png"
+Make = Callable[..., SupabaseSink]
+
+
+class Watched:
+    """A job context and the worker's hooks, as the job's owner and the worker would see them."""
+
+    def __init__(self) -> None:
+        self.progress: list[dict[str, Any]] = []
+        self.hooks: list[str] = []
+        self.backend_ref: str | None = None
+        self.first_claim = True
+        self.cancel_requested = False
+
+    async def set_backend_ref(self, ref: str) -> None:
+        self.backend_ref = ref
+
+    def report_progress(self, value: float, maximum: float, **extra: Any) -> None:
+        self.progress.append({"value": value, "max": maximum, **extra})
+
+    def report_preview(self, data: bytes, mime_type: str) -> None:
+        return None
+
+    def patience(self) -> outage.Patience:
+        return outage.Patience(
+            self,
+            waiting=lambda: self.hooks.append("waiting"),
+            resumed=lambda: self.hooks.append("resumed"),
+            first_pause=0.02,
+            last_pause=0.05,
+        )
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "render.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
+    return path
+
+
+async def test_an_upload_during_an_outage_waits_says_why_and_goes_ahead_once_storage_answers(
+    fake_storage: FakeStorage, make_sink: Make, image: Path
+) -> None:
+    fake_storage.fail_next(10_000, status=503)  # every request, the looks at the bucket too
+    watched = Watched()
+    upload = asyncio.create_task(
+        outage.put(make_sink(max_retries=0), KEY, image, "image/png", watched.patience())
+    )
+    while len([r for r in fake_storage.requests if r.method == "PUT"]) < 4:
+        await asyncio.sleep(0.01)
+    assert not upload.done(), "still waiting: no number of failed uploads gives up on the image"
+    assert watched.hooks == ["waiting"]
+    assert watched.progress[0]["stage"] == "waiting_for_storage"
+    assert watched.progress[0]["message"] == outage.WAITING_MESSAGE
+
+    fake_storage.recover()
+    stored = await asyncio.wait_for(upload, 5)
+
+    assert stored.key == KEY and fake_storage.put_count(KEY) == 1
+    blob = fake_storage.get(KEY)
+    assert blob is not None and blob.data == image.read_bytes()
+    assert watched.hooks == ["waiting", "resumed"]
+    assert [p["stage"] for p in watched.progress] == ["waiting_for_storage", "uploaded"]
+
+
+async def test_an_upload_refused_while_storage_answers_fails_at_once(
+    fake_storage: FakeStorage, make_sink: Make, image: Path
+) -> None:
+    fake_storage.fail_next(1, status=502, methods=["PUT"])  # the bucket look is answered
+    watched = Watched()
+    with pytest.raises(StorageUnavailable, match="502"):
+        await outage.put(make_sink(max_retries=0), KEY, image, "image/png", watched.patience())
+    assert watched.hooks == [] and watched.progress == []
+    assert [r.method for r in fake_storage.requests] == ["PUT", "GET"]
+
+
+async def test_without_patience_an_outage_fails_the_upload_as_before(
+    fake_storage: FakeStorage, make_sink: Make, image: Path
+) -> None:
+    fake_storage.fail_next(10_000, status=503)
+    with pytest.raises(StorageUnavailable, match="after 2 attempt"):
+        await outage.put(make_sink(max_retries=1), KEY, image, "image/png", None)
+    assert [r.method for r in fake_storage.requests] == ["PUT", "PUT"], "no look at the bucket, no wait"
+
+
+async def test_storage_back_before_the_look_gets_the_upload_sent_again_at_once(
+    fake_storage: FakeStorage, make_sink: Make, image: Path
+) -> None:
+    # Down for one upload and one look, then back: the look after the next failure finds it up.
+    fake_storage.fail_next(1, status=503, methods=["PUT"])
+    fake_storage.fail_next(1, status=503, methods=["GET"])
+    fake_storage.fail_next(1, status=503, methods=["PUT"])
+    watched = Watched()
+    stored = await outage.put(make_sink(max_retries=0), KEY, image, "image/png", watched.patience())
+    assert stored.key == KEY
+    assert [(r.method, r.status) for r in fake_storage.requests] == [
+        ("PUT", 503), ("GET", 503), ("PUT", 503), ("GET", 200), ("PUT", 200),
+    ]  # fmt: skip
+    assert watched.hooks == ["waiting", "resumed"]
