@@ -23,6 +23,7 @@ from pydantic import AfterValidator, Field, ValidationInfo
 
 from imagen_worker.backends.base import GenerateRequest, InputImage
 from imagen_worker.errors import TerminalError
+from imagen_worker.storage import outage
 from imagen_worker.storage.base import ObjectNotFound, ObjectTooLarge, StorageSink
 from imagen_worker.storage.keys import InvalidStorageKey, check_key
 
@@ -64,9 +65,16 @@ OwnedKey = Annotated[str, Field(min_length=1, max_length=900), AfterValidator(_o
 
 
 async def attach(
-    request: GenerateRequest, sink: StorageSink, *, max_pixels: int, backend: str
+    request: GenerateRequest,
+    sink: StorageSink,
+    *,
+    max_pixels: int,
+    backend: str,
+    patience: outage.Patience | None = None,
 ) -> GenerateRequest:
-    """The request with ``inputs`` filled from storage; ``TerminalError`` names the bad image."""
+    """The request with ``inputs`` filled from storage; ``TerminalError`` names the bad image.
+
+    With ``patience`` a Storage outage makes the job wait for it (``storage.outage``)."""
     wanted = request.params.get(IMAGES_PARAM)
     if not isinstance(wanted, Mapping) or not wanted:
         return request
@@ -78,7 +86,7 @@ async def attach(
         if problem is not None:  # the params model refused it already; never read it regardless
             raise TerminalError(f"input image {name}: {problem}", detail={"input": name})
         try:
-            data = await sink.get(key, MAX_INPUT_BYTES)
+            data = await outage.get(sink, key, MAX_INPUT_BYTES, patience)
         except ObjectNotFound:
             raise TerminalError(
                 f"input image {name} ({key}) was not found in storage; upload it first",

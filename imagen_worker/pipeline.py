@@ -271,7 +271,7 @@ class Pipeline:
         if resume and _journal_path(directory, job_id).exists():  # an earlier attempt on this host
             artifact = await asyncio.to_thread(_read_journal, directory, job_id)
         if artifact is None:
-            artifact = await self._generate(job_id, spec, ctx)
+            artifact = await self._generate(job_id, spec, ctx, patience)
         rendered()
         started = time.perf_counter()
         try:
@@ -298,7 +298,9 @@ class Pipeline:
         # Nothing stored under the key: local storage keeps the output file itself.
         return keys.LOCAL_PREFIX + key if stored.in_place else key
 
-    async def _generate(self, job_id: UUID, spec: JobSpec, ctx: JobContext) -> Artifact:
+    async def _generate(
+        self, job_id: UUID, spec: JobSpec, ctx: JobContext, patience: outage.Patience | None
+    ) -> Artifact:
         backend = self.resolve(spec.backend)
         prompt, negative = styles.apply(spec.style, spec.prompt, spec.negative_prompt)
         seed = spec.seed if spec.seed is not None else derived_seed(job_id)
@@ -310,7 +312,7 @@ class Pipeline:
         # The adapter's params model and limits, before anything reaches the backend.
         request = backend.check_request(request)
         request = await inputs.attach(
-            request, self.sink, max_pixels=backend.limits.max_pixels, backend=backend.name
+            request, self.sink, max_pixels=backend.limits.max_pixels, backend=backend.name, patience=patience
         )
         started = time.perf_counter()
         result = await backend.generate(request, ctx)

@@ -6,16 +6,19 @@ attempts nor, once they are spent, fail it (a failed job's files are removed). S
 keeps such a job, asks Storage again and again while it does not answer, and uploads as soon
 as it does. The job stays ``running`` under its lease, and its progress tells its owner why.
 
-An upload that fails while Storage answers other requests is the upload's own problem (an
-object a proxy keeps refusing with 502): it raises as before, and the job's retries apply.
+A job's input image is read the same way: an outage makes the job wait before its render
+instead of spending its attempts. A request that fails while Storage answers others is that
+request's own problem (an object a proxy keeps refusing with 502): it raises as before, and the
+job's retries apply.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 
@@ -25,10 +28,16 @@ from imagen_worker.storage.base import StorageSink, StoredObject
 
 log = structlog.get_logger("imagen.storage")
 
+T = TypeVar("T")
+
 WAITING_MESSAGE = (
     "the image is ready and waits for storage, which is not answering; it is uploaded once storage is back"
 )
 UPLOADED_MESSAGE = "storage is back and the image is uploaded"
+INPUT_WAITING_MESSAGE = (
+    "the job's input image is in storage, which is not answering; the job goes on once it is back"
+)
+INPUT_READ_MESSAGE = "storage is back and the input image is read"
 
 
 @dataclass(frozen=True)
@@ -36,8 +45,8 @@ class Patience:
     """How a job waits for Storage; ``None`` of it where the caller cannot wait (the CLI)."""
 
     ctx: JobContext
-    # Called when the job starts waiting (a shutdown may stop it now: the image and its
-    # journal stay on disk for the next attempt) and when the upload goes ahead again.
+    # Called when the job starts waiting (a shutdown may stop it now: a rendered image and its
+    # journal stay on disk for the next attempt) and when an upload goes ahead again.
     waiting: Callable[[], None]
     resumed: Callable[[], None]
     first_pause: float = 2.0  # seconds between looks at Storage, doubling up to last_pause
@@ -48,11 +57,33 @@ async def put(
     sink: StorageSink, key: str, source: Path, mime_type: str, patience: Patience | None
 ) -> StoredObject:
     """``sink.put``, waiting as long as Storage does not answer when ``patience`` is given."""
+    return await _patiently(
+        lambda: sink.put(key, source, mime_type), sink, patience, WAITING_MESSAGE, UPLOADED_MESSAGE, 1.0
+    )
+
+
+async def get(sink: StorageSink, key: str, max_bytes: int, patience: Patience | None) -> bytes:
+    """``sink.get`` of an input image, waiting the same way. Nothing is rendered yet: the job's
+    progress stays at 0 and going ahead is no upload to let finish (``resumed`` is not called)."""
+    before_render = replace(patience, resumed=lambda: None) if patience is not None else None
+    return await _patiently(
+        lambda: sink.get(key, max_bytes), sink, before_render, INPUT_WAITING_MESSAGE, INPUT_READ_MESSAGE, 0.0
+    )
+
+
+async def _patiently(
+    call: Callable[[], Awaitable[T]],
+    sink: StorageSink,
+    patience: Patience | None,
+    waiting: str,
+    back: str,
+    progress: float,  # the job's progress while it waits: its percentage never goes down
+) -> T:
     waited = False
     pause = 0.0  # above 0 while Storage does not answer
     while True:
         try:
-            stored = await sink.put(key, source, mime_type)
+            answer = await call()
             break
         except StorageUnavailable:
             if patience is None:
@@ -60,18 +91,18 @@ async def put(
             reason = await sink.unreachable()
             if reason is None:
                 if not pause:
-                    raise  # Storage answers: this upload failed on its own
-                pause = 0.0  # back since the failed upload: upload again at once
+                    raise  # Storage answers: this request failed on its own
+                pause = 0.0  # back since the failed request: send it again at once
                 continue
             if not waited:
                 waited = True
-                log.warning("storage is not answering; the job's image waits on local disk", reason=reason)
+                log.warning("storage is not answering; the job waits for it", reason=reason)
                 patience.waiting()
-                patience.ctx.report_progress(1, 1, stage="waiting_for_storage", message=WAITING_MESSAGE)
+                patience.ctx.report_progress(progress, 1, stage="waiting_for_storage", message=waiting)
             pause = min(2 * pause, patience.last_pause) if pause else patience.first_pause
             await asyncio.sleep(pause)
     if waited and patience is not None:
-        log.info("storage answers again; the image was uploaded", key=key)
-        patience.ctx.report_progress(1, 1, stage="uploaded", message=UPLOADED_MESSAGE)
+        log.info("storage answers again; the job goes on")
+        patience.ctx.report_progress(progress, 1, stage="storage_back", message=back)
         patience.resumed()
-    return stored
+    return answer

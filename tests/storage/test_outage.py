@@ -77,7 +77,7 @@ async def test_an_upload_during_an_outage_waits_says_why_and_goes_ahead_once_sto
     blob = fake_storage.get(KEY)
     assert blob is not None and blob.data == image.read_bytes()
     assert watched.hooks == ["waiting", "resumed"]
-    assert [p["stage"] for p in watched.progress] == ["waiting_for_storage", "uploaded"]
+    assert [p["stage"] for p in watched.progress] == ["waiting_for_storage", "storage_back"]
 
 
 async def test_an_upload_refused_while_storage_answers_fails_at_once(
@@ -114,3 +114,23 @@ async def test_storage_back_before_the_look_gets_the_upload_sent_again_at_once(
         ("PUT", 503), ("GET", 503), ("PUT", 503), ("GET", 200), ("PUT", 200),
     ]  # fmt: skip
     assert watched.hooks == ["waiting", "resumed"]
+
+
+async def test_an_input_image_read_during_an_outage_waits_at_0_percent_and_is_read_once_storage_answers(
+    fake_storage: FakeStorage, make_sink: Make, image: Path
+) -> None:
+    await make_sink().put(KEY, image, "image/png")
+    fake_storage.fail_next(10_000, status=503)
+    watched = Watched()
+    read = asyncio.create_task(outage.get(make_sink(max_retries=0), KEY, 1 << 20, watched.patience()))
+    while len([r for r in fake_storage.requests if r.method == "GET"]) < 4:
+        await asyncio.sleep(0.01)
+    assert not read.done()
+    fake_storage.recover()
+
+    assert await asyncio.wait_for(read, 5) == image.read_bytes()
+    assert watched.hooks == ["waiting"], "nothing was rendered: no upload to let finish"
+    assert [(p["value"], p["stage"], p["message"]) for p in watched.progress] == [
+        (0.0, "waiting_for_storage", outage.INPUT_WAITING_MESSAGE),
+        (0.0, "storage_back", outage.INPUT_READ_MESSAGE),
+    ]

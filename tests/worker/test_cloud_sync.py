@@ -98,7 +98,7 @@ async def test_a_storage_outage_longer_than_the_attempts_keeps_the_job_and_uploa
     assert job["status"] == "done" and job["attempts"] == 1, job["error"]
     image = await image_row(db, job["image_id"])
     assert storage.put_count(image["storage_path"]) == 1 and storage.put_count(image["thumbnail_path"]) == 1
-    assert job["progress"]["stage"] == "uploaded"
+    assert job["progress"]["stage"] == "storage_back"
     assert events == [Event.CLAIMED, Event.STORAGE_WAITING, Event.DONE], "one wait, counted once"
 
 

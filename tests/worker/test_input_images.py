@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import uuid
 from pathlib import Path
@@ -10,10 +11,11 @@ from typing import Any
 import asyncpg
 from PIL import Image
 
+from imagen_worker.storage import outage
 from imagen_worker.storage.supabase import SupabaseSink
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.storage import FakeStorage
-from tests.workers import insert_job, make_config, running_worker, terminal
+from tests.workers import eventually, insert_job, job_row, make_config, running_worker, terminal
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-000000000009")
 FAST = {"poll_interval": 0.5, "interrupt_grace": 2.0, "connect_timeout": 2.0, "timeout": 30}
@@ -83,6 +85,34 @@ async def test_a_missing_input_fails_the_job_in_one_sentence_before_comfyui(
     assert job["attempts"] == 1, "a missing file is not retried"
     assert fake_comfyui.calls("POST", "/upload/image") == []
     assert fake_comfyui.calls("POST", "/prompt") == []
+
+
+async def test_a_storage_outage_while_reading_the_input_makes_the_job_wait_not_spend_its_attempts(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, fake_comfyui: FakeComfyUI, storage: FakeStorage
+) -> None:
+    key = f"{OWNER}/uploads/fox.png"
+    await upload(storage, tmp_path, key, png(64, 64))
+    storage.fail_next(100_000, status=503)
+    block = {"type": "comfyui", "urls": [fake_comfyui.url], "workflow": "sd15-img2img", **FAST}
+    config = make_config(tmp_path, backends={"gpu": block}, storage={"type": "supabase", "max_retries": 0})
+    async with running_worker(config, database_url):
+        job_id = await insert(db, {"init": key})
+        await eventually(lambda: _waiting_for_storage(db, job_id))
+        await asyncio.sleep(1.0)  # retry_base_seconds 0.05: the attempts would long be spent
+        row = await job_row(db, job_id)
+        assert row["status"] == "running" and row["attempts"] == 1 and row["error"] is None
+        assert row["progress"]["percent"] == 0 and row["progress"]["message"] == outage.INPUT_WAITING_MESSAGE
+        assert fake_comfyui.calls("POST", "/prompt") == [], "nothing renders without its input"
+
+        storage.recover()
+        job = await terminal(db, job_id, within=20)
+    assert job["status"] == "done" and job["attempts"] == 1, job["error"]
+    assert len(fake_comfyui.calls("POST", "/prompt")) == 1
+
+
+async def _waiting_for_storage(db: asyncpg.Pool, job_id: uuid.UUID) -> bool:
+    progress = (await job_row(db, job_id))["progress"] or {}
+    return progress.get("stage") == "waiting_for_storage"
 
 
 async def test_an_inpaint_job_sends_image_and_mask_and_each_job_keeps_its_own(
