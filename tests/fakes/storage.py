@@ -227,10 +227,18 @@ class FakeStorage:
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", self._port or 0)
         await site.start()
         self._port = int(self._runner.addresses[0][1])
         return self
+
+    async def go_down(self) -> None:
+        """An outage: the server stops listening (connections are refused); objects are kept."""
+        await self.close()
+
+    async def come_back(self) -> None:
+        """The end of ``go_down``: listening again on the same port, with the same objects."""
+        await self.start()
 
     async def close(self) -> None:
         if self._runner is not None:

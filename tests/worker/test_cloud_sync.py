@@ -79,11 +79,11 @@ async def test_a_storage_outage_sends_the_job_back_and_the_retry_uploads_the_sam
 async def test_a_storage_outage_longer_than_the_attempts_keeps_the_job_and_uploads_once_storage_is_back(
     db: asyncpg.Pool, database_url: str, tmp_path: Path, storage: FakeStorage
 ) -> None:
-    storage.fail_next(100_000, status=503)  # every request: Storage is down
     config = make_config(tmp_path, storage=STORAGE)
     events: list[Event] = []
     async with running_worker(config, database_url) as worker:
         worker.hooks.append(lambda event, _data: events.append(event))
+        await storage.go_down()  # connections refused
         job_id = await insert(db, "a lantern in the snow")
         row = await eventually(lambda: waiting_for_storage(db, job_id))
         # With retry_base_seconds 0.05 the job's three attempts would long be spent and failed.
@@ -93,7 +93,7 @@ async def test_a_storage_outage_longer_than_the_attempts_keeps_the_job_and_uploa
         assert row["progress"]["message"] == outage.WAITING_MESSAGE
         assert len(list((tmp_path / "images").glob("*.png"))) == 1, "the image waits on local disk"
 
-        storage.recover()
+        await storage.come_back()
         job = await terminal(db, job_id, within=20)
     assert job["status"] == "done" and job["attempts"] == 1, job["error"]
     image = await image_row(db, job["image_id"])
