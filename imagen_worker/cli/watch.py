@@ -43,6 +43,13 @@ def pending_label(row: asyncpg.Record) -> str:
     return f"pending: {message}" if message else "pending"
 
 
+def running_label(progress: dict[str, object]) -> str:
+    """``running`` with the backend's step count, or why a finished render waits (Storage)."""
+    if progress.get("stage") == "waiting_for_storage":
+        return f"running: {progress.get('message')}"
+    return f"running {progress.get('value', 0):g}/{progress.get('max', 0):g}"
+
+
 async def follow(
     conn: asyncpg.Connection,
     job_id: UUID,
@@ -84,7 +91,7 @@ async def follow(
                         console.print(f"imagen: {no_worker_message(row['backend'])}", highlight=False)
                     warned = warned or not live
                 if row["status"] == "running" and progress:
-                    label = f"running {progress.get('value', 0):g}/{progress.get('max', 0):g}"
+                    label = running_label(progress)
                 bar.update(task, description=label, completed=float(progress.get("fraction", 0.0)))
                 if row["status"] in TERMINAL:
                     return row
