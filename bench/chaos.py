@@ -1,13 +1,14 @@
-"""Chaos run: workers killed, restarted, cut off, blocked and left without a backend under load.
+"""Chaos run: workers killed, restarted, cut off, blocked and left without a backend or Storage.
 
 Worker processes are killed and restarted, database paths blackholed, rows locked, the backend
-taken down, listener connections terminated and PostgreSQL restarted while several hundred
-jobs with random failures go through the queue.
+and Storage taken down, listener connections terminated and PostgreSQL restarted while several
+hundred jobs with random failures go through the queue.
 
 Three ``imagen-worker run`` subprocesses, each reaching PostgreSQL through its own fault proxy
 (``tests/faults/proxy.py``), serve a recording backend (``tests/faults/recording.py``: latency,
 a random retryable failure rate, and a ledger of every execution with its start and end), lease
-3 s. Jobs are inserted in bursts during the first half of the run. Meanwhile:
+3 s, and upload to Supabase Storage (the Storage API fake of ``tests/fakes/storage.py``, served
+by this process). Jobs are inserted in bursts during the first half of the run. Meanwhile:
 
 * every few seconds a random worker gets SIGKILL and is started again;
 * rolling restarts: each worker in turn gets SIGTERM, stays down longer than a poll interval
@@ -16,6 +17,7 @@ a random retryable failure rate, and a ledger of every execution with its start 
 * lock holders: a client holds ``SELECT ... FOR UPDATE`` on a running job's row for longer than
   the lease;
 * backend outages: the backend says it is down and its running renders die, then it is back;
+* Storage outages: the Storage server stops listening (connections refused), then is back;
 * listener connections are ended with ``pg_terminate_backend``;
 * once, PostgreSQL itself is restarted with ``pg_ctlcluster`` where this process has the rights
   (skipped otherwise, and said so).
@@ -29,8 +31,8 @@ Then every job must reach a terminal state and the invariants below must hold:
   short by SIGKILL ends when its process was killed), and none is left open;
 * none wrongly failed: the only failed jobs are those told to fail (``fail: terminal``);
 * images rows == done jobs;
-* storage holds exactly the images rows: the local storage directory's files are the
-  ``storage_path`` of the images rows, no more, no fewer.
+* Storage holds exactly the images rows: its objects are the ``storage_path`` and
+  ``thumbnail_path`` of the images rows, no more, no fewer.
 
 ``make chaos`` runs ``python -m bench.chaos``; ``tests/chaos/test_chaos_short.py`` runs a short
 variant of the same code in ``make test``.
@@ -68,6 +70,7 @@ from bench.common import (
     write_result,
     write_worker_config,
 )
+from tests.fakes.storage import FakeStorage
 from tests.faults.ledger import overlapping, read_ledger
 from tests.faults.proxy import FaultProxy
 from tests.faults.recording import subprocess_env
@@ -104,6 +107,8 @@ class ChaosOptions:
     lock_seconds: float = 30.0
     backend_outages: int = 1
     outage_seconds: float = 10.0
+    storage_outages: int = 1
+    storage_outage_seconds: float = 8.0  # longer than a job's attempts would last (retries 0.2-1 s)
 
 
 @dataclass
@@ -118,8 +123,8 @@ class ChaosReport:
     jobs_inserted: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
     images: int = 0
-    storage_files: int = 0
-    storage_temp_files: int = 0
+    storage_objects: int = 0
+    storage_waits_logged: int = 0
     attempts: dict[str, int] = field(default_factory=dict)
     failure_reasons: dict[str, int] = field(default_factory=dict)
     lease_lost_logged: int = 0
@@ -128,6 +133,7 @@ class ChaosReport:
     blackholes: int = 0
     lock_holds: int = 0
     backend_outages: int = 0
+    storage_outages: int = 0
     executions: int = 0
     overlapping_executions: int = 0
     open_executions: int = 0
@@ -146,8 +152,8 @@ class ChaosReport:
         """Every fault injected: kills, graceful restarts, blackholes, lock holds, outages,
         listener terminations and a PostgreSQL restart."""
         return (
-            self.kills + self.graceful_restarts + self.blackholes + self.lock_holds
-            + self.backend_outages + self.listener_terminations + int(self.postgres_restarted)
+            self.kills + self.graceful_restarts + self.blackholes + self.lock_holds + self.backend_outages
+            + self.storage_outages + self.listener_terminations + int(self.postgres_restarted)
         )  # fmt: skip
 
 
@@ -182,7 +188,7 @@ class Chaos:
         self.dsn = dsn
         self.workdir = workdir
         self.rng = random.Random(options.seed)
-        self.storage_dir = workdir / "storage"
+        self.storage = FakeStorage()
         self.logs = workdir / "logs"
         self.ledger = workdir / "ledger.jsonl"
         self.down_file = workdir / "backend-down"
@@ -205,7 +211,8 @@ class Chaos:
                     "down_file": str(self.down_file),
                 }
             },
-            storage={"type": "local", "directory": str(self.storage_dir)},
+            storage={"type": "supabase", "max_retries": 1},
+            output={"cloud_sync": "on"},
             worker={
                 "concurrency": 4,
                 "lease_seconds": options.lease_seconds,
@@ -254,7 +261,11 @@ class Chaos:
         return await self._retried(fetch)
 
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
-        env = worker_env(self.proxies[index].dsn(self.dsn), self.config_path, **self.entry_points)
+        storage = {"SUPABASE_URL": self.storage.url, "SUPABASE_SERVICE_KEY": self.storage.service_key}
+        env = worker_env(
+            self.proxies[index].dsn(self.dsn), self.config_path, **self.entry_points, **storage,
+            IMAGEN_CLOUD_SYNC="on",
+        )  # fmt: skip
         return spawn_worker(env, self.logs / f"worker-{index}.log")
 
     def _kill(self, index: int) -> None:
@@ -362,6 +373,14 @@ class Chaos:
         finally:
             self.down_file.unlink(missing_ok=True)
 
+    async def storage_outage(self) -> None:
+        await self.storage.go_down()
+        self.report.storage_outages += 1
+        try:
+            await asyncio.sleep(self.options.storage_outage_seconds)
+        finally:
+            await self.storage.come_back()
+
     def _schedule(self) -> list[asyncio.Task[None]]:
         """Each long fault once per requested count, at a random moment of the run."""
         opts = self.options
@@ -370,6 +389,7 @@ class Chaos:
             *[self.blackhole] * opts.blackholes,
             *[self.hold_lock] * opts.lock_holds,
             *[self.backend_outage] * opts.backend_outages,
+            *[self.storage_outage] * opts.storage_outages,
         ]
 
         async def later(at: float, fault: Callable[[], Awaitable[None]]) -> None:
@@ -383,7 +403,7 @@ class Chaos:
     async def run(self) -> ChaosReport:
         opts = self.options
         started = time.monotonic()
-        self.storage_dir.mkdir(parents=True, exist_ok=True)
+        await self.storage.start()
         self.proxies = [FaultProxy.for_dsn(self.dsn) for _ in range(opts.workers)]
         for proxy in self.proxies:
             proxy.start()
@@ -441,6 +461,7 @@ class Chaos:
             for proxy in self.proxies:
                 proxy.close()
             self.down_file.unlink(missing_ok=True)
+            await self.storage.close()  # its objects stay in memory for the check
         self.report.seconds = round(time.monotonic() - started, 1)
         await self.check()
         return self.report
@@ -516,13 +537,10 @@ class Chaos:
             violations.append(f"{len(orphans)} images rows belong to jobs that are not done")
         if len(images) != len(done):
             violations.append(f"{len(images)} images rows but {len(done)} done jobs")
-        files = {
-            p.relative_to(self.storage_dir).as_posix() for p in self.storage_dir.rglob("*") if p.is_file()
-        }
-        temp = {f for f in files if Path(f).name.startswith(".")}
-        objects = files - temp
-        report.storage_files = len(objects)
-        report.storage_temp_files = len(temp)
+        objects = {key for _bucket, key in self.storage.objects}
+        report.storage_objects = len(objects)
+        if self.storage.errors:
+            violations.append(f"the Storage fake raised inside a handler: {self.storage.errors[0]!r}")
         paths = {row["storage_path"] for row in images}
         paths |= {row["thumbnail_path"] for row in images if row["thumbnail_path"]}  # beside each image
         if objects != paths:
@@ -536,6 +554,7 @@ class Chaos:
             text = log.read_text(encoding="utf-8", errors="replace")
             report.listener_reconnects_logged += text.count("listener connection lost")
             report.lease_lost_logged += text.count("lease lost")
+            report.storage_waits_logged += text.count("storage is not answering")
 
     def check_ledger(self) -> None:
         """No two executions of one job overlapped; a SIGKILLed one ended at its kill."""
@@ -571,11 +590,11 @@ async def run_chaos(options: ChaosOptions, workdir: Path | None = None) -> Chaos
 def print_report(report: ChaosReport) -> None:
     print("\nChaos run")
     for key in ("seconds", "jobs_inserted", "kills", "restarts", "rolling_restarts", "graceful_restarts",
-                "blackholes", "lock_holds", "backend_outages", "listener_terminations",
-                "listener_reconnects_logged", "postgres_restarted", "postgres_restart_note", "faults",
-                "statuses", "images", "storage_files", "storage_temp_files", "attempts", "executions",
-                "overlapping_executions", "lease_lost_logged", "failure_reasons", "lost", "double",
-                "wrongly_failed"):  # fmt: skip
+                "blackholes", "lock_holds", "backend_outages", "storage_outages", "storage_waits_logged",
+                "listener_terminations", "listener_reconnects_logged", "postgres_restarted",
+                "postgres_restart_note", "faults", "statuses", "images", "storage_objects", "attempts",
+                "executions", "overlapping_executions", "lease_lost_logged", "failure_reasons", "lost",
+                "double", "wrongly_failed"):  # fmt: skip
         print(f"  {key:28s} {getattr(report, key)}")
     checks = [
         "every job terminal",
@@ -612,8 +631,12 @@ def main() -> None:
     parser.add_argument("--lock-seconds", type=float, default=30.0)
     parser.add_argument("--backend-outages", type=int, default=1)
     parser.add_argument("--outage-seconds", type=float, default=10.0)
+    parser.add_argument("--storage-outages", type=int, default=1)
+    parser.add_argument("--storage-outage-seconds", type=float, default=8.0)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--keep", type=Path, help="keep logs and storage in this directory")
+    parser.add_argument(
+        "--keep", type=Path, help="keep the logs, the ledger and the images in this directory"
+    )
     args = parser.parse_args()
     options = ChaosOptions(
         jobs=args.jobs, workers=args.workers, duration=args.duration, kill_every=args.kill_every,
@@ -622,6 +645,7 @@ def main() -> None:
         rolling_restarts=args.rolling_restarts, blackholes=args.blackholes,
         blackhole_seconds=args.blackhole_seconds, lock_holds=args.lock_holds, lock_seconds=args.lock_seconds,
         backend_outages=args.backend_outages, outage_seconds=args.outage_seconds,
+        storage_outages=args.storage_outages, storage_outage_seconds=args.storage_outage_seconds,
     )  # fmt: skip
     report = asyncio.run(run_chaos(options, args.keep))
     print_report(report)

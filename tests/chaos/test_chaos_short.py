@@ -3,8 +3,9 @@
 Three real ``imagen-worker run`` processes, ~150 jobs with random retryable failures and some
 terminal ones, at least two SIGKILLs of a worker (restarted each time), one round of
 ``pg_terminate_backend`` on the listener connections, a rolling restart, a 4 s blackhole of one
-worker's database path (lease 3 s), a row lock held for 5 s and a 3 s backend outage; no
-PostgreSQL restart (other tests share the server). Afterwards every invariant of the full run
+worker's database path (lease 3 s), a row lock held for 5 s, a 3 s backend outage and an 8 s
+Storage outage (longer than a job's attempts would last); no PostgreSQL restart (other tests
+share the server). Afterwards every invariant of the full run
 must hold: all jobs terminal, none lost, none completed twice, none rendered twice at the same
 time, none wrongly failed, images rows == done jobs, storage objects == images rows.
 """
@@ -43,6 +44,8 @@ async def test_short_chaos_run_keeps_every_invariant(
         lock_seconds=5.0,
         backend_outages=1,
         outage_seconds=3.0,
+        storage_outages=1,
+        storage_outage_seconds=8.0,
     )
     report = await run_chaos(options, tmp_path)
     print_report(report)
@@ -51,7 +54,7 @@ async def test_short_chaos_run_keeps_every_invariant(
     assert report.jobs_inserted == 150
     assert sum(report.statuses.values()) == 150
     # Every image is stored with its thumbnail beside it: two objects per done job.
-    assert report.statuses.get("done", 0) == report.images and report.storage_files == 2 * report.images
+    assert report.statuses.get("done", 0) == report.images and report.storage_objects == 2 * report.images
     assert report.executions >= report.images, "every render is in the execution ledger"
     assert report.lost == report.double == report.wrongly_failed == report.overlapping_executions == 0
     # The chaos really happened: workers died and came back, listeners were cut and reconnected.
@@ -59,6 +62,8 @@ async def test_short_chaos_run_keeps_every_invariant(
     assert report.restarts == report.kills
     assert report.listener_terminations >= 1
     assert report.listener_reconnects_logged >= 1
-    # ...and the long faults: a rolling restart of all three, a blackhole, a lock holder, an outage.
+    # ...and the long faults: a rolling restart of all three, a blackhole, a lock holder, outages
+    # of the backend and of Storage, during which finished jobs waited instead of failing.
     assert report.rolling_restarts == 1 and report.graceful_restarts == 3
-    assert report.blackholes == report.lock_holds == report.backend_outages == 1
+    assert report.blackholes == report.lock_holds == report.backend_outages == report.storage_outages == 1
+    assert report.storage_waits_logged >= 1
