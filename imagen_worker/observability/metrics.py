@@ -104,7 +104,7 @@ class Metrics:
         )
         self.storage_waits = Counter(
             "imagen_storage_waits_total",
-            "Jobs whose finished image had to wait for Storage to answer again (an outage).",
+            "Jobs that waited for Storage to answer again (an outage), to upload an image or read an input.",
             ["backend"],
             registry=r,
         )

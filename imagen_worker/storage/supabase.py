@@ -231,6 +231,10 @@ class SupabaseSink(StorageSink):
             )
         return self._client
 
+    @property
+    def _bucket_url(self) -> str:
+        return f"{self.api}/bucket/{quote(self.bucket, safe='')}"
+
     def _object_url(self, route: str, key: str) -> str:
         return f"{self.api}/{route}/{quote(self.bucket, safe='')}/{encode_key(key)}"
 
@@ -421,10 +425,9 @@ class SupabaseSink(StorageSink):
                 f"storage: ${self.key_env} holds the {role} key; the worker needs the service_role "
                 "key (Project Settings → API), which must stay server side"
             )
-        url = f"{self.api}/bucket/{quote(self.bucket, safe='')}"
 
         async def attempt_once() -> httpx.Response:
-            return await self._send(self._http().build_request("GET", url))
+            return await self._send(self._http().build_request("GET", self._bucket_url))
 
         try:
             response = await self._with_retries("check", None, attempt_once)
@@ -449,9 +452,8 @@ class SupabaseSink(StorageSink):
 
     async def unreachable(self) -> str | None:
         """One ``GET`` of the bucket: any answer but a transport error, 429 or 5xx is an answer."""
-        url = f"{self.api}/bucket/{quote(self.bucket, safe='')}"
         try:
-            await self._send(self._http().build_request("GET", url))
+            await self._send(self._http().build_request("GET", self._bucket_url))
         except _Transient as exc:
             return exc.reason
         return None

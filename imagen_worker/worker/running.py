@@ -57,7 +57,7 @@ class Event(enum.StrEnum):
     RELEASED = "released"
     BACKEND_UNAVAILABLE = "backend_unavailable"
     BACKEND_AVAILABLE = "backend_available"
-    STORAGE_WAITING = "storage_waiting"  # a rendered image waits for Storage to answer
+    STORAGE_WAITING = "storage_waiting"  # the job waits for Storage to answer again
 
 
 Emit = Callable[..., None]
@@ -102,8 +102,8 @@ class RunningJob:
         self.rendered = True
 
     def mark_waiting(self) -> None:
-        """The upload waits for Storage, which may take hours: a shutdown may stop the job now,
-        and the next attempt on this host uploads the image the journal kept."""
+        """The job waits for Storage, which may take hours: a shutdown may stop it now, and the
+        next attempt on this host uploads the image the journal kept (or renders, if none yet)."""
         self.rendered = False
         if self.shutdown_deferred:
             self.stop(StopReason.SHUTDOWN)
