@@ -85,7 +85,7 @@ async def test_a_storage_outage_longer_than_the_attempts_keeps_the_job_and_uploa
         worker.hooks.append(lambda event, _data: events.append(event))
         await storage.go_down()  # connections refused
         job_id = await insert(db, "a lantern in the snow")
-        row = await eventually(lambda: waiting_for_storage(db, job_id))
+        await eventually(lambda: waiting_for_storage(db, job_id))
         # With retry_base_seconds 0.05 the job's three attempts would long be spent and failed.
         await asyncio.sleep(1.0)
         row = await job_row(db, job_id)
