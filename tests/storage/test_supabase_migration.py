@@ -17,6 +17,12 @@ from imagen_worker.db.connect import connect
 from imagen_worker.db.migrate import migrate
 
 FAKE_STORAGE_SCHEMA = """
+-- Supabase has its roles before any project schema: create them where this cluster has none yet.
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN
+        CREATE ROLE authenticated NOLOGIN;
+    END IF;
+END $$;
 CREATE SCHEMA storage;
 CREATE TABLE storage.buckets (
     id text PRIMARY KEY,
