@@ -107,6 +107,13 @@ async def job_row(db: asyncpg.Pool, job_id: Any) -> asyncpg.Record:
     return row
 
 
+async def waiting_for_storage(db: asyncpg.Pool, job_id: Any) -> asyncpg.Record | None:
+    """The job's row while its progress says it waits for Storage to answer; None otherwise."""
+    row = await job_row(db, job_id)
+    progress = row["progress"] or {}
+    return row if progress.get("stage") == "waiting_for_storage" else None
+
+
 async def terminal(db: asyncpg.Pool, job_id: Any, *, within: float = 10.0) -> asyncpg.Record:
     async def check() -> asyncpg.Record | None:
         row = await job_row(db, job_id)

@@ -22,6 +22,7 @@ from tests.workers import (
     make_config,
     running_worker,
     terminal,
+    waiting_for_storage,
     worker_env,
     write_config,
 )
@@ -125,12 +126,6 @@ async def test_a_worker_stopped_during_a_storage_outage_hands_the_job_back_and_i
     image = await image_row(db, job["image_id"])
     blob = storage.get(image["storage_path"])
     assert blob is not None and blob.data == image_path.read_bytes()
-
-
-async def waiting_for_storage(db: asyncpg.Pool, job_id: uuid.UUID) -> asyncpg.Record | None:
-    row = await job_row(db, job_id)
-    progress = row["progress"] or {}
-    return row if progress.get("stage") == "waiting_for_storage" else None
 
 
 async def test_upload_landed_but_the_database_transaction_failed_yields_one_object_and_one_row(

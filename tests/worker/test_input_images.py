@@ -15,7 +15,15 @@ from imagen_worker.storage import outage
 from imagen_worker.storage.supabase import SupabaseSink
 from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.storage import FakeStorage
-from tests.workers import eventually, insert_job, job_row, make_config, running_worker, terminal
+from tests.workers import (
+    eventually,
+    insert_job,
+    job_row,
+    make_config,
+    running_worker,
+    terminal,
+    waiting_for_storage,
+)
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-000000000009")
 FAST = {"poll_interval": 0.5, "interrupt_grace": 2.0, "connect_timeout": 2.0, "timeout": 30}
@@ -97,7 +105,7 @@ async def test_a_storage_outage_while_reading_the_input_makes_the_job_wait_not_s
     config = make_config(tmp_path, backends={"gpu": block}, storage={"type": "supabase", "max_retries": 0})
     async with running_worker(config, database_url):
         job_id = await insert(db, {"init": key})
-        await eventually(lambda: _waiting_for_storage(db, job_id))
+        await eventually(lambda: waiting_for_storage(db, job_id))
         await asyncio.sleep(1.0)  # retry_base_seconds 0.05: the attempts would long be spent
         row = await job_row(db, job_id)
         assert row["status"] == "running" and row["attempts"] == 1 and row["error"] is None
@@ -108,11 +116,6 @@ async def test_a_storage_outage_while_reading_the_input_makes_the_job_wait_not_s
         job = await terminal(db, job_id, within=20)
     assert job["status"] == "done" and job["attempts"] == 1, job["error"]
     assert len(fake_comfyui.calls("POST", "/prompt")) == 1
-
-
-async def _waiting_for_storage(db: asyncpg.Pool, job_id: uuid.UUID) -> bool:
-    progress = (await job_row(db, job_id))["progress"] or {}
-    return progress.get("stage") == "waiting_for_storage"
 
 
 async def test_an_inpaint_job_sends_image_and_mask_and_each_job_keeps_its_own(
