@@ -29,6 +29,7 @@ from imagen_worker.db.connect import connect
 from imagen_worker.errors import ConfigError
 from imagen_worker.observability.logging import Redactor
 from imagen_worker.queries import sql
+from imagen_worker.worker import disk
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def _config_result(path: str | Path | None) -> CheckResult:
     return CheckResult("config", True, f"valid ({where}){warnings}")
 
 
-def _output_result(directory: Path) -> CheckResult:
+def _output_result(directory: Path, min_free_mb: int) -> CheckResult:
     probe = directory
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -78,8 +79,15 @@ def _output_result(directory: Path) -> CheckResult:
         return CheckResult("output directory", False, f"{directory}: {probe} is not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         return CheckResult("output directory", False, f"{directory}: {probe} is not writable by this user")
+    free_mb = disk.free_bytes(directory) // disk.MIB
+    if free_mb < min_free_mb:
+        detail = (
+            f"{directory}: {free_mb} MiB free, below output.min_free_mb ({min_free_mb}): "
+            "`run` would claim nothing"
+        )
+        return CheckResult("output directory", False, detail)
     note = "" if probe == directory else " (will be created)"
-    return CheckResult("output directory", True, f"{directory} writable{note}")
+    return CheckResult("output directory", True, f"{directory} writable{note}, {free_mb} MiB free")
 
 
 async def _database_results(dsn: str | None, seconds: float) -> list[CheckResult]:
@@ -274,7 +282,7 @@ async def run_checks(
     if config is None:
         return [*results, *await _database_results(dsn, seconds)]
 
-    results.append(_output_result(config.output.directory))
+    results.append(_output_result(config.output.directory, config.output.min_free_mb))
     db_results, backend_results, storage_result = await asyncio.gather(
         _database_results(dsn or config.database_url(), seconds),
         asyncio.gather(*(_backend_result(n, b, seconds) for n, b in config.backend_blocks().items())),

@@ -67,6 +67,8 @@ class OutputConfig(_Block):
     embed_metadata: bool = True
     # Longer side of the WebP thumbnail uploaded beside each image; 0 makes none.
     thumbnail_size: int = Field(default=256, ge=0, le=2048)
+    # The worker claims nothing while the directory's filesystem has less free; 0: no floor.
+    min_free_mb: int = Field(default=100, ge=0)
 
     @field_validator("cloud_sync", mode="before")
     @classmethod

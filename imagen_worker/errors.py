@@ -93,10 +93,20 @@ class StorageUnavailable(RetryableError):
     """
 
 
-class BackendUnavailable(RetryableError):
-    """The backend's infrastructure failed, not the job (no instance answers, the instance died
-    mid-job): the job goes back to pending without spending an attempt, up to a cap that keeps
-    a job which itself crashes the backend from looping forever."""
+class Outage(RetryableError):
+    """Something the job needs failed, not the job itself: the job goes back to pending without
+    spending an attempt, up to a cap (``worker.max_outage_requeues``) that keeps a job which
+    itself causes the failure from looping forever."""
+
+
+class BackendUnavailable(Outage):
+    """The backend's infrastructure failed (no instance answers, the instance died mid-job)."""
+
+
+class OutputUnwritable(Outage):
+    """This host could not write the job's files (a full, read-only or failing disk): another
+    worker may take the job, and this one claims nothing until its output directory takes a
+    file again (``worker.disk``)."""
 
 
 class LeaseLost(Exception):

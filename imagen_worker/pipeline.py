@@ -28,7 +28,7 @@ from uuid import UUID
 from imagen_worker import inputs, output, styles
 from imagen_worker.backends.base import Backend, GenerateRequest, GenerateResult, JobContext, Output
 from imagen_worker.config import OutputConfig
-from imagen_worker.errors import JobError, RetryableError, TerminalError
+from imagen_worker.errors import JobError, OutputUnwritable, TerminalError
 from imagen_worker.queue.jobs import ImageRecord, JobSpec
 from imagen_worker.storage import keys, outage
 from imagen_worker.storage.base import StorageSink
@@ -322,8 +322,8 @@ class Pipeline:
             artifact = await asyncio.to_thread(
                 self._write_files, job_id, spec, backend, request, result, generated - started
             )
-        except OSError as exc:  # a full or read-only disk: the job is retried, the worker lives on
-            raise RetryableError(
+        except OSError as exc:  # a full or read-only disk: the host's failure, not the job's
+            raise OutputUnwritable(
                 f"could not write the image to the output directory ({exc.strerror or exc})",
                 detail={"directory": str(self.output.directory), "error": str(exc)},
             ) from None

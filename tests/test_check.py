@@ -17,6 +17,7 @@ from imagen_worker.backends.base import Backend, GenerateRequest, GenerateResult
 from imagen_worker.check import CheckResult, describe_dsn, render_table, run_checks
 from imagen_worker.config import Config, load_config
 from imagen_worker.db import migrate as migrations
+from imagen_worker.worker.disk import MIB, free_bytes
 
 
 def _by_name(results: list[CheckResult]) -> dict[str, CheckResult]:
@@ -52,6 +53,7 @@ async def test_all_green_with_the_mock_backend(database_url: str, tmp_path: Path
     assert by_name["backend mock"].detail == "mock: healthy"
     assert by_name["storage"].detail.startswith("local: images stay on this machine")
     assert "(will be created)" in by_name["output directory"].detail
+    assert by_name["output directory"].detail.endswith(" MiB free")
 
 
 async def test_bad_dsn_is_one_clear_failing_line(tmp_path: Path) -> None:
@@ -170,6 +172,14 @@ async def test_unwritable_output_directory(tmp_path: Path) -> None:
     blocker.write_text("not a directory")
     row = _by_name(await run_checks(load_config(output={"directory": str(blocker / "x")}), dsn=None))
     assert not row["output directory"].ok and "is not a directory" in row["output directory"].detail
+
+
+async def test_less_free_space_than_the_floor_fails_the_output_directory(tmp_path: Path) -> None:
+    floor = free_bytes(tmp_path) // MIB + 1024
+    config = load_config(output={"directory": str(tmp_path / "images"), "min_free_mb": floor})
+    row = _by_name(await run_checks(config, dsn=None))["output directory"]
+    assert not row.ok
+    assert row.detail.endswith(f"MiB free, below output.min_free_mb ({floor}): `run` would claim nothing")
 
 
 def test_render_table_keeps_bracketed_text() -> None:

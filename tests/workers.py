@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -141,14 +141,22 @@ def worker_env(dsn: str, config_path: Path) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """A real ``imagen-worker run`` subprocess; ``env`` adds variables (e.g. ``PYTHONPATH``)."""
+    """A real ``imagen-worker run`` subprocess; ``env`` adds variables (e.g. ``PYTHONPATH``),
+    ``prefix`` a command that sets the process up and then execs the worker's own command line."""
 
     def __init__(
-        self, dsn: str, config_path: Path, log_path: Path, *, env: Mapping[str, str] | None = None
+        self,
+        dsn: str,
+        config_path: Path,
+        log_path: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        command = [str(BIN / "imagen-worker"), "run", "--no-migrate", "--no-metrics", "--log-format", "json"]
         self.proc = subprocess.Popen(
-            [str(BIN / "imagen-worker"), "run", "--no-migrate", "--no-metrics", "--log-format", "json"],
+            [*prefix, *command],
             env={**worker_env(dsn, config_path), **(env or {})},
             stdout=self.log,
             stderr=subprocess.STDOUT,

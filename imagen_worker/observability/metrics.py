@@ -58,7 +58,7 @@ class Metrics:
         self.jobs_finished = Counter(
             "imagen_jobs_finished_total",
             "Attempts that ended, by outcome (done|failed|retried|requeued|cancelled|released); "
-            "requeued = back to pending without spending an attempt because the backend was down.",
+            "requeued = back to pending without spending an attempt: the backend was down or the disk full.",
             ["backend", "outcome"],
             registry=r,
         )
@@ -106,6 +106,12 @@ class Metrics:
             "imagen_storage_waits_total",
             "Jobs that waited for Storage to answer again (an outage), to upload an image or read an input.",
             ["backend"],
+            registry=r,
+        )
+        self.output_writable = Gauge(
+            "imagen_output_writable",
+            "1 while the output directory takes a job's files; 0 = this worker claims nothing "
+            "(less than output.min_free_mb free, or a job's files could not be written).",
             registry=r,
         )
         self.webhook_deliveries = Counter(
@@ -170,6 +176,7 @@ LISTENER_CONNECTED: Final = METRICS.listener_connected
 BACKEND_HEALTHY: Final = METRICS.backend_healthy
 BACKEND_OUTAGES: Final = METRICS.backend_outages
 STORAGE_WAITS: Final = METRICS.storage_waits
+OUTPUT_WRITABLE: Final = METRICS.output_writable
 WEBHOOK_DELIVERIES: Final = METRICS.webhook_deliveries
 
 

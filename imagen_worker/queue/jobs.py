@@ -27,10 +27,10 @@ from uuid import UUID
 import asyncpg
 
 from imagen_worker.errors import (
-    BackendUnavailable,
     ConfigError,
     JobError,
     LeaseLost,
+    Outage,
     TerminalError,
     public_message,
 )
@@ -400,12 +400,12 @@ class Queue:
     ) -> Outcome:
         """Decide what an error means for the job and write it.
 
-        A backend outage gives the attempt back (up to ``max_outage_requeues`` times); past the
-        cap it counts like any retryable error. Retryable errors back off while attempts remain;
-        everything else fails the job.
+        An outage (the backend down, this host's disk full) gives the attempt back (up to
+        ``max_outage_requeues`` times); past the cap it counts like any retryable error.
+        Retryable errors back off while attempts remain; everything else fails the job.
         """
         detail = {"type": type(error).__name__, "attempt": job.attempts, **error.detail}
-        if isinstance(error, BackendUnavailable) and job.outage_requeues < max_outage_requeues:
+        if isinstance(error, Outage) and job.outage_requeues < max_outage_requeues:
             delay = backoff_seconds(job.outage_requeues + 1, base, cap)
             detail.update(outage_requeue=job.outage_requeues + 1, retry_in_seconds=round(delay, 3))
             detail["message"] = error.message

@@ -43,6 +43,7 @@ from imagen_worker.queue.jobs import Job, JobKey, Queue
 from imagen_worker.storage import create_sink
 from imagen_worker.webhooks import outbox as webhooks
 from imagen_worker.worker.context import WorkerJobContext
+from imagen_worker.worker.disk import MIB, OutputDisk
 from imagen_worker.worker.fleet import Fleet
 from imagen_worker.worker.listener import Listener
 from imagen_worker.worker.previews import Previews
@@ -144,10 +145,10 @@ class Worker:
             log.warning("storage unreachable at start; uploads will retry", error=exc.message)
         self.pipeline = Pipeline(self.backends, self.default_backend, sink, self.config.output)
         self.queue = Queue(self.pool, self.id)
-        self.fleet = Fleet(self.queue, self.backends, self.default_backend, self.settings, self._emit)
-        self.runner = JobRunner(
-            self.queue, self.pipeline, self.settings, self.config.output.directory, self._emit
-        )
+        output = self.config.output
+        disk = OutputDisk(output.directory, output.min_free_mb * MIB)
+        self.fleet = Fleet(self.queue, self.backends, self.default_backend, self.settings, self._emit, disk)
+        self.runner = JobRunner(self.queue, self.pipeline, self.settings, output.directory, self._emit, disk)
         await webhooks.configure(self.pool, self.config.webhooks)
         if self.config.webhooks is not None:
             self.outbox = webhooks.Outbox(
@@ -303,6 +304,7 @@ class Worker:
         could not fill, asked when a claim went to the database.
         """
         drained = asked = False
+        await self.fleet.disk.check()
         for name in self.backends:
             if not await self.fleet.available(name):
                 self._dry.pop(name, None)

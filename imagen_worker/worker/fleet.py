@@ -1,5 +1,5 @@
 """What the claim loop must know beyond its own jobs: which backends nobody serves, and which
-of its own backends are unavailable right now.
+of its own backends are unavailable right now (the backend itself, or this host's disk).
 
 Both end up in words on the waiting jobs' rows (``jobs.progress``), so the web UI and
 ``imagen status`` can say why a job is still pending:
@@ -7,7 +7,7 @@ Both end up in words on the waiting jobs' rows (``jobs.progress``), so the web U
     {"state": "waiting", "reason": "no_worker", "backend": "slow",
      "message": "no worker serves backend 'slow' yet"}
     {"state": "waiting", "reason": "backend_unavailable", "backend": "gpu",
-     "message": "<the adapter's unavailable_reason>"}
+     "message": "<the adapter's unavailable_reason, or why the output disk takes no files>"}
 
 The claim clears the row's progress; a backend that becomes available again clears its own
 reason at once. Writes are bounded per call and skip rows that already say the same.
@@ -24,6 +24,7 @@ from imagen_worker.backends.base import Backend
 from imagen_worker.config import WorkerConfig
 from imagen_worker.errors import public_message
 from imagen_worker.queue.jobs import Queue
+from imagen_worker.worker.disk import OutputDisk
 from imagen_worker.worker.running import Emit, Event
 
 log = structlog.get_logger("imagen.worker")
@@ -45,8 +46,10 @@ class Fleet:
         default_backend: str,
         settings: WorkerConfig,
         emit: Emit,
+        disk: OutputDisk,
     ) -> None:
         self.queue = queue
+        self.disk = disk
         self.backends = backends
         self.default_backend = default_backend
         self.settings = settings
@@ -74,21 +77,22 @@ class Fleet:
             await self._mark(name, reason)
 
     async def available(self, name: str) -> bool:
-        """Whether to claim for ``name`` now; records outages and their end on the rows."""
-        reason = self.backends[name].unavailable_reason
+        """Whether to claim for ``name`` now; records outages and their end on the rows.
+        ``disk.check()`` ran before: a disk that takes no files holds every backend."""
+        reason = self.disk.reason or self.backends[name].unavailable_reason
         previous = self.outages.get(name)
         if reason is None:
             if previous is not None:
                 del self.outages[name]
                 self.emit(Event.BACKEND_AVAILABLE, backend=name)
-                log.info("backend available again; claiming", backend=name)
+                log.info("backend takes work again; claiming", backend=name)
                 await self.queue.clear_waiting(name, UNAVAILABLE, with_default=name == self.default_backend)
             return True
         if reason != previous:
             self.outages[name] = reason
             if previous is None:
                 self.emit(Event.BACKEND_UNAVAILABLE, backend=name, reason=reason)
-                log.warning("backend unavailable; its jobs wait in the queue", backend=name, reason=reason)
+                log.warning("backend takes no work; its jobs wait in the queue", backend=name, reason=reason)
             await self._mark(name, reason)
         return False
 

@@ -22,13 +22,14 @@ import structlog
 
 from imagen_worker import pipeline as pipeline_module
 from imagen_worker.config import WorkerConfig
-from imagen_worker.errors import BackendUnavailable, JobError, LeaseLost, RetryableError
+from imagen_worker.errors import JobError, LeaseLost, Outage, OutputUnwritable, RetryableError
 from imagen_worker.pipeline import Pipeline
 from imagen_worker.queue.batch import CompletionBatcher
 from imagen_worker.queue.jobs import Job, JobKey, JobSpec, Outcome, Queue
 from imagen_worker.storage import outage
 from imagen_worker.worker import results
 from imagen_worker.worker.context import WorkerJobContext
+from imagen_worker.worker.disk import OutputDisk
 
 log = structlog.get_logger("imagen.worker")
 
@@ -143,13 +144,20 @@ class JobRunner:
     """Runs one claimed job to its recorded outcome; never raises (the daemon never dies)."""
 
     def __init__(
-        self, queue: Queue, pipeline: Pipeline, settings: WorkerConfig, output_dir: Path, emit: Emit
+        self,
+        queue: Queue,
+        pipeline: Pipeline,
+        settings: WorkerConfig,
+        output_dir: Path,
+        emit: Emit,
+        disk: OutputDisk,
     ) -> None:
         self.queue = queue
         self.pipeline = pipeline
         self.settings = settings
         self.output_dir = output_dir
         self.emit = emit
+        self.disk = disk
         self.completions = CompletionBatcher(queue)
 
     async def run(self, running: RunningJob) -> None:
@@ -230,6 +238,8 @@ class JobRunner:
                 recorded = time.perf_counter() - recording
                 artifact.timings["record"] = artifact.timings.get("record", 0.0) + recorded
         except JobError as error:
+            if isinstance(error, OutputUnwritable):  # before the slot frees for the next claim
+                self.disk.failed(error.detail.get("error", error.message))
             running.settle()
             await running.ctx.close()
             await self._record_error(running, error)
@@ -286,13 +296,13 @@ class JobRunner:
             await results.discard(self.output_dir, job)
         self.emit(Event(outcome.value), job=job, backend=running.backend, error=error)
         if outcome is Outcome.REQUEUED:
-            log.warning("backend unavailable; job back to pending without spending an attempt",
+            log.warning("outage: job back to pending without spending an attempt",
                         error=error.message, outage_requeues=job.outage_requeues + 1)  # fmt: skip
         elif outcome is Outcome.RETRIED:
             log.warning("job retried", error=error.message, retryable=error.retryable)
         else:
             log.error("job failed", error=error.message, retryable=error.retryable)
-        if isinstance(error, BackendUnavailable) and outcome is not Outcome.REQUEUED:
+        if isinstance(error, Outage) and outcome is not Outcome.REQUEUED:
             log.warning("outage requeues used up; the outage counted as an attempt")
 
     async def _write_cancelled(self, job: Job) -> bool:

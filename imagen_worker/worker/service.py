@@ -67,10 +67,11 @@ class Service:
             database = True
         except Exception:
             database = False
+        disk = self.worker.fleet.disk.reason
         unavailable = {
             name: reason
             for name, backend in self.worker.backends.items()
-            if (reason := backend.unavailable_reason) is not None
+            if (reason := disk or backend.unavailable_reason) is not None
         }
         return Readiness(
             database=database,
@@ -80,7 +81,7 @@ class Service:
         )
 
     async def _observe(self) -> None:
-        """Every few seconds: listener and backend gauges; the queue depth when it is due."""
+        """Every few seconds: listener, backend and disk gauges; the queue depth when it is due."""
         seen_reconnects = 0
         depth_due = 0.0
         while True:
@@ -98,6 +99,7 @@ class Service:
                 self._backend_health[name] = healthy
                 available = healthy and backend.unavailable_reason is None
                 m.BACKEND_HEALTHY.labels(backend=name).set(1 if available else 0)
+            m.OUTPUT_WRITABLE.set(0 if self.worker.fleet.disk.reason else 1)
             if time.monotonic() >= depth_due:
                 try:
                     depth_due = time.monotonic() + await m.METRICS.refresh_queue_depth(self.worker.pool)

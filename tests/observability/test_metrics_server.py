@@ -26,6 +26,7 @@ EXPECTED = {
     "imagen_backend_healthy": ("gauge", ("backend",)),
     "imagen_backend_outages": ("counter", ("backend",)),
     "imagen_storage_waits": ("counter", ("backend",)),
+    "imagen_output_writable": ("gauge", ()),
     "imagen_webhook_deliveries": ("counter", ("outcome",)),
 }
 

@@ -54,6 +54,7 @@ async def test_a_running_service_is_ready_counts_its_jobs_and_talks_to_systemd(
         after = metric(exposition, "imagen_jobs_finished_total", backend="mock", outcome="done")
         assert after == before + 1
         assert metric(exposition, "imagen_listener_connected") == 1
+        assert metric(exposition, "imagen_output_writable") == 1
         assert metric(exposition, "imagen_pickup_latency_seconds_count", backend="mock") >= 1
     finally:
         service.worker.request_stop()
