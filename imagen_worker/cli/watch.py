@@ -96,8 +96,11 @@ async def follow(
                 if row["status"] in TERMINAL:
                     return row
                 changed.clear()
+                # Not wait_for: on 3.11 it can swallow the cancel Ctrl-C sends, if the event is
+                # set in the same loop iteration; the watch would then go on.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), timeout=1.0)
+                    async with asyncio.timeout(1.0):
+                        await changed.wait()
     finally:
         await conn.remove_listener(EVENTS_CHANNEL, on_event)
 
