@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import select
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -130,7 +131,20 @@ def guarded(program: str, action: Callable[[], Any]) -> Any:
     except (typer.Exit, typer.Abort, typer.TyperException):
         raise
     except Exception as exc:
+        if isinstance(exc, BrokenPipeError) and output_closed():
+            raise  # click stops without a word (exit 1), as it does for its own output
         raise fail(program, exc) from None
+
+
+def output_closed() -> bool:
+    """Whether stdout is a pipe whose reader went away (``imagen list | head``), as opposed to a
+    broken socket: the kernel flags the write end of such a pipe with POLLERR."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _fd, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 # ``--debug`` on every program: ``main`` takes it from anywhere on the command line; declared so

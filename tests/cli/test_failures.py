@@ -257,3 +257,22 @@ async def test_check_run_and_validate_read_the_same_file_and_say_which(
     assert validated.stdout == f"ok: {config} (from $IMAGEN_CONFIG)\n"
     assert f"valid ({config}, from $IMAGEN_CONFIG)" in checked.stdout
     assert (first["event"], first["file"]) == ("configuration", f"{config} (from $IMAGEN_CONFIG)")
+
+
+@pytest.mark.parametrize(("program", "args"), [("imagen", ["list"]), ("imagen", ["config", "show"])])
+async def test_a_reader_that_stops_early_ends_the_command_without_a_word(
+    program: str, args: list[str], database_url: str, db: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """`imagen list | head -1`: the pipe's reader is gone before the table is written. Not
+    "cannot connect to the database: Broken pipe", which a closed pipe was taken for."""
+    await db.execute("INSERT INTO imagen.jobs (owner_user_id, prompt) VALUES ($1, 'listed')", uuid.uuid4())
+    config = write_config(tmp_path)
+    proc = subprocess.Popen(
+        [str(BIN / program), *args], env=worker_env(database_url, config),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    proc.stdout.close()  # long before the interpreter has started and written anything
+    _out, err = proc.communicate(timeout=60)
+    assert err == ""
+    assert proc.returncode == 1
