@@ -425,8 +425,11 @@ class Chaos:
                     insert_at.pop(0)
                     await self.insert_batch(per_batch.pop(0))
                 if now >= next_kill:
-                    victim = self.rng.randrange(len(self.procs))
-                    if victim not in self.maintenance:
+                    # A worker in a restart is not killed; another one is, so the kills keep
+                    # their pace whatever the other faults are doing.
+                    candidates = [i for i in range(len(self.procs)) if i not in self.maintenance]
+                    if candidates:
+                        victim = self.rng.choice(candidates)
                         self.maintenance.add(victim)
                         try:
                             self._kill(victim)
