@@ -34,6 +34,7 @@ from imagen_worker.queue.jobs import Queue
 
 console = Console()
 BIN = Path(sys.executable).parent
+SUBMIT_WITHIN = 120.0  # seconds; each of the demo's jobs takes about one
 WEB_UI_INSERT = """INSERT INTO imagen.jobs (owner_user_id, prompt, style, width, height)
 VALUES ($1, 'a lighthouse on a cliff at dawn', 'watercolor', 768, 512)
 RETURNING id"""
@@ -145,6 +146,21 @@ async def _insert_like_the_web_ui(dsn: str) -> uuid.UUID:
         await conn.close()
 
 
+def _submit(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str] | None:
+    """``imagen submit`` as a user runs it; None, said in words, when it did not finish in time
+    (the worker's log above says why it does not take the job, e.g. a full disk)."""
+    try:
+        return subprocess.run(
+            [str(BIN / "imagen"), "submit", *args],
+            env=env, capture_output=True, text=True, check=False, timeout=SUBMIT_WITHIN,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        console.print(
+            f"[red]imagen submit did not finish within {SUBMIT_WITHIN:g} s; the worker's log above says why"
+        )
+        return None
+
+
 def main() -> int:
     console.rule("[bold]imagen-worker demo")
     scratch = _use_scratch_directory()
@@ -164,11 +180,11 @@ def _run_demo() -> int:
     try:
         asyncio.run(_wait_for_worker(dsn, worker))
         console.rule("1. imagen submit --wait")
-        submitted = subprocess.run(
-            [str(BIN / "imagen"), "submit", "a red fox in fresh snow", "--style", "photo",
-             "--size", "512x512", "--wait"],
-            env=env, capture_output=True, text=True, check=False,
-        )  # fmt: skip
+        submitted = _submit(
+            ["a red fox in fresh snow", "--style", "photo", "--size", "512x512", "--wait"], env
+        )
+        if submitted is None:
+            return 1
         sys.stderr.write(submitted.stderr)
         if submitted.returncode != 0:
             console.print(f"[red]imagen submit failed ({submitted.returncode})")
@@ -182,11 +198,13 @@ def _run_demo() -> int:
             return 1
 
         console.rule("3. a batch: imagen submit -n 4 --format webp --wait")
-        batch = subprocess.run(
-            [str(BIN / "imagen"), "submit", "a paper boat on a pond", "--size", "512x384", "-n", "4",
-             "--format", "webp", "--quality", "80", "--wait"],
-            env=env, capture_output=True, text=True, check=False,
+        batch = _submit(
+            ["a paper boat on a pond", "--size", "512x384", "-n", "4", "--format", "webp",
+             "--quality", "80", "--wait"],
+            env,
         )  # fmt: skip
+        if batch is None:
+            return 1
         sys.stderr.write(batch.stderr)
         paths = batch.stdout.split()
         if batch.returncode != 0 or len(paths) != 4:
