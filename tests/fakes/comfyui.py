@@ -210,6 +210,16 @@ class Plan:
     exception_message: str = "fake failure"
     error_node: str | None = None  # default: the sampler for OOM, else the last node that runs
 
+    @classmethod
+    def disk_full(cls) -> Plan:
+        """What a real 0.3.64 reports, in its history and on the socket, when SaveImage's write
+        meets a full disk (its output directory on a full filesystem; PIL's save raises it)."""
+        return cls(
+            outcome="error",
+            exception_type="OSError",
+            exception_message="[Errno 28] No space left on device\n",
+        )
+
 
 @dataclass(frozen=True)
 class RecordedRequest:

@@ -11,9 +11,11 @@ from typing import Any
 import asyncpg
 import pytest
 
+from imagen_worker.backends.comfyui import pool
+from imagen_worker.backends.comfyui.failures import DISK_FULL
 from imagen_worker.backends.comfyui.pool import first_prompt_id
 from imagen_worker.queue.jobs import Queue
-from tests.fakes.comfyui import FakeComfyUI
+from tests.fakes.comfyui import FakeComfyUI, Plan
 from tests.fakes.storage import FakeStorage
 from tests.workers import eventually, image_row, insert_job, job_row, make_config, running_worker, terminal
 
@@ -185,3 +187,36 @@ async def test_a_comfyui_job_with_n_4_in_jpeg_gives_four_rows_and_leaves_no_hist
     assert not [
         f for spool in spools for f in spool.iterdir() if f.stat().st_mtime >= job["started_at"].timestamp()
     ], "the downloads' temporary files are gone once written into place"
+
+
+async def test_a_full_comfyui_disk_holds_the_jobs_instead_of_failing_them(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, comfy: FakeComfyUI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pool, "HOLD_FIRST", 1.0)
+    comfy.plan = lambda _pid, _graph: Plan.disk_full() if len(comfy.calls("POST", "/prompt")) == 1 else Plan()
+    config = make_config(tmp_path, backends=comfy_backend(comfy), worker={"poll_interval": 0.2})
+    async with running_worker(config, database_url):
+        first = await insert_job(db, "saved once there is room", owner_user_id=OWNER, max_attempts=1)
+
+        async def given_back() -> asyncpg.Record | None:
+            row = await job_row(db, first)
+            return row if row["outage_requeues"] == 1 else None
+
+        held = await eventually(given_back, within=10)
+        second = await insert_job(db, "queued during the pause", owner_user_id=OWNER, max_attempts=1)
+        waiting = await eventually(lambda: _progress_message(db, second), within=5)
+        done = [await terminal(db, job, within=15) for job in (first, second)]
+
+    assert (held["status"], held["attempts"]) == ("pending", 0)
+    assert held["error"] == (
+        "ComfyUI cannot save images (No space left on device, in node 9 (SaveImage)); "
+        "the job waits until it can"
+    )
+    assert waiting == DISK_FULL
+    assert [(row["status"], row["attempts"]) for row in done] == [("done", 1), ("done", 1)]
+    assert len(comfy.calls("POST", "/prompt")) == 3, "nothing was sent while the instance was held"
+
+
+async def _progress_message(db: asyncpg.Pool, job_id: uuid.UUID) -> str | None:
+    progress = (await job_row(db, job_id))["progress"] or {}
+    return progress.get("message")

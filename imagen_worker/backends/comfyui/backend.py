@@ -215,7 +215,9 @@ class ComfyUIBackend(Backend):
 
     @property
     def unavailable_reason(self) -> str | None:
-        return failures.UNAVAILABLE if self._pool.all_down else None
+        if self._pool.all_down:
+            return failures.UNAVAILABLE
+        return failures.DISK_FULL if self._pool.all_held else None
 
     def _pool_changed(self) -> None:
         seen = (self.capacity, self.unavailable_reason)
@@ -224,7 +226,7 @@ class ComfyUIBackend(Backend):
         was_down = self._last_seen[1] is not None
         self._last_seen = seen
         if seen[1] is not None and not was_down:
-            log.warning("comfyui backend unavailable: no instance answers", backend=self.name)
+            log.warning("comfyui backend unavailable", backend=self.name, reason=seen[1])
         elif seen[1] is None and was_down:
             log.info("comfyui backend available again", backend=self.name)
         self.notify_change()
@@ -855,7 +857,16 @@ class ComfyUIBackend(Backend):
         """
         client = inst.client
         executed = self._executed.pop(prompt_id, [])
-        raise_for_outcome(entry, client.base_url)
+        try:
+            raise_for_outcome(entry, client.base_url)
+        except failures.ServerDiskFull as exc:
+            seconds = self._pool.hold(inst)
+            log.error(
+                "comfyui instance cannot save files; it takes no prompts for a while",
+                instance=client.base_url, error=exc.message, held_seconds=seconds,
+            )  # fmt: skip
+            raise
+        self._pool.saved(inst)
         if saves is not None and saves.over_limit:
             raise self._too_large(prompt_id, sorted(saves.nodes))
         if saves is not None:

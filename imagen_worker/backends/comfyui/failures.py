@@ -4,6 +4,9 @@ Rejections (400, or 200 with ``node_errors``) are terminal: the same graph is re
 Execution errors are terminal too unless the cause is transient: out of memory (another job
 may have held the VRAM), a CUDA/driver fault (the instance needs a restart) or a network error
 inside an API node. The graph and seed are deterministic, so any other exception would recur.
+A node that could not write its file because the server's disk is full, over quota or
+read-only is the instance's failure, not the job's (``ServerDiskFull``): every prompt there
+would fail the same way until its operator frees space.
 
 When the instance itself is missing (unreachable, restarted, busy with other people's work for
 longer than ``queue_timeout``) the error is ``BackendUnavailable``: the job goes back to the queue
@@ -23,9 +26,19 @@ MAX_TRACEBACK_FRAMES = 5
 
 # ``Backend.unavailable_reason`` while no instance answers: for the web user, no host names.
 UNAVAILABLE = "the image server is not answering (it may be restarting); the job will start when it is back"
+# ... and while every instance that answers cannot save images.
+DISK_FULL = "the image server cannot save images right now (its disk is full); the job waits until it can"
 
 _TRANSIENT_TYPES = ("OutOfMemoryError", "ConnectionError", "TimeoutError", "ConnectTimeout", "ReadTimeout")
 _TRANSIENT_TEXT = ("out of memory", "cuda error", "cudnn", "device-side assert", "cublas")
+# strerror of ENOSPC, EDQUOT and EROFS, as Python's OSError words them.
+_DISK_TEXT = ("No space left on device", "Disk quota exceeded", "Read-only file system")
+
+
+class ServerDiskFull(BackendUnavailable):
+    """A node could not write its file on the ComfyUI server (disk full, over quota, read-only):
+    the job goes back to pending without spending an attempt, and the instance takes no prompts
+    for a while (``Pool.hold``)."""
 
 
 def rejection(body: Any, *, queued: bool = False) -> TerminalError:
@@ -66,6 +79,10 @@ def execution_error(data: Mapping[str, Any], instance: str) -> JobError:
         "executed": data.get("executed") or [],
     }
     where = f"node {node_id} ({node_type})" if node_id else "a node"
+    if disk := next((text for text in _DISK_TEXT if text in exc_message), None):
+        return ServerDiskFull(
+            f"ComfyUI cannot save images ({disk}, in {where}); the job waits until it can", detail=detail
+        )
     if _transient(exc_type, exc_message):
         hint = " (out of GPU memory; will retry)" if "memory" in (exc_type + exc_message).lower() else ""
         return RetryableError(f"ComfyUI failed in {where}: {exc_type}: {first_line}{hint}", detail=detail)

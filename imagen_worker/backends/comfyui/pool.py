@@ -5,7 +5,8 @@ prompt queued while the worker downloads and uploads the previous result, but th
 in PostgreSQL, where it survives restarts and can be cancelled.
 
 Only *usable* instances take prompts: not down (see ``client.Link``; one still connecting
-counts) and ComfyUI's queue holds nothing but ours; connected ones first. An instance busy
+counts), not held (its last prompt could not save its file: disk full) and ComfyUI's queue
+holds nothing but ours; connected ones first. An instance busy
 with other people's prompts (someone using the ComfyUI UI, another worker) takes no more of
 ours until it frees up; a tracker per instance re-reads ``/queue`` whenever ComfyUI broadcasts
 a queue change, to know. A broadcast saying the queue is empty needs no read: the instance is
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import time
 import uuid
 from collections.abc import Callable
 
@@ -31,6 +33,9 @@ log = structlog.get_logger(__name__)
 # Our prompts that just left an instance: a /queue answer read before they left must not
 # make them look foreign.
 RETIRED_KEPT = 64
+# An instance whose disk is full takes no prompts for this long, doubling while it stays full.
+HOLD_FIRST = 30.0
+HOLD_MAX = 300.0
 
 
 # The namespace of first prompt ids (uuid5): any fixed UUID would do, it must never change.
@@ -71,14 +76,20 @@ class Instance:
         self.foreign: frozenset[str] = frozenset()
         self.served = 0
         self.dirty = asyncio.Event()  # ComfyUI's queue changed: read /queue again
+        self.held_until = 0.0  # monotonic; see Pool.hold
+        self.holds = 0  # holds in a row, without a saved result between them
 
     @property
     def active(self) -> int:
         return len(self.prompts)
 
     @property
+    def held(self) -> bool:
+        return time.monotonic() < self.held_until
+
+    @property
     def usable(self) -> bool:
-        return self.client.link is not Link.DOWN and not self.foreign
+        return self.client.link is not Link.DOWN and not self.foreign and not self.held
 
 
 class Pool:
@@ -99,6 +110,27 @@ class Pool:
     @property
     def all_down(self) -> bool:
         return all(inst.client.link is Link.DOWN for inst in self.instances)
+
+    @property
+    def all_held(self) -> bool:
+        """Every instance is down or held, and one at least is held: none can save an image."""
+        held = [inst.held for inst in self.instances if inst.client.link is not Link.DOWN]
+        return bool(held) and all(held)
+
+    def hold(self, inst: Instance) -> float:
+        """Keep prompts off an instance that could not save a file (its disk is full): every
+        prompt there would fail the same way. ``HOLD_FIRST`` seconds, doubling up to
+        ``HOLD_MAX`` while the prompt after each hold fails again; returns the seconds."""
+        seconds: float = min(HOLD_FIRST * 2.0**inst.holds, HOLD_MAX)
+        inst.holds += 1
+        inst.held_until = time.monotonic() + seconds
+        asyncio.get_running_loop().call_later(seconds, self._changed_now)
+        self._changed_now()
+        return seconds
+
+    def saved(self, inst: Instance) -> None:
+        """A prompt's files were saved: the instance's disk takes files again."""
+        inst.holds = 0
 
     def start(self) -> None:
         if not self._trackers:
