@@ -58,7 +58,8 @@ contract: $(STAMP)
 	PEERS=$(PEERS) $(PEER_SCRIPTS)/comfyui.sh setup
 	PEERS=$(PEERS) $(PEER_SCRIPTS)/storage.sh setup
 	. $(PEERS)/storage/env.sh; \
-	IMAGEN_TEST_COMFYUI_URL=http://127.0.0.1:8188 IMAGEN_TEST_SUPABASE_URL="$$SUPABASE_URL" \
+	IMAGEN_TEST_COMFYUI_URL=http://127.0.0.1:8188 IMAGEN_TEST_COMFYUI_HOME=$(PEERS)/comfyui \
+	IMAGEN_TEST_SUPABASE_URL="$$SUPABASE_URL" \
 	IMAGEN_TEST_SUPABASE_SERVICE_KEY="$$SUPABASE_SERVICE_KEY" $(BIN)/python -m pytest -q tests/contract; \
 	status=$$?; \
 	PEERS=$(PEERS) $(PEER_SCRIPTS)/comfyui.sh stop; PEERS=$(PEERS) $(PEER_SCRIPTS)/storage.sh stop; \

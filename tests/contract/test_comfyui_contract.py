@@ -23,6 +23,7 @@ from PIL import Image
 
 from imagen_worker.backends.comfyui import ComfyUIBackend
 from imagen_worker.backends.comfyui.client import PREVIEW, ComfyUIClient
+from imagen_worker.backends.comfyui.failures import DISK_FULL, ServerDiskFull
 from imagen_worker.backends.comfyui.progress import ProgressTracker
 from tests.backends.comfyui.support import RecordingContext, make_request
 from tests.contract.conftest import ComfyPeer
@@ -595,3 +596,40 @@ async def test_history_delete_forgets_the_entry_but_the_files_stay_on_the_server
     assert view.status_code == 200 and view.content.startswith(b"\x89PNG"), (
         "0.3.64 has no API that deletes output files: /view still serves them"
     )
+
+
+async def test_a_save_on_a_full_disk_is_an_oserror_of_the_saver_and_the_adapter_holds_the_job(
+    full_disk_comfy: ComfyPeer,
+) -> None:
+    """What ``ServerDiskFull`` rests on: with its output directory on a full filesystem the
+    saver's ``execution_error`` (socket and history alike) is ``OSError`` ``[Errno 28] No space
+    left on device``, and the adapter gives the job back instead of failing it."""
+    async with Session(full_disk_comfy) as session:
+        prompt_id, answer = await session.submit(tiny("imagen/full/disk"))
+        assert answer.status_code == 200, answer.text
+        entry = await session.finished(prompt_id)
+        sent = (await session.until(prompt_id, "execution_error"))["data"]
+    recorded = next(data for kind, data in entry["status"]["messages"] if kind == "execution_error")
+    for error in (sent, recorded):
+        assert (error["node_id"], error["node_type"], error["exception_type"]) == (
+            "2",
+            "SaveImage",
+            "OSError",
+        )
+        assert error["exception_message"] == "[Errno 28] No space left on device\n"
+
+    graph = tiny("imagen/full/adapter")
+    block = {"type": "comfyui", "base_url": full_disk_comfy.url, "workflow": "sd15", "poll_interval": 0.5,
+             "connect_timeout": 5, "timeout": 60}  # fmt: skip
+    backend = ComfyUIBackend.from_config("contract", block)
+    try:
+        with pytest.raises(ServerDiskFull) as caught:
+            await backend.generate(make_request(workflow={"graph": graph}), RecordingContext())
+        reason = backend.unavailable_reason
+    finally:
+        await backend.aclose()
+    assert caught.value.message == (
+        "ComfyUI cannot save images (No space left on device, in node 2 (SaveImage)); "
+        "the job waits until it can"
+    )
+    assert reason == DISK_FULL
