@@ -557,7 +557,7 @@ class Chaos:
             text = log.read_text(encoding="utf-8", errors="replace")
             report.listener_reconnects_logged += text.count("listener connection lost")
             report.lease_lost_logged += text.count("lease lost")
-            report.storage_waits_logged += text.count("storage is not answering")
+            report.storage_waits_logged += text.count("storage does not take the file")
 
     def check_ledger(self) -> None:
         """No two executions of one job overlapped; a SIGKILLed one ended at its kill."""

@@ -75,13 +75,5 @@ class StorageSink(abc.ABC):
     async def check(self) -> None:
         """Raise ``ConfigError`` when credentials or the bucket do not work."""
 
-    async def unreachable(self) -> str | None:
-        """Why Storage does not answer right now (one request, no retries); None when it does.
-
-        Asked after ``put`` raised ``StorageUnavailable``: an answer, even a refusal, means the
-        failure was that upload's own rather than an outage.
-        """
-        return None
-
     async def aclose(self) -> None:
         """Release connections."""

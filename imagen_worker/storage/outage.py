@@ -1,15 +1,16 @@
-"""Waiting out a Storage outage with a rendered image in hand.
+"""Waiting for Storage with a rendered image in hand.
 
 The render is the expensive part of a job, and once its image is on local disk nothing about
-the job is wrong: an upload that fails because Storage is down must neither spend the job's
-attempts nor, once they are spent, fail it (a failed job's files are removed). So the worker
-keeps such a job, asks Storage again and again while it does not answer, and uploads as soon
-as it does. The job stays ``running`` under its lease, and its progress tells its owner why.
+the job is wrong: an upload that fails because Storage is down, or answers but cannot store
+(its own disk full: HTTP 500 "ENOSPC"), must neither spend the job's attempts nor, once they
+are spent, fail it (a failed job's files are removed). So the worker keeps such a job, tries
+again and again, and goes on as soon as Storage takes the file. The job stays ``running``
+under its lease, and its progress tells its owner why. Only an upload the sink gave up on for
+a transient reason waits (a transport error, 429 or 5xx, through the sink's own retries); a
+refusal (a 4xx: wrong key, no such bucket, too large) fails as before.
 
-A job's input image is read the same way: an outage makes the job wait before its render
-instead of spending its attempts. A request that fails while Storage answers others is that
-request's own problem (an object a proxy keeps refusing with 502): it raises as before, and the
-job's retries apply.
+A job's input image is read the same way: it waits before its render instead of spending its
+attempts.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ log = structlog.get_logger("imagen.storage")
 T = TypeVar("T")
 
 WAITING_MESSAGE = (
-    "the image is ready and waits for storage, which is not answering; it is uploaded once storage is back"
+    "the image is ready and waits for storage, which cannot take it right now; it is uploaded once it can"
 )
 UPLOADED_MESSAGE = "storage is back and the image is uploaded"
 INPUT_WAITING_MESSAGE = (
-    "the job's input image is in storage, which is not answering; the job goes on once it is back"
+    "the job's input image is in storage, which cannot serve it right now; the job goes on once it can"
 )
 INPUT_READ_MESSAGE = "storage is back and the input image is read"
 
@@ -49,16 +50,16 @@ class Patience:
     # journal stay on disk for the next attempt) and when an upload goes ahead again.
     waiting: Callable[[], None]
     resumed: Callable[[], None]
-    first_pause: float = 2.0  # seconds between looks at Storage, doubling up to last_pause
+    first_pause: float = 2.0  # seconds between tries, doubling up to last_pause
     last_pause: float = 10.0
 
 
 async def put(
     sink: StorageSink, key: str, source: Path, mime_type: str, patience: Patience | None
 ) -> StoredObject:
-    """``sink.put``, waiting as long as Storage does not answer when ``patience`` is given."""
+    """``sink.put``, waiting as long as Storage cannot take the file when ``patience`` is given."""
     return await _patiently(
-        lambda: sink.put(key, source, mime_type), sink, patience, WAITING_MESSAGE, UPLOADED_MESSAGE, 1.0
+        lambda: sink.put(key, source, mime_type), patience, WAITING_MESSAGE, UPLOADED_MESSAGE, 1.0
     )
 
 
@@ -67,42 +68,35 @@ async def get(sink: StorageSink, key: str, max_bytes: int, patience: Patience | 
     progress stays at 0 and going ahead is no upload to let finish (``resumed`` is not called)."""
     before_render = replace(patience, resumed=lambda: None) if patience is not None else None
     return await _patiently(
-        lambda: sink.get(key, max_bytes), sink, before_render, INPUT_WAITING_MESSAGE, INPUT_READ_MESSAGE, 0.0
+        lambda: sink.get(key, max_bytes), before_render, INPUT_WAITING_MESSAGE, INPUT_READ_MESSAGE, 0.0
     )
 
 
 async def _patiently(
     call: Callable[[], Awaitable[T]],
-    sink: StorageSink,
     patience: Patience | None,
     waiting: str,
     back: str,
     progress: float,  # the job's progress while it waits: its percentage never goes down
 ) -> T:
     waited = False
-    pause = 0.0  # above 0 while Storage does not answer
+    pause = 0.0
     while True:
         try:
             answer = await call()
             break
-        except StorageUnavailable:
+        except StorageUnavailable as exc:
             if patience is None:
                 raise
-            reason = await sink.unreachable()
-            if reason is None:
-                if not pause:
-                    raise  # Storage answers: this request failed on its own
-                pause = 0.0  # back since the failed request: send it again at once
-                continue
             if not waited:
                 waited = True
-                log.warning("storage is not answering; the job waits for it", reason=reason)
+                log.warning("storage does not take the file; the job waits for it", reason=exc.message)
                 patience.waiting()
                 patience.ctx.report_progress(progress, 1, stage="waiting_for_storage", message=waiting)
             pause = min(2 * pause, patience.last_pause) if pause else patience.first_pause
             await asyncio.sleep(pause)
     if waited and patience is not None:
-        log.info("storage answers again; the job goes on")
+        log.info("storage takes the file again; the job goes on")
         patience.ctx.report_progress(progress, 1, stage="storage_back", message=back)
         patience.resumed()
     return answer

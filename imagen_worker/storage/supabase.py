@@ -450,14 +450,6 @@ class SupabaseSink(StorageSink):
             f"storage: checking bucket {self.bucket!r} failed ({error.status} {error.code}): {error.message}"
         )
 
-    async def unreachable(self) -> str | None:
-        """One ``GET`` of the bucket: any answer but a transport error, 429 or 5xx is an answer."""
-        try:
-            await self._send(self._http().build_request("GET", self._bucket_url))
-        except _Transient as exc:
-            return exc.reason
-        return None
-
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()

@@ -55,7 +55,7 @@ DEFAULT_BUCKET = "imagen-generated"
 FAKE_JWT_SECRET = "fake-storage-jwt-secret-0123456789abcdef"
 VALID_KEY = re.compile(r"^[A-Za-z0-9_/!.*'() &$=@;:+,?-]*$")
 
-FailureMode = int | Literal["drop", "drop_after", "proxy_502"]
+FailureMode = int | Literal["drop", "drop_after", "proxy_502", "disk_full"]
 # What nginx in front of Storage answers when Storage itself is down: an HTML page, not JSON.
 PROXY_502 = (
     "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
@@ -266,7 +266,8 @@ class FakeStorage:
         """The next ``n`` matching requests fail: an HTTP status (500, 503, 429, 544...), ``"drop"``
         (body read, connection closed, nothing stored), ``"drop_after"`` (the request is fully
         processed, e.g. the object stored, then the connection is closed: the answer is lost) or
-        ``"proxy_502"`` (a reverse proxy's HTML error page, status 502)."""
+        ``"proxy_502"`` (a reverse proxy's HTML error page, status 502) or ``"disk_full"`` (what a
+        real Storage 1.11.2 with the file backend answers when its disk is full: 500, ENOSPC)."""
         allowed = frozenset(m.upper() for m in methods) if methods else None
         self._failures.extend(_Failure(status, allowed) for _ in range(n))
 
@@ -325,6 +326,11 @@ class FakeStorage:
         if failure is not None and failure.mode == "proxy_502":
             record.status = 502
             return web.Response(status=502, text=PROXY_502, content_type="text/html")
+        if failure is not None and failure.mode == "disk_full":
+            record.status = 500
+            return ApiError(
+                "500", "Error", "InternalError", "ENOSPC: no space left on device, write", 500
+            ).response()
         if isinstance(failure, _Failure) and isinstance(failure.mode, int):
             record.status = failure.mode
             return ApiError(

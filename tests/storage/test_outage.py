@@ -1,5 +1,5 @@
-"""Waiting out a Storage outage: a rendered image is uploaded once Storage answers again,
-while an upload Storage refuses as it answers others still fails at once."""
+"""Waiting for Storage: a rendered image is uploaded once Storage takes it again, whether it was
+down or answered but could not store (its disk full), while a refusal (a 4xx) fails at once."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from imagen_worker.errors import StorageUnavailable
+from imagen_worker.errors import StorageUnavailable, TerminalError
 from imagen_worker.storage import outage
 from imagen_worker.storage.supabase import SupabaseSink
 from tests.fakes.storage import FakeStorage
@@ -58,7 +58,7 @@ def image(tmp_path: Path) -> Path:
 async def test_an_upload_during_an_outage_waits_says_why_and_goes_ahead_once_storage_answers(
     fake_storage: FakeStorage, make_sink: Make, image: Path
 ) -> None:
-    fake_storage.fail_next(10_000, status=503)  # every request, the looks at the bucket too
+    fake_storage.fail_next(10_000, status=503)  # every request
     watched = Watched()
     upload = asyncio.create_task(
         outage.put(make_sink(max_retries=0), KEY, image, "image/png", watched.patience())
@@ -80,15 +80,29 @@ async def test_an_upload_during_an_outage_waits_says_why_and_goes_ahead_once_sto
     assert [p["stage"] for p in watched.progress] == ["waiting_for_storage", "storage_back"]
 
 
-async def test_an_upload_refused_while_storage_answers_fails_at_once(
+async def test_an_upload_storage_cannot_store_while_it_answers_waits_too(
     fake_storage: FakeStorage, make_sink: Make, image: Path
 ) -> None:
-    fake_storage.fail_next(1, status=502, methods=["PUT"])  # the bucket look is answered
+    # Its own disk full: every upload answers 500 "ENOSPC" while reads of the bucket still work.
+    fake_storage.fail_next(3, status="disk_full", methods=["PUT"])
     watched = Watched()
-    with pytest.raises(StorageUnavailable, match="502"):
-        await outage.put(make_sink(max_retries=0), KEY, image, "image/png", watched.patience())
+    stored = await outage.put(make_sink(max_retries=0), KEY, image, "image/png", watched.patience())
+    assert stored.key == KEY and fake_storage.put_count(KEY) == 1
+    assert [(r.method, r.status) for r in fake_storage.requests] == [("PUT", 500)] * 3 + [("PUT", 200)]
+    assert watched.hooks == ["waiting", "resumed"]
+    assert [p["stage"] for p in watched.progress] == ["waiting_for_storage", "storage_back"]
+
+
+async def test_an_upload_storage_refuses_fails_at_once(
+    fake_storage: FakeStorage, make_sink: Make, image: Path
+) -> None:
+    watched = Watched()
+    with pytest.raises(TerminalError, match="Bucket not found"):
+        await outage.put(
+            make_sink(max_retries=0, bucket="missing"), KEY, image, "image/png", watched.patience()
+        )
     assert watched.hooks == [] and watched.progress == []
-    assert [r.method for r in fake_storage.requests] == ["PUT", "GET"]
+    assert [r.method for r in fake_storage.requests] == ["PUT"]
 
 
 async def test_without_patience_an_outage_fails_the_upload_as_before(
@@ -97,23 +111,7 @@ async def test_without_patience_an_outage_fails_the_upload_as_before(
     fake_storage.fail_next(10_000, status=503)
     with pytest.raises(StorageUnavailable, match="after 2 attempt"):
         await outage.put(make_sink(max_retries=1), KEY, image, "image/png", None)
-    assert [r.method for r in fake_storage.requests] == ["PUT", "PUT"], "no look at the bucket, no wait"
-
-
-async def test_storage_back_before_the_look_gets_the_upload_sent_again_at_once(
-    fake_storage: FakeStorage, make_sink: Make, image: Path
-) -> None:
-    # Down for one upload and one look, then back: the look after the next failure finds it up.
-    fake_storage.fail_next(1, status=503, methods=["PUT"])
-    fake_storage.fail_next(1, status=503, methods=["GET"])
-    fake_storage.fail_next(1, status=503, methods=["PUT"])
-    watched = Watched()
-    stored = await outage.put(make_sink(max_retries=0), KEY, image, "image/png", watched.patience())
-    assert stored.key == KEY
-    assert [(r.method, r.status) for r in fake_storage.requests] == [
-        ("PUT", 503), ("GET", 503), ("PUT", 503), ("GET", 200), ("PUT", 200),
-    ]  # fmt: skip
-    assert watched.hooks == ["waiting", "resumed"]
+    assert [r.method for r in fake_storage.requests] == ["PUT", "PUT"], "no wait"
 
 
 async def test_an_input_image_read_during_an_outage_waits_at_0_percent_and_is_read_once_storage_answers(

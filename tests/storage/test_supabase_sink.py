@@ -410,21 +410,6 @@ async def test_check_reports_an_unreachable_server_as_retryable_not_misconfigure
         await make_sink(url=f"http://127.0.0.1:{port}", max_retries=0).check()
 
 
-async def test_unreachable_says_why_storage_does_not_answer_and_none_once_anything_answers(
-    fake_storage: FakeStorage, make_sink: Make
-) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    assert "ConnectError" in (await make_sink(url=f"http://127.0.0.1:{port}").unreachable() or "")
-
-    fake_storage.fail_next(1, status=503)
-    assert "HTTP 503" in (await make_sink().unreachable() or ""), "one look, not retried"
-    assert await make_sink().unreachable() is None
-    assert await make_sink(bucket="missing").unreachable() is None, "a refusal is an answer"
-    assert [(r.method, r.status) for r in fake_storage.requests] == [("GET", 503), ("GET", 200), ("GET", 400)]
-
-
 # --- configuration -----------------------------------------------------------------------
 
 
