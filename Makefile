@@ -59,6 +59,7 @@ contract: $(STAMP)
 	PEERS=$(PEERS) $(PEER_SCRIPTS)/storage.sh setup
 	. $(PEERS)/storage/env.sh; \
 	IMAGEN_TEST_COMFYUI_URL=http://127.0.0.1:8188 IMAGEN_TEST_COMFYUI_HOME=$(PEERS)/comfyui \
+	IMAGEN_TEST_STORAGE_HOME=$(PEERS)/storage \
 	IMAGEN_TEST_SUPABASE_URL="$$SUPABASE_URL" \
 	IMAGEN_TEST_SUPABASE_SERVICE_KEY="$$SUPABASE_SERVICE_KEY" $(BIN)/python -m pytest -q tests/contract; \
 	status=$$?; \

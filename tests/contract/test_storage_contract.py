@@ -18,7 +18,7 @@ import pytest
 from imagen_worker.errors import TerminalError
 from imagen_worker.storage.base import ObjectNotFound, ObjectTooLarge
 from imagen_worker.storage.supabase import SupabaseSink
-from tests.contract.conftest import StoragePeer
+from tests.contract.conftest import FullStorage, StoragePeer
 
 
 @pytest.fixture
@@ -195,3 +195,28 @@ async def test_a_bucket_look_is_answered_for_a_present_and_a_missing_bucket(
 
     assert present.status_code == 200 and present.json()["id"] == storage.bucket
     assert missing.status_code == 400 and missing.json()["statusCode"] == "404"
+
+
+# --- a Storage whose disk is full ----------------------------------------------------------------
+
+
+async def test_a_full_disk_answers_uploads_500_enospc_while_the_bucket_still_answers(
+    full_disk_storage: FullStorage,
+) -> None:
+    """Why a worker waits with its image rather than fails the job: Storage answers, but every
+    upload is a 500, the transient kind its sink gives up on with ``StorageUnavailable``."""
+    peer = full_disk_storage
+    headers = {"Authorization": f"Bearer {peer.service_key}", "apikey": peer.service_key}
+    async with httpx.AsyncClient(base_url=peer.api, headers=headers) as api:
+        upload = await api.put(
+            f"/object/{peer.bucket}/{_key('image.png')}", content=bytes(200_000),
+            headers={"content-type": "image/png", "x-upsert": "true"},
+        )  # fmt: skip
+        bucket = await api.get(f"/bucket/{peer.bucket}")
+
+    assert upload.status_code == 500
+    assert upload.json() == {
+        "statusCode": "500", "error": "Error", "message": "ENOSPC: no space left on device, write",
+        "code": "InternalError",
+    }  # fmt: skip
+    assert bucket.status_code == 200
