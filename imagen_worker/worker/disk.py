@@ -6,7 +6,8 @@ fleet's whole queue. So the worker claims nothing while
 
 - the directory's filesystem has less than ``output.min_free_mb`` free, or
 - a job's files could not be written (``OutputUnwritable``: out of space, over quota, read-only,
-  an I/O error) and a small probe file has not been written and flushed there since.
+  an I/O error; a backend's download spooled to the temporary directory counts too) and a small
+  probe file has not been written and flushed in both directories since.
 
 The job that met the failure goes back to pending without spending an attempt, so another
 worker, or this one once the disk has room, takes it.
@@ -15,6 +16,7 @@ worker, or this one once the disk has room, takes it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import tempfile
 import time
@@ -28,6 +30,13 @@ log = structlog.get_logger("imagen.worker")
 HELD = "the worker cannot write images to its disk right now; the job waits until it can"
 PROBE_BYTES = 64 * 1024
 MIB = 1024 * 1024
+# A disk that cannot take a file: out of space, over quota, read-only.
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a disk that cannot take a file, as opposed to, say, a broken socket."""
+    return isinstance(exc, OSError) and exc.errno in FULL_ERRNOS
 
 
 class OutputDisk:
@@ -79,7 +88,8 @@ class OutputDisk:
         if free < self.min_free_bytes:
             return f"{free // MIB} MiB free, below output.min_free_mb ({self.min_free_bytes // MIB})"
         if self._write_failed:
-            return probe(self.directory)
+            # Backends spool large downloads to the temporary directory: it must take files too.
+            return probe(self.directory) or probe(Path(tempfile.gettempdir()))
         return None
 
 

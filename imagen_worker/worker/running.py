@@ -27,7 +27,7 @@ from imagen_worker.pipeline import Pipeline
 from imagen_worker.queue.batch import CompletionBatcher
 from imagen_worker.queue.jobs import Job, JobKey, JobSpec, Outcome, Queue
 from imagen_worker.storage import outage
-from imagen_worker.worker import results
+from imagen_worker.worker import disk, results
 from imagen_worker.worker.context import WorkerJobContext
 from imagen_worker.worker.disk import OutputDisk
 
@@ -238,13 +238,13 @@ class JobRunner:
                 recorded = time.perf_counter() - recording
                 artifact.timings["record"] = artifact.timings.get("record", 0.0) + recorded
         except JobError as error:
-            if isinstance(error, OutputUnwritable):  # before the slot frees for the next claim
-                self.disk.failed(error.detail.get("error", error.message))
-            running.settle()
-            await running.ctx.close()
-            await self._record_error(running, error)
+            await self._failed(running, error)
             return
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+            if disk.full(exc):  # a file a backend keeps on this host (a spooled download)
+                unkept = OutputUnwritable(f"could not keep the job's files on this host ({exc.strerror})")
+                await self._failed(running, unkept)
+                return
             # The object is stored and its upload recorded: the retry links it.
             running.settle()
             unrecorded = RetryableError(
@@ -263,6 +263,13 @@ class JobRunner:
             linked_earlier_upload=artifact is None,
             reused_local_image=bool(artifact and artifact.reused),
         )
+
+    async def _failed(self, running: RunningJob, error: JobError) -> None:
+        if isinstance(error, OutputUnwritable):  # before the slot frees for the next claim
+            self.disk.failed(error.detail.get("error", error.message))
+        running.settle()
+        await running.ctx.close()
+        await self._record_error(running, error)
 
     async def _stopped(self, running: RunningJob, reason: StopReason) -> None:
         job = running.job

@@ -9,10 +9,14 @@ ENOSPC; `tests/faults/test_full_disk.py` fills a real filesystem).
 from __future__ import annotations
 
 import asyncio
+import errno
 from pathlib import Path
 
 import asyncpg
+import pytest
 
+from imagen_worker.backends.base import GenerateRequest, GenerateResult, JobContext
+from imagen_worker.backends.mock import MockBackend
 from imagen_worker.worker.disk import HELD, MIB, OutputDisk, free_bytes, probe
 from imagen_worker.worker.running import Event
 from tests.workers import eventually, insert_job, job_row, make_config, running_worker, terminal
@@ -95,3 +99,29 @@ async def test_a_worker_that_cannot_write_gives_the_job_back_and_claims_nothing_
     assert [(row["status"], row["attempts"]) for row in done] == [("done", 1), ("done", 1)]
     assert events.count(Event.CLAIMED) == 3 and events.count(Event.REQUEUED) == 1
     assert (blocker / "images").is_dir()
+
+
+async def test_a_backend_file_that_meets_a_full_disk_gives_the_job_back_in_words(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large download a backend spools to the temporary directory: the OSError it raises is
+    this host's disk, not the database the same exception type also covers."""
+
+    async def spool_full(self: MockBackend, request: GenerateRequest, ctx: JobContext) -> GenerateResult:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(MockBackend, "generate", spool_full)
+    config = make_config(tmp_path, worker={"poll_interval": 0.2, "max_outage_requeues": 1})
+    async with running_worker(config, database_url) as worker:
+        job_id = await insert_job(db, "a spooled fox", max_attempts=1)
+
+        async def given_back() -> asyncpg.Record | None:
+            row = await job_row(db, job_id)
+            return row if row["outage_requeues"] == 1 else None
+
+        row = await eventually(given_back)
+        held = worker.fleet.disk.reason
+
+    assert (row["status"], row["attempts"]) == ("pending", 0)
+    assert row["error"] == "could not keep the job's files on this host (No space left on device)"
+    assert held == HELD
