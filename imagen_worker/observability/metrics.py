@@ -104,7 +104,7 @@ class Metrics:
         )
         self.storage_waits = Counter(
             "imagen_storage_waits_total",
-            "Jobs that waited for Storage to answer again (an outage), to upload an image or read an input.",
+            "Jobs that waited for Storage to take their image (down, or unable to store) or serve an input.",
             ["backend"],
             registry=r,
         )
