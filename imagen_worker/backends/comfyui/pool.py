@@ -6,11 +6,11 @@ in PostgreSQL, where it survives restarts and can be cancelled.
 
 Only *usable* instances take prompts: not down (see ``client.Link``; one still connecting
 counts), not held (its last prompt could not save its file: disk full) and ComfyUI's queue
-holds nothing but ours; connected ones first. An instance busy
-with other people's prompts (someone using the ComfyUI UI, another worker) takes no more of
-ours until it frees up; a tracker per instance re-reads ``/queue`` whenever ComfyUI broadcasts
-a queue change, to know. A broadcast saying the queue is empty needs no read: the instance is
-free at once, so a job claimed right after someone else's prompt ended does not wait for it.
+holds nothing but ours; connected ones first. An instance busy with other people's prompts
+(someone using the ComfyUI UI, another worker) takes no more of ours until it frees up; a
+tracker per instance re-reads ``/queue`` whenever ComfyUI broadcasts a queue change, to know.
+A broadcast saying the queue is empty needs no read: the instance is free at once, so a job
+claimed right after someone else's prompt ended does not wait for it.
 """
 
 from __future__ import annotations
