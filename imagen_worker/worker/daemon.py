@@ -1,6 +1,6 @@
 """``imagen-worker run``: claim jobs, run them through the pipeline, record the outcome.
 
-Three loops run side by side in one task group, and each running job is a task in another:
+Four loops run side by side in one task group, and each running job is a task in another:
 
 - the claim loop wakes on a NOTIFY (the listener), on a finished job, on a backend's change
   hook, or on the safety poll (``worker.poll_interval``, shortened to the next ``run_at``),
@@ -12,7 +12,9 @@ Three loops run side by side in one task group, and each running job is a task i
   lease, and stops any job whose lease it could not renew for two thirds of a lease, so the
   lease never expires while this worker still runs the job;
 - the control loop re-reads the rows after any ``imagen_control`` message: a message is a
-  hint, only a row's ``cancel_requested`` cancels.
+  hint, only a row's ``cancel_requested`` cancels;
+- the disk loop looks at the output directory every second (``disk.OutputDisk``): while it
+  cannot take a job's files the claim loop claims nothing.
 
 The daemon never dies on a bad row: every failure is recorded on its job and the loops go on.
 """
@@ -147,6 +149,7 @@ class Worker:
         self.queue = Queue(self.pool, self.id)
         output = self.config.output
         disk = OutputDisk(output.directory, output.min_free_mb * MIB)
+        await disk.check()  # a worker started on a full disk claims nothing from the first wake-up
         self.fleet = Fleet(self.queue, self.backends, self.default_backend, self.settings, self._emit, disk)
         self.runner = JobRunner(self.queue, self.pipeline, self.settings, output.directory, self._emit, disk)
         await webhooks.configure(self.pool, self.config.webhooks)
@@ -207,6 +210,7 @@ class Worker:
             async with asyncio.TaskGroup() as loops:
                 heartbeat = loops.create_task(self._heartbeat_loop(), name="imagen-heartbeat")
                 control = loops.create_task(self._control_loop(), name="imagen-control")
+                disk = loops.create_task(self._disk_loop(), name="imagen-disk")
                 if self.outbox:
                     loops.create_task(self.outbox.run(), name="imagen-webhooks")
                 async with asyncio.TaskGroup() as jobs:
@@ -217,6 +221,7 @@ class Worker:
                     await self._wind_down()
                 heartbeat.cancel()
                 control.cancel()
+                disk.cancel()
                 if self.outbox:
                     self.outbox.stop()
         finally:
@@ -304,7 +309,6 @@ class Worker:
         could not fill, asked when a claim went to the database.
         """
         drained = asked = False
-        await self.fleet.disk.check()
         for name in self.backends:
             if not await self.fleet.available(name):
                 self._dry.pop(name, None)
@@ -421,6 +425,23 @@ class Worker:
             await self.queue.unregister()
         except DB_ERRORS as exc:
             log.warning("could not mark this worker stopped in the registry", error=str(exc))
+
+    # --- the disk loop --------------------------------------------------------------
+
+    async def _disk_loop(self) -> None:
+        """Look at the output disk every ``recheck_seconds``, off the claim path: claims stop
+        while it cannot take a job's files (``Fleet.available``) and start again at once when
+        it can."""
+        disk = self.fleet.disk
+        while True:
+            await asyncio.sleep(disk.recheck_seconds)
+            held = disk.reason is not None
+            try:
+                await disk.check()
+            except Exception:
+                log.exception("could not look at the output disk")
+            if held and disk.reason is None:
+                self._rows_changed()
 
     # --- the control loop -----------------------------------------------------------
 

@@ -57,7 +57,7 @@ class OutputDisk:
 
     async def check(self) -> str | None:
         """The reason to claim nothing now, or None; looks at the disk at most once per
-        ``recheck_seconds`` (a claim loop at full speed asks for every batch)."""
+        ``recheck_seconds``, and no sooner than that after a failed write."""
         now = time.monotonic()
         if now - self._checked < self.recheck_seconds:
             return self.reason

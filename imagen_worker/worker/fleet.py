@@ -77,8 +77,9 @@ class Fleet:
             await self._mark(name, reason)
 
     async def available(self, name: str) -> bool:
-        """Whether to claim for ``name`` now; records outages and their end on the rows.
-        ``disk.check()`` ran before: a disk that takes no files holds every backend."""
+        """Whether to claim for ``name`` now; records outages and their end on the rows. A disk
+        that takes no files (``disk.reason``, kept current by the worker's disk loop) holds
+        every backend."""
         reason = self.disk.reason or self.backends[name].unavailable_reason
         previous = self.outages.get(name)
         if reason is None:
