@@ -29,11 +29,15 @@ def write_config(
     backends: dict[str, dict[str, Any]] | None = None,
     worker: dict[str, Any] | None = None,
     storage: dict[str, Any] | None = None,
+    output: dict[str, Any] | None = None,
     **top: Any,
 ) -> Path:
-    """An ``imagen.yaml`` for a test: local output under ``directory``, no cloud sync."""
+    """An ``imagen.yaml`` for a test: local output under ``directory``, no cloud sync, and no
+    free-space floor (a spec's few small files must not depend on how full this machine's disk
+    is; the floor has specs of its own); ``output`` keys are laid over those."""
+    defaults = {"directory": str(directory / "images"), "cloud_sync": "off", "min_free_mb": 0}
     body: dict[str, Any] = {
-        "output": {"directory": str(directory / "images"), "cloud_sync": "off"},
+        "output": {**defaults, **(output or {})},
         "backends": backends or {"mock": {"type": "mock"}},
         "worker": {"poll_interval": 0.5, "lease_seconds": 5, "retry_base_seconds": 0.05, **(worker or {})},
         "metrics": {"enabled": False},

@@ -44,11 +44,7 @@ def _namespaces_allowed() -> bool:
 
 def _config(directory: Path, worker: dict[str, Any], output: dict[str, Any]) -> Path:
     directory.mkdir()
-    return write_config(
-        directory,
-        worker=worker,
-        output={"directory": str(directory / "images"), "cloud_sync": "off", **output},
-    )
+    return write_config(directory, worker=worker, output=output)
 
 
 async def _worker_of(db: asyncpg.Pool, proc: WorkerProcess) -> object:

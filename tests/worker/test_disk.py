@@ -70,7 +70,7 @@ async def test_a_worker_that_cannot_write_gives_the_job_back_and_claims_nothing_
     config = make_config(
         tmp_path,
         worker={"poll_interval": 0.2},
-        output={"directory": str(blocker / "images"), "cloud_sync": "off"},
+        output={"directory": str(blocker / "images")},
     )
     async with running_worker(config, database_url) as worker:
         events: list[Event] = []
