@@ -130,6 +130,7 @@ def test_env_example_documents_every_variable() -> None:
         "DATABASE_URL",
         "IMAGEN_CONFIG",
         "IMAGEN_OUTPUT__DIRECTORY",
+        "IMAGEN_OUTPUT__MIN_FREE_MB",
         "IMAGEN_CLOUD_SYNC",
         "IMAGEN_OWNER_USER_ID",
         "SUPABASE_URL",
