@@ -52,7 +52,9 @@ async def test_forged_cancels_never_stop_a_running_job(
         worker = fleet.add(
             "worker",
             backends={"gpu": fleet.backend(latency_ms=4000, capacity=3)},
-            worker={"poll_interval": 0.5, "concurrency": 3},
+            # A lease long enough that a heartbeat slowed by a loaded machine stops no render:
+            # a render stopped for its lease would look like one a forged message interrupted.
+            worker={"poll_interval": 0.5, "concurrency": 3, "lease_seconds": 10},
         )
         await worker.start()
         targets = await insert_jobs(db, 2, backend="gpu", label="someone else's")
