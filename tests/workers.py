@@ -138,6 +138,17 @@ async def image_row(db: asyncpg.Pool, image_id: Any) -> asyncpg.Record:
     return row
 
 
+def on_a_full_disk(mount: Path, size: str) -> list[str]:
+    """A command prefix: in a mount namespace of its own (``unshare -rm``: user namespaces are
+    enough), a tmpfs of ``size`` on ``mount`` filled to the brim, then the command itself, whose
+    writes there meet ENOSPC from the kernel."""
+    script = (
+        f'mount -t tmpfs -o size={size} tmpfs "$0" '
+        '&& (dd if=/dev/zero of="$0/filler" bs=64k 2>/dev/null; true) && exec "$@"'
+    )
+    return ["unshare", "-rm", "sh", "-c", script, str(mount)]
+
+
 def worker_env(dsn: str, config_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEN_")}
     env.update(IMAGEN_DATABASE_URL=dsn, IMAGEN_CONFIG=str(config_path))

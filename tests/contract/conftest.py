@@ -26,6 +26,7 @@ import pytest
 
 from tests.fakes.comfyui import FakeComfyUI, Plan
 from tests.fakes.storage import FakeStorage
+from tests.workers import on_a_full_disk
 
 
 @dataclass
@@ -54,12 +55,6 @@ REAL_STORAGE_URL = os.environ.get("IMAGEN_TEST_SUPABASE_URL", "").rstrip("/").re
 REAL_STORAGE_KEY = os.environ.get("IMAGEN_TEST_SUPABASE_SERVICE_KEY", "")
 REAL_COMFYUI_HOME = os.environ.get("IMAGEN_TEST_COMFYUI_HOME", "")
 REAL_STORAGE_HOME = os.environ.get("IMAGEN_TEST_STORAGE_HOME", "")
-# In a mount namespace of its own: a 2 MiB tmpfs on the output directory ($0), filled, then the
-# server ("$@"), so every save meets ENOSPC from the kernel.
-FULL_DISK = (
-    'mount -t tmpfs -o size=2m tmpfs "$0" && (dd if=/dev/zero of="$0/filler" bs=64k 2>/dev/null; true) '
-    '&& exec "$@"'
-)
 
 
 def _peers(real: bool) -> list[str]:
@@ -160,7 +155,7 @@ async def _on_a_full_disk(
     mount.mkdir()
     log = (logs / f"{mount.name}-server.log").open("wb")
     proc = subprocess.Popen(
-        ["unshare", "-rm", "sh", "-c", FULL_DISK, str(mount), *command],
+        [*on_a_full_disk(mount, "2m"), *command],
         cwd=cwd, env={**os.environ, **env}, stdout=log, stderr=log,
     )  # fmt: skip
     try:

@@ -23,18 +23,13 @@ from tests.workers import (
     eventually,
     insert_job,
     job_row,
+    on_a_full_disk,
     terminal,
     wait_registered,
     write_config,
 )
 
 pytestmark = pytest.mark.slow
-
-# Mount a small tmpfs on the output directory ($0), fill it, then exec the worker ("$@").
-FULL_DISK = (
-    'mount -t tmpfs -o size=1m tmpfs "$0" && (dd if=/dev/zero of="$0/filler" bs=64k 2>/dev/null; true) '
-    '&& exec "$@"'
-)
 
 
 def _namespaces_allowed() -> bool:
@@ -60,7 +55,7 @@ async def test_a_full_disk_holds_its_worker_and_another_worker_runs_every_job_on
     mount.mkdir()
     full_config = _config(tmp_path / "full", settings, {"directory": str(mount), "min_free_mb": 0})
     roomy_config = _config(tmp_path / "roomy", settings, {})
-    prefix = ["unshare", "-rm", "sh", "-c", FULL_DISK, str(mount)]
+    prefix = on_a_full_disk(mount, "1m")
     full = WorkerProcess(database_url, full_config, tmp_path / "full.log", prefix=prefix)
     roomy: WorkerProcess | None = None
     try:
