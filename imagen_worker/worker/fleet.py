@@ -76,11 +76,14 @@ class Fleet:
         for name, reason in self.outages.items():
             await self._mark(name, reason)
 
+    def unavailable_reason(self, name: str) -> str | None:
+        """Why this worker takes no work for ``name`` now, or None: a disk that takes no files
+        (``disk.reason``, kept current by the worker's disk loop) holds every backend."""
+        return self.disk.reason or self.backends[name].unavailable_reason
+
     async def available(self, name: str) -> bool:
-        """Whether to claim for ``name`` now; records outages and their end on the rows. A disk
-        that takes no files (``disk.reason``, kept current by the worker's disk loop) holds
-        every backend."""
-        reason = self.disk.reason or self.backends[name].unavailable_reason
+        """Whether to claim for ``name`` now; records outages and their end on the rows."""
+        reason = self.unavailable_reason(name)
         previous = self.outages.get(name)
         if reason is None:
             if previous is not None:

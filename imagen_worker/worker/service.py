@@ -67,11 +67,10 @@ class Service:
             database = True
         except Exception:
             database = False
-        disk = self.worker.fleet.disk.reason
         unavailable = {
             name: reason
-            for name, backend in self.worker.backends.items()
-            if (reason := disk or backend.unavailable_reason) is not None
+            for name in self.worker.backends
+            if (reason := self.worker.fleet.unavailable_reason(name)) is not None
         }
         return Readiness(
             database=database,
