@@ -72,14 +72,12 @@ def _config_result(path: str | Path | None) -> CheckResult:
 
 
 def _output_result(directory: Path, min_free_mb: int) -> CheckResult:
-    probe = directory
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = disk.existing(directory)
     if not probe.is_dir():
         return CheckResult("output directory", False, f"{directory}: {probe} is not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         return CheckResult("output directory", False, f"{directory}: {probe} is not writable by this user")
-    free_mb = disk.free_bytes(directory) // disk.MIB
+    free_mb = disk.free_bytes(probe) // disk.MIB
     if free_mb < min_free_mb:
         detail = (
             f"{directory}: {free_mb} MiB free, below output.min_free_mb ({min_free_mb}): "

@@ -93,13 +93,17 @@ class OutputDisk:
         return None
 
 
-def free_bytes(directory: Path) -> int:
-    """Bytes an unprivileged writer may still use on the directory's filesystem (the nearest
-    existing ancestor's, before the worker has created the directory)."""
+def existing(directory: Path) -> Path:
+    """The directory, or its nearest ancestor that exists (before the worker has created it)."""
     path = directory
     while not path.exists() and path != path.parent:
         path = path.parent
-    stats = os.statvfs(path)
+    return path
+
+
+def free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged writer may still use on the directory's filesystem."""
+    stats = os.statvfs(existing(directory))
     return stats.f_bavail * stats.f_frsize
 
 
