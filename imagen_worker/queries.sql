@@ -455,11 +455,41 @@ SELECT extract(epoch FROM (min(run_at) - now()))::float8
 FROM imagen.jobs WHERE status = 'pending' AND run_at > now();
 
 -- name: register_worker
-INSERT INTO imagen.workers (id, hostname, pid, backends, default_backend, expires_at)
-VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))
+-- At start and with every heartbeat; $7 says whether the worker is draining (a stop signal
+-- came), $8 the backends it takes no work for, each with why.
+INSERT INTO imagen.workers (id, hostname, pid, backends, default_backend, expires_at, version,
+                            draining_since, unavailable)
+VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6), $9,
+        CASE WHEN $7 THEN now() END, $8)
 ON CONFLICT (id) DO UPDATE
 SET backends = EXCLUDED.backends, default_backend = EXCLUDED.default_backend,
-    heartbeat_at = now(), expires_at = EXCLUDED.expires_at;
+    heartbeat_at = now(), expires_at = EXCLUDED.expires_at, version = EXCLUDED.version,
+    draining_since = CASE WHEN $7 THEN coalesce(imagen.workers.draining_since, now()) END,
+    unavailable = EXCLUDED.unavailable;
+
+-- name: worker_unavailable
+-- The moment a backend stops or starts taking work again, not only at the next heartbeat.
+UPDATE imagen.workers SET unavailable = $2 WHERE id = $1;
+
+-- name: fleet_workers
+-- imagen workers: every registry entry (live ones first), with the jobs it holds running
+-- (running rows are few: at most the fleet's concurrency, plus expired leases not yet taken).
+WITH holding AS (
+    SELECT r.worker_id, count(*)::int AS running
+    FROM imagen.jobs j JOIN imagen.job_runs r ON r.job_id = j.id
+    WHERE j.status = 'running'
+    GROUP BY r.worker_id
+)
+SELECT w.id, w.hostname, w.pid, w.backends, w.default_backend, w.version, w.unavailable,
+       w.expires_at > now() AS live, w.stopped_at IS NOT NULL AS stopped,
+       w.draining_since IS NOT NULL AS draining,
+       extract(epoch FROM now() - w.started_at)::float8 AS up_seconds,
+       extract(epoch FROM now() - w.heartbeat_at)::float8 AS heartbeat_seconds,
+       extract(epoch FROM w.expires_at - w.heartbeat_at)::float8 AS ttl_seconds,
+       extract(epoch FROM now() - least(w.expires_at, now()))::float8 AS gone_seconds,
+       coalesce(h.running, 0) AS running
+FROM imagen.workers w LEFT JOIN holding h ON h.worker_id = w.id
+ORDER BY w.expires_at > now() DESC, w.hostname, w.started_at DESC;
 
 -- name: unregister_worker
 -- A clean stop keeps the row, ended now: its backends were served until this moment, so the

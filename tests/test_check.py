@@ -208,11 +208,10 @@ async def test_live_workers_that_disagree_about_the_default_backend_are_a_warnin
 ) -> None:
     import uuid
 
-    import asyncpg
-
+    from imagen_worker.db.connect import connect
     from imagen_worker.queue.jobs import Queue
 
-    conn = await asyncpg.connect(database_url)
+    conn = await connect(database_url)  # with the worker's JSON codecs, as the queue expects
     try:
         await conn.execute("DELETE FROM imagen.workers")
         await Queue(conn, uuid.uuid4()).register("a", 1, ["mock"], ttl=60, default_backend="mock")

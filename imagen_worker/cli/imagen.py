@@ -19,7 +19,7 @@ from rich.table import Table
 
 from imagen_worker import backends as backend_registry
 from imagen_worker import styles as style_presets
-from imagen_worker.cli import common, failures, images, watch
+from imagen_worker.cli import common, failures, fleet, images, watch
 from imagen_worker.cli.common import ConfigOption
 from imagen_worker.cli.config_cmd import app as config_app
 from imagen_worker.cli.db_cmd import app as db_app
@@ -512,6 +512,21 @@ def list_backends(config_path: ConfigOption = None) -> None:
         return 1 if unhealthy else 0
 
     raise typer.Exit(common.run(PROGRAM, go))
+
+
+@app.command("workers")
+def list_workers(config_path: ConfigOption = None) -> None:
+    """The workers in the registry: live, draining, stopped or lost, their jobs and backends
+    (* = default), and why a backend takes no work. Exits 1 when no worker is live."""
+
+    async def go(conn: asyncpg.Connection, _: Config) -> int:
+        rows = await Queue(conn).workers()
+        for line in fleet.lines(rows):
+            print(line)
+        print(fleet.summary(rows))
+        return 0 if any(row["live"] for row in rows) else 1
+
+    raise typer.Exit(common.with_database(PROGRAM, config_path, go))
 
 
 @app.command("styles")

@@ -247,11 +247,29 @@ class Queue:
         return self.worker_id
 
     async def register(
-        self, hostname: str, pid: int, backends: Sequence[str], ttl: float, default_backend: str | None = None
+        self,
+        hostname: str,
+        pid: int,
+        backends: Sequence[str],
+        ttl: float,
+        default_backend: str | None = None,
+        *,
+        version: str | None = None,
+        draining: bool = False,
+        unavailable: Mapping[str, str] | None = None,
     ) -> None:
         await self.db.execute(
-            sql("register_worker"), self._me, hostname, pid, list(backends), default_backend, ttl
-        )
+            sql("register_worker"), self._me, hostname, pid, list(backends), default_backend, ttl,
+            draining, dict(unavailable or {}), version,
+        )  # fmt: skip
+
+    async def set_unavailable(self, unavailable: Mapping[str, str]) -> None:
+        """The backends this worker takes no work for now, each with why (``imagen workers``)."""
+        await self.db.execute(sql("worker_unavailable"), self._me, dict(unavailable))
+
+    async def workers(self) -> list[asyncpg.Record]:
+        """The fleet registry as ``imagen workers`` shows it (``fleet_workers``)."""
+        return list(await self.db.fetch(sql("fleet_workers")))
 
     async def unregister(self) -> None:
         await self.db.execute(sql("unregister_worker"), self._me)

@@ -34,6 +34,7 @@ from uuid import uuid4
 import asyncpg
 import structlog
 
+from imagen_worker import __version__
 from imagen_worker import backends as backend_registry
 from imagen_worker.backends.base import Backend
 from imagen_worker.config import Config
@@ -249,6 +250,7 @@ class Worker:
 
     async def _wind_down(self) -> None:
         """Let running jobs finish within ``shutdown_grace``; hand the rest back to pending."""
+        self._jobs.create_task(self._say_draining(), name="imagen-draining")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.shutdown_grace):
                 while self.running and not self.force.is_set():
@@ -417,8 +419,18 @@ class Worker:
     async def _register(self) -> None:
         await self.queue.register(
             socket.gethostname(), os.getpid(), sorted(self.backends), self.settings.lease_seconds * 2,
-            self.default_backend,
+            self.default_backend, version=__version__, draining=self.stopping,
+            unavailable=self.fleet.unavailable(),
         )  # fmt: skip
+
+    async def _say_draining(self) -> None:
+        """The registry says so at once (``imagen workers``), not at the next heartbeat; a
+        database that does not answer delays nothing of the drain."""
+        try:
+            async with asyncio.timeout(5):
+                await self._register()
+        except DB_ERRORS as exc:
+            log.warning("could not mark this worker draining in the registry", error=str(exc))
 
     async def _unregister(self) -> None:
         try:

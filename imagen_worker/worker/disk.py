@@ -45,6 +45,7 @@ class OutputDisk:
         self.min_free_bytes = min_free_bytes
         self.recheck_seconds = recheck_seconds
         self.reason: str | None = None  # the public sentence while claims are held back
+        self.problem: str | None = None  # the operator's: which directory, and what is wrong
         self._write_failed = False  # a job's write failed: a probe must pass first
         self._checked = float("-inf")
 
@@ -66,7 +67,7 @@ class OutputDisk:
         if problem is None:
             if self.reason is not None:
                 log.info("output directory takes files again; claiming", directory=str(self.directory))
-            self.reason = None
+            self.reason = self.problem = None
             self._write_failed = False
         else:
             self._hold(problem)
@@ -79,6 +80,7 @@ class OutputDisk:
                 directory=str(self.directory), problem=problem,
             )  # fmt: skip
         self.reason = HELD
+        self.problem = f"output directory {self.directory} takes no files: {problem}"
 
     def _look(self) -> str | None:
         try:

@@ -10,7 +10,9 @@ Both end up in words on the waiting jobs' rows (``jobs.progress``), so the web U
      "message": "<the adapter's unavailable_reason, or why the output disk takes no files>"}
 
 The claim clears the row's progress; a backend that becomes available again clears its own
-reason at once. Writes are bounded per call and skip rows that already say the same.
+reason at once. Writes are bounded per call and skip rows that already say the same. The
+worker's registry entry (``imagen workers``) gets the operator's version of each reason, the
+moment it changes.
 """
 
 from __future__ import annotations
@@ -81,6 +83,12 @@ class Fleet:
         (``disk.reason``, kept current by the worker's disk loop) holds every backend."""
         return self.disk.reason or self.backends[name].unavailable_reason
 
+    def unavailable(self) -> dict[str, str]:
+        """The backends this worker takes no work for, each with the operator's reason (the
+        registry's, which ``imagen workers`` shows; rows get the public sentence)."""
+        disk = self.disk.problem if self.disk.reason else None
+        return {name: disk or reason for name, reason in self.outages.items()}
+
     async def available(self, name: str) -> bool:
         """Whether to claim for ``name`` now; records outages and their end on the rows."""
         reason = self.unavailable_reason(name)
@@ -91,6 +99,7 @@ class Fleet:
                 self.emit(Event.BACKEND_AVAILABLE, backend=name)
                 log.info("backend takes work again; claiming", backend=name)
                 await self.queue.clear_waiting(name, UNAVAILABLE, with_default=name == self.default_backend)
+                await self.queue.set_unavailable(self.unavailable())
             return True
         if reason != previous:
             self.outages[name] = reason
@@ -98,6 +107,7 @@ class Fleet:
                 self.emit(Event.BACKEND_UNAVAILABLE, backend=name, reason=reason)
                 log.warning("backend takes no work; its jobs wait in the queue", backend=name, reason=reason)
             await self._mark(name, reason)
+            await self.queue.set_unavailable(self.unavailable())
         return False
 
     async def _mark(self, name: str, reason: str) -> None:

@@ -1,0 +1,93 @@
+"""``imagen workers``: the fleet as the registry (``imagen.workers``) sees it, one line each.
+
+An operator with several GPU hosts asks three things first: which workers are up, what each is
+doing, and why a backend's jobs are not moving. A worker is *live* while its registration is
+fresh; *draining* once a stop signal came (it finishes its jobs and claims nothing); *silent*
+when it has missed two heartbeats (killed, or cut off from the database) but its entry has not
+expired yet; *stopped* after a clean exit; *lost* when its entry expired without one. The jobs
+a silent or lost worker still holds go back to the queue when their leases expire. Under a
+worker, one line per backend it takes no work for, with the worker's own reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+HEADER = ("worker", "host", "pid", "version", "state", "jobs", "backends")
+# A worker refreshes its registration six times per lifetime (every lease_seconds / 3, for
+# 2 x lease_seconds): two missed refreshes say it is likely gone before the entry expires.
+SILENT_AFTER = 2 / 6
+
+
+def describe_seconds(seconds: float) -> str:
+    """A short, human duration: ``45s``, ``12m``, ``3h 05m``, ``2d 04h``."""
+    whole = max(0, int(seconds))
+    if whole < 60:
+        return f"{whole}s"
+    minutes, _ = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes}m"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h {minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours:02d}h"
+
+
+def state(row: Mapping[str, Any]) -> str:
+    if row["live"]:
+        if row["heartbeat_seconds"] > row["ttl_seconds"] * SILENT_AFTER:
+            return f"silent {describe_seconds(row['heartbeat_seconds'])}"
+        if row["draining"]:
+            return "draining"
+        return f"live {describe_seconds(row['up_seconds'])}"
+    if row["stopped"]:
+        return f"stopped {describe_seconds(row['gone_seconds'])} ago"
+    return f"lost {describe_seconds(row['heartbeat_seconds'])} ago"
+
+
+def backends(row: Mapping[str, Any]) -> str:
+    """The backends it serves, its default first and marked."""
+    default = row["default_backend"]
+    names = sorted(row["backends"], key=lambda name: (name != default, name))
+    return " ".join(f"{name}*" if name == default else name for name in names)
+
+
+def lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Aligned columns (full worker ids: ``job_runs.worker_id`` and the logs carry them), and
+    an indented line per backend a live worker takes no work for."""
+    cells = [
+        (str(row["id"]), row["hostname"], str(row["pid"]), row["version"] or "?", state(row),
+         str(row["running"]), backends(row))
+        for row in rows
+    ]  # fmt: skip
+    widths = [max(len(line[i]) for line in [HEADER, *cells]) for i in range(len(HEADER) - 1)]
+
+    def aligned(line: Sequence[str]) -> str:
+        return "  ".join([*(cell.ljust(width) for cell, width in zip(line, widths, strict=False)), line[-1]])
+
+    out = [aligned(HEADER)]
+    for row, line in zip(rows, cells, strict=True):
+        out.append(aligned(line))
+        if row["live"]:
+            out.extend(
+                f"{'':{widths[0]}}  {name} takes no work: {reason}"
+                for name, reason in sorted(row["unavailable"].items())
+            )
+    return out
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def summary(rows: Sequence[Mapping[str, Any]]) -> str:
+    live = [row for row in rows if row["live"]]
+    text = f"{_count(len(live), 'live worker')}, {_count(sum(row['running'] for row in live), 'running job')}"
+    if held := sum(1 for row in live if row["unavailable"]):
+        text += f"; {held} with a backend that takes no work"
+    if lost := [row for row in rows if not row["live"] and not row["stopped"]]:
+        jobs = _count(sum(row["running"] for row in lost), "job")
+        text += f"; {len(lost)} lost, still holding {jobs}: another worker takes over once the lease expires"
+    return text

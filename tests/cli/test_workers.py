@@ -1,0 +1,116 @@
+"""``imagen workers``: an operator sees the fleet from one terminal, as the registry has it.
+
+Real worker processes against the real database: each shows live with its jobs and backends,
+draining after SIGTERM, silent and then lost after kill -9 (still holding its job until the
+lease expires), and a backend a worker takes no work for shows the worker's reason until the
+cause is gone.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+import asyncpg
+
+from imagen_worker import __version__
+from imagen_worker.config import load_config
+from tests.cli.test_imagen import run_imagen
+from tests.workers import (
+    eventually,
+    insert_job,
+    running_worker,
+    terminal,
+    wait_registered,
+    worker_processes,
+    write_config,
+)
+
+
+def line_of(listing: subprocess.CompletedProcess[str], pid: int) -> str:
+    [line] = [line for line in listing.stdout.splitlines() if f"  {pid}  " in line]
+    return line
+
+
+async def test_each_worker_shows_live_draining_silent_then_lost_with_its_jobs_and_backends(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        backends={"mock": {"type": "mock", "latency_ms": 60_000}, "spare": {"type": "mock"}},
+        worker={"lease_seconds": 3, "concurrency": 1, "shutdown_grace": 30},
+        default_backend="mock",
+    )
+    with worker_processes(database_url, config, 2, tmp_path) as procs:
+        await wait_registered(db, *procs)
+        for n in range(2):
+            await insert_job(db, f"a long render {n}")
+
+        async def both_running() -> bool:
+            return bool(await db.fetchval("SELECT count(*) = 2 FROM imagen.jobs WHERE status = 'running'"))
+
+        await eventually(both_running, within=20)
+        live = await run_imagen("workers", dsn=database_url, config=config)
+        draining, killed = procs
+        draining.signal(signal.SIGTERM)
+        killed.kill()
+
+        async def listing_says(pid: int, text: str) -> subprocess.CompletedProcess[str] | None:
+            listing = await run_imagen("workers", dsn=database_url, config=config)
+            return listing if text in line_of(listing, pid) else None
+
+        drained = await eventually(lambda: listing_says(draining.pid, "draining"), within=10, every=0.2)
+        silent = await eventually(lambda: listing_says(killed.pid, "silent"), within=10, every=0.2)
+        lost = await eventually(lambda: listing_says(killed.pid, "lost"), within=15, every=0.2)
+
+    assert live.returncode == 0, live.stderr
+    header, *_, summary = live.stdout.splitlines()
+    assert header.split() == ["worker", "host", "pid", "version", "state", "jobs", "backends"]
+    for proc in procs:
+        worker_id, _host, pid, version, state, _age, jobs, *backends = line_of(live, proc.pid).split()
+        assert (pid, version, state, jobs) == (str(proc.pid), __version__, "live", "1")
+        assert backends == ["mock*", "spare"], "the default backend first, marked"
+        assert await db.fetchval("SELECT pid FROM imagen.workers WHERE id = $1::uuid", worker_id) == proc.pid
+    assert summary == "2 live workers, 2 running jobs"
+    assert line_of(drained, draining.pid).split()[4:6] == ["draining", "1"], "it still finishes its job"
+    assert line_of(silent, killed.pid).split()[4] == "silent"
+    lost_line = line_of(lost, killed.pid).split()
+    assert (lost_line[4], lost_line[6], lost_line[7]) == ("lost", "ago", "1"), "it holds its job"
+    assert lost.stdout.splitlines()[-1] == (
+        "1 live worker, 1 running job; "
+        "1 lost, still holding 1 job: another worker takes over once the lease expires"
+    )
+    after = await run_imagen("workers", dsn=database_url, config=config)
+    assert after.returncode == 1, "no live worker is left"
+    assert "stopped" in line_of(after, draining.pid)
+
+
+async def test_a_backend_that_takes_no_work_shows_why_under_its_worker_until_it_does(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "disk"
+    blocker.write_text("a file where the output directory's parent should be")
+    config_path = write_config(tmp_path, output={"directory": str(blocker / "images")})
+    config = load_config(config_path)
+
+    async def listing_with(text: str, present: bool) -> subprocess.CompletedProcess[str] | None:
+        listing = await run_imagen("workers", dsn=database_url, config=config_path)
+        return listing if (text in listing.stdout) == present else None
+
+    async with running_worker(config, database_url):
+        job = await insert_job(db, "rendered, then nowhere to put it")  # its write finds the disk
+        held = await eventually(lambda: listing_with("takes no work", True), within=10, every=0.2)
+        blocker.unlink()  # the disk takes files again
+        freed = await eventually(lambda: listing_with("takes no work", False), within=10, every=0.2)
+        finished = await terminal(db, job)
+
+    reason = held.stdout.splitlines()[2].strip()
+    assert reason.startswith(f"mock takes no work: output directory {blocker / 'images'} takes no files: ")
+    assert "Not a directory" in reason, "the operator's reason, not the rows' public sentence"
+    assert held.stdout.splitlines()[-1] == (
+        "1 live worker, 0 running jobs; 1 with a backend that takes no work"
+    )
+    assert freed.stdout.splitlines()[-1] == "1 live worker, 0 running jobs"
+    assert await db.fetchval("SELECT unavailable FROM imagen.workers") == {}
+    assert finished["status"] == "done", "the job waited for the disk and then ran"
