@@ -633,3 +633,44 @@ WHERE id = $1 AND claimed_by = $2 AND status = 'pending';
 UPDATE imagen.webhook_deliveries
 SET claimed_by = NULL, next_attempt_at = now()
 WHERE claimed_by = $1 AND status = 'pending';
+
+-- Housekeeping (imagen prune) ----------------------------------------------------------
+
+-- name: prune_jobs
+-- Up to $2 jobs that ended (done, failed, cancelled) before $1, counted by status. Their
+-- job_runs rows go with them (ON DELETE CASCADE); their images stay, with job_id NULL: they
+-- are the owners' gallery, and their objects stay in Storage. Pending and running jobs are
+-- never touched.
+WITH doomed AS (
+    SELECT id FROM imagen.jobs
+    WHERE status IN ('done', 'failed', 'cancelled') AND finished_at < $1
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM imagen.jobs j USING doomed d WHERE j.id = d.id
+    RETURNING j.status
+)
+SELECT status, count(*)::int AS n FROM gone GROUP BY status;
+
+-- name: prune_deliveries
+-- Up to $2 webhook deliveries made before $1 that are settled (delivered, or failed for
+-- good); pending ones are still to be sent.
+WITH doomed AS (
+    SELECT id FROM imagen.webhook_deliveries
+    WHERE status <> 'pending' AND created_at < $1
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM imagen.webhook_deliveries w USING doomed d WHERE w.id = d.id
+    RETURNING w.id
+)
+SELECT count(*)::int FROM gone;
+
+-- name: prunable
+-- imagen prune --dry-run: what prune_jobs and prune_deliveries would remove, by kind.
+SELECT status AS kind, count(*)::int AS n FROM imagen.jobs
+WHERE status IN ('done', 'failed', 'cancelled') AND finished_at < $1
+GROUP BY status
+UNION ALL
+SELECT 'webhook deliveries', count(*)::int FROM imagen.webhook_deliveries
+WHERE status <> 'pending' AND created_at < $1;

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import shutil
 import signal
 import sys
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,6 +31,7 @@ from imagen_worker.errors import ConfigError, JobError
 from imagen_worker.observability.logging import config_secret_env_names, configure_logging
 from imagen_worker.pipeline import Pipeline, forget
 from imagen_worker.queries import sql
+from imagen_worker.queue import prune as pruning
 from imagen_worker.queue.jobs import JobSpec, Queue
 from imagen_worker.storage import create_sink, keys
 
@@ -527,6 +530,42 @@ def list_workers(config_path: ConfigOption = None) -> None:
         return 0 if any(row["live"] for row in rows) else 1
 
     raise typer.Exit(common.with_database(PROGRAM, config_path, go))
+
+
+_AGE = re.compile(r"(\d+)\s*([mhdw])")
+_AGE_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def _age(text: str) -> timedelta:
+    """``30d``, ``12h``, ``2w``, ``90m``: how long a finished job is kept."""
+    match = _AGE.fullmatch(text.strip())
+    if match is None or int(match[1]) == 0:
+        raise InputError(f"--older-than {text!r}: expected a positive age like 30d, 12h, 2w or 90m")
+    return timedelta(**{_AGE_UNITS[match[2]]: int(match[1])})
+
+
+@app.command()
+def prune(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Remove what ended longer ago than this: 30d, 12h, 2w, 90m.")
+    ],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would go; remove nothing.")] = False,
+    config_path: ConfigOption = None,
+) -> None:
+    """Remove jobs that ended (done, failed, cancelled) and settled webhook deliveries older
+    than --older-than. Pending and running jobs are never touched; images stay."""
+    age = failures.guarded(PROGRAM, lambda: _age(older_than))
+
+    async def go(conn: asyncpg.Connection, _: Config) -> None:
+        before = datetime.now(UTC) - age
+        if dry_run:
+            found = await pruning.prunable(conn, before)
+            print(f"would remove {found.describe()} that ended before {before:%Y-%m-%d %H:%M} UTC")
+            return
+        removed = await pruning.prune(conn, before)
+        print(f"removed {removed.describe()} that ended before {before:%Y-%m-%d %H:%M} UTC; images stay")
+
+    common.with_database(PROGRAM, config_path, go)
 
 
 @app.command("styles")

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "imagen-worker.service"
 USER_UNIT = DEPLOY / "imagen-worker.user.service"
+PRUNE_UNIT = DEPLOY / "imagen-prune.service"
+PRUNE_TIMER = DEPLOY / "imagen-prune.timer"
 ENV_EXAMPLE = DEPLOY / "imagen-worker.env.example"
 DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE = ROOT / "compose.yaml"
@@ -71,17 +74,22 @@ def test_system_unit_directives() -> None:
     assert _seconds(d["TimeoutStopSec"][-1]) > WorkerConfig().shutdown_grace
 
 
-def _verify(unit: Path, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
-    """``systemd-analyze verify`` with ExecStart pointed at an executable that exists here."""
+def _verify(
+    unit: Path, tmp_path: Path, *args: str, env: dict[str, str] | None = None, with_units: Sequence[Path] = ()
+) -> None:
+    """``systemd-analyze verify`` with ExecStart pointed at an executable that exists here;
+    ``with_units`` are verified beside it (a timer and its service)."""
     fake = tmp_path / "imagen-worker"
     fake.write_text("#!/bin/sh\nexit 0\n")
     fake.chmod(0o755)
-    copy = tmp_path / "units" / "imagen-worker.service"
-    copy.parent.mkdir(exist_ok=True)
-    text = re.sub(r"^ExecStart=\S+", f"ExecStart={fake}", unit.read_text(), flags=re.M)
-    copy.write_text(text)
+    copies = []
+    for source in (unit, *with_units):
+        copy = tmp_path / "units" / source.name
+        copy.parent.mkdir(exist_ok=True)
+        copy.write_text(re.sub(r"^ExecStart=\S+", f"ExecStart={fake}", source.read_text(), flags=re.M))
+        copies.append(str(copy))
     proc = subprocess.run(
-        ["systemd-analyze", *args, "verify", str(copy)],
+        ["systemd-analyze", *args, "verify", *copies],
         capture_output=True,
         text=True,
         timeout=60,
@@ -100,6 +108,17 @@ systemd_analyze = pytest.mark.skipif(
 @systemd_analyze
 def test_system_unit_verifies(tmp_path: Path) -> None:
     _verify(UNIT, tmp_path)
+
+
+@systemd_analyze
+def test_prune_timer_and_its_service_verify(tmp_path: Path) -> None:
+    _verify(PRUNE_TIMER, tmp_path, with_units=[PRUNE_UNIT])
+    d = _directives(PRUNE_UNIT)
+    assert d["Type"] == ["oneshot"]
+    assert d["ExecStart"] == ["/opt/imagen-worker/bin/imagen prune --older-than 90d"]
+    worker = _directives(UNIT)
+    assert d["EnvironmentFile"] == worker["EnvironmentFile"] and d["User"] == worker["User"]
+    assert _directives(PRUNE_TIMER)["OnCalendar"] == ["daily"]
 
 
 @systemd_analyze

@@ -1,12 +1,13 @@
 """docs/deploy.md's systemd steps, run as written, in a sandbox root.
 
-Every command of sections 0 and 1 is taken from the document itself. ``sudo`` is dropped,
-absolute paths (/opt, /usr/local/bin, /etc, /var/lib) are moved under a temporary root, and
-ownership flags for the ``imagen`` user (which this test does not create) are left out;
-otherwise the commands run unchanged: the wheel is built with ``make dist``, installed into a
-fresh virtualenv, ``check`` passes against the real database and a protocol-faithful ComfyUI
-before anything was started, ``migrate`` applies the schema, and ``systemd-analyze verify``
-accepts the unit as installed, its ExecStart pointing at the installed program.
+Every command of sections 0 and 1 (the housekeeping timer's included) is taken from the
+document itself. ``sudo`` is dropped, absolute paths (/opt, /usr/local/bin, /etc, /var/lib)
+are moved under a temporary root, and ownership flags for the ``imagen`` user (which this test
+does not create) are left out; otherwise the commands run unchanged: the wheel is built with
+``make dist``, installed into a fresh virtualenv, ``check`` passes against the real database
+and a protocol-faithful ComfyUI before anything was started, ``migrate`` applies the schema,
+``systemd-analyze verify`` accepts the unit as installed, its ExecStart pointing at the
+installed program, and the prune's dry run answers as the service's user would run it.
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ async def test_the_documented_install_works_and_the_installed_unit_verifies(
             if argv is None:
                 continue
             if argv[0] == "systemd-run":
-                program = argv.index("imagen-worker")
-                argv = [str(root / "usr/local/bin/imagen-worker"), *argv[program + 1 :]]
+                program = next(i for i, word in enumerate(argv) if word in ("imagen-worker", "imagen"))
+                argv = [str(root / "usr/local/bin" / argv[program]), *argv[program + 1 :]]
                 env = {**os.environ, **service_env(env_file, root, scratch_dsn, comfyui.url)}
             else:
                 env = dict(os.environ)
@@ -129,9 +130,13 @@ async def test_the_documented_install_works_and_the_installed_unit_verifies(
                 assert "FAIL" not in done.stdout and "output directory" in done.stdout
             if argv[-1] == "--version":
                 assert done.stdout == "imagen-worker 0.1.0\n"
+            if argv[-1] == "--dry-run":
+                assert done.stdout.startswith("would remove 0 jobs and 0 webhook deliveries"), done.stdout
 
-    for expected in ("imagen-worker check", "imagen-worker migrate", "systemd-analyze verify"):
-        assert expected in ran, ran
+    expected = ("imagen-worker check", "imagen-worker migrate", "systemd-analyze verify", "imagen prune")
+    assert set(expected) <= set(ran), ran
+    for unit in ("imagen-prune.service", "imagen-prune.timer"):
+        assert (root / "etc/systemd/system" / unit).read_text() == (ROOT / "deploy" / unit).read_text()
     installed = root / "opt/imagen-worker/bin/imagen-worker"
     assert (root / "usr/local/bin/imagen-worker").resolve() == installed.resolve()
     assert (root / "var/lib/imagen").stat().st_mode & 0o777 == 0o750
