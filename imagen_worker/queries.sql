@@ -417,9 +417,12 @@ reset AS (
 SELECT id, pg_notify('imagen_jobs', coalesce(backend, '')) FROM retried;
 
 -- name: get_job
--- The operator's view: the row and its worker-only run record.
-SELECT j.*, w.worker_id, w.backend_ref, w.error_detail, w.result
+-- The operator's view: the row, its worker-only run record, and where that worker runs (while
+-- the registry remembers it).
+SELECT j.*, w.worker_id, w.backend_ref, w.error_detail, w.result,
+       r.hostname AS worker_host, r.pid AS worker_pid
 FROM imagen.jobs j LEFT JOIN imagen.job_runs w ON w.job_id = j.id
+LEFT JOIN imagen.workers r ON r.id = w.worker_id
 WHERE j.id = $1;
 
 -- name: list_jobs

@@ -269,6 +269,9 @@ def status(
         ]  # fmt: skip
         if row["status"] == "pending" and (waiting := watch.pending_label(row)) != "pending":
             lines.append(("waiting", waiting.removeprefix("pending: ")))
+        if row["worker_id"] is not None:  # the last worker to claim it (imagen workers lists them)
+            where = f" ({row['worker_host']}, pid {row['worker_pid']})" if row["worker_host"] else ""
+            lines.append(("worker", f"{row['worker_id']}{where}"))
         images = await conn.fetch(sql("job_images"), ref)
         image = images[0] if images else None
         if len(images) > 1:

@@ -9,6 +9,7 @@ cause is gone.
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -52,6 +53,10 @@ async def test_each_worker_shows_live_draining_silent_then_lost_with_its_jobs_an
 
         await eventually(both_running, within=20)
         live = await run_imagen("workers", dsn=database_url, config=config)
+        job = await db.fetchrow(
+            "SELECT j.id, r.worker_id FROM imagen.jobs j JOIN imagen.job_runs r ON r.job_id = j.id"
+        )
+        status = await run_imagen("status", str(job["id"]), dsn=database_url, config=config)
         draining, killed = procs
         draining.signal(signal.SIGTERM)
         killed.kill()
@@ -73,6 +78,11 @@ async def test_each_worker_shows_live_draining_silent_then_lost_with_its_jobs_an
         assert backends == ["mock*", "spare"], "the default backend first, marked"
         assert await db.fetchval("SELECT pid FROM imagen.workers WHERE id = $1::uuid", worker_id) == proc.pid
     assert summary == "2 live workers, 2 running jobs"
+    runs_it = await db.fetchval("SELECT pid FROM imagen.workers WHERE id = $1", job["worker_id"])
+    assert (
+        f"worker        {job['worker_id']} ({socket.gethostname()}, pid {runs_it})"
+        in status.stdout.splitlines()
+    )
     assert line_of(drained, draining.pid).split()[4:6] == ["draining", "1"], "it still finishes its job"
     assert line_of(silent, killed.pid).split()[4] == "silent"
     lost_line = line_of(lost, killed.pid).split()
