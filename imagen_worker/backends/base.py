@@ -261,6 +261,12 @@ class Backend(abc.ABC):
         """
         return None
 
+    @property
+    def unavailable_detail(self) -> str | None:
+        """The operator's version of ``unavailable_reason``, for ``imagen workers``: which
+        instance, what is wrong. Set exactly while ``unavailable_reason`` is."""
+        return self.unavailable_reason
+
     def watch(self, on_change: Callable[[], None]) -> None:
         """The worker's wake-up, called by ``notify_change``."""
         self._on_change = on_change

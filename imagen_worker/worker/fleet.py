@@ -87,7 +87,10 @@ class Fleet:
         """The backends this worker takes no work for, each with the operator's reason (the
         registry's, which ``imagen workers`` shows; rows get the public sentence)."""
         disk = self.disk.problem if self.disk.reason else None
-        return {name: disk or reason for name, reason in self.outages.items()}
+        return {
+            name: disk or self.backends[name].unavailable_detail or reason
+            for name, reason in self.outages.items()
+        }
 
     async def available(self, name: str) -> bool:
         """Whether to claim for ``name`` now; records outages and their end on the rows."""

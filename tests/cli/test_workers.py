@@ -2,8 +2,8 @@
 
 Real worker processes against the real database: each shows live with its jobs and backends,
 draining after SIGTERM, silent and then lost after kill -9 (still holding its job until the
-lease expires), and a backend a worker takes no work for shows the worker's reason until the
-cause is gone.
+lease expires), and a backend a worker takes no work for (its disk takes no files, its
+ComfyUI does not answer) shows the worker's reason for the operator until the cause is gone.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import asyncpg
 from imagen_worker import __version__
 from imagen_worker.config import load_config
 from tests.cli.test_imagen import run_imagen
+from tests.fakes.comfyui import FakeComfyUI
 from tests.workers import (
     eventually,
     insert_job,
@@ -124,3 +125,24 @@ async def test_a_backend_that_takes_no_work_shows_why_under_its_worker_until_it_
     assert freed.stdout.splitlines()[-1] == "1 live worker, 0 running jobs"
     assert await db.fetchval("SELECT unavailable FROM imagen.workers") == {}
     assert finished["status"] == "done", "the job waited for the disk and then ran"
+
+
+async def test_a_comfyui_that_stops_answering_is_named_under_its_worker_until_it_answers_again(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, fake_comfyui: FakeComfyUI
+) -> None:
+    block = {"type": "comfyui", "base_url": fake_comfyui.url, "workflow": "sd15", "poll_interval": 0.5}
+    config_path = write_config(tmp_path, backends={"gpu": block})
+
+    async def listing_with(text: str, present: bool) -> subprocess.CompletedProcess[str] | None:
+        listing = await run_imagen("workers", dsn=database_url, config=config_path)
+        return listing if (text in listing.stdout) == present else None
+
+    async with running_worker(load_config(config_path), database_url):
+        await fake_comfyui.stop()
+        down = await eventually(lambda: listing_with("takes no work", True), within=15, every=0.2)
+        await fake_comfyui.start()  # the same port, as a restarted ComfyUI
+        back = await eventually(lambda: listing_with("takes no work", False), within=15, every=0.2)
+
+    reason = f"gpu takes no work: no ComfyUI instance answers: {fake_comfyui.url}"
+    assert down.stdout.splitlines()[2].strip() == reason, "the operator's reason names the instance"
+    assert back.stdout.splitlines()[-1] == "1 live worker, 0 running jobs"

@@ -219,6 +219,16 @@ class ComfyUIBackend(Backend):
             return failures.UNAVAILABLE
         return failures.DISK_FULL if self._pool.all_held else None
 
+    @property
+    def unavailable_detail(self) -> str | None:
+        instances = self._pool.instances
+        if self._pool.all_down:
+            return "no ComfyUI instance answers: " + ", ".join(inst.client.base_url for inst in instances)
+        if self._pool.all_held:
+            held = ", ".join(inst.client.base_url for inst in instances if inst.held)
+            return f"ComfyUI cannot save images (a full, over-quota or read-only disk): {held}"
+        return None
+
     def _pool_changed(self) -> None:
         seen = (self.capacity, self.unavailable_reason)
         if seen == self._last_seen:

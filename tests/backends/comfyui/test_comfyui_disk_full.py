@@ -51,10 +51,15 @@ async def test_a_save_on_a_full_disk_gives_the_job_back_and_holds_the_instance_u
     )
     assert caught.value.detail["exception_type"] == "OSError"
     assert (backend.unavailable_reason, backend.capacity) == (DISK_FULL, 0)
+    assert (
+        backend.unavailable_detail
+        == f"ComfyUI cannot save images (a full, over-quota or read-only disk): {fake.url}"
+    )
     assert changes == [DISK_FULL], "the worker is told at once, so it stops claiming"
 
     await asyncio.sleep(0.4)
     assert (backend.unavailable_reason, changes[-1]) == (None, None), "the pause's end wakes the worker"
+    assert backend.unavailable_detail is None
     assert backend.capacity > 0
     result = await backend.generate(make_request(), RecordingContext())
     assert result.image.data[:8] == b"\x89PNG\r\n\x1a\n"

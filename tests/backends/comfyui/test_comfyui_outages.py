@@ -52,11 +52,13 @@ async def test_an_outage_sets_the_reason_and_it_clears_on_its_own_when_comfyui_i
 
     assert (backend.capacity, backend.unavailable_reason) == (0, UNAVAILABLE)
     assert "127.0.0.1" not in UNAVAILABLE and "http" not in UNAVAILABLE  # a web user may read it
+    assert backend.unavailable_detail == f"no ComfyUI instance answers: {fake.url}", "the operator's"
     assert wakeups.count == 1
     await fake.start()  # same port, empty, as a restarted ComfyUI
     await until(lambda: backend.unavailable_reason is None)
 
     assert backend.capacity == 3
+    assert backend.unavailable_detail is None
     assert wakeups.count == 2
     result = await asyncio.wait_for(backend.generate(make_request(), RecordingContext()), 5)
     assert result.image.read().startswith(b"\x89PNG")
