@@ -115,12 +115,13 @@ class WorkerJobContext:
         """Write the last progress now, before the final transition.
 
         A waiting throttled write is woken, not cancelled: cancelling it mid-write could leave
-        a half-opened pool connection behind. The preview is deleted first (unless kept), so
-        the last progress no longer names it. Nothing is written for a job that wrote no
+        a half-opened pool connection behind. Preview uploads stop first, and the last
+        progress no longer names the preview unless previews are kept (``discard_previews``
+        deletes it once the outcome is recorded). Nothing is written for a job that wrote no
         progress yet: the row has none to correct.
         """
         if self.previews is not None:
-            await self.previews.close()
+            await self.previews.stop()
             if not self.previews.keep and self._preview is not None:
                 self._preview = None
                 self._schedule()
@@ -130,3 +131,8 @@ class WorkerJobContext:
         if self._flush is not None and not self._flush.done():
             await asyncio.shield(self._flush)
         await self._write_after(0)
+
+    async def discard_previews(self) -> None:
+        """The job's previews go from Storage; after its outcome, which no row names them in."""
+        if self.previews is not None:
+            await self.previews.discard()

@@ -4,8 +4,9 @@ Backends offer frames as fast as ComfyUI sends them (a sampler sends one per ste
 newest one is kept and uploaded once the last upload is a second old, to
 ``<owner>/<job id>/preview.jpg`` (``.png`` for PNG frames), through the job's own storage sink.
 The frame is written under the output directory first because sinks upload files. When the
-job ends the preview is deleted, unless ``output.keep_previews`` is set. Previews are best
-effort: a failed upload or delete is logged and the job goes on.
+job ends its last progress stops naming the preview, its outcome is recorded, and then the
+preview is deleted, unless ``output.keep_previews`` is set. Previews are best effort: a failed
+upload or delete is logged and the job goes on.
 """
 
 from __future__ import annotations
@@ -79,18 +80,22 @@ class Previews:
 
     async def _put(self, key: str, data: bytes, mime_type: str) -> None:
         path = self.directory / key
-        await asyncio.to_thread(output.write_image, path, data)
+        await asyncio.to_thread(output.write_copy, path, data)  # a passing frame: no fsync
         stored = await self.sink.put(key, path, mime_type)
         if not stored.in_place:  # else the sink keeps this very file
             await asyncio.to_thread(_remove, path)
 
-    async def close(self) -> None:
-        """Stop uploading; delete what was uploaded unless previews are kept."""
+    async def stop(self) -> None:
+        """No more uploads: the job has ended."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._latest = None
+
+    async def discard(self) -> None:
+        """Delete what was uploaded, unless previews are kept. Called once the job's outcome is
+        recorded, so a slow Storage delays nobody's ``done``; each delete is bounded."""
         if self.keep:
             return
         for key in sorted(self.stored):

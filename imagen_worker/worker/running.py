@@ -191,6 +191,8 @@ class JobRunner:
                 f"the worker hit an internal error ({type(exc).__name__})",
                 detail={"exception": type(exc).__name__, "error": str(exc)},
             ))  # fmt: skip
+        # Only now: a slow Storage delete must not delay the outcome its owner waits for.
+        await running.ctx.discard_previews()
 
     async def _execute(self, running: RunningJob) -> None:
         job = running.job

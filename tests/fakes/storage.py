@@ -23,6 +23,7 @@ hosted gateway (requests without the prefix get the gateway's 404). Use it as
 ``SUPABASE_URL=fake.url``.
 
 Knobs: ``fail_next(n, status=503|"drop"|"drop_after", methods=...)``, ``upload_latency``,
+``delete_latency``,
 ``advance_clock(seconds)``. Counters: ``objects``, ``object_count()``, ``puts`` /
 ``uploads`` per ``"bucket/key"``, ``requests`` (every request, with headers and body size),
 ``errors`` (exceptions raised inside the fake itself; assert it stays empty).
@@ -215,6 +216,7 @@ class FakeStorage:
         self.puts: Counter[str] = Counter()  # "bucket/key" → PUTs that stored
         self.uploads: Counter[str] = Counter()  # "bucket/key" → PUTs and POSTs that stored
         self.upload_latency = 0.0
+        self.delete_latency = 0.0  # seconds before a delete is carried out and answered
         self.clock_offset = 0.0
         self._failures: deque[_Failure] = deque()
         self._runner: web.AppRunner | None = None
@@ -387,7 +389,7 @@ class FakeStorage:
             if method in ("GET", "HEAD"):
                 return self._download(request, rest)
             if method == "DELETE":
-                return self._delete(request, rest)
+                return await self._delete(request, rest)
         # Fastify's own 404 for unknown routes (a real HTTP 404, integer statusCode).
         return web.json_response(
             {"message": f"Route {method}:{route} not found", "error": "Not Found", "statusCode": 404},
@@ -513,11 +515,13 @@ class FakeStorage:
             raise _no_bucket()
         return self._serve(self._object(bucket, key), head=request.method == "HEAD")
 
-    def _delete(self, request: web.Request, rest: str) -> web.Response:
+    async def _delete(self, request: web.Request, rest: str) -> web.Response:
         role = self._role(request)
         bucket, key = self._split(rest)
         if bucket not in self.buckets or role != "service_role":
             raise _no_bucket()
+        if self.delete_latency:
+            await asyncio.sleep(self.delete_latency)
         if self.objects.pop((bucket, key), None) is None:
             raise _no_key()
         return web.json_response({"message": "Successfully deleted"})

@@ -89,6 +89,26 @@ async def test_a_preview_is_uploaded_while_the_job_runs_and_deleted_when_it_ends
     assert not (tmp_path / "images" / str(OWNER) / str(job_id)).exists(), "no local preview left behind"
 
 
+async def test_the_job_is_done_before_its_preview_is_deleted_so_a_slow_storage_delays_no_outcome(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, fake_comfyui: FakeComfyUI, storage: FakeStorage
+) -> None:
+    storage.delete_latency = 2.0  # each delete answered 2 s late
+    fake_comfyui.plan = lambda pid, graph: Plan(duration=3.0)
+    fake_comfyui.latent_previews = True
+    output = {"directory": str(tmp_path / "images"), "cloud_sync": "off"}
+    config = make_config(tmp_path, backends=backend(fake_comfyui), storage=STORAGE, output=output)
+    async with running_worker(config, database_url):
+        job_id = await insert_job(db, "previews", owner_user_id=OWNER, steps=STEPS, width=64, height=64)
+        key = f"{OWNER}/{job_id}/preview.jpg"
+        await eventually(_exists(storage, key), within=10, every=0.05)
+        job = await terminal(db, job_id, within=15)
+        still_there_when_done = storage.get(key) is not None
+    assert job["status"] == "done", job["error"]
+    assert still_there_when_done, "done is written first; the delete follows"
+    assert "preview" not in job["progress"], "the done row no longer names the preview"
+    assert storage.get(key) is None, "deleted once the job was done"
+
+
 async def test_keep_previews_leaves_the_last_frame_in_storage(
     db: asyncpg.Pool, database_url: str, tmp_path: Path, fake_comfyui: FakeComfyUI, storage: FakeStorage
 ) -> None:
@@ -147,7 +167,8 @@ async def test_previews_go_up_at_most_once_per_interval_and_the_latest_frame_win
         await eventually(_counted(previews, 2), within=2)  # the answer reaches the sink last
         assert keys == [key, key]
         previews.offer(b"gif?", "image/gif")  # not a preview format: ignored
-        await previews.close()
+        await previews.stop()
+        await previews.discard()
     finally:
         await sink.aclose()
     assert storage.get(key) is None and list(tmp_path.iterdir()) == []
@@ -156,6 +177,13 @@ async def test_previews_go_up_at_most_once_per_interval_and_the_latest_frame_win
 def _stored(storage: FakeStorage, key: str) -> bytes | None:
     blob = storage.get(key)
     return blob.data if blob is not None else None
+
+
+def _exists(storage: FakeStorage, key: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return storage.get(key) is not None
+
+    return check
 
 
 def _counted(previews: Previews, uploads: int) -> Callable[[], Awaitable[bool]]:
@@ -213,7 +241,8 @@ async def test_a_storage_outage_while_deleting_the_preview_does_not_hold_up_the_
         previews.sink = hanging  # Storage stops answering before the job ends
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await previews.close()
+        await previews.stop()
+        await previews.discard()
         assert loop.time() - started < 1.0
     finally:
         await sink.aclose()
