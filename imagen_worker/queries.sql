@@ -459,7 +459,7 @@ FROM imagen.jobs WHERE status = 'pending' AND run_at > now();
 
 -- name: register_worker
 -- At start and with every heartbeat; $7 says whether the worker is draining (a stop signal
--- came), $8 the backends it takes no work for, each with why.
+-- came), $8 the backends it takes no work for, each with why, $9 the version it runs.
 INSERT INTO imagen.workers (id, hostname, pid, backends, default_backend, expires_at, version,
                             draining_since, unavailable)
 VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6), $9,

@@ -522,8 +522,8 @@ def list_backends(config_path: ConfigOption = None) -> None:
 
 @app.command("workers")
 def list_workers(config_path: ConfigOption = None) -> None:
-    """The workers in the registry: live, draining, stopped or lost, their jobs and backends
-    (* = default), and why a backend takes no work. Exits 1 when no worker is live."""
+    """The workers in the registry: live, draining, silent, stopped or lost, their jobs and
+    backends (* = default), and why a backend takes no work. Exits 1 when no worker is live."""
 
     async def go(conn: asyncpg.Connection, _: Config) -> int:
         rows = await Queue(conn).workers()
