@@ -550,7 +550,10 @@ def _age(text: str) -> timedelta:
 @app.command()
 def prune(
     older_than: Annotated[
-        str, typer.Option("--older-than", help="Remove what ended longer ago than this: 30d, 12h, 2w, 90m.")
+        str,
+        typer.Option(
+            "--older-than", metavar="AGE", help="Remove what ended longer ago than this: 30d, 12h, 2w, 90m."
+        ),
     ],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would go; remove nothing.")] = False,
     config_path: ConfigOption = None,
