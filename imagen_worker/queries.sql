@@ -475,10 +475,12 @@ SET backends = EXCLUDED.backends, default_backend = EXCLUDED.default_backend,
 UPDATE imagen.workers SET unavailable = $2 WHERE id = $1;
 
 -- name: fleet_workers
--- imagen workers: every registry entry (live ones first), with the jobs it holds running
--- (running rows are few: at most the fleet's concurrency, plus expired leases not yet taken).
+-- imagen workers: every registry entry (live ones first), with the jobs it holds running and
+-- how many of those wait for Storage to take their images (running rows are few: at most the
+-- fleet's concurrency, plus expired leases not yet taken).
 WITH holding AS (
-    SELECT r.worker_id, count(*)::int AS running
+    SELECT r.worker_id, count(*)::int AS running,
+           count(*) FILTER (WHERE j.progress ->> 'stage' = 'waiting_for_storage')::int AS storage_waits
     FROM imagen.jobs j JOIN imagen.job_runs r ON r.job_id = j.id
     WHERE j.status = 'running'
     GROUP BY r.worker_id
@@ -490,7 +492,7 @@ SELECT w.id, w.hostname, w.pid, w.backends, w.default_backend, w.version, w.unav
        extract(epoch FROM now() - w.heartbeat_at)::float8 AS heartbeat_seconds,
        extract(epoch FROM w.expires_at - w.heartbeat_at)::float8 AS ttl_seconds,
        extract(epoch FROM now() - least(w.expires_at, now()))::float8 AS gone_seconds,
-       coalesce(h.running, 0) AS running
+       coalesce(h.running, 0) AS running, coalesce(h.storage_waits, 0) AS storage_waits
 FROM imagen.workers w LEFT JOIN holding h ON h.worker_id = w.id
 ORDER BY w.expires_at > now() DESC, w.hostname, w.started_at DESC;
 

@@ -6,7 +6,8 @@ fresh; *draining* once a stop signal came (it finishes its jobs and claims nothi
 when it has missed two heartbeats (killed, or cut off from the database) but its entry has not
 expired yet; *stopped* after a clean exit; *lost* when its entry expired without one. The jobs
 a silent or lost worker still holds go back to the queue when their leases expire. Under a
-worker, one line per backend it takes no work for, with the worker's own reason.
+worker, one line per backend it takes no work for, with the worker's own reason, and one for
+its jobs that are rendered and wait for Storage to take their images (Storage down or full).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def backends(row: Mapping[str, Any]) -> str:
 
 def lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """Aligned columns (full worker ids: ``job_runs.worker_id`` and the logs carry them), and
-    an indented line per backend a live worker takes no work for."""
+    indented lines under a worker: each backend it takes no work for, and its jobs that wait
+    for Storage."""
     cells = [
         (str(row["id"]), row["hostname"], str(row["pid"]), row["version"] or "?", state(row),
          str(row["running"]), backends(row))
@@ -70,11 +72,15 @@ def lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     out = [aligned(HEADER)]
     for row, line in zip(rows, cells, strict=True):
         out.append(aligned(line))
+        under = f"{'':{widths[0]}}  "
         if row["live"]:
             out.extend(
-                f"{'':{widths[0]}}  {name} takes no work: {reason}"
+                f"{under}{name} takes no work: {reason}"
                 for name, reason in sorted(row["unavailable"].items())
             )
+        if row["storage_waits"]:
+            jobs = _count(row["storage_waits"], "job")
+            out.append(f"{under}{jobs} rendered, waiting for Storage to take the images")
     return out
 
 
@@ -87,6 +93,8 @@ def summary(rows: Sequence[Mapping[str, Any]]) -> str:
     text = f"{_count(len(live), 'live worker')}, {_count(sum(row['running'] for row in live), 'running job')}"
     if held := sum(1 for row in live if row["unavailable"]):
         text += f"; {held} with a backend that takes no work"
+    if waits := sum(row["storage_waits"] for row in rows):
+        text += f"; {waits} waiting for Storage"
     if lost := [row for row in rows if not row["live"] and not row["stopped"]]:
         jobs = _count(sum(row["running"] for row in lost), "job")
         text += f"; {len(lost)} lost, still holding {jobs}: another worker takes over once the lease expires"

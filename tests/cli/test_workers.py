@@ -2,8 +2,9 @@
 
 Real worker processes against the real database: each shows live with its jobs and backends,
 draining after SIGTERM, silent and then lost after kill -9 (still holding its job until the
-lease expires), and a backend a worker takes no work for (its disk takes no files, its
-ComfyUI does not answer) shows the worker's reason for the operator until the cause is gone.
+lease expires), a backend a worker takes no work for (its disk takes no files, its ComfyUI
+does not answer) shows the worker's reason for the operator until the cause is gone, and jobs
+that wait for Storage are counted under their worker.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from imagen_worker import __version__
 from imagen_worker.config import load_config
 from tests.cli.test_imagen import run_imagen
 from tests.fakes.comfyui import FakeComfyUI
+from tests.fakes.storage import FakeStorage
 from tests.workers import (
     eventually,
     insert_job,
@@ -146,3 +148,26 @@ async def test_a_comfyui_that_stops_answering_is_named_under_its_worker_until_it
     reason = f"gpu takes no work: no ComfyUI instance answers: {fake_comfyui.url}"
     assert down.stdout.splitlines()[2].strip() == reason, "the operator's reason names the instance"
     assert back.stdout.splitlines()[-1] == "1 live worker, 0 running jobs"
+
+
+async def test_jobs_that_wait_for_storage_are_counted_under_their_worker_until_it_takes_them(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, storage: FakeStorage
+) -> None:
+    config_path = write_config(tmp_path, storage={"type": "supabase", "max_retries": 0})
+
+    async def listing_with(text: str, present: bool) -> subprocess.CompletedProcess[str] | None:
+        listing = await run_imagen("workers", dsn=database_url, config=config_path)
+        return listing if (text in listing.stdout) == present else None
+
+    async with running_worker(load_config(config_path), database_url):
+        await storage.go_down()  # connections refused
+        job = await insert_job(db, "rendered while Storage is down")
+        waiting = await eventually(lambda: listing_with("waiting for Storage", True), within=15, every=0.2)
+        await storage.come_back()
+        finished = await terminal(db, job, within=15)
+        after = await listing_with("waiting for Storage", False)
+
+    assert waiting.stdout.splitlines()[2].strip() == "1 job rendered, waiting for Storage to take the images"
+    assert waiting.stdout.splitlines()[-1] == "1 live worker, 1 running job; 1 waiting for Storage"
+    assert finished["status"] == "done" and finished["attempts"] == 1
+    assert after is not None, "nothing waits once Storage took the image"
