@@ -22,6 +22,7 @@ from bench import (
     memory,
     overhead,
     pickup_latency,
+    prune,
     throughput,
     write_stage,
 )
@@ -39,6 +40,7 @@ BENCHMARKS: dict[str, Callable[[], Coroutine[Any, Any, Any]]] = {
     "backlog_scale": lambda: backlog_scale.run((0, 100_000, 1_000_000)),
     "fairness": lambda: fairness.run(rows=1_000_000, owners=10_000),
     "gpu_utilisation": lambda: gpu_utilisation.run(jobs=200, gpu_ms=200, upload_ms=150),
+    "prune": lambda: prune.run(rows=1_000_000),
 }
 
 
