@@ -11,6 +11,12 @@ refusal (a 4xx: wrong key, no such bucket, too large) fails as before.
 
 A job's input image is read the same way: it waits before its render instead of spending its
 attempts.
+
+A Storage that accepts connections and never answers fails an upload only after the sink's
+own timeouts and retries (minutes). Its job would look finished but for its status all that
+time, so an upload (or input read) that has no answer after ``SLOW_AFTER`` seconds already
+says, in its progress, that the job waits for Storage; nothing else changes until it fails or
+lands (a stop still lets it finish, as any upload of a rendered image).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ INPUT_WAITING_MESSAGE = (
     "the job's input image is in storage, which cannot serve it right now; the job goes on once it can"
 )
 INPUT_READ_MESSAGE = "storage is back and the input image is read"
+SLOW_AFTER = 15.0  # seconds without an answer before the job's progress says it waits
 
 
 @dataclass(frozen=True)
@@ -79,9 +86,20 @@ async def _patiently(
     back: str,
     progress: float,  # the job's progress while it waits: its percentage never goes down
 ) -> T:
-    waited = False
+    waited = said_slow = False
+
+    def slow(ctx: JobContext) -> None:
+        nonlocal said_slow
+        if not waited:
+            said_slow = True
+            log.warning("storage has not answered yet; the job waits for it", after_seconds=SLOW_AFTER)
+            ctx.report_progress(progress, 1, stage="waiting_for_storage", message=waiting)
+
     pause = 0.0
     while True:
+        timer = None
+        if patience is not None and not (waited or said_slow):
+            timer = asyncio.get_running_loop().call_later(SLOW_AFTER, slow, patience.ctx)
         try:
             answer = await call()
             break
@@ -92,11 +110,16 @@ async def _patiently(
                 waited = True
                 log.warning("storage does not take the file; the job waits for it", reason=exc.message)
                 patience.waiting()
-                patience.ctx.report_progress(progress, 1, stage="waiting_for_storage", message=waiting)
+                if not said_slow:
+                    patience.ctx.report_progress(progress, 1, stage="waiting_for_storage", message=waiting)
             pause = min(2 * pause, patience.last_pause) if pause else patience.first_pause
             await asyncio.sleep(pause)
-    if waited and patience is not None:
+        finally:
+            if timer is not None:
+                timer.cancel()
+    if (waited or said_slow) and patience is not None:
         log.info("storage takes the file again; the job goes on")
         patience.ctx.report_progress(progress, 1, stage="storage_back", message=back)
-        patience.resumed()
+        if waited:
+            patience.resumed()
     return answer

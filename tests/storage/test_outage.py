@@ -55,6 +55,44 @@ def image(tmp_path: Path) -> Path:
     return path
 
 
+async def test_an_upload_with_no_answer_for_a_while_says_the_job_waits_and_goes_on_when_it_lands(
+    fake_storage: FakeStorage, make_sink: Make, image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(outage, "SLOW_AFTER", 0.2)
+    fake_storage.upload_latency = 1.0  # a Storage that takes its time to answer
+    watched = Watched()
+
+    stored = await outage.put(make_sink(max_retries=0), KEY, image, "image/png", watched.patience())
+
+    assert stored.key == KEY and fake_storage.put_count(KEY) == 1
+    assert [p["stage"] for p in watched.progress] == ["waiting_for_storage", "storage_back"]
+    assert watched.progress[0]["message"] == outage.WAITING_MESSAGE
+    assert watched.hooks == [], "a slow upload is not a wait that a stop may cut short"
+
+
+async def test_a_storage_that_never_answers_says_so_before_the_sink_gives_up_and_then_waits(
+    fake_storage: FakeStorage, make_sink: Make, image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(outage, "SLOW_AFTER", 0.2)
+    fake_storage.upload_latency = 3.0  # past the sink's timeout: no answer at all
+    watched = Watched()
+    upload = asyncio.create_task(
+        outage.put(make_sink(max_retries=0, timeout=1.0), KEY, image, "image/png", watched.patience())
+    )
+    await asyncio.sleep(0.5)
+    told_early = [p["stage"] for p in watched.progress]
+    while "waiting" not in watched.hooks:  # the sink's timeout ran out: the job waits as in an outage
+        await asyncio.sleep(0.01)
+    fake_storage.upload_latency = 0.0
+
+    stored = await asyncio.wait_for(upload, 10)
+
+    assert told_early == ["waiting_for_storage"], "said within SLOW_AFTER, not after the sink's timeout"
+    assert stored.key == KEY
+    assert [p["stage"] for p in watched.progress] == ["waiting_for_storage", "storage_back"], "said once"
+    assert watched.hooks == ["waiting", "resumed"]
+
+
 async def test_an_upload_during_an_outage_waits_says_why_and_goes_ahead_once_storage_answers(
     fake_storage: FakeStorage, make_sink: Make, image: Path
 ) -> None:
