@@ -43,7 +43,8 @@ async def test_each_worker_shows_live_draining_silent_then_lost_with_its_jobs_an
     config = write_config(
         tmp_path,
         backends={"mock": {"type": "mock", "latency_ms": 60_000}, "spare": {"type": "mock"}},
-        worker={"lease_seconds": 3, "concurrency": 1, "shutdown_grace": 30},
+        # Heartbeats every 2 s: silent from 4 s without one, lost at 12 s (2 x lease_seconds).
+        worker={"lease_seconds": 6, "concurrency": 1, "shutdown_grace": 30},
         default_backend="mock",
     )
     with worker_processes(database_url, config, 2, tmp_path) as procs:
@@ -69,8 +70,8 @@ async def test_each_worker_shows_live_draining_silent_then_lost_with_its_jobs_an
             return listing if text in line_of(listing, pid) else None
 
         drained = await eventually(lambda: listing_says(draining.pid, "draining"), within=10, every=0.2)
-        silent = await eventually(lambda: listing_says(killed.pid, "silent"), within=10, every=0.2)
-        lost = await eventually(lambda: listing_says(killed.pid, "lost"), within=15, every=0.2)
+        silent = await eventually(lambda: listing_says(killed.pid, "silent"), within=15, every=0.2)
+        lost = await eventually(lambda: listing_says(killed.pid, "lost"), within=20, every=0.2)
 
     assert live.returncode == 0, live.stderr
     header, *_, summary = live.stdout.splitlines()
