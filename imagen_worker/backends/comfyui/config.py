@@ -37,6 +37,11 @@ def _no_bool(value: Any) -> Any:
 
 def _url(value: str) -> str:
     parts = urlsplit(value)
+    if "@" in parts.netloc:  # said without the URL: it holds a password
+        raise ValueError(
+            "a ComfyUI URL must not hold credentials (user:password@); name an environment "
+            "variable under headers instead, e.g. headers: {Authorization: COMFY_PROXY_AUTH}"
+        )
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
         raise ValueError(f"{value!r} is not an http(s) URL like http://127.0.0.1:8188")
     return value.rstrip("/")

@@ -49,6 +49,10 @@ def test_the_registry_builds_the_adapter_with_documented_defaults() -> None:
         ),
         ({"urls": ["http://a:1"]}, 'backend "gpu": set exactly one of base_url'),
         ({"base_url": "127.0.0.1:8188"}, "'127.0.0.1:8188' is not an http(s) URL like http://127.0.0.1:8188"),
+        (
+            {"base_url": "http://comfy:s3cret@gpu:8188"},
+            "a ComfyUI URL must not hold credentials (user:password@); name an environment variable",
+        ),
         ({"base_url": None, "urls": []}, "urls must be a non-empty list of http(s) URLs"),
         ({"base_url": None, "urls": ["http://a:1", "http://a:1/"]}, "urls lists the same instance twice"),
         (
