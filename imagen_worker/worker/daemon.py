@@ -151,7 +151,10 @@ class Worker:
         output = self.config.output
         disk = OutputDisk(output.directory, output.min_free_mb * MIB)
         await disk.check()  # a worker started on a full disk claims nothing from the first wake-up
-        self.fleet = Fleet(self.queue, self.backends, self.default_backend, self.settings, self._emit, disk)
+        self.fleet = Fleet(
+            self.queue, self.backends, self.default_backend, self.settings, self._emit, disk,
+            storage_held=self._held_by_storage,
+        )  # fmt: skip
         self.runner = JobRunner(self.queue, self.pipeline, self.settings, output.directory, self._emit, disk)
         await webhooks.configure(self.pool, self.config.webhooks)
         if self.config.webhooks is not None:
@@ -348,6 +351,14 @@ class Worker:
         )
         return max(0, min(self.backends[backend].capacity - busy, total_free))
 
+    def _held_by_storage(self, backend: str) -> int:
+        """How many jobs take every slot ``backend`` has here while they wait for Storage to
+        take their images; 0 while a slot is free or a job in one still works."""
+        working = [running for running in self.running.values() if not running.settled]
+        if not working or self._free_slots(backend) > 0:
+            return 0
+        return len(working) if all(running.waiting_for_storage for running in working) else 0
+
     async def _poll_timeout(self) -> float:
         until_next = await self.queue.seconds_until_next_run()
         if until_next is None:
@@ -477,6 +488,8 @@ class Worker:
     def _emit(self, event: Event, **data: Any) -> None:
         if event in BACK_TO_PENDING:
             self._rows_changed()
+        elif event is Event.STORAGE_WAITING:
+            self.wake.set()  # its last free slot may be gone to Storage: say so on the rows
         for hook in self.hooks:
             try:
                 hook(event, data)

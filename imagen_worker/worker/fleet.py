@@ -7,7 +7,8 @@ Both end up in words on the waiting jobs' rows (``jobs.progress``), so the web U
     {"state": "waiting", "reason": "no_worker", "backend": "slow",
      "message": "no worker serves backend 'slow' yet"}
     {"state": "waiting", "reason": "backend_unavailable", "backend": "gpu",
-     "message": "<the adapter's unavailable_reason, or why the output disk takes no files>"}
+     "message": "<the adapter's unavailable_reason, why the output disk takes no files, or
+                  that Storage takes no images while every slot holds one for it>"}
 
 The claim clears the row's progress; a backend that becomes available again clears its own
 reason at once. Writes are bounded per call and skip rows that already say the same. The
@@ -18,7 +19,7 @@ moment it changes.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import structlog
 
@@ -33,6 +34,9 @@ log = structlog.get_logger("imagen.worker")
 
 NO_WORKER = "no_worker"
 UNAVAILABLE = "backend_unavailable"
+# What pending rows say while every slot this worker has for their backend holds a rendered
+# image that Storage does not take (down, or full): another claim would only add one more.
+STORAGE_HELD = "storage cannot take images right now; the job starts once it can"
 
 
 def waiting(reason: str, backend: str, message: str) -> dict[str, str]:
@@ -49,9 +53,12 @@ class Fleet:
         settings: WorkerConfig,
         emit: Emit,
         disk: OutputDisk,
+        storage_held: Callable[[str], int] = lambda backend: 0,
     ) -> None:
         self.queue = queue
         self.disk = disk
+        # How many jobs hold every slot of a backend while they wait for Storage (0: none do).
+        self.storage_held = storage_held
         self.backends = backends
         self.default_backend = default_backend
         self.settings = settings
@@ -80,15 +87,25 @@ class Fleet:
 
     def unavailable_reason(self, name: str) -> str | None:
         """Why this worker takes no work for ``name`` now, or None: a disk that takes no files
-        (``disk.reason``, kept current by the worker's disk loop) holds every backend."""
-        return self.disk.reason or self.backends[name].unavailable_reason
+        (``disk.reason``, kept current by the worker's disk loop) holds every backend, and
+        Storage holds a backend whose every slot waits for it."""
+        if self.disk.reason:
+            return self.disk.reason
+        if self.storage_held(name):
+            return STORAGE_HELD
+        return self.backends[name].unavailable_reason
 
     def unavailable(self) -> dict[str, str]:
         """The backends this worker takes no work for, each with the operator's reason (the
         registry's, which ``imagen workers`` shows; rows get the public sentence)."""
         disk = self.disk.problem if self.disk.reason else None
+
+        def storage(name: str) -> str | None:
+            held = self.storage_held(name)
+            return f"its {held} slot(s) hold rendered images that Storage does not take yet" if held else None
+
         return {
-            name: disk or self.backends[name].unavailable_detail or reason
+            name: disk or storage(name) or self.backends[name].unavailable_detail or reason
             for name, reason in self.outages.items()
         }
 

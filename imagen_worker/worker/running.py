@@ -78,6 +78,8 @@ class RunningJob:
     # A shutdown that came while the job was rendered and uploading: it stops the job if the
     # upload then has to wait for Storage (``mark_waiting``).
     shutdown_deferred: bool = False
+    # Rendered, and waiting for Storage to take the image (``mark_waiting``) until it does.
+    waiting_for_storage: bool = False
     claim_seconds: float = 0.0  # the claim statement's round trip, the job's first stage
     # Called once the job is settled: it no longer uses its backend, so its slot can take the
     # next job while the outcome is written (group-committed with others).
@@ -101,11 +103,13 @@ class RunningJob:
 
     def mark_rendered(self) -> None:
         self.rendered = True
+        self.waiting_for_storage = False
 
     def mark_waiting(self) -> None:
         """The job waits for Storage, which may take hours: a shutdown may stop it now, and the
         next attempt on this host uploads the image the journal kept (or renders, if none yet)."""
         self.rendered = False
+        self.waiting_for_storage = True
         if self.shutdown_deferred:
             self.stop(StopReason.SHUTDOWN)
 

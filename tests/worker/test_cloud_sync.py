@@ -11,6 +11,7 @@ import asyncpg
 import httpx
 
 from imagen_worker.storage import outage
+from imagen_worker.worker import fleet
 from imagen_worker.worker.running import Event
 from tests.fakes.storage import FakeStorage
 from tests.workers import (
@@ -105,6 +106,34 @@ async def test_a_storage_outage_longer_than_the_attempts_keeps_the_job_and_uploa
     assert storage.put_count(image["storage_path"]) == 1 and storage.put_count(image["thumbnail_path"]) == 1
     assert job["progress"]["stage"] == "storage_back"
     assert events == [Event.CLAIMED, Event.STORAGE_WAITING, Event.DONE], "one wait, counted once"
+
+
+async def test_while_every_slot_waits_for_storage_the_queued_jobs_say_so_and_start_once_it_is_back(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, storage: FakeStorage
+) -> None:
+    config = make_config(tmp_path, storage=STORAGE, worker={"concurrency": 1})
+    events: list[Event] = []
+    async with running_worker(config, database_url) as worker:
+        worker.hooks.append(lambda event, _data: events.append(event))
+        await storage.go_down()  # connections refused
+        first = await insert(db, "rendered, then Storage went away")
+        await eventually(lambda: waiting_for_storage(db, first))
+        second = await insert(db, "queued behind it")
+
+        async def says_why() -> asyncpg.Record | None:
+            row = await job_row(db, second)
+            return row if row["progress"] and row["progress"].get("state") == "waiting" else None
+
+        queued = await eventually(says_why, within=10)
+        await storage.come_back()
+        done = [await terminal(db, job, within=20) for job in (first, second)]
+
+    assert queued["status"] == "pending" and queued["progress"] == {
+        "state": "waiting", "reason": "backend_unavailable", "backend": "mock", "message": fleet.STORAGE_HELD,
+    }  # fmt: skip
+    assert [(row["status"], row["attempts"]) for row in done] == [("done", 1), ("done", 1)]
+    assert done[1]["progress"] is None or done[1]["progress"].get("state") != "waiting"
+    assert events.count(Event.BACKEND_UNAVAILABLE) == 1 and events.count(Event.BACKEND_AVAILABLE) == 1
 
 
 async def test_a_worker_stopped_during_a_storage_outage_hands_the_job_back_and_its_image_is_reused(
