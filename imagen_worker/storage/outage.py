@@ -59,6 +59,9 @@ class Patience:
     resumed: Callable[[], None]
     first_pause: float = 2.0  # seconds between tries, doubling up to last_pause
     last_pause: float = 10.0
+    # Called when Storage answers after a wait, an upload's or an input read's: the job no
+    # longer waits for it (an input read then renders; nothing to resume).
+    answered: Callable[[], None] = lambda: None
 
 
 async def put(
@@ -121,5 +124,6 @@ async def _patiently(
         log.info("storage takes the file again; the job goes on")
         patience.ctx.report_progress(progress, 1, stage="storage_back", message=back)
         if waited:
+            patience.answered()
             patience.resumed()
     return answer

@@ -103,6 +103,9 @@ class RunningJob:
 
     def mark_rendered(self) -> None:
         self.rendered = True
+
+    def storage_answered(self) -> None:
+        """Storage took the upload, or served the input image, after a wait."""
         self.waiting_for_storage = False
 
     def mark_waiting(self) -> None:
@@ -229,7 +232,9 @@ class JobRunner:
                 running.ctx,
                 claim_seconds=running.claim_seconds,
                 rendered=running.mark_rendered,
-                patience=outage.Patience(running.ctx, waiting, running.mark_rendered),
+                patience=outage.Patience(
+                    running.ctx, waiting, running.mark_rendered, answered=running.storage_answered
+                ),
             )
             running.settle()
             await running.ctx.close()

@@ -43,6 +43,7 @@ class Watched:
             self,
             waiting=lambda: self.hooks.append("waiting"),
             resumed=lambda: self.hooks.append("resumed"),
+            answered=lambda: self.hooks.append("answered"),
             first_pause=0.02,
             last_pause=0.05,
         )
@@ -90,7 +91,7 @@ async def test_a_storage_that_never_answers_says_so_before_the_sink_gives_up_and
     assert told_early == ["waiting_for_storage"], "said within SLOW_AFTER, not after the sink's timeout"
     assert stored.key == KEY
     assert [p["stage"] for p in watched.progress] == ["waiting_for_storage", "storage_back"], "said once"
-    assert watched.hooks == ["waiting", "resumed"]
+    assert watched.hooks == ["waiting", "answered", "resumed"]
 
 
 async def test_an_upload_during_an_outage_waits_says_why_and_goes_ahead_once_storage_answers(
@@ -114,7 +115,7 @@ async def test_an_upload_during_an_outage_waits_says_why_and_goes_ahead_once_sto
     assert stored.key == KEY and fake_storage.put_count(KEY) == 1
     blob = fake_storage.get(KEY)
     assert blob is not None and blob.data == image.read_bytes()
-    assert watched.hooks == ["waiting", "resumed"]
+    assert watched.hooks == ["waiting", "answered", "resumed"]
     assert [p["stage"] for p in watched.progress] == ["waiting_for_storage", "storage_back"]
 
 
@@ -127,7 +128,7 @@ async def test_an_upload_storage_cannot_store_while_it_answers_waits_too(
     stored = await outage.put(make_sink(max_retries=0), KEY, image, "image/png", watched.patience())
     assert stored.key == KEY and fake_storage.put_count(KEY) == 1
     assert [(r.method, r.status) for r in fake_storage.requests] == [("PUT", 500)] * 3 + [("PUT", 200)]
-    assert watched.hooks == ["waiting", "resumed"]
+    assert watched.hooks == ["waiting", "answered", "resumed"]
     assert [p["stage"] for p in watched.progress] == ["waiting_for_storage", "storage_back"]
 
 
@@ -165,7 +166,7 @@ async def test_an_input_image_read_during_an_outage_waits_at_0_percent_and_is_re
     fake_storage.recover()
 
     assert await asyncio.wait_for(read, 5) == image.read_bytes()
-    assert watched.hooks == ["waiting"], "nothing was rendered: no upload to let finish"
+    assert watched.hooks == ["waiting", "answered"], "nothing was rendered: no upload to let finish"
     assert [(p["value"], p["stage"], p["message"]) for p in watched.progress] == [
         (0.0, "waiting_for_storage", outage.INPUT_WAITING_MESSAGE),
         (0.0, "storage_back", outage.INPUT_READ_MESSAGE),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ from PIL import Image
 
 from imagen_worker.storage import outage
 from imagen_worker.storage.supabase import SupabaseSink
-from tests.fakes.comfyui import FakeComfyUI
+from imagen_worker.worker import fleet
+from tests.fakes.comfyui import FakeComfyUI, Plan
 from tests.fakes.storage import FakeStorage
 from tests.workers import (
     eventually,
@@ -101,9 +103,12 @@ async def test_a_storage_outage_while_reading_the_input_makes_the_job_wait_not_s
     key = f"{OWNER}/uploads/fox.png"
     await upload(storage, tmp_path, key, png(64, 64))
     storage.fail_next(100_000, status=503)
+    fake_comfyui.plan = lambda pid, graph: Plan(duration=2.0)
     block = {"type": "comfyui", "urls": [fake_comfyui.url], "workflow": "sd15-img2img", **FAST}
-    config = make_config(tmp_path, backends={"gpu": block}, storage={"type": "supabase", "max_retries": 0})
-    async with running_worker(config, database_url):
+    storage_block = {"type": "supabase", "max_retries": 0}
+    # One slot: while the job waits for its input, Storage holds the backend.
+    config = make_config(tmp_path, backends={"gpu": block}, storage=storage_block, worker={"concurrency": 1})
+    async with running_worker(config, database_url) as worker:
         job_id = await insert(db, {"init": key})
         await eventually(lambda: waiting_for_storage(db, job_id))
         await asyncio.sleep(1.0)  # retry_base_seconds 0.05: the attempts would long be spent
@@ -111,11 +116,23 @@ async def test_a_storage_outage_while_reading_the_input_makes_the_job_wait_not_s
         assert row["status"] == "running" and row["attempts"] == 1 and row["error"] is None
         assert row["progress"]["percent"] == 0 and row["progress"]["message"] == outage.INPUT_WAITING_MESSAGE
         assert fake_comfyui.calls("POST", "/prompt") == [], "nothing renders without its input"
+        held_while_waiting = worker.fleet.unavailable_reason("gpu")
 
         storage.recover()
+        await eventually(_posted(fake_comfyui), within=10)
+        held_while_rendering = worker.fleet.unavailable_reason("gpu")
         job = await terminal(db, job_id, within=20)
     assert job["status"] == "done" and job["attempts"] == 1, job["error"]
     assert len(fake_comfyui.calls("POST", "/prompt")) == 1
+    assert held_while_waiting == fleet.STORAGE_HELD
+    assert held_while_rendering is None, "read at last, the input waits for nothing: the slot renders"
+
+
+def _posted(comfy: FakeComfyUI) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return bool(comfy.calls("POST", "/prompt"))
+
+    return check
 
 
 async def test_an_inpaint_job_sends_image_and_mask_and_each_job_keeps_its_own(
