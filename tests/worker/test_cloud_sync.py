@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
 import httpx
 
+from imagen_worker.config import Config
 from imagen_worker.storage import outage
 from imagen_worker.worker import fleet
 from imagen_worker.worker.running import Event
@@ -34,6 +37,18 @@ STORAGE = {"type": "supabase", "max_retries": 0}
 
 async def insert(db: asyncpg.Pool, prompt: str) -> uuid.UUID:
     return await insert_job(db, prompt, owner_user_id=OWNER, width=128, height=128)
+
+
+@asynccontextmanager
+async def storage_refused(
+    config: Config, database_url: str, storage: FakeStorage
+) -> AsyncIterator[list[Event]]:
+    """A running worker whose Storage refuses connections; yields the events it emits."""
+    events: list[Event] = []
+    async with running_worker(config, database_url) as worker:
+        worker.hooks.append(lambda event, _data: events.append(event))
+        await storage.go_down()
+        yield events
 
 
 async def test_a_done_job_has_its_image_in_storage_and_a_signed_url_serves_it(
@@ -85,11 +100,7 @@ async def test_a_storage_whose_disk_is_full_keeps_the_job_waiting_with_its_image
 async def test_a_storage_outage_longer_than_the_attempts_keeps_the_job_and_uploads_once_storage_is_back(
     db: asyncpg.Pool, database_url: str, tmp_path: Path, storage: FakeStorage
 ) -> None:
-    config = make_config(tmp_path, storage=STORAGE)
-    events: list[Event] = []
-    async with running_worker(config, database_url) as worker:
-        worker.hooks.append(lambda event, _data: events.append(event))
-        await storage.go_down()  # connections refused
+    async with storage_refused(make_config(tmp_path, storage=STORAGE), database_url, storage) as events:
         job_id = await insert(db, "a lantern in the snow")
         await eventually(lambda: waiting_for_storage(db, job_id))
         # With retry_base_seconds 0.05 the job's three attempts would long be spent and failed.
@@ -112,10 +123,7 @@ async def test_while_every_slot_waits_for_storage_the_queued_jobs_say_so_and_sta
     db: asyncpg.Pool, database_url: str, tmp_path: Path, storage: FakeStorage
 ) -> None:
     config = make_config(tmp_path, storage=STORAGE, worker={"concurrency": 1})
-    events: list[Event] = []
-    async with running_worker(config, database_url) as worker:
-        worker.hooks.append(lambda event, _data: events.append(event))
-        await storage.go_down()  # connections refused
+    async with storage_refused(config, database_url, storage) as events:
         first = await insert(db, "rendered, then Storage went away")
         await eventually(lambda: waiting_for_storage(db, first))
         second = await insert(db, "queued behind it")
