@@ -91,12 +91,11 @@ async def _patiently(
 ) -> T:
     waited = said_slow = False
 
-    def slow(ctx: JobContext) -> None:
+    def slow(ctx: JobContext) -> None:  # armed only before the first wait, cancelled by its end
         nonlocal said_slow
-        if not waited:
-            said_slow = True
-            log.warning("storage has not answered yet; the job waits for it", after_seconds=SLOW_AFTER)
-            ctx.report_progress(progress, 1, stage="waiting_for_storage", message=waiting)
+        said_slow = True
+        log.warning("storage has not answered yet; the job waits for it", after_seconds=SLOW_AFTER)
+        ctx.report_progress(progress, 1, stage="waiting_for_storage", message=waiting)
 
     pause = 0.0
     while True:

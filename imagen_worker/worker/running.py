@@ -78,7 +78,8 @@ class RunningJob:
     # A shutdown that came while the job was rendered and uploading: it stops the job if the
     # upload then has to wait for Storage (``mark_waiting``).
     shutdown_deferred: bool = False
-    # Rendered, and waiting for Storage to take the image (``mark_waiting``) until it does.
+    # Waiting for Storage, to take the image or to serve an input image (``mark_waiting``),
+    # until it answers (``storage_answered``).
     waiting_for_storage: bool = False
     claim_seconds: float = 0.0  # the claim statement's round trip, the job's first stage
     # Called once the job is settled: it no longer uses its backend, so its slot can take the
