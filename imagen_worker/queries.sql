@@ -458,16 +458,16 @@ SELECT extract(epoch FROM (min(run_at) - now()))::float8
 FROM imagen.jobs WHERE status = 'pending' AND run_at > now();
 
 -- name: register_worker
--- At start and with every heartbeat; $7 says whether the worker is draining (a stop signal
--- came), $8 the backends it takes no work for, each with why, $9 the version it runs.
+-- At start and with every heartbeat; $7 is the version it runs, $8 whether it is draining (a
+-- stop signal came), $9 the backends it takes no work for, each with why.
 INSERT INTO imagen.workers (id, hostname, pid, backends, default_backend, expires_at, version,
                             draining_since, unavailable)
-VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6), $9,
-        CASE WHEN $7 THEN now() END, $8)
+VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6), $7,
+        CASE WHEN $8 THEN now() END, $9)
 ON CONFLICT (id) DO UPDATE
 SET backends = EXCLUDED.backends, default_backend = EXCLUDED.default_backend,
     heartbeat_at = now(), expires_at = EXCLUDED.expires_at, version = EXCLUDED.version,
-    draining_since = CASE WHEN $7 THEN coalesce(imagen.workers.draining_since, now()) END,
+    draining_since = CASE WHEN $8 THEN coalesce(imagen.workers.draining_since, now()) END,
     unavailable = EXCLUDED.unavailable;
 
 -- name: worker_unavailable

@@ -260,7 +260,7 @@ class Queue:
     ) -> None:
         await self.db.execute(
             sql("register_worker"), self._me, hostname, pid, list(backends), default_backend, ttl,
-            draining, dict(unavailable or {}), version,
+            version, draining, dict(unavailable or {}),
         )  # fmt: skip
 
     async def set_unavailable(self, unavailable: Mapping[str, str]) -> None:

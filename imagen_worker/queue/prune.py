@@ -28,7 +28,7 @@ class Pruned:
     deliveries: int = 0
 
     def describe(self) -> str:
-        """``1,234 jobs (done 1,200, failed 30, cancelled 4) and 56 webhook deliveries``."""
+        """``1,234 jobs (cancelled 4, done 1,200, failed 30) and 56 webhook deliveries``."""
         total = sum(self.jobs.values())
         text = f"{total:,} job{'' if total == 1 else 's'}"
         if total:
@@ -43,7 +43,8 @@ async def prune(conn: asyncpg.Connection, before: datetime, *, batch: int = BATC
         pruned.jobs.update({row["status"]: row["n"] for row in rows})
         if sum(row["n"] for row in rows) < batch:
             break
-    while (removed := await conn.fetchval(sql("prune_deliveries"), before, batch)) > 0:
+    while True:
+        removed = await conn.fetchval(sql("prune_deliveries"), before, batch)
         pruned.deliveries += removed
         if removed < batch:
             break
