@@ -62,6 +62,10 @@ class SchemaError(ConfigError):
     """The database schema does not match this release: migrations pending, or one was edited."""
 
 
+class EmbeddedServerError(Exception):
+    """The embedded PostgreSQL did not start; the message says why and where its log is."""
+
+
 class JobError(Exception):
     """A failure that belongs to one job, never to the daemon."""
 

@@ -20,7 +20,7 @@ from typing import Annotated, Any, NoReturn
 import asyncpg
 import typer
 
-from imagen_worker.errors import ConfigError, JobError, SchemaError
+from imagen_worker.errors import ConfigError, EmbeddedServerError, JobError, SchemaError
 
 
 class Code(IntEnum):
@@ -77,6 +77,8 @@ def classify(exc: BaseException) -> tuple[Code, str]:
         return Code.CONFIG, str(exc)
     if isinstance(exc, JobError):
         return Code.FAILED, exc.message
+    if isinstance(exc, EmbeddedServerError):
+        return Code.DATABASE_DOWN, str(exc)
     if isinstance(exc, asyncpg.InvalidCatalogNameError):
         return Code.DATABASE_MISSING, (
             f"database {where}: {exc}; create it (createdb) and run `imagen-worker migrate`"

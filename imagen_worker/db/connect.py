@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,14 +17,15 @@ from typing import Any
 import asyncpg
 
 from imagen_worker.config import Config, DatabaseConfig, data_dir
-from imagen_worker.errors import ConfigError
+from imagen_worker.errors import ConfigError, EmbeddedServerError
 
 
 def embedded_dsn(directory: Path | None = None) -> str:
     """Start (or reuse) the embedded server and return its DSN."""
-    # pgserver narrates every start and stop at INFO, and platformdirs warns about a missing
-    # XDG_RUNTIME_DIR on servers; neither helps the user.
-    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    # pgserver narrates every start and stop at INFO and dumps a failure's command lines and
+    # log at ERROR: a failure becomes one EmbeddedServerError sentence here instead. platformdirs
+    # warns about a missing XDG_RUNTIME_DIR on servers; neither helps the user.
+    logging.getLogger("pgserver").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     try:
         import pgserver
@@ -34,8 +36,34 @@ def embedded_dsn(directory: Path | None = None) -> str:
         ) from None
     path = directory or data_dir() / "pgdata"
     path.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(path, cleanup_mode=None)  # type: ignore[attr-defined]
+    try:
+        server = pgserver.get_server(path, cleanup_mode=None)  # type: ignore[attr-defined]
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise EmbeddedServerError(
+            f"the embedded PostgreSQL in {path} did not start: {_why(path, exc)}; its log is "
+            f"{path / 'log'} (move the directory aside to start with an empty queue, or set "
+            "IMAGEN_DATABASE_URL to use a server of your own)"
+        ) from exc
     return str(server.get_uri())
+
+
+def _why(path: Path, exc: OSError | subprocess.SubprocessError) -> str:
+    """The reason in the server's own words: the last line of its log when pg_ctl gave up."""
+    if isinstance(exc, OSError):
+        if exc.filename == "useradd":  # run as root, pgserver creates a user to run PostgreSQL
+            return "useradd was not found (as root, PostgreSQL runs as a user pgserver creates: put /usr/sbin on PATH)"
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+    command = Path(str(exc.cmd[0] if isinstance(exc.cmd, list | tuple) else exc.cmd)).name
+    log = path / "log"
+    if command == "pg_ctl" and log.is_file():
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+        if last := next((line.strip() for line in reversed(lines) if line.strip()), None):
+            return last
+    if isinstance(exc, subprocess.TimeoutExpired):
+        return f"{command} did not finish within {exc.timeout:g} s"
+    if isinstance(exc, subprocess.CalledProcessError):
+        return f"{command} exited with status {exc.returncode}"
+    return str(exc)
 
 
 def resolve_dsn(config: Config) -> str:

@@ -50,6 +50,22 @@ def test_db_status_and_stop_follow_the_embedded_server(tmp_path: Path) -> None:
     assert imagen("db", "stop", data_home=tmp_path).stdout == "the embedded server was not running\n"
 
 
+def test_an_embedded_server_that_cannot_start_is_one_sentence_with_its_reason_and_log(tmp_path: Path) -> None:
+    pgdata = tmp_path / "imagen" / "pgdata"
+    pgdata.mkdir(parents=True)
+    (pgdata / "PG_VERSION").write_text("99\n")  # a damaged data directory: no configuration file
+
+    for command in (["list"], ["submit", "a cat"]):
+        failed = imagen(*command, data_home=tmp_path)
+
+        assert failed.returncode == 69, failed.stderr
+        assert failed.stdout == ""
+        assert failed.stderr.count("\n") == 1, failed.stderr
+        assert failed.stderr.startswith(f"imagen: the embedded PostgreSQL in {pgdata} did not start: postgres: ")
+        assert "postgresql.conf" in failed.stderr and f"its log is {pgdata / 'log'}" in failed.stderr
+        assert "IMAGEN_DATABASE_URL" in failed.stderr
+
+
 def test_the_demo_never_touches_the_users_queue(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     user_data = tmp_path / "user-data"
 
