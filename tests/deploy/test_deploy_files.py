@@ -25,6 +25,7 @@ UNIT = DEPLOY / "imagen-worker.service"
 USER_UNIT = DEPLOY / "imagen-worker.user.service"
 PRUNE_UNIT = DEPLOY / "imagen-prune.service"
 PRUNE_TIMER = DEPLOY / "imagen-prune.timer"
+USER_PRUNE_UNIT = DEPLOY / "imagen-prune.user.service"
 ENV_EXAMPLE = DEPLOY / "imagen-worker.env.example"
 DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE = ROOT / "compose.yaml"
@@ -78,13 +79,14 @@ def _verify(
     unit: Path, tmp_path: Path, *args: str, env: dict[str, str] | None = None, with_units: Sequence[Path] = ()
 ) -> None:
     """``systemd-analyze verify`` with ExecStart pointed at an executable that exists here;
-    ``with_units`` are verified beside it (a timer and its service)."""
+    ``with_units`` are verified beside it (a timer and its service). Each is copied under the
+    name it is installed as (``x.user.service`` as ``x.service``)."""
     fake = tmp_path / "imagen-worker"
     fake.write_text("#!/bin/sh\nexit 0\n")
     fake.chmod(0o755)
     copies = []
     for source in (unit, *with_units):
-        copy = tmp_path / "units" / source.name
+        copy = tmp_path / "units" / source.name.replace(".user.", ".")
         copy.parent.mkdir(exist_ok=True)
         copy.write_text(re.sub(r"^ExecStart=\S+", f"ExecStart={fake}", source.read_text(), flags=re.M))
         copies.append(str(copy))
@@ -129,6 +131,18 @@ def test_user_unit_verifies(tmp_path: Path) -> None:
     d = _directives(USER_UNIT)
     assert d["Type"] == ["notify"] and d["WatchdogSec"] == ["30"]
     assert _seconds(d["TimeoutStopSec"][-1]) > WorkerConfig().shutdown_grace
+
+
+@systemd_analyze
+def test_user_prune_service_verifies_with_the_same_timer(tmp_path: Path) -> None:
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    _verify(PRUNE_TIMER, tmp_path, "--user", env={"XDG_RUNTIME_DIR": str(runtime)}, with_units=[USER_PRUNE_UNIT])
+    d = _directives(USER_PRUNE_UNIT)
+    assert d["Type"] == ["oneshot"]
+    assert d["ExecStart"] == ["%h/.local/bin/imagen prune --older-than 90d"]
+    assert d["EnvironmentFile"] == _directives(USER_UNIT)["EnvironmentFile"]
+    assert "User" not in d
 
 
 def _env_assignments(text: str) -> dict[str, str]:
