@@ -368,7 +368,7 @@ class Worker:
     def _start_job(self, job: Job, backend: str, claimed_at: float) -> None:
         previews = Previews(
             self.pipeline.sink, self.config.output.directory, job.owner_user_id, job.id,
-            keep=self.config.output.keep_previews,
+            keep=self.config.output.keep_previews, ran_before=job.ran_before,
         )  # fmt: skip
         running = RunningJob(
             job, backend, WorkerJobContext(self.queue, job, previews=previews), on_settled=self._slot_freed

@@ -5,8 +5,9 @@ newest one is kept and uploaded once the last upload is a second old, to
 ``<owner>/<job id>/preview.jpg`` (``.png`` for PNG frames), through the job's own storage sink.
 The frame is written under the output directory first because sinks upload files. When the
 job ends its last progress stops naming the preview, its outcome is recorded, and then the
-preview is deleted, unless ``output.keep_previews`` is set. Previews are best effort: a failed
-upload or delete is logged and the job goes on.
+preview is deleted, unless ``output.keep_previews`` is set. A job that ran before deletes
+whatever preview an earlier attempt left too (a worker killed mid-render never deleted its
+own). Previews are best effort: a failed upload or delete is logged and the job goes on.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Previews:
         job_id: UUID,
         *,
         keep: bool = False,
+        ran_before: bool = False,
         min_interval: float = 1.0,
         on_stored: Callable[[str], None] = lambda key: None,
     ) -> None:
@@ -48,7 +50,10 @@ class Previews:
         self.keep = keep
         self.min_interval = min_interval
         self.on_stored = on_stored  # told the key after each upload (it goes into jobs.progress)
-        self.stored: set[str] = set()
+        # What discard() deletes: this attempt's uploads, and an earlier attempt's any format.
+        self.stored: set[str] = (
+            {preview_key(owner, job_id, mime_type) for mime_type in PREVIEW_EXTENSIONS} if ran_before else set()
+        )
         self.uploads = 0
         self._latest: tuple[bytes, str] | None = None
         self._last_upload = -float("inf")
@@ -95,14 +100,15 @@ class Previews:
 
     async def discard(self) -> None:
         """Delete what was uploaded, unless previews are kept. Called once the job's outcome is
-        recorded, so a slow Storage delays nobody's ``done``; each delete is bounded."""
+        recorded, so a slow Storage delays nobody's ``done``; the deletes are bounded together."""
         if self.keep:
             return
+        # Bounded: a Storage outage must not hold up the end of the job's task (a drain waits on it).
+        deadline = asyncio.get_running_loop().time() + DELETE_WITHIN
         for key in sorted(self.stored):
             await asyncio.to_thread(_remove, self.directory / key)
             try:
-                # Bounded: a Storage outage must not hold up the job's final transition.
-                async with asyncio.timeout(DELETE_WITHIN):
+                async with asyncio.timeout_at(deadline):
                     await self.sink.delete(key)
             except Exception as exc:
                 log.warning("preview delete failed", key=key, error=str(exc) or type(exc).__name__)

@@ -249,3 +249,29 @@ async def test_a_storage_outage_while_deleting_the_preview_does_not_hold_up_the_
         await hanging.aclose()
         silent.close()
     assert storage.get(key) is not None, "left behind, and logged"
+
+
+async def test_a_job_that_ran_before_deletes_the_previews_an_earlier_attempt_left(
+    tmp_path: Path, storage: FakeStorage
+) -> None:
+    sink = SupabaseSink.from_config(STORAGE, output_directory=tmp_path)
+    job_id = uuid.uuid4()
+    left = {f"{OWNER}/{job_id}/preview.jpg": b"jpeg frame", f"{OWNER}/{job_id}/preview.png": b"png frame"}
+    other = f"{OWNER}/{uuid.uuid4()}/preview.jpg"
+    try:
+        for key, data in {**left, other: b"another job's frame"}.items():  # attempts killed mid-render
+            frame = tmp_path / "frame"
+            frame.write_bytes(data)
+            await sink.put(key, frame, "image/png" if key.endswith(".png") else "image/jpeg")
+        first = Previews(sink, tmp_path, OWNER, job_id)
+        await first.stop()
+        await first.discard()
+        assert all(storage.get(key) is not None for key in left), "a first attempt has nothing to sweep"
+
+        retry = Previews(sink, tmp_path, OWNER, job_id, ran_before=True)
+        await retry.stop()  # this attempt uploaded no preview of its own
+        await retry.discard()
+    finally:
+        await sink.aclose()
+    assert all(storage.get(key) is None for key in left)
+    assert storage.get(other) is not None
