@@ -51,8 +51,13 @@ def _why(path: Path, exc: OSError | subprocess.SubprocessError) -> str:
     """The reason in the server's own words: the last line of its log when pg_ctl gave up."""
     if isinstance(exc, OSError):
         if exc.filename == "useradd":  # run as root, pgserver creates a user to run PostgreSQL
-            return "useradd was not found (as root, PostgreSQL runs as a user pgserver creates: put /usr/sbin on PATH)"
+            return (
+                "useradd was not found (as root, PostgreSQL runs as a user that pgserver creates: "
+                "put /usr/sbin on PATH)"
+            )
         return f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+    if not isinstance(exc, subprocess.CalledProcessError | subprocess.TimeoutExpired):
+        return str(exc)
     command = Path(str(exc.cmd[0] if isinstance(exc.cmd, list | tuple) else exc.cmd)).name
     log = path / "log"
     if command == "pg_ctl" and log.is_file():
@@ -61,9 +66,7 @@ def _why(path: Path, exc: OSError | subprocess.SubprocessError) -> str:
             return last
     if isinstance(exc, subprocess.TimeoutExpired):
         return f"{command} did not finish within {exc.timeout:g} s"
-    if isinstance(exc, subprocess.CalledProcessError):
-        return f"{command} exited with status {exc.returncode}"
-    return str(exc)
+    return f"{command} exited with status {exc.returncode}"
 
 
 def resolve_dsn(config: Config) -> str:

@@ -51,9 +51,8 @@ class Previews:
         self.min_interval = min_interval
         self.on_stored = on_stored  # told the key after each upload (it goes into jobs.progress)
         # What discard() deletes: this attempt's uploads, and an earlier attempt's any format.
-        self.stored: set[str] = (
-            {preview_key(owner, job_id, mime_type) for mime_type in PREVIEW_EXTENSIONS} if ran_before else set()
-        )
+        earlier = PREVIEW_EXTENSIONS if ran_before else {}
+        self.stored: set[str] = {preview_key(owner, job_id, mime_type) for mime_type in earlier}
         self.uploads = 0
         self._latest: tuple[bytes, str] | None = None
         self._last_upload = -float("inf")

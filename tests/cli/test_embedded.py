@@ -61,7 +61,8 @@ def test_an_embedded_server_that_cannot_start_is_one_sentence_with_its_reason_an
         assert failed.returncode == 69, failed.stderr
         assert failed.stdout == ""
         assert failed.stderr.count("\n") == 1, failed.stderr
-        assert failed.stderr.startswith(f"imagen: the embedded PostgreSQL in {pgdata} did not start: postgres: ")
+        said = f"imagen: the embedded PostgreSQL in {pgdata} did not start: postgres: "
+        assert failed.stderr.startswith(said), failed.stderr
         assert "postgresql.conf" in failed.stderr and f"its log is {pgdata / 'log'}" in failed.stderr
         assert "IMAGEN_DATABASE_URL" in failed.stderr
 

@@ -137,7 +137,8 @@ def test_user_unit_verifies(tmp_path: Path) -> None:
 def test_user_prune_service_verifies_with_the_same_timer(tmp_path: Path) -> None:
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700)
-    _verify(PRUNE_TIMER, tmp_path, "--user", env={"XDG_RUNTIME_DIR": str(runtime)}, with_units=[USER_PRUNE_UNIT])
+    env = {"XDG_RUNTIME_DIR": str(runtime)}
+    _verify(PRUNE_TIMER, tmp_path, "--user", env=env, with_units=[USER_PRUNE_UNIT])
     d = _directives(USER_PRUNE_UNIT)
     assert d["Type"] == ["oneshot"]
     assert d["ExecStart"] == ["%h/.local/bin/imagen prune --older-than 90d"]
