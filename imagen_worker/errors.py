@@ -66,6 +66,16 @@ class EmbeddedServerError(Exception):
     """The embedded PostgreSQL did not start; the message says why and where its log is."""
 
 
+class UnreadableJson(str):
+    """A JSON column's value that PostgreSQL holds and Python cannot: a number past Python's
+    4,300-digit limit for integers, or nesting past its recursion limit.
+
+    The connection's decoder returns this, the reason as its text, instead of raising: a raise
+    would come after the claim's commit and lose every row the claim took. A ``str``, so it
+    prints and serialises anywhere; the pipeline fails the job that holds it.
+    """
+
+
 class JobError(Exception):
     """A failure that belongs to one job, never to the daemon."""
 

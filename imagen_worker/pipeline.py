@@ -28,7 +28,7 @@ from uuid import UUID
 from imagen_worker import inputs, output, styles
 from imagen_worker.backends.base import Backend, GenerateRequest, GenerateResult, JobContext, Output
 from imagen_worker.config import OutputConfig
-from imagen_worker.errors import JobError, OutputUnwritable, TerminalError
+from imagen_worker.errors import JobError, OutputUnwritable, TerminalError, UnreadableJson
 from imagen_worker.queue.jobs import ImageRecord, JobSpec
 from imagen_worker.storage import keys, outage
 from imagen_worker.storage.base import StorageSink
@@ -301,6 +301,9 @@ class Pipeline:
     async def _generate(
         self, job_id: UUID, spec: JobSpec, ctx: JobContext, patience: outage.Patience | None
     ) -> Artifact:
+        for name, value in (("params", spec.params), ("workflow", spec.workflow)):
+            if isinstance(value, UnreadableJson):
+                raise TerminalError(f"{name} cannot be read: {value}")
         backend = self.resolve(spec.backend)
         prompt, negative = styles.apply(spec.style, spec.prompt, spec.negative_prompt)
         seed = spec.seed if spec.seed is not None else derived_seed(job_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import asyncpg
 
 from imagen_worker.config import Config, DatabaseConfig, data_dir
-from imagen_worker.errors import ConfigError, EmbeddedServerError
+from imagen_worker.errors import ConfigError, EmbeddedServerError, UnreadableJson
 
 
 def embedded_dsn(directory: Path | None = None) -> str:
@@ -73,9 +74,19 @@ def resolve_dsn(config: Config) -> str:
     return config.database_url() or embedded_dsn()
 
 
+def _loads(text: str) -> Any:
+    """``json.loads``, or ``UnreadableJson`` for what the database took and Python cannot hold."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        return UnreadableJson("arrays or objects are nested too deeply")
+    except ValueError:  # the text is valid JSON (PostgreSQL checked it): an integer too long
+        return UnreadableJson(f"a number has more than {sys.get_int_max_str_digits()} digits")
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for kind in ("json", "jsonb"):
-        await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+        await conn.set_type_codec(kind, encoder=json.dumps, decoder=_loads, schema="pg_catalog")
 
 
 async def _reset_transaction_only(conn: asyncpg.Connection) -> None:

@@ -23,6 +23,14 @@ async def insert(pool: asyncpg.Pool, table: str, row: dict[str, Any]) -> asyncpg
     return record
 
 
+def nested(levels: int) -> Any:
+    """A JSON value ``levels`` deep: lists around a number."""
+    value: Any = 1
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
 def job(**overrides: Any) -> dict[str, Any]:
     return {"owner_user_id": OWNER, "prompt": "a lighthouse at dusk", **overrides}
 
@@ -59,6 +67,9 @@ BAD_JOBS = [
     pytest.param({"params": []}, "jobs_params_object", id="params []"),
     pytest.param({"params": "x"}, "jobs_params_object", id='params "x"'),
     pytest.param({"params": {"blob": "x" * 70_000}}, "jobs_params_size", id="params over 64 kB"),
+    pytest.param({"params": {"a": nested(32)}}, "jobs_params_plain", id="params 33 levels deep"),
+    pytest.param({"params": {"a": [1, {"b": 1e300}]}}, "jobs_params_plain", id="a number of 1e300 in params"),
+    pytest.param({"params": {"a": -(10**64)}}, "jobs_params_plain", id="a number of -1e64 in params"),
     pytest.param({"status": "hacked"}, "jobs_status_valid", id="status hacked"),
     pytest.param({"status": "running"}, "jobs_running_has_lease", id="running without a lease"),
     pytest.param({"status": "done"}, "jobs_done_has_image", id="done without an image"),
@@ -123,6 +134,7 @@ async def test_a_job_at_every_upper_bound_is_accepted(db: asyncpg.Pool) -> None:
             priority=100,
             max_attempts=50,
             dedupe_key="k" * 200,
+            params={"a": nested(31), "b": 10**64 - 1, "c": -(10**64 - 1), "d": 0.5**1000},
         ),
     )
 
