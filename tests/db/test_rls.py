@@ -128,6 +128,38 @@ async def test_a_user_can_insert_their_own_job_and_it_starts_pending(db: asyncpg
     assert (await status_of(db, row["id"]))["status"] == "pending"
 
 
+async def test_a_user_may_name_only_the_backends_the_operator_opened(db: asyncpg.Pool) -> None:
+    await db.execute("UPDATE imagen.settings SET web_backends = '{sd15, flux}'")
+    try:
+        for backend in ("sd15", "flux", None):  # None: the workers' default, always open
+            async with request_as(db, "authenticated", ALICE) as conn:
+                await conn.execute(
+                    "INSERT INTO imagen.jobs (owner_user_id, prompt, backend) VALUES ($1, 'p', $2)",
+                    ALICE,
+                    backend,
+                )
+        refusals = []
+        for backend in ("staff-only-sdxl", "no-such-backend"):  # one the operator runs, one it does not
+            with pytest.raises(asyncpg.CheckViolationError) as caught:
+                async with request_as(db, "authenticated", ALICE) as conn:
+                    await conn.execute(
+                        "INSERT INTO imagen.jobs (owner_user_id, prompt, backend) VALUES ($1, 'p', $2)",
+                        ALICE,
+                        backend,
+                    )
+            refusals.append((caught.value.args[0].replace(backend, "<name>"), caught.value.hint))
+        await add_job(db, ALICE, backend="staff-only-sdxl")  # the operator is not limited
+    finally:
+        await db.execute("UPDATE imagen.settings SET web_backends = NULL")
+
+    assert refusals[0] == refusals[1], "a backend the operator runs is refused like one it does not"
+    assert refusals[0] == (
+        'backend "<name>" is not available',
+        "leave backend empty for the default, or name one the operator opened to web users",
+    )
+    assert await db.fetchval("SELECT count(*) FROM imagen.jobs") == 4
+
+
 WORKER_OWNED_ON_INSERT = [
     pytest.param("status", "running", id="status"),
     pytest.param("attempts", 5, id="attempts"),

@@ -156,6 +156,49 @@ async def test_concurrent_inserts_cannot_both_take_the_last_slot(
     assert await db.fetchval("SELECT count(*) FROM imagen.jobs") == 3
 
 
+async def test_the_live_job_limit_says_nothing_about_another_owner(
+    db: asyncpg.Pool, limit_live_jobs: None
+) -> None:
+    await enqueue(db, B, 3)  # B is at the limit
+    for owner in (B, C):  # A names B (at the limit) and C (below it): the same refusal
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
+            async with request_as(db, "authenticated", A) as conn:
+                await conn.execute("INSERT INTO imagen.jobs (owner_user_id, prompt) VALUES ($1, 'p')", owner)
+
+
+@pytest.fixture
+async def limit_jobs_per_hour(db: asyncpg.Pool) -> AsyncIterator[None]:
+    await db.execute("UPDATE imagen.settings SET max_jobs_per_owner_per_hour = 3")
+    yield
+    await db.execute("UPDATE imagen.settings SET max_jobs_per_owner_per_hour = NULL")
+
+
+async def test_cancelled_jobs_count_against_the_hourly_limit(
+    db: asyncpg.Pool, limit_jobs_per_hour: None
+) -> None:
+    async with request_as(db, "authenticated", A) as conn:
+        for _ in range(3):  # insert and cancel at once: never more than one live job
+            job_id = await conn.fetchval(
+                "INSERT INTO imagen.jobs (owner_user_id, prompt) VALUES ($1, 'p') RETURNING id", A
+            )
+            await conn.execute("UPDATE imagen.jobs SET cancel_requested = true WHERE id = $1", job_id)
+    with pytest.raises(asyncpg.CheckViolationError) as caught:
+        async with request_as(db, "authenticated", A) as conn:
+            await conn.execute("INSERT INTO imagen.jobs (owner_user_id, prompt) VALUES ($1, 'p')", A)
+
+    assert caught.value.args[0] == "too many jobs: you submitted 3 in the last hour, the limit is 3"
+    assert caught.value.hint == "submit again later"
+    async with request_as(db, "authenticated", B) as conn:
+        await conn.execute("INSERT INTO imagen.jobs (owner_user_id, prompt) VALUES ($1, 'p')", B)
+    await db.execute(
+        "UPDATE imagen.jobs SET created_at = now() - interval '61 minutes' WHERE owner_user_id = $1", A
+    )
+    async with request_as(db, "authenticated", A) as conn:
+        await conn.execute("INSERT INTO imagen.jobs (owner_user_id, prompt) VALUES ($1, 'p')", A)
+    await enqueue(db, A, 5)  # the operator is not limited
+    assert await db.fetchval("SELECT count(*) FROM imagen.jobs WHERE owner_user_id = $1", A) == 9
+
+
 async def test_the_operator_is_not_limited(db: asyncpg.Pool, limit_live_jobs: None) -> None:
     await enqueue(db, A, 5)
     assert await db.fetchval("SELECT count(*) FROM imagen.jobs") == 5
