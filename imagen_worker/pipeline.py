@@ -237,10 +237,10 @@ class Pipeline:
     def resolve(self, name: str | None) -> Backend:
         backend = self.backends.get(name or self.default_backend)
         if backend is None:
-            served = ", ".join(sorted(self.backends)) or "none"
+            # What this worker serves is the operator's to know, not the job's owner's.
             raise TerminalError(
-                f"unknown backend {name!r}: no worker serves it (this worker serves: {served})",
-                detail={"backend": name},
+                f"unknown backend {name!r}: no worker serves it",
+                detail={"backend": name, "served": sorted(self.backends)},
             )
         return backend
 

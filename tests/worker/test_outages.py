@@ -131,7 +131,8 @@ async def test_after_orphan_after_a_job_nobody_serves_fails_in_words(
         job_id = await insert_job(db, "for a typo", backend="mokc")
         row = await terminal(db, job_id, within=10)
     assert row["status"] == "failed"
-    assert row["error"].startswith("unknown backend 'mokc': no worker serves it")
+    assert row["error"] == "unknown backend 'mokc': no worker serves it", "no word of what is served"
+    assert row["error_detail"]["served"] == ["mock"], "the operator's record says"
     assert (row["finished_at"] - row["created_at"]).total_seconds() >= 1
 
 
