@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -293,7 +294,14 @@ class Config(BaseSettings):
 
     def database_url(self) -> str | None:
         """``IMAGEN_DATABASE_URL`` > ``database.url`` > ``DATABASE_URL``; None means embedded."""
-        return self.database.url or os.environ.get("DATABASE_URL") or None
+        url = self.database.url or os.environ.get("DATABASE_URL") or None
+        if url is not None and urlsplit(url).scheme not in ("postgresql", "postgres"):
+            where = "database.url (IMAGEN_DATABASE_URL)" if self.database.url else "DATABASE_URL"
+            # Not echoed: a URL may hold a password.
+            raise ConfigError(
+                f"{where} is not a PostgreSQL URL: write it as postgresql://USER@HOST:5432/DBNAME"
+            )
+        return url
 
 
 def resolve_path(path: str | Path | None) -> Path:
