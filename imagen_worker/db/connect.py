@@ -33,7 +33,9 @@ def embedded_dsn(directory: Path | None = None) -> str:
     except ImportError:
         raise ConfigError(
             "no database configured and the embedded server is not installed: set "
-            "IMAGEN_DATABASE_URL, or install the extra: pip install 'imagen-worker[embedded]'"
+            "IMAGEN_DATABASE_URL, or install imagen-worker again with its embedded extra "
+            "(pip install 'dist/imagen_worker-<version>-py3-none-any.whl[embedded]', or '.[embedded]' "
+            "in a checkout)"
         ) from None
     path = directory or data_dir() / "pgdata"
     path.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from imagen_worker.db.connect import embedded_dsn
+from imagen_worker.errors import ConfigError
 from tests.workers import BIN
 
 
@@ -65,6 +67,17 @@ def test_an_embedded_server_that_cannot_start_is_one_sentence_with_its_reason_an
         assert failed.stderr.startswith(said), failed.stderr
         assert "postgresql.conf" in failed.stderr and f"its log is {pgdata / 'log'}" in failed.stderr
         assert "IMAGEN_DATABASE_URL" in failed.stderr
+
+
+def test_without_the_embedded_extra_the_error_says_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "pgserver", None)  # as if the extra were not installed
+    with pytest.raises(ConfigError) as refused:
+        embedded_dsn(tmp_path / "pgdata")
+    assert "set IMAGEN_DATABASE_URL" in str(refused.value)
+    assert "pip install 'dist/imagen_worker-<version>-py3-none-any.whl[embedded]'" in str(refused.value)
+    assert not (tmp_path / "pgdata").exists()
 
 
 def test_the_demo_never_touches_the_users_queue(tmp_path: Path, request: pytest.FixtureRequest) -> None:
