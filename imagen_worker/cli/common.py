@@ -37,6 +37,7 @@ ConfigOption = Annotated[
 SIDE = (64, 4096)
 STEPS = (1, 200)
 PRIORITY = (-100, 100)
+SEED = (0, 2**53 - 1)  # the largest integer a JSON client (a web page) reads exactly
 PROMPT_MAX = 8000
 STATUSES = ("pending", "running", "done", "failed", "cancelled")
 

@@ -45,6 +45,10 @@ class InputError(ConfigError):
     """A flag or argument the command refuses before it reaches the database."""
 
 
+class NothingThere(Exception):
+    """The command's own "no": what it was asked about does not exist or has no image (exit 1)."""
+
+
 class PortInUse(OSError):
     """``metrics.port`` is taken; raised before the worker registers anywhere."""
 
@@ -69,6 +73,8 @@ def classify(exc: BaseException) -> tuple[Code, str]:
     where = state.database
     if isinstance(exc, InputError):
         return Code.USAGE, str(exc)
+    if isinstance(exc, NothingThere):
+        return Code.FAILED, str(exc)
     if isinstance(exc, SchemaError):
         return Code.SCHEMA, str(exc)
     if isinstance(exc, MissingCredentials):

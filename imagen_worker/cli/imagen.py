@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import difflib
 import json
 import re
 import shutil
@@ -25,7 +26,7 @@ from imagen_worker.cli import common, failures, fleet, images, watch
 from imagen_worker.cli.common import ConfigOption
 from imagen_worker.cli.config_cmd import app as config_app
 from imagen_worker.cli.db_cmd import app as db_app
-from imagen_worker.cli.failures import Code, InputError
+from imagen_worker.cli.failures import Code, InputError, NothingThere
 from imagen_worker.config import Config
 from imagen_worker.errors import ConfigError, JobError
 from imagen_worker.observability.logging import config_secret_env_names, configure_logging
@@ -82,13 +83,22 @@ def _root(
     """imagen: submit prompts to the queue, follow them, or generate in-process."""
 
 
-def _check_input(prompt: str, size: str, steps: int | None, negative: str | None, priority: int = 0) -> None:
-    """Everything the database would refuse, refused here first with the allowed range."""
+def _check_input(
+    prompt: str, size: str, steps: int | None, seed: int | None, negative: str | None, style: str | None,
+    priority: int = 0,
+) -> None:  # fmt: skip
+    """Everything the database would refuse, refused here first with the allowed range; and a
+    style the worker would fail the job for (the presets ship with the package)."""
     common.check_prompt(prompt)
     if negative is not None and len(negative) > common.PROMPT_MAX:
         raise InputError(f"--negative has {len(negative)} characters; at most {common.PROMPT_MAX}")
     common.parse_size(size)
     common.check_range("--steps", steps, common.STEPS)
+    common.check_range("--seed", seed, common.SEED)
+    if style and style not in style_presets.all_styles():
+        close = difflib.get_close_matches(style, style_presets.all_styles(), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise InputError(f"--style {style!r} is not a style; {hint}`imagen styles` lists them")
     common.check_range("--priority", priority, common.PRIORITY)
 
 
@@ -140,7 +150,7 @@ def submit(
     submitted: list[uuid.UUID] = []
 
     async def go() -> int:
-        _check_input(prompt, size, steps, negative, priority)
+        _check_input(prompt, size, steps, seed, negative, style, priority)
         wanted = images.parse(image)
         config = common.load(config_path)
         spec = _spec(
@@ -314,17 +324,17 @@ def open_image(
         job = await Queue(conn).get(ref)
         image_id = job["image_id"] if job is not None else ref
         if job is not None and image_id is None:
-            raise ConfigError(f"job {reference} is {job['status']}: it has no image yet")
+            raise NothingThere(f"job {reference} is {job['status']}: it has no image yet")
         image = await conn.fetchrow(sql("get_image"), image_id)
         if image is None:
-            raise ConfigError(f"no job or image {reference}")
+            raise NothingThere(f"no job or image {reference}")
         local = _local_file(image)
         if local is not None and local.is_file():
             print(local)
             return 0
         key = _uploaded_key(image)
         if key is None:
-            raise ConfigError(f"the image was stored only at {local}, which is not on this machine")
+            raise NothingThere(f"the image was stored only at {local}, which is not on this machine")
         target = (into or config.output.directory).expanduser() / Path(key).name
         await _download(await _signed_url(config, key, 300), target)
         print(target)
@@ -376,15 +386,22 @@ def list_jobs(
     common.with_database(PROGRAM, config_path, go)
 
 
+async def _unchanged(queue: Queue, ref: uuid.UUID, job_id: str, action: str) -> str:
+    """Why a cancel or a retry changed nothing: no such job, or the state it is in."""
+    row = await queue.get(ref)
+    return f"no job {job_id}" if row is None else f"job {job_id} is {row['status']}; nothing to {action}"
+
+
 @app.command()
 def cancel(job_id: JobId, config_path: ConfigOption = None) -> None:
     """Cancel a job: pending ones at once, running ones as soon as their worker hears it."""
     ref = _checked_id(job_id)
 
     async def go(conn: asyncpg.Connection, _: Config) -> int:
-        new_status = await Queue(conn).request_cancel(ref)
+        queue = Queue(conn)
+        new_status = await queue.request_cancel(ref)
         if new_status is None:
-            err.print(f"job {job_id} is not pending or running; nothing to cancel")
+            err.print(await _unchanged(queue, ref, job_id, "cancel"))
             return 1
         out.print("cancelled" if new_status == "cancelled" else "cancel requested (the job is running)")
         return 0
@@ -399,9 +416,9 @@ def retry(job_id: JobId, config_path: ConfigOption = None) -> None:
     ref = _checked_id(job_id)
 
     async def go(conn: asyncpg.Connection, _: Config) -> int:
-        ok = await Queue(conn).retry(ref)
-        if not ok:
-            err.print(f"job {job_id} is not failed or cancelled; nothing to retry")
+        queue = Queue(conn)
+        if not await queue.retry(ref):
+            err.print(await _unchanged(queue, ref, job_id, "retry"))
             return 1
         out.print("queued again")
         return 0
@@ -450,7 +467,7 @@ def generate(
     """Run the pipeline here, without the queue; prints only the image paths on stdout."""
 
     async def go() -> int:
-        _check_input(prompt, size, steps, negative)
+        _check_input(prompt, size, steps, seed, negative, style)
         wanted = images.parse(image)
         config = common.load(config_path)
         # Backends log (structlog's default is stdout): warnings only, on stderr, so stdout
@@ -602,12 +619,12 @@ def sign(
             async with common.database(config) as conn:
                 row = await conn.fetchrow(sql("storage_path_of"), ref_id)
             if row is None:
-                raise ConfigError(f"no image or job {reference}")
+                raise NothingThere(f"no image or job {reference}")
             if row["storage_path"] is None:
-                raise ConfigError(f"job {reference} is {row['job_status']}: it has no image yet")
+                raise NothingThere(f"job {reference} is {row['job_status']}: it has no image yet")
             key = row["storage_path"]
         if key.startswith(keys.LOCAL_PREFIX):
-            raise ConfigError(
+            raise NothingThere(
                 f"the image was not uploaded, so there is nothing to sign; `imagen open {reference}` "
                 "prints where it is on the worker's disk"
             )

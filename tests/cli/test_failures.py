@@ -177,12 +177,38 @@ def test_a_refused_database_password_is_exit_77(tmp_path: Path, database_url: st
     assert 'role "no_such_role' in one_line(result)
 
 
+@pytest.mark.parametrize("url", ["http://db.internal/queue", "localhost:5432/queue", "user:secret@db/queue"])
+def test_a_database_url_that_is_not_postgresql_is_a_config_error_that_does_not_echo_it(
+    url: str, tmp_path: Path
+) -> None:
+    result = run("imagen", "list", dsn=url, config=write_config(tmp_path))
+
+    assert result.returncode == 78
+    assert one_line(result) == (
+        "imagen: database.url (IMAGEN_DATABASE_URL) is not a PostgreSQL URL: "
+        "write it as postgresql://USER@HOST:5432/DBNAME"
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
         (["submit", "p", "--size", "100x100"], "multiples of 8 between 64 and 4096"),
         (["submit", "p", "--priority", "101"], "--priority 101: must be between -100 and 100"),
         (["submit", "p", "--steps", "0"], "--steps 0: must be between 1 and 200"),
+        (["submit", "p", "--seed", "-1"], "--seed -1: must be between 0 and 9007199254740991"),
+        (
+            ["generate", "p", "--seed", "99999999999999999999"],
+            "--seed 99999999999999999999: must be between 0 and",
+        ),
+        (
+            ["submit", "p", "--style", "watercolour"],
+            "--style 'watercolour' is not a style; did you mean 'watercolor'?",
+        ),
+        (
+            ["generate", "p", "--style", "no-such"],
+            "--style 'no-such' is not a style; `imagen styles` lists them",
+        ),
         (["submit", "   "], "the prompt is empty"),
         (["list", "--status", "bogus"], "use one of pending, running, done, failed, cancelled"),
         (["list", "--limit", "abc"], "'--limit'"),

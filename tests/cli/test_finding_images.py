@@ -115,5 +115,10 @@ async def test_open_of_a_job_without_an_image_says_so(
         imagen, "open", str(job_id), dsn=database_url, config=write_config(tmp_path)
     )
 
-    assert opened.returncode == 78
+    assert opened.returncode == 1, "the command's own no, like status of an unknown job"
     assert opened.stderr == f"imagen: job {job_id} is pending: it has no image yet\n"
+    unknown = uuid.uuid4()
+    missing = await asyncio.to_thread(
+        imagen, "open", str(unknown), dsn=database_url, config=write_config(tmp_path)
+    )
+    assert (missing.returncode, missing.stderr) == (1, f"imagen: no job or image {unknown}\n")

@@ -45,10 +45,14 @@ async def test_submit_prints_the_job_id_and_status_list_cancel_retry_manage_it(
     cancelled = await run_imagen("cancel", str(job_id), dsn=database_url, config=config)
     assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
     again = await run_imagen("cancel", str(job_id), dsn=database_url, config=config)
-    assert again.returncode == 1 and "nothing to cancel" in again.stderr
+    assert again.returncode == 1 and again.stderr == f"job {job_id} is cancelled; nothing to cancel\n"
     retried = await run_imagen("retry", str(job_id), dsn=database_url, config=config)
     assert retried.returncode == 0
     assert await db.fetchval("SELECT status FROM imagen.jobs WHERE id = $1", job_id) == "pending"
+    nobody = uuid.uuid4()
+    for command in ("cancel", "retry"):
+        missing = await run_imagen(command, str(nobody), dsn=database_url, config=config)
+        assert (missing.returncode, missing.stderr) == (1, f"no job {nobody}\n")
 
 
 async def test_submit_wait_ends_with_the_image_path_or_the_jobs_error(

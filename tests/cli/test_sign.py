@@ -59,6 +59,6 @@ async def test_a_job_without_an_image_or_an_unknown_id_is_refused_in_words(
     waiting = await sign(database_url, tmp_path, storage, str(pending))
     missing = await sign(database_url, tmp_path, storage, str(unknown))
 
-    assert waiting.returncode == missing.returncode == Code.CONFIG
+    assert waiting.returncode == missing.returncode == Code.FAILED
     assert waiting.stderr == f"imagen: job {pending} is pending: it has no image yet\n"
     assert missing.stderr == f"imagen: no image or job {unknown}\n"
