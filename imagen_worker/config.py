@@ -384,6 +384,39 @@ def _format_validation(exc: ValidationError) -> list[str]:
     return problems
 
 
+# IMAGEN_ variables read outside the settings model.
+_OTHER_ENV = frozenset({"IMAGEN_CONFIG", "IMAGEN_DATABASE_URL", "IMAGEN_DEBUG", "IMAGEN_CLOUD_SYNC"})
+
+
+def _near(a: str, b: str) -> bool:
+    """At most two single-letter edits apart (a swap of two letters is two)."""
+    if abs(len(a) - len(b)) > 2:
+        return False
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i]
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1] <= 2
+
+
+def _misspelled_env() -> list[str]:
+    """``IMAGEN_`` variables a typo away from a setting. Other unknown names are left alone
+    (a deployment may keep its own), but a near miss would leave the setting at its default
+    without a word: ``IMAGEN_DATABASE_ULR`` would mean the embedded database."""
+    known = {f"IMAGEN_{name.upper()}" for name in Config.model_fields if name != "source_path"} | _OTHER_ENV
+    problems = []
+    for name in sorted(os.environ):
+        head, nested, rest = name.upper().partition("__")
+        if not head.startswith("IMAGEN_") or head in known or (not nested and name.upper() in known):
+            continue
+        if match := next((k for k in sorted(known) if _near(head, k)), None):
+            meant = f"{match}{nested}{rest}"
+            problems.append(f"${name} is not a setting: did you mean ${meant}?")
+    return problems
+
+
 def collect_problems(path: str | Path | None = None, **overrides: Any) -> tuple[Config | None, list[str]]:
     """Load the config and return every problem found, instead of stopping at the first."""
     file = resolve_path(path)
@@ -393,7 +426,7 @@ def collect_problems(path: str | Path | None = None, **overrides: Any) -> tuple[
         data = _read_yaml(file)
     except ConfigError as exc:
         return None, [str(exc)]
-    problems = _secret_problems(data)
+    problems = _secret_problems(data) + _misspelled_env()
     token = _file_data.set(data)
     try:
         config = Config(**overrides)

@@ -311,6 +311,22 @@ def test_load_config_raises_one_config_error_listing_every_problem(tmp_path: Pat
     assert "worker.bogus: " in str(caught.value)
 
 
+def test_an_environment_variable_a_typo_away_from_a_setting_is_a_problem_naming_the_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IMAGEN_DATABASE_ULR", "postgresql://db/queue")  # would mean the embedded server
+    monkeypatch.setenv("IMAGEN_WROKER__CONCURRENCY", "4")
+    for own in ("IMAGEN_TEST_DATABASE_URL", "IMAGEN_SUPABASE_KEY", "IMAGEN_RELEASE"):  # a deployment's own
+        monkeypatch.setenv(own, "x")
+
+    _, problems = collect_problems(write(tmp_path / "imagen.yaml", "worker:\n  concurrency: 2\n"))
+
+    assert problems == [
+        "$IMAGEN_DATABASE_ULR is not a setting: did you mean $IMAGEN_DATABASE_URL?",
+        "$IMAGEN_WROKER__CONCURRENCY is not a setting: did you mean $IMAGEN_WORKER__CONCURRENCY?",
+    ]
+
+
 # --- imagen config validate ---------------------------------------------------------------
 
 
