@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 from rich.table import Table
@@ -25,7 +24,7 @@ from imagen_worker import backends
 from imagen_worker.cli.config_cmd import check as validate
 from imagen_worker.config import Config, collect_problems, config_file, resolve_path
 from imagen_worker.db import migrate as migrations
-from imagen_worker.db.connect import connect
+from imagen_worker.db.connect import connect, describe_dsn
 from imagen_worker.errors import ConfigError
 from imagen_worker.observability.logging import Redactor
 from imagen_worker.queries import sql
@@ -46,16 +45,6 @@ def _error_text(exc: BaseException) -> str:
     text = str(exc).strip()
     message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return Redactor.from_env().scrub(message)
-
-
-def describe_dsn(dsn: str) -> str:
-    """``host:port/database`` for messages: never the user's password."""
-    parts = urlsplit(dsn)
-    if not parts.scheme.startswith("postgres"):
-        return "the configured database"
-    host = parts.hostname or "localhost"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{host}{port}{parts.path or '/'}"
 
 
 def _config_result(path: str | Path | None) -> CheckResult:

@@ -14,9 +14,10 @@ from rich.console import Console
 
 from imagen_worker import backends
 from imagen_worker.backends.base import Backend, GenerateRequest, GenerateResult, Health, JobContext
-from imagen_worker.check import CheckResult, describe_dsn, render_table, run_checks
+from imagen_worker.check import CheckResult, render_table, run_checks
 from imagen_worker.config import Config, load_config
 from imagen_worker.db import migrate as migrations
+from imagen_worker.db.connect import describe_dsn
 from imagen_worker.worker.disk import MIB, free_bytes
 
 
@@ -201,6 +202,7 @@ def test_render_table_keeps_bracketed_text() -> None:
 def test_describe_dsn_never_shows_the_password() -> None:
     assert describe_dsn("postgresql://u:pw@db.internal:6432/imagen") == "db.internal:6432/imagen"
     assert describe_dsn("host=/run/postgresql dbname=imagen password=x") == "the configured database"
+    assert describe_dsn("postgresql://postgres:@/postgres?host=/home/me/pgdata") == "/home/me/pgdata/postgres"
 
 
 async def test_live_workers_that_disagree_about_the_default_backend_are_a_warning(

@@ -17,7 +17,7 @@ from imagen_worker.cli import failures
 from imagen_worker.cli.failures import InputError
 from imagen_worker.config import Config, load_config
 from imagen_worker.db import migrate as migrations
-from imagen_worker.db.connect import connect, resolve_dsn
+from imagen_worker.db.connect import connect, describe_dsn, resolve_dsn
 from imagen_worker.errors import ConfigError, SchemaError
 
 T = TypeVar("T")
@@ -97,8 +97,6 @@ def with_database(
 @asynccontextmanager
 async def database(config: Config) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the queue; an embedded database is migrated on first use."""
-    from imagen_worker.check import describe_dsn
-
     embedded = config.database_url() is None
     dsn = resolve_dsn(config)
     failures.set_database(describe_dsn(dsn) if not embedded else f"the embedded server ({describe_dsn(dsn)})")

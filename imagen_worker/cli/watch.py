@@ -17,6 +17,7 @@ import asyncpg
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
+from imagen_worker.cli import failures
 from imagen_worker.queries import sql
 from imagen_worker.queue.jobs import Queue
 
@@ -29,10 +30,11 @@ WORKER_CHECK_EVERY = 5.0
 
 
 def no_worker_message(backend: str | None) -> str:
+    """Names the database: a worker on another one (a URL missing from this shell) is no worker here."""
     which = f"backend {backend!r}" if backend else "jobs without a backend"
     return (
-        f"no live worker serves {which}: the job stays queued until one starts "
-        "(imagen-worker run); Ctrl-C leaves it queued"
+        f"no live worker serves {which} on {failures.state.database}: the job stays queued until "
+        "one starts (imagen-worker run); Ctrl-C leaves it queued"
     )
 
 

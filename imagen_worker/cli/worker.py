@@ -14,7 +14,7 @@ from imagen_worker.cli.common import ConfigOption
 from imagen_worker.cli.failures import Code, PortInUse
 from imagen_worker.config import Config, collect_problems, describe_file, load_config, one_line
 from imagen_worker.db import migrate as migrations
-from imagen_worker.db.connect import connect, resolve_dsn
+from imagen_worker.db.connect import connect, describe_dsn, resolve_dsn
 from imagen_worker.errors import ConfigError
 
 PROGRAM = "imagen-worker"
@@ -36,8 +36,6 @@ def _root(
 
 
 def _target(config: Config) -> str:
-    from imagen_worker.check import describe_dsn
-
     dsn = resolve_dsn(config)
     target = describe_dsn(dsn)
     failures.set_database(target if config.database_url() else f"the embedded server ({target})")

@@ -14,6 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
@@ -70,6 +71,17 @@ def _why(path: Path, exc: OSError | subprocess.SubprocessError) -> str:
     if isinstance(exc, subprocess.TimeoutExpired):
         return f"{command} did not finish within {exc.timeout:g} s"
     return f"{command} exited with status {exc.returncode}"
+
+
+def describe_dsn(dsn: str) -> str:
+    """``host:port/database`` for messages and logs, never the password; a Unix socket named in
+    the query (the embedded server's) stands for the host."""
+    parts = urlsplit(dsn)
+    if not parts.scheme.startswith("postgres"):
+        return "the configured database"
+    host = parts.hostname or next(iter(parse_qs(parts.query).get("host", [])), "localhost")
+    port = f":{parts.port}" if parts.port else ""
+    return f"{host}{port}{parts.path or '/'}"
 
 
 def resolve_dsn(config: Config) -> str:

@@ -39,7 +39,7 @@ from imagen_worker import backends as backend_registry
 from imagen_worker.backends.base import Backend
 from imagen_worker.config import Config
 from imagen_worker.db import migrate as migrations
-from imagen_worker.db.connect import connect, create_pool
+from imagen_worker.db.connect import connect, create_pool, describe_dsn
 from imagen_worker.errors import ConfigError, RetryableError
 from imagen_worker.pipeline import Pipeline
 from imagen_worker.queue.jobs import Job, JobKey, Queue
@@ -171,8 +171,8 @@ class Worker:
         await self.listener.start()
         stack.push_async_callback(self.listener.stop)
         log.info(
-            "worker started", worker_id=str(self.id), backends=sorted(self.backends),
-            default_backend=self.default_backend, storage=sink.type_name,
+            "worker started", worker_id=str(self.id), database=describe_dsn(self.dsn),
+            backends=sorted(self.backends), default_backend=self.default_backend, storage=sink.type_name,
             concurrency=self.settings.concurrency,
         )  # fmt: skip
 

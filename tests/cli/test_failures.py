@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from imagen_worker.db.connect import describe_dsn
 from imagen_worker.db.migrate import migrate
 from tests.workers import BIN, worker_env, write_config
 
@@ -250,7 +251,7 @@ async def test_submit_wait_says_no_worker_serves_it_and_ctrl_c_leaves_it_queued(
             seen.append(line)
             if "no live worker serves" in line:
                 break
-        assert "no live worker serves backend 'mock'" in "".join(seen)
+        assert f"no live worker serves backend 'mock' on {describe_dsn(database_url)}: " in "".join(seen)
         proc.send_signal(sig)
         _out, rest = proc.communicate(timeout=20)
     finally:

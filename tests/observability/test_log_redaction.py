@@ -14,6 +14,7 @@ import pytest
 import structlog
 
 from imagen_worker.config import Config
+from imagen_worker.db.connect import describe_dsn
 from imagen_worker.observability.logging import MASK, Redactor, config_secret_env_names, configure_logging
 from tests.workers import insert_job, make_config, running_worker, terminal
 
@@ -159,3 +160,5 @@ async def test_lines_logged_inside_a_job_carry_its_id_backend_and_attempt(
     assert all(line["backend"] == "mock" and line["attempt"] == 1 for line in about_job)
     unrelated = [line for line in lines if line["event"] in ("worker started", "worker stopped")]
     assert unrelated and all("job_id" not in line for line in unrelated), "job fields stay in the job's task"
+    started = next(line for line in lines if line["event"] == "worker started")
+    assert started["database"] == describe_dsn(database_url), "which queue this worker serves, no password"
