@@ -503,6 +503,34 @@ def test_validate_prints_the_storage_owner_warning_without_failing(
     assert len(seen) == 1
 
 
+@pytest.mark.parametrize(
+    ("text", "unset", "expected"),
+    [
+        (
+            "webhooks:\n  url: https://hooks.example.com/imagen\n",
+            "IMAGEN_WEBHOOK_SECRET",
+            "error: webhooks.secret_env: environment variable IMAGEN_WEBHOOK_SECRET is not set",
+        ),
+        (
+            "output:\n  cloud_sync: on\nowner_user_id: 00000000-0000-4000-8000-0000000000a1\n",
+            "SUPABASE_URL",
+            "error: storage: Supabase credentials missing: set SUPABASE_URL and SUPABASE_SERVICE_KEY",
+        ),
+    ],
+    ids=["webhooks without the signing secret", "cloud sync on without Storage credentials"],
+)
+def test_validate_fails_where_the_worker_would_refuse_to_start_for_a_missing_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, unset: str, expected: str
+) -> None:
+    monkeypatch.delenv(unset, raising=False)
+    path = write(tmp_path / "imagen.yaml", text)
+
+    result = runner.invoke(config_cmd.app, ["validate", str(path)])
+
+    assert result.exit_code == 1
+    assert result.stderr.startswith(expected), result.stderr
+
+
 def test_validate_warns_about_a_password_in_the_files_database_url(tmp_path: Path) -> None:
     path = write(tmp_path / "imagen.yaml", "database:\n  url: postgresql://imagen:hunter2@db/imagen\n")
 

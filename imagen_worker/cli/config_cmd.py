@@ -9,7 +9,6 @@ password in ``database.url``) are printed but do not fail the check.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -23,7 +22,7 @@ from urllib.parse import urlsplit
 import typer
 import yaml
 
-from imagen_worker import backends
+from imagen_worker import backends, storage
 from imagen_worker.cli.common import ConfigOption
 from imagen_worker.cli.failures import guarded
 from imagen_worker.config import (
@@ -37,6 +36,7 @@ from imagen_worker.config import (
 )
 from imagen_worker.errors import ConfigError
 from imagen_worker.observability.logging import Redactor
+from imagen_worker.webhooks.outbox import read_secret
 
 app = typer.Typer(
     add_completion=False,
@@ -117,27 +117,32 @@ def _check_references(config: Config) -> list[str]:
     return problems
 
 
-def _check_storage(config: Config, report: Report) -> None:
-    """``imagen_worker.storage.owner_warning(config)`` when the storage package provides it.
+def _check_environment(config: Config) -> list[str]:
+    """What ``imagen-worker run`` refuses at start for an environment variable the config
+    names: Storage's credentials when cloud sync is on (a sink is built, nothing is sent) and
+    the webhooks' signing secret."""
+    problems = []
+    try:
+        storage.create_sink(config)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    if config.webhooks is not None:
+        try:
+            read_secret(config.webhooks)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    return problems
 
-    Building the sink to answer may itself find the storage block unusable; that is an error.
-    """
+
+def _check_storage(config: Config, report: Report) -> None:
+    """Uploads nobody could see (no owner) are a warning; an unusable storage block an error."""
     try:
-        storage = importlib.import_module("imagen_worker.storage")
-    except ImportError:
-        return
-    owner_warning = getattr(storage, "owner_warning", None)
-    if not callable(owner_warning):
-        return
-    try:
-        warning = owner_warning(config)
+        warning = storage.owner_warning(config)
     except ConfigError as exc:
         report.errors.append(str(exc))
         return
-    if isinstance(warning, str) and warning:
+    if warning:
         report.warnings.append(warning)
-    elif warning:
-        report.warnings.extend(str(item) for item in warning)
 
 
 def _file_url_warnings(raw: Mapping[str, Any]) -> list[str]:
@@ -165,6 +170,7 @@ def check(path: Path | None = None) -> Report:
     report.warnings.extend(_file_url_warnings(raw))
     if config is not None:
         report.errors.extend(_check_references(config))
+        report.errors.extend(_check_environment(config))
         _check_storage(config, report)
     return report
 
