@@ -31,7 +31,7 @@ WHERE owner_user_id = $1 AND dedupe_key = $2 AND status IN ('pending', 'running'
 -- one worker never runs one job twice. Each branch is an ordered index scan
 -- (jobs_claim_named, jobs_claim_default), so other backends' backlogs are never read. Running
 -- rows whose lease expired are re-taken first: a dead worker's jobs come back without a
--- sweeper. A claim clears the row's progress (a waiting reason, or an earlier attempt's).
+-- sweeper. A claim clears the row's progress (a waiting reason).
 -- Pending rows go by priority, then turn (owners take turns, see jobs_take_turn in 0005),
 -- then age. $9 is worker.max_running_per_owner (NULL: no limit): owners at the limit are
 -- skipped in the scan, and one claim never takes an owner past it (written as "the full
@@ -322,10 +322,12 @@ FROM ended WHERE w.job_id = ended.id;
 
 -- name: retry_later
 -- Back to pending with a delay; job_runs keeps the worker id as a record of who tried last.
+-- Like every way back to pending, it drops the attempt's progress: a pending row's progress
+-- is its waiting reason or nothing, never "step 3 of 4" of a render that stopped.
 WITH retried AS (
     UPDATE imagen.jobs j
     SET status = 'pending', error = $4, run_at = now() + make_interval(secs => $6),
-        lease_expires_at = NULL, updated_at = now()
+        lease_expires_at = NULL, progress = NULL, updated_at = now()
     FROM imagen.job_runs w
     WHERE j.id = $1 AND w.job_id = j.id AND w.worker_id = $2 AND j.attempts = $3 AND j.status = 'running'
     RETURNING j.id
@@ -347,7 +349,8 @@ WITH requeued AS (
     UPDATE imagen.jobs j
     SET status = 'pending', attempts = greatest(j.attempts - 1, 0),
         outage_requeues = j.outage_requeues + 1, error = $4,
-        run_at = now() + make_interval(secs => $6), lease_expires_at = NULL, updated_at = now()
+        run_at = now() + make_interval(secs => $6), lease_expires_at = NULL, progress = NULL,
+        updated_at = now()
     FROM imagen.job_runs w
     WHERE j.id = $1 AND w.job_id = j.id AND w.worker_id = $2 AND j.attempts = $3 AND j.status = 'running'
     RETURNING j.id
@@ -361,7 +364,7 @@ FROM requeued WHERE w.job_id = requeued.id;
 WITH released AS (
     UPDATE imagen.jobs j
     SET status = 'pending', attempts = greatest(j.attempts - 1, 0), run_at = now(),
-        lease_expires_at = NULL, updated_at = now()
+        lease_expires_at = NULL, progress = NULL, updated_at = now()
     FROM unnest($2::uuid[], $3::int[]) AS h (id, attempts)
     WHERE j.id = h.id AND j.attempts = h.attempts AND j.status = 'running'
       AND (SELECT w.worker_id FROM imagen.job_runs w WHERE w.job_id = j.id) = $1
@@ -382,7 +385,7 @@ WITH expired AS (
 ),
 requeued AS (
     UPDATE imagen.jobs j
-    SET status = 'pending', run_at = now(), lease_expires_at = NULL, updated_at = now()
+    SET status = 'pending', run_at = now(), lease_expires_at = NULL, progress = NULL, updated_at = now()
     FROM expired WHERE j.id = expired.id
     RETURNING j.id
 )

@@ -272,7 +272,7 @@ def status(
             return 1
         # Plain "key  value" lines, never cut to the terminal: paths and signed URLs are copied.
         lines: list[tuple[str, object]] = [
-            (key, row[key])
+            (key, json.dumps(row[key]) if key == "progress" and row[key] is not None else row[key])
             for key in ("id", "status", "prompt", "backend", "style", "width", "height", "seed", "attempts",
                         "max_attempts", "priority", "run_at", "progress", "error", "image_id", "created_at",
                         "started_at", "finished_at")

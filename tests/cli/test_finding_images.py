@@ -8,6 +8,7 @@ says "not uploaded"; with cloud storage `status --sign` prints a working signed 
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import uuid
 from pathlib import Path
@@ -104,6 +105,7 @@ async def test_status_of_a_waiting_job_shows_why_it_waits(
 
     assert status.returncode == 0, status.stderr
     assert fields(status.stdout)["waiting"] == why
+    assert json.loads(fields(status.stdout)["progress"]) == {"message": why}, "JSON, as stored"
 
 
 async def test_open_of_a_job_without_an_image_says_so(

@@ -349,6 +349,25 @@ async def test_a_claim_says_whether_an_earlier_attempt_ran_even_one_that_spent_n
     assert retaken.attempts == 2 and retaken.ran_before is True
 
 
+@pytest.mark.parametrize("back", ["retried", "requeued for an outage", "released", "recovered at boot"])
+async def test_a_job_back_to_pending_leaves_its_attempts_progress_behind(db: asyncpg.Pool, back: str) -> None:
+    await enqueue(db, max_attempts=3)
+    queue = worker(db)
+    (job,) = await claim(queue)
+    await queue.set_progress(job, {"value": 3, "max": 4, "percent": 75.0})
+    if back == "retried":
+        await queue.record_error(job, RetryableError("blip"), base=10, cap=60)
+    elif back == "requeued for an outage":
+        await queue.record_error(job, BackendUnavailable("down"), base=10, cap=60, max_outage_requeues=3)
+    elif back == "released":
+        await queue.release([job.key])
+    else:
+        await expire_leases(db)
+        await worker(db).requeue_expired()
+    row = await db.fetchrow("SELECT status, progress FROM imagen.jobs")
+    assert (row["status"], row["progress"]) == ("pending", None), "not step 3 of 4 of a render that stopped"
+
+
 async def test_boot_recovery_requeues_only_expired_leases(db: asyncpg.Pool) -> None:
     await enqueue(db)
     await enqueue(db)
