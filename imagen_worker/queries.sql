@@ -31,7 +31,7 @@ WHERE owner_user_id = $1 AND dedupe_key = $2 AND status IN ('pending', 'running'
 -- one worker never runs one job twice. Each branch is an ordered index scan
 -- (jobs_claim_named, jobs_claim_default), so other backends' backlogs are never read. Running
 -- rows whose lease expired are re-taken first: a dead worker's jobs come back without a
--- sweeper. A claim clears the row's progress (a waiting reason).
+-- sweeper. A claim clears the row's progress (a waiting reason, or an expired attempt's).
 -- Pending rows go by priority, then turn (owners take turns, see jobs_take_turn in 0005),
 -- then age. $9 is worker.max_running_per_owner (NULL: no limit): owners at the limit are
 -- skipped in the scan, and one claim never takes an owner past it (written as "the full
