@@ -299,7 +299,7 @@ class ComfyUIBackend(Backend):
         for inst in self._instances:
             await inst.client.start()
         self._pool.start()
-        await asyncio.gather(*(i.client.wait_connected(self.config.connect_timeout) for i in self._instances))
+        await asyncio.gather(*(i.client.wait_answered(self.config.connect_timeout) for i in self._instances))
         # An instance too old for client-chosen prompt ids is refused now, in one line.
         for inst in self._instances:
             with contextlib.suppress(RetryableError, TerminalError):  # unreachable: checked later
@@ -338,8 +338,10 @@ class ComfyUIBackend(Backend):
                 version = await client.version_problem()
                 missing = await installed.problems(client, self.config.workflow, self.config.vocabulary)
             except (RetryableError, TerminalError) as exc:
-                lines.append(exc.message)
-                info[client.base_url] = {"ok": False, "error": exc.message}
+                # Said of this instance: "http://gpu:8188: unreachable (connection refused)".
+                said = failures.as_health(exc)
+                lines.append(f"{client.base_url}: {said}")
+                info[client.base_url] = {"ok": False, "error": said}
                 continue
             problems = [version] if version else missing
             socket = "socket connected" if client.connected else "socket down"

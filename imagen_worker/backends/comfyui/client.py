@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import hashlib
 import json
 import re
@@ -174,6 +175,7 @@ class ComfyUIClient:
         self._http: httpx.AsyncClient | None = None
         self._socket_task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
+        self._answered = asyncio.Event()  # the first connect attempt ended, either way
         self._watches: dict[str, PromptWatch] = {}
         self._jobs_api: bool | None = None  # unknown until the first cancel on this connection
         self.link = Link.CONNECTING
@@ -207,6 +209,13 @@ class ComfyUIClient:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    async def wait_answered(self, within: float) -> None:
+        """Until the first connect attempt ended, either way, or ``within`` seconds passed: a
+        refused connection is known at once, and start-up need not wait out the timeout."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self._answered.wait()
 
     async def wait_connected(self, within: float) -> bool:
         with contextlib.suppress(TimeoutError):
@@ -368,7 +377,7 @@ class ComfyUIClient:
         return self._http
 
     def _unreachable(self, exc: Exception) -> BackendUnavailable:
-        return failures.unreachable(self.base_url, type(exc).__name__, str(exc))
+        return failures.unreachable(self.base_url, _why_unreachable(exc), f"{type(exc).__name__}: {exc}")
 
     def _check(self, response: httpx.Response) -> httpx.Response:
         status = response.status_code
@@ -507,6 +516,8 @@ class ComfyUIClient:
             watch.put({"type": PREVIEW, "data": preview})
 
     def _set_link(self, link: Link) -> None:
+        if link is not Link.CONNECTING:
+            self._answered.set()
         if link is not self.link:
             self.link = link
             self.on_change()
@@ -514,6 +525,23 @@ class ComfyUIClient:
     def _notify_all(self, event: dict[str, Any]) -> None:
         for watch in self._watches.values():
             watch.put(event)
+
+
+def _why_unreachable(exc: Exception) -> str:
+    """The cause in words: httpx says "All connection attempts failed" for a refused connection,
+    whose errno sits further down the exception's chain."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED:
+            return "connection refused"
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(exc, httpx.ConnectTimeout):
+        return "no answer to the connection"
+    if isinstance(exc, httpx.TimeoutException):
+        return "no answer in time"
+    if isinstance(exc, httpx.ConnectError):
+        return "cannot connect"
+    return type(exc).__name__
 
 
 def parse_preview(frame: bytes) -> dict[str, Any] | None:

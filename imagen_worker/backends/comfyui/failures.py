@@ -102,8 +102,15 @@ def unreachable(instance: str, cause: str, text: str = "") -> BackendUnavailable
     """ComfyUI did not answer at all (refused, timed out, no websocket)."""
     return BackendUnavailable(
         f"ComfyUI is unreachable ({cause}); the job waits until it answers again",
-        detail={"instance": instance, "exception_type": cause, "exception_message": text[:MAX_DETAIL_CHARS]},
+        detail={"instance": instance, "cause": cause, "exception": text[:MAX_DETAIL_CHARS]},
     )
+
+
+def as_health(exc: JobError) -> str:
+    """An instance's failure as a health line says it, without the job's part of the sentence."""
+    if "cause" in exc.detail:
+        return f"unreachable ({exc.detail['cause']})"
+    return exc.message
 
 
 def gateway(instance: str, status: int, where: str, detail: dict[str, Any]) -> BackendUnavailable:

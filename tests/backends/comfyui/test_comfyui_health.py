@@ -3,6 +3,7 @@ socket, and whether every model the workflow and the allowlists name is installe
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,21 @@ async def test_a_healthy_instance_shows_version_queue_socket_and_models(
     assert health.detail == f"{fake.url}: ComfyUI 0.3.64, queue 0, socket connected; models ok"
     info = health.info[fake.url]
     assert (info["comfyui_version"], info["queue_remaining"], info["socket_connected"]) == ("0.3.64", 0, True)
+
+
+async def test_a_refused_connection_is_known_at_once_and_said_in_words(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    await fake.stop()  # nothing listens on its port now
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    backend = await make_backend(fake, connect_timeout=10)  # start() waits for the first answer only
+    health = await backend.health()
+
+    assert loop.time() - started < 2, "not the 10 s connect timeout"
+    assert not health.ok
+    assert health.detail == f"{fake.url}: unreachable (connection refused)"
 
 
 async def test_a_missing_checkpoint_fails_the_check_with_what_is_there(make_backend: BackendFactory) -> None:
