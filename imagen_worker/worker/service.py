@@ -60,6 +60,7 @@ class Service:
         self.notifier = Notifier.from_env()
         self.health: HealthServer | None = None
         self._backend_health: dict[str, bool] = {}
+        self._status = ""
 
     async def readiness(self) -> Readiness:
         try:
@@ -98,6 +99,7 @@ class Service:
                 self._backend_health[name] = healthy
                 available = healthy and backend.unavailable_reason is None
                 m.BACKEND_HEALTHY.labels(backend=name).set(1 if available else 0)
+            self._say(self.status_line())
             m.OUTPUT_WRITABLE.set(0 if self.worker.fleet.disk.reason else 1)
             if time.monotonic() >= depth_due:
                 try:
@@ -105,6 +107,24 @@ class Service:
                 except Exception as exc:
                     log.warning("queue depth refresh failed", error=str(exc))
             await asyncio.sleep(5)
+
+    def status_line(self) -> str:
+        """systemd's STATUS=: what this worker serves, and each backend that takes no work, why."""
+        idle = self.worker.fleet.unavailable()
+        for name, backend in self.worker.backends.items():
+            down = backend.unavailable_reason is not None or not self._backend_health.get(name, True)
+            if down and name not in idle:
+                idle[name] = backend.unavailable_detail or "its health check fails"
+        serving = ", ".join(name for name in sorted(self.worker.backends) if name not in idle) or "nothing"
+        return "; ".join(
+            [f"serving {serving}", *(f"{name} takes no work: {why}" for name, why in sorted(idle.items()))]
+        )
+
+    def _say(self, status: str) -> None:
+        """A new STATUS= when it changed; the drain's own line stays once the stop began."""
+        if status != self._status and not self.worker.draining.is_set():
+            self._status = status
+            self.notifier.status(status)
 
     def _alive(self) -> bool:
         """Feed the watchdog only while the claim and heartbeat loops make progress.
@@ -140,7 +160,7 @@ class Service:
                     group.create_task(self._announce_stop()),
                 ]
                 self.notifier.ready()
-                self.notifier.status(f"serving {', '.join(sorted(worker.backends))}")
+                self._say(self.status_line())
                 try:
                     await worker.serve()
                 finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -26,13 +27,20 @@ def metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-async def test_a_running_service_is_ready_counts_its_jobs_and_talks_to_systemd(
-    db: asyncpg.Pool, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    systemd.bind(str(tmp_path / "notify.sock"))
-    systemd.setblocking(False)
+@pytest.fixture
+def systemd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+    """The socket a unit's NOTIFY_SOCKET names, as systemd would read it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.setblocking(False)
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+    yield sock
+    sock.close()
+
+
+async def test_a_running_service_is_ready_counts_its_jobs_and_talks_to_systemd(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, systemd: socket.socket
+) -> None:
     config = load_config(write_config(tmp_path, metrics={"enabled": True, "host": "127.0.0.1", "port": 0}))
     service = Service(config, database_url, run_migrations=False)
     running = asyncio.create_task(service.run())
@@ -60,9 +68,9 @@ async def test_a_running_service_is_ready_counts_its_jobs_and_talks_to_systemd(
         service.worker.request_stop()
         await asyncio.wait_for(running, timeout=30)
     messages = _drain(systemd)
-    systemd.close()
     assert "READY=1" in messages and "STOPPING=1" in messages
-    assert messages.index("READY=1") < messages.index("STOPPING=1")
+    assert messages.index("READY=1") < messages.index("STATUS=serving mock") < messages.index("STOPPING=1")
+    assert messages[-1].startswith("STATUS=draining"), "the drain's line is not overwritten"
 
 
 async def _serving(service: Service) -> bool:
@@ -89,8 +97,8 @@ class Unavailable(MockBackend):
         return "ComfyUI at http://gpu:8188 is unreachable"
 
 
-async def test_readiness_names_each_unavailable_backend_and_its_reason(
-    db: asyncpg.Pool, database_url: str, tmp_path: Path
+async def test_readiness_and_systemd_name_each_unavailable_backend_and_its_reason(
+    db: asyncpg.Pool, database_url: str, tmp_path: Path, systemd: socket.socket
 ) -> None:
     config = load_config(write_config(tmp_path, backends={"mock": {"type": "mock"}, "gpu": {"type": "mock"}}))
     service = Service(config, database_url, run_migrations=False, serve_metrics=False)
@@ -99,12 +107,21 @@ async def test_readiness_names_each_unavailable_backend_and_its_reason(
         await eventually(lambda: _started(service), within=20)
         service.worker.backends["gpu"] = Unavailable.from_config("gpu", {"type": "mock"})
         state = await eventually(lambda: _reports(service, "gpu"), within=10)
+        said = "STATUS=serving mock; gpu takes no work: ComfyUI at http://gpu:8188 is unreachable"
+        seen: list[str] = []
+        await eventually(lambda: _heard(systemd, seen, said), within=10)
     finally:
         service.worker.request_stop()
         await asyncio.wait_for(running, timeout=30)
     assert state.ready, "one available backend keeps the worker ready"
     assert state.backends == {"mock": True, "gpu": False}
     assert state.unavailable == {"gpu": "ComfyUI at http://gpu:8188 is unreachable"}
+    assert seen.index("STATUS=serving gpu, mock") < seen.index(said), "systemd is told when it changes"
+
+
+async def _heard(sock: socket.socket, seen: list[str], line: str) -> bool:
+    seen.extend(_drain(sock))
+    return line in seen
 
 
 async def _started(service: Service) -> bool:
