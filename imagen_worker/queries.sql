@@ -560,6 +560,11 @@ SELECT pg_advisory_unlock($1);
 SELECT count(*) FROM imagen.workers
 WHERE expires_at > now() AND ($1::text IS NULL OR $1 = ANY (backends));
 
+-- name: live_backends
+-- imagen submit --wait, when no live worker serves a job's backend: what the live ones serve.
+SELECT coalesce(array_agg(DISTINCT b ORDER BY b), '{}') FROM imagen.workers, unnest(backends) AS b
+WHERE expires_at > now();
+
 -- name: server_version
 -- imagen-worker check: the server's own version string ("15.20"), not the driver's parse of it.
 SELECT current_setting('server_version');

@@ -29,12 +29,14 @@ WORKER_CHECK_AFTER = 3.0  # seconds a job may sit pending before the registry is
 WORKER_CHECK_EVERY = 5.0
 
 
-def no_worker_message(backend: str | None) -> str:
-    """Names the database: a worker on another one (a URL missing from this shell) is no worker here."""
+def no_worker_message(backend: str | None, served: list[str]) -> str:
+    """Names the database (a worker on another one, a URL missing from this shell, is no worker
+    here) and what the live workers serve (a typo in --backend waits for nobody)."""
     which = f"backend {backend!r}" if backend else "jobs without a backend"
+    live = f" (live workers serve: {', '.join(served)})" if served else ""
     return (
-        f"no live worker serves {which} on {failures.state.database}: the job stays queued until "
-        "one starts (imagen-worker run); Ctrl-C leaves it queued"
+        f"no live worker serves {which} on {failures.state.database}{live}: the job stays queued "
+        "until one starts (imagen-worker run); Ctrl-C leaves it queued"
     )
 
 
@@ -90,7 +92,8 @@ async def follow(
                     next_worker_check = time.monotonic() + WORKER_CHECK_EVERY
                     live = await conn.fetchval(sql("live_workers_for_backend"), row["backend"])
                     if not live and not warned:
-                        console.print(f"imagen: {no_worker_message(row['backend'])}", highlight=False)
+                        served = await conn.fetchval(sql("live_backends"))
+                        console.print(f"imagen: {no_worker_message(row['backend'], served)}", highlight=False)
                     warned = warned or not live
                 if row["status"] == "running" and progress:
                     label = running_label(progress)

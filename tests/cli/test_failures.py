@@ -7,6 +7,7 @@ is needed; ``--debug`` brings the traceback back.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
@@ -19,9 +20,10 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from imagen_worker.config import load_config
 from imagen_worker.db.connect import describe_dsn
 from imagen_worker.db.migrate import migrate
-from tests.workers import BIN, worker_env, write_config
+from tests.workers import BIN, running_worker, worker_env, write_config
 
 DOWN = "postgresql://imagen:hunter2-secret@127.0.0.1:1/imagen"
 
@@ -243,15 +245,8 @@ async def test_submit_wait_says_no_worker_serves_it_and_ctrl_c_leaves_it_queued(
         env=worker_env(database_url, config), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        assert proc.stderr is not None
-        seen = []
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            seen.append(line)
-            if "no live worker serves" in line:
-                break
-        assert f"no live worker serves backend 'mock' on {describe_dsn(database_url)}: " in "".join(seen)
+        said = _stderr_until(proc, "no live worker serves")
+        assert f"no live worker serves backend 'mock' on {describe_dsn(database_url)}: " in said
         proc.send_signal(sig)
         _out, rest = proc.communicate(timeout=20)
     finally:
@@ -261,6 +256,37 @@ async def test_submit_wait_says_no_worker_serves_it_and_ctrl_c_leaves_it_queued(
     assert proc.returncode == 130
     assert f"it stays queued (cancel it with: imagen cancel {job_id})" in rest
     assert await db.fetchval("SELECT status FROM imagen.jobs WHERE id = $1", job_id) == "pending"
+
+
+def _stderr_until(proc: subprocess.Popen[str], text: str, within: float = 20) -> str:
+    assert proc.stderr is not None
+    seen = []
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        seen.append(proc.stderr.readline())
+        if text in seen[-1]:
+            break
+    return "".join(seen)
+
+
+async def test_submit_wait_to_a_backend_no_live_worker_serves_names_what_they_serve(
+    database_url: str, db: asyncpg.Pool, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path)
+    async with running_worker(load_config(config), database_url):
+        proc = subprocess.Popen(
+            [str(BIN / "imagen"), "submit", "a typo", "--backend", "mokc", "--wait"],
+            env=worker_env(database_url, config), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            said = await asyncio.to_thread(_stderr_until, proc, "no live worker serves")
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert "no live worker serves backend 'mokc' on " in said
+    assert "(live workers serve: mock): the job stays queued" in said
 
 
 async def test_check_run_and_validate_read_the_same_file_and_say_which(
