@@ -25,7 +25,7 @@ from imagen_worker.cli.config_cmd import check as validate
 from imagen_worker.config import Config, collect_problems, config_file, resolve_path
 from imagen_worker.db import migrate as migrations
 from imagen_worker.db.connect import connect, describe_dsn
-from imagen_worker.errors import ConfigError
+from imagen_worker.errors import ConfigError, JobError
 from imagen_worker.observability.logging import Redactor
 from imagen_worker.queries import sql
 from imagen_worker.worker import disk
@@ -42,8 +42,12 @@ class CheckResult:
 
 
 def _error_text(exc: BaseException) -> str:
-    text = str(exc).strip()
-    message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    """Our own errors are sentences already; anything else gets its class name."""
+    if isinstance(exc, JobError):
+        message = exc.message
+    else:
+        text = str(exc).strip()
+        message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return Redactor.from_env().scrub(message)
 
 
@@ -211,8 +215,8 @@ async def _storage_result(config: Config, seconds: float) -> CheckResult:
             await sink.check()
     except TimeoutError:
         return CheckResult("storage", False, f"{kind}: no answer within {seconds:g}s")
-    except Exception as exc:
-        return CheckResult("storage", False, f"{kind}: {_error_text(exc)}")
+    except Exception as exc:  # the line is the storage line already: no "storage: " twice
+        return CheckResult("storage", False, f"{kind}: {_error_text(exc).removeprefix('storage: ')}")
     finally:
         await _close_quietly(sink.aclose, seconds)
     if sink.is_cloud:

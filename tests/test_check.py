@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Self
@@ -152,6 +153,24 @@ async def test_storage_on_without_credentials_fails(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("IMAGEN_CLOUD_SYNC", "on")
     row = _by_name(await run_checks(_config(tmp_path), dsn=None))["storage"]
     assert not row.ok and "SUPABASE_URL" in row.detail
+
+
+async def test_unreachable_storage_is_one_sentence_on_its_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("IMAGEN_CLOUD_SYNC", "on")
+    monkeypatch.setenv("SUPABASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("SUPABASE_SERVICE_KEY", "sb_secret_" + "x" * 30)
+    config = _config(tmp_path, storage={"type": "supabase", "max_retries": 0})
+
+    row = _by_name(await run_checks(config, dsn=None))["storage"]
+
+    assert row == CheckResult(
+        "storage", False, f"supabase: cannot reach http://127.0.0.1:{port} (ConnectError, 1 attempt(s))"
+    ), "no class name, no storage: twice"
 
 
 async def test_invalid_config_file_is_reported_and_database_still_checked(

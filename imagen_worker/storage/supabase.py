@@ -432,7 +432,11 @@ class SupabaseSink(StorageSink):
         try:
             response = await self._with_retries("check", None, attempt_once)
         except StorageUnavailable as exc:
-            raise StorageUnavailable(f"storage: cannot reach {self.url}: {exc.message}") from None
+            why = exc.detail.get("transport_error") or exc.message
+            raise StorageUnavailable(
+                f"storage: cannot reach {self.url} ({why}, {self.max_retries + 1} attempt(s))",
+                detail=exc.detail,
+            ) from None
         if response.is_success:
             return
         error = StorageApiError.from_response(response)

@@ -406,8 +406,10 @@ async def test_check_reports_an_unreachable_server_as_retryable_not_misconfigure
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
 
-    with pytest.raises(RetryableError, match="cannot reach"):
+    with pytest.raises(RetryableError) as caught:
         await make_sink(url=f"http://127.0.0.1:{port}", max_retries=0).check()
+    said = f"storage: cannot reach http://127.0.0.1:{port} (ConnectError, 1 attempt(s))"
+    assert caught.value.message == said, "one sentence: where, why, how often"
 
 
 # --- configuration -----------------------------------------------------------------------
