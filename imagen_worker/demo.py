@@ -25,6 +25,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from imagen_worker import output
 from imagen_worker.cli.watch import TERMINAL
 from imagen_worker.config import data_dir
 from imagen_worker.db import embedded
@@ -131,7 +132,7 @@ async def _show_batch(dsn: str, paths: list[str]) -> bool:
             f"{row['storage_path']}  thumbnail {row['thumbnail_path']}",
             soft_wrap=True, highlight=False,
         )  # fmt: skip
-    thumbs = [Path(p).with_name(f"{Path(p).stem}.thumb.webp") for p in paths]
+    thumbs = [output.thumbnail_path(Path(p)) for p in paths]
     for thumb in thumbs:
         console.print("thumbnail:", str(thumb), f"({thumb.stat().st_size} bytes)", soft_wrap=True)
     return len(rows) == 4 and all(thumb.is_file() for thumb in thumbs)

@@ -464,19 +464,46 @@ def _atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
 
 
 def claim_path(directory: Path, relative: Path, job_id: UUID) -> Path:
-    """The final local path; a file of another job at that name gets a job suffix instead."""
+    """The final local path, reserved for this job before anything is written.
+
+    The name is created empty with ``O_EXCL`` (the image then replaces the empty file), so two
+    jobs that name the same file at the same moment (same prompt, seed and day, in one worker
+    or two on this host) never write over each other's image, thumbnail or sidecar. A name
+    another job holds gets this job's id as a suffix; this job's own file from an earlier
+    attempt here (its sidecar says so) is reused.
+    """
     path = directory / relative
-    side = sidecar_path(path)
-    if path.exists() and side.exists():
-        try:
-            owner = json.loads(side.read_text(encoding="utf-8")).get("job_id")
-        except (OSError, ValueError):
-            owner = None
-        if owner != str(job_id):
-            path = path.with_name(f"{path.stem}-{job_id.hex[:8]}{path.suffix}")
-    elif path.exists():
-        path = path.with_name(f"{path.stem}-{job_id.hex[:8]}{path.suffix}")
-    return path
+    short = path.with_name(f"{path.stem}-{job_id.hex[:8]}{path.suffix}")
+    for candidate in (path, short):
+        if _reserve(candidate) or _written_by(candidate, job_id):
+            return candidate
+    return path.with_name(f"{path.stem}-{job_id.hex}{path.suffix}")  # no other job has this one
+
+
+def _reserve(path: Path) -> bool:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        handle = os.open(path, flags, 0o644)
+    except FileExistsError:
+        return False
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = os.open(path, flags, 0o644)
+    os.close(handle)
+    return True
+
+
+def _written_by(path: Path, job_id: UUID) -> bool:
+    try:
+        return bool(json.loads(sidecar_path(path).read_text(encoding="utf-8")).get("job_id") == str(job_id))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def thumbnail_path(image_path: Path) -> Path:
+    """Beside the image and named after all of it, extension included: ``a.png``'s thumbnail
+    is ``a.png.thumb.webp`` and can never be ``a.webp``'s."""
+    return image_path.with_name(f"{image_path.name}.thumb.webp")
 
 
 def write_image(path: Path, data: bytes) -> None:

@@ -426,7 +426,7 @@ class Pipeline:
         if small is None and size:
             small = output.thumbnail(data, size)  # started after the image's flush, to overlap it
         if small is not None:
-            thumbnail_path = image_path.with_name(f"{image_path.stem}.thumb.webp")
+            thumbnail_path = output.thumbnail_path(image_path)
             output.write_copy(thumbnail_path, small)  # derived from the image: no fsync of its own
             files.written.append(thumbnail_path)
             thumbnail_key = keys.thumbnail_key(spec.owner_user_id, job_id, index)

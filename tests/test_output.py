@@ -117,6 +117,16 @@ def test_a_name_taken_by_another_job_gets_a_job_suffix_but_a_retry_reuses_its_ow
     assert claim_path(tmp_path, relative, JOB).name == "fox-1.png"
 
 
+def test_a_claimed_name_is_reserved_at_once_so_a_second_job_claiming_it_gets_its_own(tmp_path: Path) -> None:
+    other = uuid.UUID("87654321-0000-4000-8000-000000000000")
+
+    first = claim_path(tmp_path, Path("day/fox-1.png"), JOB)  # nothing written yet
+    second = claim_path(tmp_path, Path("day/fox-1.png"), other)
+
+    assert (first.name, second.name) == ("fox-1.png", "fox-1-87654321.png")
+    assert first.read_bytes() == b"" and second.read_bytes() == b"", "reserved, empty until written"
+
+
 def _encoded(fmt: str, size: tuple[int, int]) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, (200, 30, 90)).save(buffer, format=fmt)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
+import json
 import os
 import uuid
 from pathlib import Path
@@ -369,3 +371,32 @@ def test_a_backend_block_with_a_bad_format_or_quality_is_refused_in_one_line(
     with pytest.raises(ConfigError) as caught:
         MockBackend.from_config("mock", {"type": "mock", **block})
     assert str(caught.value) == message
+
+
+async def test_jobs_naming_the_same_file_at_the_same_moment_each_keep_their_own_files(tmp_path: Path) -> None:
+    # Same prompt, seed and day: the same name under the default template. Different owners
+    # and sizes, so any file one job wrote over the other's would show.
+    line = pipeline(tmp_path, FlakyStore(0))
+    owners = [uuid.UUID(int=n) for n in range(1, 9)]
+    specs = [
+        JobSpec(owner_user_id=o, prompt="a fox", seed=7, width=64 * (n + 1), height=64)
+        for n, o in enumerate(owners)
+    ]
+    artifacts = await asyncio.gather(*(line.run(uuid.uuid4(), spec, CountingContext()) for spec in specs))
+
+    pictures = [artifact.pictures[0] for artifact in artifacts]
+    assert len({p.image_path for p in pictures}) == len({p.thumbnail_path for p in pictures}) == len(specs)
+    for spec, picture in zip(specs, pictures, strict=True):
+        assert hashlib.sha256(picture.image_path.read_bytes()).hexdigest() == picture.sha256
+        assert picture.thumbnail_path is not None
+        with Image.open(picture.image_path) as image, Image.open(picture.thumbnail_path) as thumb:
+            assert image.width == spec.width and json.loads(image.info["imagen"])["prompt"] == "a fox"
+            assert thumb.width / thumb.height == pytest.approx(spec.width / spec.height, rel=0.05)
+        assert (
+            json.loads(output.sidecar_path(picture.image_path).read_text())["requested_size"][0] == spec.width
+        )
+
+
+async def test_an_images_thumbnail_is_named_after_its_whole_name(tmp_path: Path) -> None:
+    assert output.thumbnail_path(tmp_path / "fox-7.png") != output.thumbnail_path(tmp_path / "fox-7.webp")
+    assert output.thumbnail_path(tmp_path / "fox-7.png").name == "fox-7.png.thumb.webp"

@@ -8,6 +8,7 @@ from pathlib import Path
 import asyncpg
 from PIL import Image
 
+from imagen_worker.output import thumbnail_path
 from tests.workers import insert_job, make_config, running_worker, terminal
 
 OWNER = uuid.UUID("00000000-0000-4000-8000-000000000010")
@@ -44,7 +45,7 @@ async def test_a_web_insert_of_n_4_webp_gives_four_rows_with_thumbnails_and_the_
         with Image.open(local) as image:
             assert (image.format, image.size) == ("WEBP", (96, 64))
         assert row["mime_type"] == "image/webp" and row["bytes"] == local.stat().st_size
-        with Image.open(local.with_name(f"{local.stem}.thumb.webp")) as thumb:
+        with Image.open(thumbnail_path(local)) as thumb:
             assert thumb.format == "WEBP" and max(thumb.size) <= 256
 
 
