@@ -20,7 +20,7 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -378,8 +378,11 @@ class Pipeline:
             raise
         return artifact
 
-    def _embedded(self, spec: JobSpec, request: GenerateRequest, result: GenerateResult) -> dict[str, Any]:
-        """What goes inside the image file: enough to make it again."""
+    def _embedded(
+        self, spec: JobSpec, request: GenerateRequest, result: GenerateResult, index: int
+    ) -> dict[str, Any]:
+        """What goes inside the image file: enough to make it again. An image of a batch says
+        which one it is: they share the seed and differ by their place in the batch."""
         embedded: dict[str, Any] = {
             "prompt": request.prompt,
             "negative_prompt": request.negative_prompt,
@@ -388,6 +391,9 @@ class Pipeline:
             "model": result.model,
             "params": dict(request.params),
         }
+        batch_size = len(result.extra_outputs) + 1
+        if batch_size > 1:
+            embedded |= {"index": index, "batch_size": batch_size}
         workflow = result.metadata.get("workflow_graph")
         if workflow is not None:
             embedded["workflow"] = workflow
@@ -410,7 +416,7 @@ class Pipeline:
         own = backend.output_defaults
         fmt = spec.format or own.format or self.output.format
         quality = spec.quality or own.quality or self.output.quality
-        embedded = self._embedded(spec, request, result) if self.output.embed_metadata else None
+        embedded = self._embedded(spec, request, result, index) if self.output.embed_metadata else None
         size = self.output.thumbnail_size
         data, facts, small = output.encode(
             produced.read(), fmt, quality, embedded, declared_mime=produced.mime_type, thumbnail_size=size
@@ -454,7 +460,7 @@ class Pipeline:
             "storage_path": names.storage_key,
             "thumbnail_path": thumbnail_key,
             "local_path": str(image_path),
-            "created_at": when.isoformat(),
+            "created_at": when.astimezone(UTC).isoformat(),  # not the worker's time zone
             "latency_ms": latency_ms,
             "output": produced.origin,
             "backend_metadata": result.metadata if index == 0 else {},

@@ -154,6 +154,10 @@ def check_prompt(prompt: str, flag: str = "the prompt") -> None:
         raise InputError(f"{flag} is empty: describe the image to generate")
     if len(prompt) > PROMPT_MAX:
         raise InputError(f"{flag} has {len(prompt)} characters; at most {PROMPT_MAX} are accepted")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the terminal's encoding could not decode (surrogate escapes)
+        raise InputError(f"{flag} is not valid UTF-8 text; check the terminal's encoding") from None
 
 
 def check_status(status: str | None) -> str | None:

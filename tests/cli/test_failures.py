@@ -213,6 +213,7 @@ def test_a_database_url_that_is_not_postgresql_is_a_config_error_that_does_not_e
             "--style 'no-such' is not a style; `imagen styles` lists them",
         ),
         (["submit", "   "], "the prompt is empty"),
+        (["generate", "bad \udcff bytes"], "the prompt is not valid UTF-8 text"),
         (["list", "--status", "bogus"], "use one of pending, running, done, failed, cancelled"),
         (["list", "--limit", "abc"], "'--limit'"),
         (["status", "not-a-uuid"], "not a job id"),

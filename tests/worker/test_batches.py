@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
+from xml.etree import ElementTree
 
 import asyncpg
 from PIL import Image
@@ -44,6 +46,12 @@ async def test_a_web_insert_of_n_4_webp_gives_four_rows_with_thumbnails_and_the_
         local = Path(row["local_path"])
         with Image.open(local) as image:
             assert (image.format, image.size) == ("WEBP", (96, 64))
+            packet = ElementTree.fromstring(image.info["xmp"])
+        embedded = json.loads(next(e.text for e in packet.iter() if e.tag.endswith("}metadata") and e.text))[
+            "imagen"
+        ]
+        assert (embedded["index"], embedded["batch_size"]) == (row["index"], 4), "which image of the batch"
+        assert row["sidecar"]["created_at"].endswith("+00:00"), "UTC, not the worker's time zone"
         assert row["mime_type"] == "image/webp" and row["bytes"] == local.stat().st_size
         with Image.open(thumbnail_path(local)) as thumb:
             assert thumb.format == "WEBP" and max(thumb.size) <= 256
