@@ -298,15 +298,26 @@ def xmp_packet(metadata: Mapping[str, Any]) -> bytes:
     ).encode()
 
 
+# What a JPEG leaves out, in turn, when its metadata does not fit one segment; the sidecar keeps
+# everything. Seed, steps and model always fit, so an image never loses what makes it again.
+_JPEG_OMISSIONS = (("workflow",), ("workflow", "prompt", "negative_prompt", "params"))
+
+
 def _fit_jpeg_segment(metadata: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """``metadata`` as it fits one JPEG segment: whole, else without the workflow graph (the
-    sidecar keeps it), else nothing at all (a prompt that long stays in the sidecar alone)."""
+    """``metadata`` as it fits one JPEG segment: whole, else without the workflow graph, else
+    without the prompts and params too (an 8,000-character prompt in a script of three bytes a
+    character), each omission named in the metadata."""
     if len(xmp_packet(metadata)) <= _JPEG_SEGMENT_BYTES:
         return metadata
     imagen = metadata.get("imagen")
-    if isinstance(imagen, Mapping) and "workflow" in imagen:
-        rest = {key: value for key, value in imagen.items() if key != "workflow"}
-        slim = {**metadata, "imagen": {**rest, "workflow_omitted": "too large for a JPEG; see the sidecar"}}
+    if not isinstance(imagen, Mapping):
+        return None
+    for omitted in _JPEG_OMISSIONS:
+        rest = {key: value for key, value in imagen.items() if key not in omitted}
+        notes = {
+            f"{key}_omitted": "too large for a JPEG; see the sidecar" for key in omitted if key in imagen
+        }
+        slim = {**metadata, "imagen": {**rest, **notes}}
         if len(xmp_packet(slim)) <= _JPEG_SEGMENT_BYTES:
             return slim
     return None

@@ -11,6 +11,7 @@ import uuid
 import zlib
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 from xml.etree import ElementTree
 
 import pytest
@@ -320,6 +321,31 @@ def test_a_jpeg_leaves_out_a_workflow_too_large_for_its_segments_and_keeps_the_r
     assert described["imagen"]["workflow_omitted"] == "too large for a JPEG; see the sidecar"
     with Image.open(io.BytesIO(webp)) as image:  # a WebP chunk has no such limit
         assert json.loads(image.getexif()[0x010E]) == huge
+
+
+def test_a_jpeg_whose_prompt_alone_is_too_large_keeps_seed_steps_and_model() -> None:
+    prompt = ("雪の中の赤い狐" * 1200)[:8000]  # the longest prompt, three bytes a character
+    embedded: dict[str, Any] = {
+        "imagen": {
+            "prompt": prompt,
+            "negative_prompt": None,
+            "seed": 7,
+            "steps": 20,
+            "model": "sd15",
+            "params": {},
+        }
+    }
+    jpeg, _, _ = encode(_png_with_comfy_chunks(), "jpeg", 80, embedded)
+    with Image.open(io.BytesIO(jpeg)) as image:
+        described = json.loads(image.getexif()[0x010E])
+        assert _xmp(image).findtext(".//imagen:seed", namespaces=XMP) == "7"
+    assert {key: described["imagen"][key] for key in ("seed", "steps", "model")} == {
+        "seed": 7,
+        "steps": 20,
+        "model": "sd15",
+    }
+    assert "prompt" not in described["imagen"]
+    assert described["imagen"]["prompt_omitted"] == "too large for a JPEG; see the sidecar"
 
 
 def test_png_output_keeps_text_chunks_and_gets_no_xmp() -> None:
