@@ -221,7 +221,9 @@ def _png_text_rewritten(data: bytes, metadata: Mapping[str, Any] | None) -> byte
     every metadata chunk goes.
     """
     chunks = _png_chunks(data)
-    if chunks is None:
+    if chunks is None or any(kind == b"eXIf" for kind, _ in chunks):
+        # EXIF may turn the image (decoded and written upright instead) and may say where it
+        # was made (GPS): never ours to pass on. No backend known here writes one.
         return None
 
     def keep(kind: bytes, body: bytes) -> bool:

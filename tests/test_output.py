@@ -365,24 +365,30 @@ def test_embed_metadata_false_strips_every_chunk(fmt: str) -> None:
     assert b"KSampler" not in data and b"x:xmpmeta" not in data and b"ns.adobe.com/xap" not in data
 
 
-def _turned_camera_jpeg() -> bytes:
-    """400x200 stored pixels whose EXIF says: turn 90 degrees clockwise; and a camera's make."""
+def _turned_camera_image(fmt: str = "JPEG") -> bytes:
+    """400x200 stored pixels whose EXIF says: turn 90 degrees clockwise; a camera's make, and
+    where it was (GPS)."""
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation
     exif[0x010F] = "a camera maker"  # Make
+    exif[0x8825] = {1: "N", 2: (48.0, 51.0, 29.0)}  # GPSInfo: latitude
     out = io.BytesIO()
-    Image.new("RGB", (400, 200), (200, 30, 30)).save(out, format="JPEG", exif=exif)
+    Image.new("RGB", (400, 200), (200, 30, 30)).save(out, format=fmt, exif=exif)
     return out.getvalue()
 
 
+@pytest.mark.parametrize("source", ["JPEG", "PNG"])
 @pytest.mark.parametrize("fmt", ["png", "webp", "jpeg"])
-def test_a_turned_camera_image_is_written_upright_and_with_none_of_the_cameras_metadata(fmt: str) -> None:
-
+def test_a_turned_camera_image_is_written_upright_and_with_none_of_the_cameras_metadata(
+    source: str, fmt: str
+) -> None:
+    # A PNG with an eXIf chunk too: its text chunks alone are rewritten otherwise.
     for metadata in (EMBEDDED, None):
-        data, facts, _ = encode(_turned_camera_jpeg(), fmt, 80, metadata)
+        data, facts, _ = encode(_turned_camera_image(source), fmt, 80, metadata)
         with Image.open(io.BytesIO(data)) as image:
             assert image.size == (200, 400) and (facts.width, facts.height) == (200, 400)
-            assert 0x0112 not in image.getexif() and 0x010F not in image.getexif()
+            exif = image.getexif()
+            assert 0x0112 not in exif and 0x010F not in exif and 0x8825 not in exif
 
 
 def test_what_cannot_be_decoded_keeps_its_bytes_and_the_type_the_backend_declared() -> None:
@@ -417,7 +423,7 @@ def test_a_thumbnail_is_a_small_webp_keeping_the_aspect_ratio() -> None:
 
 def test_a_thumbnail_is_upright_when_the_camera_said_the_image_is_turned() -> None:
 
-    small = thumbnail(_turned_camera_jpeg(), 256)
+    small = thumbnail(_turned_camera_image(), 256)
     assert small is not None
     with Image.open(io.BytesIO(small)) as image:
         assert image.size == (128, 256)
