@@ -124,7 +124,7 @@ def encode(
         ImageOps.exif_transpose(source, in_place=True)
         image = _savable(source, fmt)
         text = source.info if source.format == "PNG" else {}
-        encoded = _saved(image, fmt, quality, metadata, text)
+        encoded = _saved(image, fmt, quality, metadata, text, source.info.get("icc_profile"))
         facts = ImageFacts(width=image.width, height=image.height, mime_type=MIME_OF_FORMAT[fmt])
         small = None
         if thumbnail_size:
@@ -133,20 +133,34 @@ def encode(
     return Encoded(encoded, facts, small)
 
 
+def _has_alpha(image: Image.Image) -> bool:
+    return "A" in image.mode or "transparency" in image.info
+
+
 def _savable(image: Image.Image, fmt: str) -> Image.Image:
-    """``image`` in a mode ``fmt`` can hold (a JPEG has no alpha)."""
+    """``image`` in a mode ``fmt`` can hold. A JPEG has no alpha: transparent parts go white,
+    as a viewer shows them, not the colour that happened to sit under them."""
     if fmt == "jpeg" and image.mode not in ("RGB", "L"):
-        return image.convert("RGB")
+        if not _has_alpha(image):
+            return image.convert("RGB")
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
     if image.mode not in ("RGB", "RGBA", "L", "LA"):
-        return image.convert("RGBA" if "transparency" in image.info or "A" in image.mode else "RGB")
+        return image.convert("RGBA" if _has_alpha(image) else "RGB")
     return image
 
 
 def _saved(
-    image: Image.Image, fmt: str, quality: int, metadata: Mapping[str, Any] | None, text: Mapping[Any, Any]
+    image: Image.Image,
+    fmt: str,
+    quality: int,
+    metadata: Mapping[str, Any] | None,
+    text: Mapping[Any, Any],
+    icc: bytes | None = None,
 ) -> bytes:
-    """``image`` saved as ``fmt``; a PNG keeps ``text`` (the source's own chunks) with the metadata."""
-    options: dict[str, Any] = {}
+    """``image`` saved as ``fmt``; a PNG keeps ``text`` (the source's own chunks) with the metadata.
+    Every format keeps the source's colour profile (``icc``): its colours mean what they meant."""
+    options: dict[str, Any] = {"icc_profile": icc} if icc else {}
     if fmt == "png":
         info = PngImagePlugin.PngInfo()
         if metadata is not None:
@@ -341,7 +355,7 @@ def _thumbnail_of(image: Image.Image, size: int) -> bytes:
     """``thumbnail`` of a decoded, upright image, which this shrinks in place."""
     image.thumbnail((size, size))
     if image.mode not in ("RGB", "RGBA"):
-        image = image.convert("RGBA" if "A" in image.mode else "RGB")
+        image = image.convert("RGBA" if _has_alpha(image) else "RGB")
     out = io.BytesIO()
     # method 0: the encoder's fastest setting, about 4x faster than its default for a
     # 256 px image at much the same size; a thumbnail is made for every image.

@@ -453,3 +453,43 @@ def test_batch_keys_are_a_pure_function_of_owner_job_and_index() -> None:
     assert thumbnail_key(OWNER, JOB, 3) == f"{OWNER}/{JOB}/3.thumb.webp"
     with pytest.raises(ValueError):
         object_key(OWNER, JOB, "png", -1)
+
+
+def _png(image: Image.Image, **options: Any) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG", **options)
+    return out.getvalue()
+
+
+def test_transparent_parts_of_a_jpeg_are_white_not_the_colour_hidden_under_them() -> None:
+    hidden = Image.new("RGBA", (64, 64), (255, 0, 0, 0))  # fully transparent red
+
+    data, _, _ = encode(_png(hidden), "jpeg", 95, None)
+
+    with Image.open(io.BytesIO(data)) as image:
+        red, green, blue = image.convert("RGB").getpixel((32, 32))  # type: ignore[misc]
+    assert min(red, green, blue) > 245
+
+
+def test_a_palette_image_with_transparency_keeps_it_in_its_thumbnail() -> None:
+    palette = Image.new("P", (64, 64), 0)
+    palette.putpalette([255, 0, 0] + [0, 0, 0] * 255)
+
+    small = thumbnail(_png(palette, transparency=0), 32)
+
+    assert small is not None
+    with Image.open(io.BytesIO(small)) as image:
+        assert image.mode == "RGBA" and image.getpixel((16, 16))[3] == 0  # type: ignore[index]
+
+
+@pytest.mark.parametrize("fmt", ["png", "webp", "jpeg"])
+def test_the_colour_profile_stays_in_every_format(fmt: str) -> None:
+    from PIL import ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    source = _png(Image.new("RGB", (64, 64), (10, 200, 30)), icc_profile=profile)
+
+    data, _, _ = encode(source, fmt, 80, EMBEDDED)
+
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.info.get("icc_profile") == profile
