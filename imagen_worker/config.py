@@ -66,6 +66,9 @@ class OutputConfig(_Block):
     quality: int = Field(default=90, ge=1, le=100)
     # Prompt, seed and workflow inside the image file (PNG text, EXIF); false strips them all.
     embed_metadata: bool = True
+    # With embed_metadata: the backend's workflow graph too (ours, and ComfyUI's own PNG
+    # chunks). Whoever downloads the image can read it; false keeps prompt, seed and params.
+    embed_workflow: bool = True
     # Longer side of the WebP thumbnail uploaded beside each image; 0 makes none.
     thumbnail_size: int = Field(default=256, ge=0, le=2048)
     # The worker claims nothing while the directory's filesystem has less free; 0: no floor.

@@ -88,20 +88,22 @@ def encode(
     *,
     declared_mime: str = "application/octet-stream",
     thumbnail_size: int = 0,
+    backend_text: bool = True,
 ) -> Encoded:
     """The image in ``fmt``, with ``metadata`` embedded, or with no metadata at all when None.
 
     PNG gets one text chunk per key (a ComfyUI PNG's own ``prompt``/``workflow`` chunks are
-    kept only when metadata is embedded); WebP and JPEG get the metadata as JSON in the EXIF
-    ImageDescription and as an XMP packet (``xmp_packet``). A JPEG segment holds under 64 KiB,
-    so a JPEG whose metadata is larger embeds it without the workflow graph. Bytes Pillow
+    kept only when metadata is embedded and ``backend_text`` is set); WebP and JPEG get the
+    metadata as JSON in the EXIF ImageDescription and as an XMP packet (``xmp_packet``). A JPEG
+    segment holds under 64 KiB, so a JPEG whose metadata is larger embeds it without the
+    workflow graph (``_fit_jpeg_segment``). Bytes Pillow
     cannot read (a video) are returned as they are, under ``declared_mime``; a PNG, WebP or
     JPEG that cannot be read raises ``RetryableError``. An image whose EXIF says it is turned
     is written upright, in every format. With ``thumbnail_size``, an image decoded here also
     gives its thumbnail: a second decode of a 1024 px WebP costs about 7 ms.
     """
     if fmt == "png":
-        rewritten = _png_text_rewritten(data, metadata)
+        rewritten = _png_text_rewritten(data, metadata, backend_text)
         if rewritten is not None:
             return Encoded(rewritten, _png_facts(rewritten))
     try:
@@ -123,7 +125,7 @@ def encode(
         # In place: a copy of a decoded 1024 px image costs 5 ms of fresh memory here.
         ImageOps.exif_transpose(source, in_place=True)
         image = _savable(source, fmt)
-        text = source.info if source.format == "PNG" else {}
+        text = source.info if source.format == "PNG" and backend_text else {}
         encoded = _saved(image, fmt, quality, metadata, text, source.info.get("icc_profile"))
         facts = ImageFacts(width=image.width, height=image.height, mime_type=MIME_OF_FORMAT[fmt])
         small = None
@@ -227,12 +229,14 @@ def _png_text_key(kind: bytes, body: bytes) -> str | None:
     return body.split(b"\0", 1)[0].decode("latin-1")
 
 
-def _png_text_rewritten(data: bytes, metadata: Mapping[str, Any] | None) -> bytes | None:
+def _png_text_rewritten(
+    data: bytes, metadata: Mapping[str, Any] | None, backend_text: bool = True
+) -> bytes | None:
     """The PNG with its metadata chunks replaced, pixels untouched; None if it is no valid PNG.
 
     With ``metadata`` the file keeps its own text chunks (ComfyUI's ``prompt`` and
-    ``workflow``) except those ``metadata`` replaces, and gains one chunk per key; without it
-    every metadata chunk goes.
+    ``workflow``) except those ``metadata`` replaces, unless ``backend_text`` is off, and gains
+    one chunk per key; without it every metadata chunk goes.
     """
     chunks = _png_chunks(data)
     if chunks is None or any(kind == b"eXIf" for kind, _ in chunks):
@@ -243,7 +247,7 @@ def _png_text_rewritten(data: bytes, metadata: Mapping[str, Any] | None) -> byte
     def keep(kind: bytes, body: bytes) -> bool:
         if kind not in _PNG_METADATA_CHUNKS:
             return True
-        return metadata is not None and _png_text_key(kind, body) not in metadata
+        return metadata is not None and backend_text and _png_text_key(kind, body) not in metadata
 
     kept = [(kind, body) for kind, body in chunks if keep(kind, body)]
     if metadata is not None:

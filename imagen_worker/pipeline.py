@@ -395,7 +395,7 @@ class Pipeline:
         if batch_size > 1:
             embedded |= {"index": index, "batch_size": batch_size}
         workflow = result.metadata.get("workflow_graph")
-        if workflow is not None:
+        if workflow is not None and self.output.embed_workflow:
             embedded["workflow"] = workflow
         return {"imagen": embedded}
 
@@ -419,8 +419,9 @@ class Pipeline:
         embedded = self._embedded(spec, request, result, index) if self.output.embed_metadata else None
         size = self.output.thumbnail_size
         data, facts, small = output.encode(
-            produced.read(), fmt, quality, embedded, declared_mime=produced.mime_type, thumbnail_size=size
-        )
+            produced.read(), fmt, quality, embedded, declared_mime=produced.mime_type, thumbnail_size=size,
+            backend_text=self.output.embed_workflow,
+        )  # fmt: skip
         names = output.plan_names(
             self.output.naming, prompt=spec.prompt, seed=seed, backend=backend.name,
             mime_type=facts.mime_type, job_id=job_id, owner_user_id=spec.owner_user_id, when=when,

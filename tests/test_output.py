@@ -197,14 +197,14 @@ async def test_one_job_through_the_pipeline_costs_two_fsyncs(
     assert len(calls) == 2, "image file and its directory; the sidecar and journal are not fsynced"
 
 
-def _png_with_comfy_chunks() -> bytes:
+def _png_with_comfy_chunks(**options: Any) -> bytes:
     from PIL import PngImagePlugin
 
     info = PngImagePlugin.PngInfo()
     info.add_text("prompt", '{"3": {"class_type": "KSampler"}}')
     info.add_text("workflow", '{"nodes": []}')
     out = io.BytesIO()
-    Image.new("RGB", (40, 30), (200, 10, 10)).save(out, format="PNG", pnginfo=info)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(out, format="PNG", pnginfo=info, **options)
     return out.getvalue()
 
 
@@ -224,6 +224,19 @@ def test_png_keeps_its_workflow_chunks_and_gains_the_imagen_chunk() -> None:
         assert facts == ImageFacts(40, 30, "image/png") and image.format == "PNG"
         assert json.loads(image.info["imagen"]) == EMBEDDED["imagen"]
         assert image.info["workflow"] == '{"nodes": []}'
+
+
+def test_without_the_backends_text_a_png_keeps_only_ours() -> None:
+    ours = {"imagen": {"prompt": "a heron", "seed": 7}}
+    exif = Image.Exif()
+    exif[0x010F] = "a camera maker"
+    with_exif = _png_with_comfy_chunks(exif=exif)  # decoded and written again
+    assert b"eXIf" in with_exif
+    for source in (_png_with_comfy_chunks(), with_exif):
+        data, _, _ = encode(source, "png", 90, ours, backend_text=False)
+        with Image.open(io.BytesIO(data)) as image:
+            assert json.loads(image.info["imagen"]) == ours["imagen"]
+            assert not {"prompt", "workflow"} & set(image.info), "ComfyUI's own chunks are gone"
 
 
 def test_a_png_that_stays_png_keeps_its_pixel_data_byte_for_byte() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import io
 import json
@@ -400,3 +401,29 @@ async def test_jobs_naming_the_same_file_at_the_same_moment_each_keep_their_own_
 async def test_an_images_thumbnail_is_named_after_its_whole_name(tmp_path: Path) -> None:
     assert output.thumbnail_path(tmp_path / "fox-7.png") != output.thumbnail_path(tmp_path / "fox-7.webp")
     assert output.thumbnail_path(tmp_path / "fox-7.png").name == "fox-7.png.thumb.webp"
+
+
+class WorkflowMock(MockBackend):
+    """A backend that reports the graph it ran, as ComfyUI's adapter does."""
+
+    async def generate(self, request: Any, ctx: Any) -> Any:
+        result = await super().generate(request, ctx)
+        return dataclasses.replace(
+            result, metadata={**result.metadata, "workflow_graph": {"3": {"class_type": "X"}}}
+        )
+
+
+@pytest.mark.parametrize("embed_workflow", [True, False])
+async def test_embed_workflow_decides_whether_the_graph_goes_into_the_image(
+    tmp_path: Path, embed_workflow: bool
+) -> None:
+    backend = WorkflowMock.from_config("mock", {"type": "mock"})
+    config = OutputConfig(directory=tmp_path, embed_workflow=embed_workflow)
+    line = Pipeline({"mock": backend}, "mock", FlakyStore(0), config)
+
+    artifact = await line.run(uuid.uuid4(), SPEC, CountingContext())
+
+    with Image.open(artifact.pictures[0].image_path) as image:
+        embedded = json.loads(image.info["imagen"])
+    assert embedded["prompt"] == "a heron" and embedded["seed"] == artifact.pictures[0].sidecar["seed"]
+    assert ("workflow" in embedded) is embed_workflow
