@@ -116,8 +116,9 @@ async def test_a_backend_that_takes_no_work_shows_why_under_its_worker_until_it_
         job = await insert_job(db, "rendered, then nowhere to put it")  # its write finds the disk
         held = await eventually(lambda: listing_with("takes no work", True), within=10, every=0.2)
         blocker.unlink()  # the disk takes files again
-        freed = await eventually(lambda: listing_with("takes no work", False), within=10, every=0.2)
-        finished = await terminal(db, job)
+        await eventually(lambda: listing_with("takes no work", False), within=10, every=0.2)
+        finished = await terminal(db, job)  # claimed again at once: it may be running just now
+        freed = await run_imagen("workers", dsn=database_url, config=config_path)
 
     reason = held.stdout.splitlines()[2].strip()
     assert reason.startswith(f"mock takes no work: output directory {blocker / 'images'} takes no files: ")
