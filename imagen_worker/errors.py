@@ -18,9 +18,12 @@ MAX_PUBLIC_CHARS = 300
 _TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 _MARKUP = re.compile(r"<(!doctype|html|head|body|script|style)\b.*", re.IGNORECASE | re.DOTALL)
 _TAG = re.compile(r"<[^>]{0,200}>")
+# A URL ends before the punctuation that closes the sentence around it: "(prompt x on
+# http://gpu:8188); it was interrupted" keeps its ");".
+_URL_BODY = r"[a-z][a-z0-9+.-]*://\S+?(?=[)\];,.]*(?:\s|$))"
 # "at http://10.0.0.5:8188", "talking to https://x.supabase.co": the address goes with its preposition.
-_PLACED_URL = re.compile(r"\s+(?:at|from|to|on|talking to|via)\s+[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
-_URL = re.compile(r"[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
+_PLACED_URL = re.compile(r"\s+(?:at|from|to|on|talking to|via)\s+" + _URL_BODY, re.IGNORECASE)
+_URL = re.compile(_URL_BODY, re.IGNORECASE)
 _HOST_PORT = re.compile(
     r"\b(?:\d{1,3}(?:\.\d{1,3}){3}|[a-z0-9-]+(?:\.[a-z0-9-]+)+|localhost):\d{2,5}\b", re.IGNORECASE
 )

@@ -32,6 +32,12 @@ from imagen_worker.errors import MAX_PUBLIC_CHARS, public_message
             "internal error: KeyError: 'x'",
         ),
         ("could not reach gpu-1.lan:8188 (refused)", "could not reach an internal address (refused)"),
+        (
+            "ComfyUI did not finish within 8 s of starting (prompt 2588d392 on http://10.0.0.5:8188); "
+            "it was interrupted",
+            "ComfyUI did not finish within 8 s of starting (prompt 2588d392); it was interrupted",
+        ),
+        ("see https://gpu.lan/x, then retry", "see an internal address, then retry"),
         ("unknown style 'x'; known styles: anime, photo", "unknown style 'x'; known styles: anime, photo"),
         ("", "the job failed for a reason only the operator's log shows"),
     ],

@@ -437,7 +437,7 @@ class Queue:
             return Outcome.RETRIED
         message = error.message
         if error.retryable:
-            message = f"{message} (gave up after {job.attempts} attempts)"
+            message = f"{message} (gave up after {job.attempts} attempt{'' if job.attempts == 1 else 's'})"
         await self.fail(job, message, detail)
         return Outcome.FAILED
 

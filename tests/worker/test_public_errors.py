@@ -53,7 +53,7 @@ async def test_an_internal_address_in_a_backend_error_stays_with_the_operator(
         job = await terminal(db, await insert_job(db, "a heron", owner_user_id=OWNER, max_attempts=1))
 
     assert job["status"] == "failed"
-    assert job["error"] == "ComfyUI is unreachable (connection refused) (gave up after 1 attempts)"
+    assert job["error"] == "ComfyUI is unreachable (connection refused) (gave up after 1 attempt)"
     assert "10.20.30.40" in job["error_detail"]["message"]
 
 
