@@ -95,21 +95,26 @@ class WorkerJobContext:
             self._flush = asyncio.create_task(self._write_after(delay))
 
     async def _write_after(self, delay: float) -> None:
-        if delay:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._flush_now.wait()
-        latest, self._latest = self._latest, None
-        if latest is None:
-            return
-        self._written = True
-        self._last_write = time.monotonic()
-        try:
-            await self.queue.set_progress(self.job, latest)
-        except LeaseLost:
-            return
-        except Exception as exc:  # progress is best effort; the job goes on
-            log.warning("progress write failed", job_id=str(self.job.id), error=str(exc))
+        """Write the latest report once ``delay`` passed; then again, an interval later, what
+        was reported during the write: a long node reports as it starts and then nothing until
+        it ends, and its report must not wait for that."""
+        while True:
+            if delay:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._flush_now.wait()
+            latest, self._latest = self._latest, None
+            if latest is None:
+                return
+            self._written = True
+            self._last_write = time.monotonic()
+            try:
+                await self.queue.set_progress(self.job, latest)
+            except LeaseLost:
+                return
+            except Exception as exc:  # progress is best effort; the job goes on
+                log.warning("progress write failed", job_id=str(self.job.id), error=str(exc))
+            delay = max(0.0, self._last_write + self.min_interval - time.monotonic())
 
     async def close(self) -> None:
         """Write the last progress now, before the final transition.
