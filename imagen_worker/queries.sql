@@ -336,9 +336,11 @@ UPDATE imagen.job_runs w SET error_detail = $5, updated_at = now()
 FROM retried WHERE w.job_id = retried.id;
 
 -- name: mark_cancelled
--- Only a row whose owner asked (cancel_requested): a control message alone never cancels.
+-- Only a row whose owner asked (cancel_requested): a control message alone never cancels. The
+-- render's progress goes with it: a cancelled row does not say "running node 10".
 UPDATE imagen.jobs j
-SET status = 'cancelled', error = $4, finished_at = now(), lease_expires_at = NULL, updated_at = now()
+SET status = 'cancelled', error = $4, finished_at = now(), lease_expires_at = NULL, progress = NULL,
+    updated_at = now()
 FROM imagen.job_runs w
 WHERE j.id = $1 AND w.job_id = j.id AND w.worker_id = $2 AND j.attempts = $3 AND j.status = 'running' AND j.cancel_requested;
 

@@ -428,10 +428,12 @@ async def test_a_cancel_is_written_only_when_the_row_asks_for_it(db: asyncpg.Poo
     with pytest.raises(LeaseLost):
         await queue.cancelled(job)
     assert await queue.cancel_requested([job.key]) == set()
+    await queue.set_progress(job, {"percent": 33.3, "message": "running node 10"})
     await Queue(db).request_cancel(job.id)
     assert await queue.cancel_requested([job.key]) == {job.key}
     await queue.cancelled(job)
-    assert await db.fetchval("SELECT status FROM imagen.jobs") == "cancelled"
+    row = await db.fetchrow("SELECT status, progress FROM imagen.jobs")
+    assert (row["status"], row["progress"]) == ("cancelled", None), "no word of a render that stopped"
 
 
 async def test_a_backend_outage_requeues_without_spending_an_attempt_up_to_a_cap(db: asyncpg.Pool) -> None:
