@@ -90,7 +90,7 @@ from imagen_worker.backends.comfyui.params import closed, params_model
 from imagen_worker.backends.comfyui.pool import Instance, Pool, first_prompt_id, make_ref, parse_ref
 from imagen_worker.backends.comfyui.progress import JobProgress
 from imagen_worker.backends.comfyui.workflows import Workflow, WorkflowError, job_workflow, model_name
-from imagen_worker.errors import BackendUnavailable, ConfigError, RetryableError, TerminalError
+from imagen_worker.errors import BackendUnavailable, ConfigError, JobError, RetryableError, TerminalError
 
 log = structlog.get_logger(__name__)
 
@@ -404,8 +404,12 @@ class ComfyUIBackend(Backend):
         if saves:
             self._saves[prompt_id] = saves
         try:
-            with client.watch(prompt_id) as watch:
-                entry = await self._run_in_slot(inst, prompt_id, watch, ctx, graph, clock)
+            try:
+                with client.watch(prompt_id) as watch:
+                    entry = await self._run_in_slot(inst, prompt_id, watch, ctx, graph, clock)
+            except JobError as exc:
+                self._forget_failed(inst, prompt_id, exc)
+                raise
             executed = time.perf_counter()
             result = await self._collect(inst, prompt_id, entry, graph, request, saves)
         finally:
@@ -488,6 +492,8 @@ class ComfyUIBackend(Backend):
                 if outcome is not Withdrawal.INTERRUPTED:
                     return
             await self._until_gone(inst, prompt_id)
+            if stop and not self.config.keep_history:
+                self._forget(inst, prompt_id)  # interrupted for good: nobody comes back for its entry
         finally:
             withdrawn.set()
             self._pool.release(inst, prompt_id)
@@ -877,6 +883,10 @@ class ComfyUIBackend(Backend):
                 "comfyui instance cannot save files; it takes no prompts for a while",
                 instance=client.base_url, error=exc.message, held_seconds=seconds,
             )  # fmt: skip
+            self._forget_failed(inst, prompt_id, exc)
+            raise
+        except JobError as exc:
+            self._forget_failed(inst, prompt_id, exc)
             raise
         self._pool.saved(inst)
         if saves is not None and saves.over_limit:
@@ -926,6 +936,13 @@ class ComfyUIBackend(Backend):
         return GenerateResult(
             image=outputs[0], metadata=metadata, model=model_name(graph), extra_outputs=outputs[1:]
         )
+
+    def _forget_failed(self, inst: Instance, prompt_id: str, error: JobError) -> None:
+        """A prompt that failed or was interrupted in ComfyUI: a retry submits a new one, so
+        nothing comes back for its history entry. An unreachable server holds none to forget."""
+        ended_there = not isinstance(error, BackendUnavailable) or isinstance(error, failures.ServerDiskFull)
+        if ended_there and not self.config.keep_history:
+            self._forget(inst, prompt_id)
 
     def _forget(self, inst: Instance, prompt_id: str) -> None:
         waiting = self._to_forget.setdefault(inst, [])

@@ -23,7 +23,7 @@ async def newer_fake() -> AsyncIterator[FakeComfyUI]:
 async def test_cancelling_a_running_prompt_interrupts_exactly_that_prompt(
     fake: FakeComfyUI, make_backend: BackendFactory
 ) -> None:
-    backend = await make_backend(fake)
+    backend = await make_backend(fake, keep_history=True)  # to read how the prompt ended
     job = asyncio.create_task(
         backend.generate(make_request("slow [fake:duration=5]", steps=50), RecordingContext())
     )
@@ -37,6 +37,23 @@ async def test_cancelling_a_running_prompt_interrupts_exactly_that_prompt(
     await fake.wait_until(lambda: fake.history_entry(prompt_id) is not None)
     entry = fake.history_entry(prompt_id)
     assert entry is not None and entry["status"]["messages"][-1][0] == "execution_interrupted"
+
+
+async def test_an_interrupted_prompt_is_forgotten_after_the_cancel_unless_history_is_kept(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    backend = await make_backend(fake)
+    job = asyncio.create_task(
+        backend.generate(make_request("slow [fake:duration=5]", steps=50), RecordingContext())
+    )
+    prompt_id = await fake.wait_running()
+
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+
+    await fake.wait_until(lambda: {"delete": [prompt_id]} in [c.body for c in fake.calls("POST", "/history")])
+    await fake.wait_until(lambda: fake.history_entry(prompt_id) is None)
 
 
 async def test_cancelling_a_pending_prompt_deletes_it_and_returns_at_once(

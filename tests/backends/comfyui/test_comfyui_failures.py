@@ -93,6 +93,19 @@ async def test_200_with_node_errors_fails_and_takes_the_prompt_back(
     assert fake.interrupts == []
 
 
+async def test_a_failed_prompt_is_forgotten_so_comfyuis_history_does_not_grow(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    backend = await make_backend(fake)
+
+    with pytest.raises(TerminalError):
+        await backend.generate(make_request("a cat [fake:error=tile size must be even]"), RecordingContext())
+
+    (prompt_id,) = [call.body["prompt_id"] for call in fake.calls("POST", "/prompt")]
+    await fake.wait_until(lambda: fake.history_entry(prompt_id) is None)
+    assert [call.body for call in fake.calls("POST", "/history")] == [{"delete": [prompt_id]}]
+
+
 async def test_an_execution_error_names_node_exception_and_is_terminal(
     fake: FakeComfyUI, make_backend: BackendFactory
 ) -> None:
