@@ -122,6 +122,12 @@ SELECT c.*, r.backend_ref, r.result, r.job_id IS NOT NULL AS ran_before
 FROM claimed c LEFT JOIN imagen.job_runs r ON r.job_id = c.id
 ORDER BY c.priority DESC, c.turn, c.run_at;
 
+-- name: claim_one_at_a_time
+-- Under worker.max_running_per_owner, before the claim in the same transaction: claims across
+-- the fleet wait for each other here, so none counts an owner's running jobs before another
+-- claim's rows are committed. Released at commit.
+SELECT pg_advisory_xact_lock(hashtextextended('imagen.claim.capped', 0));
+
 -- name: unserved_backends
 -- Pending jobs' backends that no live worker serves, with seconds unserved (NULL = no registry
 -- entry left); imagen.unserved_backends() in 0004.

@@ -295,10 +295,19 @@ class Queue:
         """
         if limit <= 0:
             return []
-        rows = await self.db.fetch(
-            sql("claim"), self._me, backend, is_default, list(orphans), limit, float(lease_seconds),
-            float(orphan_after), list(held), max_running_per_owner,
+        args = (
+            self._me, backend, is_default, list(orphans), limit, float(lease_seconds), float(orphan_after),
+            list(held), max_running_per_owner,
         )  # fmt: skip
+        if max_running_per_owner is None:
+            rows = await self.db.fetch(sql("claim"), *args)
+        else:
+            # The cap counts running rows, and two claims at the same moment would each count
+            # before the other committed: under the cap, claims go one at a time, each in a
+            # snapshot taken after the one before committed (a statement's own, read committed).
+            async with self._connection() as conn, conn.transaction():
+                await conn.execute(sql("claim_one_at_a_time"))
+                rows = await conn.fetch(sql("claim"), *args)
         return [Job.from_record(row) for row in rows]
 
     async def unserved_backends(self) -> list[Unserved]:

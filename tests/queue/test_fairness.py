@@ -107,6 +107,22 @@ async def test_max_running_per_owner_holds_across_workers_and_batches(db: asyncp
     assert bs_job in {j.id for j in first}
 
 
+async def test_max_running_per_owner_holds_when_workers_claim_at_the_same_moment(db: asyncpg.Pool) -> None:
+    await enqueue(db, A, 12)
+    workers = [Queue(db, uuid.uuid4()) for _ in range(3)]
+    for _ in range(5):
+        claims = await asyncio.gather(
+            *(
+                w.claim("mock", is_default=True, limit=4, lease_seconds=30, max_running_per_owner=2)
+                for w in workers
+            )
+        )
+        running = await db.fetchval("SELECT count(*) FROM imagen.jobs WHERE status = 'running'")
+        assert sum(len(c) for c in claims) == running == 2, "each claim sees the others' rows"
+        for job in (job for claim in claims for job in claim):
+            await finish(db, job)
+
+
 async def test_a_web_user_past_the_live_job_limit_is_refused_in_words(
     db: asyncpg.Pool, limit_live_jobs: None
 ) -> None:
