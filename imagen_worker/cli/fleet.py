@@ -36,9 +36,18 @@ def describe_seconds(seconds: float) -> str:
     return f"{days}d {hours:02d}h"
 
 
+def silent(row: Mapping[str, Any]) -> bool:
+    return bool(row["live"]) and row["heartbeat_seconds"] > row["ttl_seconds"] * SILENT_AFTER
+
+
+def answering(row: Mapping[str, Any]) -> bool:
+    """Live and heartbeating: what the fleet can count on now (draining ones included)."""
+    return bool(row["live"]) and not silent(row)
+
+
 def state(row: Mapping[str, Any]) -> str:
     if row["live"]:
-        if row["heartbeat_seconds"] > row["ttl_seconds"] * SILENT_AFTER:
+        if silent(row):
             return f"silent {describe_seconds(row['heartbeat_seconds'])}"
         if row["draining"]:
             return "draining"
@@ -89,13 +98,21 @@ def _count(n: int, noun: str) -> str:
 
 
 def summary(rows: Sequence[Mapping[str, Any]]) -> str:
-    live = [row for row in rows if row["live"]]
+    """Silent workers are not counted live: killed or cut off, they may never answer again."""
+    live = [row for row in rows if answering(row)]
     text = f"{_count(len(live), 'live worker')}, {_count(sum(row['running'] for row in live), 'running job')}"
     if held := sum(1 for row in live if row["unavailable"]):
         text += f"; {held} with a backend that takes no work"
     if waits := sum(row["storage_waits"] for row in rows):
         text += f"; {waits} waiting for Storage"
-    if lost := [row for row in rows if not row["live"] and not row["stopped"]]:
-        jobs = _count(sum(row["running"] for row in lost), "job")
-        text += f"; {len(lost)} lost, still holding {jobs}: another worker takes over once the lease expires"
+    gone = {
+        "silent": [row for row in rows if silent(row)],
+        "lost": [row for row in rows if not row["live"] and not row["stopped"]],
+    }
+    for label, group in gone.items():
+        if not group:
+            continue
+        text += f"; {len(group)} {label}"
+        if jobs := sum(row["running"] for row in group):
+            text += f", still holding {_count(jobs, 'job')}: another worker takes over once the lease expires"
     return text

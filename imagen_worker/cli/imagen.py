@@ -547,7 +547,7 @@ def list_workers(config_path: ConfigOption = None) -> None:
         for line in fleet.lines(rows):
             print(line)
         print(fleet.summary(rows))
-        return 0 if any(row["live"] for row in rows) else 1
+        return 0 if any(fleet.answering(row) for row in rows) else 1
 
     raise typer.Exit(common.with_database(PROGRAM, config_path, go))
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import asyncpg
 
 from imagen_worker import __version__
+from imagen_worker.cli import fleet
 from imagen_worker.config import load_config
 from tests.cli.test_imagen import run_imagen
 from tests.fakes.comfyui import FakeComfyUI
@@ -89,6 +90,9 @@ async def test_each_worker_shows_live_draining_silent_then_lost_with_its_jobs_an
     )
     assert line_of(drained, draining.pid).split()[4:6] == ["draining", "1"], "it still finishes its job"
     assert line_of(silent, killed.pid).split()[4] == "silent"
+    assert silent.stdout.splitlines()[-1].endswith(
+        "; 1 silent, still holding 1 job: another worker takes over once the lease expires"
+    ), "a silent worker is not counted live"
     lost_line = line_of(lost, killed.pid).split()
     assert (lost_line[4], lost_line[6], lost_line[7]) == ("lost", "ago", "1"), "it holds its job"
     assert lost.stdout.splitlines()[-1] == (
@@ -173,3 +177,23 @@ async def test_jobs_that_wait_for_storage_are_counted_under_their_worker_until_i
     assert waiting.stdout.splitlines()[-1] == "1 live worker, 1 running job; 1 waiting for Storage"
     assert finished["status"] == "done" and finished["attempts"] == 1
     assert after is not None, "nothing waits once Storage took the image"
+
+
+def row(**fields: object) -> dict[str, object]:
+    base = {"live": True, "stopped": False, "heartbeat_seconds": 1.0, "ttl_seconds": 12.0, "running": 0,
+            "unavailable": {}, "storage_waits": 0}  # fmt: skip
+    return {**base, **fields}
+
+
+def test_the_summary_counts_only_answering_workers_live_and_names_jobs_only_when_held() -> None:
+    rows = [
+        row(running=2),
+        row(heartbeat_seconds=30.0, running=1),  # silent: two heartbeats missed
+        row(live=False, heartbeat_seconds=90.0),  # lost, holding nothing
+    ]
+
+    assert fleet.summary(rows) == (
+        "1 live worker, 2 running jobs; 1 silent, still holding 1 job: another worker takes over once "
+        "the lease expires; 1 lost"
+    )
+    assert [fleet.answering(r) for r in rows] == [True, False, False]
