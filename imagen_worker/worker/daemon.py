@@ -384,6 +384,7 @@ class Worker:
         running.finished()
         self.running.pop(running.key, None)
         self._slot_freed()
+        self._emit(Event.ENDED, job=running.job, backend=running.backend)
 
     def _slot_freed(self) -> None:
         # Under a per-owner cap, a job ending may let its owner's next job run.

@@ -59,6 +59,7 @@ class Event(enum.StrEnum):
     BACKEND_UNAVAILABLE = "backend_unavailable"
     BACKEND_AVAILABLE = "backend_available"
     STORAGE_WAITING = "storage_waiting"  # the job waits for Storage to answer again
+    ENDED = "ended"  # the job's task is over, whatever it recorded (or could not record)
 
 
 Emit = Callable[..., None]

@@ -38,9 +38,11 @@ def record_metrics(event: Event, data: dict[str, Any]) -> None:
     if event is Event.STORAGE_WAITING:
         m.STORAGE_WAITS.labels(backend=backend).inc()
         return
+    if event is Event.ENDED:  # every claimed job's task ends once, lease lost or not
+        m.JOBS_IN_FLIGHT.labels(backend=backend).dec()
+        return
     if event in _OUTCOMES:
         m.JOBS_FINISHED.labels(backend=backend, outcome=event.value).inc()
-        m.JOBS_IN_FLIGHT.labels(backend=backend).dec()
     artifact = data.get("artifact")
     if artifact is not None:
         timings = artifact.timings

@@ -116,7 +116,7 @@ async def test_a_storage_outage_longer_than_the_attempts_keeps_the_job_and_uploa
     image = await image_row(db, job["image_id"])
     assert storage.put_count(image["storage_path"]) == 1 and storage.put_count(image["thumbnail_path"]) == 1
     assert job["progress"]["stage"] == "storage_back"
-    assert events == [Event.CLAIMED, Event.STORAGE_WAITING, Event.DONE], "one wait, counted once"
+    assert events == [Event.CLAIMED, Event.STORAGE_WAITING, Event.DONE, Event.ENDED], "one wait, counted once"
 
 
 async def test_while_every_slot_waits_for_storage_the_queued_jobs_say_so_and_start_once_it_is_back(

@@ -91,6 +91,8 @@ async def test_a_backend_outage_holds_the_job_without_spending_an_attempt_and_re
     assert held["error"] == DOWN_PUBLIC
     assert row["status"] == "done" and row["attempts"] == 1 and row["outage_requeues"] == 1
     assert row["progress"] is None, "the claim cleared the waiting reason (a quick job writes no progress)"
+    assert events.count(Event.ENDED) == events.count(Event.CLAIMED) == 2, "each claimed task ends once"
+    events = [event for event in events if event is not Event.ENDED]
     assert events[0] == Event.CLAIMED and set(events[1:3]) == {Event.REQUEUED, Event.BACKEND_UNAVAILABLE}
     assert events[3:] == [Event.BACKEND_AVAILABLE, Event.CLAIMED, Event.DONE]
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import asyncpg
 import httpx
@@ -13,8 +15,10 @@ import pytest
 
 from imagen_worker.backends.mock import MockBackend
 from imagen_worker.config import load_config
+from imagen_worker.observability import metrics as m
 from imagen_worker.observability.metrics import Readiness
-from imagen_worker.worker.service import Service
+from imagen_worker.worker.running import Event
+from imagen_worker.worker.service import Service, record_metrics
 from tests.workers import eventually, insert_job, terminal, write_config
 
 
@@ -131,3 +135,17 @@ async def _started(service: Service) -> bool:
 async def _reports(service: Service, name: str) -> Readiness | None:
     state = await service.readiness()
     return state if name in state.unavailable and name in state.backends else None
+
+
+def test_the_in_flight_gauge_comes_down_once_per_job_whatever_the_job_could_record() -> None:
+    backend = f"gauge-{uuid.uuid4().hex[:6]}"
+    job = SimpleNamespace(waited_seconds=0.0)
+    gauge = m.JOBS_IN_FLIGHT.labels(backend=backend)
+
+    for outcome in (Event.DONE, None, Event.RELEASED):  # None: a lease lost before any outcome
+        record_metrics(Event.CLAIMED, {"backend": backend, "job": job})
+        if outcome is not None:
+            record_metrics(outcome, {"backend": backend, "job": job})
+        record_metrics(Event.ENDED, {"backend": backend, "job": job})
+
+    assert gauge._value.get() == 0
