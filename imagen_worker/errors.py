@@ -57,6 +57,12 @@ def public_message(text: str) -> str:
     return text or "the job failed for a reason only the operator's log shows"
 
 
+def said(exc: BaseException) -> str:
+    """An exception for a log line: its text, or its name when it has none (a timeout's
+    ``str()`` is empty, which logged ``error=""``)."""
+    return str(exc) or type(exc).__name__
+
+
 class ConfigError(Exception):
     """The configuration cannot work; the message names the key or the backend."""
 

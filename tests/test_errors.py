@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from imagen_worker.errors import MAX_PUBLIC_CHARS, public_message
+from imagen_worker.errors import MAX_PUBLIC_CHARS, public_message, said
 
 
 @pytest.mark.parametrize(
@@ -57,3 +57,8 @@ def test_no_address_path_markup_or_second_line_survives(before: str, secret: str
     public = public_message(f"{before} at {secret} <b>{after}</b>\n  File x")
     assert secret not in public and "<b>" not in public and "\n" not in public
     assert 0 < len(public) <= MAX_PUBLIC_CHARS
+
+
+def test_an_exception_in_a_log_line_is_never_empty() -> None:
+    assert said(TimeoutError()) == "TimeoutError", "a timeout's text is empty"
+    assert said(ConnectionResetError("reset by peer")) == "reset by peer"

@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 
 import structlog
 
+from imagen_worker.errors import said
+
 log = structlog.get_logger(__name__)
 
 
@@ -89,7 +91,7 @@ class Notifier:
             self._sock.sendto("\n".join(assignments).encode(), target)
             return True
         except OSError as exc:
-            self._warn_once("systemd notification failed", error=str(exc))
+            self._warn_once("systemd notification failed", error=said(exc))
             self.close()
             return False
 

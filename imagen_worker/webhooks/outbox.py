@@ -30,7 +30,7 @@ from tenacity import (
 )
 
 from imagen_worker.config import WebhooksConfig
-from imagen_worker.errors import ConfigError
+from imagen_worker.errors import ConfigError, said
 from imagen_worker.queries import sql
 from imagen_worker.webhooks.delivery import Rejected, Request, Retryable, Sender
 from imagen_worker.webhooks.payload import body
@@ -159,7 +159,7 @@ class Outbox:
                     sql("webhook_claim"), self.worker_id, free, self.lease, list(self.held)
                 )
             except DB_ERRORS as exc:
-                log.warning("could not claim webhook deliveries; retrying", error=str(exc))
+                log.warning("could not claim webhook deliveries; retrying", error=said(exc))
                 continue
             except Exception:  # a bug here must not take the daemon's task group down
                 log.exception("webhook claim failed; retrying")
@@ -178,7 +178,7 @@ class Outbox:
             with bound:
                 await self._attempts(sender, row)
         except DB_ERRORS as exc:
-            log.warning("webhook delivery interrupted; the row is retried after its lease", error=str(exc))
+            log.warning("webhook delivery interrupted; the row is retried after its lease", error=said(exc))
         except Exception:
             log.exception("webhook delivery failed unexpectedly; the row is retried after its lease")
         finally:

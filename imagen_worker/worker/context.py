@@ -10,7 +10,7 @@ from typing import Any
 
 import structlog
 
-from imagen_worker.errors import LeaseLost
+from imagen_worker.errors import LeaseLost, said
 from imagen_worker.queue.jobs import Job, Queue
 from imagen_worker.worker.previews import Previews
 
@@ -113,7 +113,7 @@ class WorkerJobContext:
             except LeaseLost:
                 return
             except Exception as exc:  # progress is best effort; the job goes on
-                log.warning("progress write failed", job_id=str(self.job.id), error=str(exc))
+                log.warning("progress write failed", job_id=str(self.job.id), error=said(exc))
             delay = max(0.0, self._last_write + self.min_interval - time.monotonic())
 
     async def close(self) -> None:

@@ -40,7 +40,7 @@ from imagen_worker.backends.base import Backend
 from imagen_worker.config import Config
 from imagen_worker.db import migrate as migrations
 from imagen_worker.db.connect import connect, create_pool, describe_dsn
-from imagen_worker.errors import ConfigError, RetryableError
+from imagen_worker.errors import ConfigError, RetryableError, said
 from imagen_worker.pipeline import Pipeline
 from imagen_worker.queue.jobs import Job, JobKey, Queue
 from imagen_worker.storage import create_sink
@@ -181,7 +181,7 @@ class Worker:
         try:
             requeued = await self.queue.requeue_expired()
         except DB_ERRORS as exc:
-            log.warning("could not recover expired leases at start; claims will", error=str(exc))
+            log.warning("could not recover expired leases at start; claims will", error=said(exc))
             return
         log.info("recovered expired leases", requeued=requeued)
 
@@ -299,7 +299,7 @@ class Worker:
                     timeout = await self._poll_timeout() if drained else self.settings.poll_interval
                     deadline = loop.time() + timeout
             except DB_ERRORS as exc:
-                log.warning("claim failed; retrying at the next wake-up", error=str(exc))
+                log.warning("claim failed; retrying at the next wake-up", error=said(exc))
                 deadline = loop.time() + min(1.0, self.settings.poll_interval)
             except Exception:
                 log.exception("claim loop iteration failed; retrying at the next wake-up")
@@ -408,7 +408,7 @@ class Worker:
                 async with asyncio.timeout(interval):
                     await self._heartbeat()
             except DB_ERRORS as exc:
-                log.warning("heartbeat failed", error=str(exc) or type(exc).__name__)
+                log.warning("heartbeat failed", error=said(exc))
             except Exception:
                 log.exception("heartbeat failed")
             self.liveness.heartbeat_at = time.monotonic()
@@ -442,13 +442,13 @@ class Worker:
             async with asyncio.timeout(5):
                 await self._register()
         except DB_ERRORS as exc:
-            log.warning("could not mark this worker draining in the registry", error=str(exc))
+            log.warning("could not mark this worker draining in the registry", error=said(exc))
 
     async def _unregister(self) -> None:
         try:
             await self.queue.unregister()
         except DB_ERRORS as exc:
-            log.warning("could not mark this worker stopped in the registry", error=str(exc))
+            log.warning("could not mark this worker stopped in the registry", error=said(exc))
 
     # --- the disk loop --------------------------------------------------------------
 
@@ -476,7 +476,7 @@ class Worker:
             try:
                 requested = await self.queue.cancel_requested(list(self.running))
             except DB_ERRORS as exc:
-                log.warning("could not re-read cancel requests; the heartbeat will", error=str(exc))
+                log.warning("could not re-read cancel requests; the heartbeat will", error=said(exc))
                 continue
             for key in requested:
                 if (running := self.running.get(key)) is not None:

@@ -22,6 +22,7 @@ from uuid import UUID
 import structlog
 
 from imagen_worker import output
+from imagen_worker.errors import said
 from imagen_worker.storage.base import StorageSink
 from imagen_worker.storage.keys import PREVIEW_EXTENSIONS, preview_key
 
@@ -77,7 +78,7 @@ class Previews:
         try:
             await self._put(key, *frame)
         except Exception as exc:  # a preview is best effort; the job goes on
-            log.warning("preview upload failed", key=key, error=str(exc) or type(exc).__name__)
+            log.warning("preview upload failed", key=key, error=said(exc))
             return
         self.uploads += 1
         self.on_stored(key)
@@ -110,7 +111,7 @@ class Previews:
                 async with asyncio.timeout_at(deadline):
                     await self.sink.delete(key)
             except Exception as exc:
-                log.warning("preview delete failed", key=key, error=str(exc) or type(exc).__name__)
+                log.warning("preview delete failed", key=key, error=said(exc))
         self.stored.clear()
 
 

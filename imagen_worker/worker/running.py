@@ -22,7 +22,7 @@ import structlog
 
 from imagen_worker import pipeline as pipeline_module
 from imagen_worker.config import WorkerConfig
-from imagen_worker.errors import JobError, LeaseLost, Outage, OutputUnwritable, RetryableError
+from imagen_worker.errors import JobError, LeaseLost, Outage, OutputUnwritable, RetryableError, said
 from imagen_worker.pipeline import Pipeline
 from imagen_worker.queue.batch import CompletionBatcher
 from imagen_worker.queue.jobs import Job, JobKey, JobSpec, Outcome, Queue
@@ -337,5 +337,5 @@ class JobRunner:
         except LeaseLost:
             log.warning("lease lost before the outcome was recorded")
         except DB_ERRORS as exc:
-            log.error("could not record the outcome; the lease will expire", error=str(exc))
+            log.error("could not record the outcome; the lease will expire", error=said(exc))
         return None

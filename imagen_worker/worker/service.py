@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 
 from imagen_worker.config import Config
+from imagen_worker.errors import said
 from imagen_worker.observability import metrics as m
 from imagen_worker.observability.metrics import HealthServer, Readiness
 from imagen_worker.observability.sdnotify import Notifier
@@ -21,6 +22,8 @@ from imagen_worker.worker.daemon import Worker
 from imagen_worker.worker.running import Event
 
 log = structlog.get_logger("imagen.service")
+
+DEPTH_WITHIN = 3.0  # seconds the queue-depth gauge may take; the other gauges wait on it
 
 _OUTCOMES = {Event.DONE, Event.FAILED, Event.RETRIED, Event.REQUEUED, Event.CANCELLED, Event.RELEASED}
 
@@ -105,9 +108,12 @@ class Service:
             m.OUTPUT_WRITABLE.set(0 if self.worker.fleet.disk.reason else 1)
             if time.monotonic() >= depth_due:
                 try:
-                    depth_due = time.monotonic() + await m.METRICS.refresh_queue_depth(self.worker.pool)
+                    # Bounded: a stalled database must not hold the gauges above for a minute.
+                    async with asyncio.timeout(DEPTH_WITHIN):
+                        depth_due = time.monotonic() + await m.METRICS.refresh_queue_depth(self.worker.pool)
                 except Exception as exc:
-                    log.warning("queue depth refresh failed", error=str(exc))
+                    depth_due = time.monotonic() + DEPTH_WITHIN
+                    log.warning("queue depth refresh failed", error=said(exc))
             await asyncio.sleep(5)
 
     def status_line(self) -> str:
