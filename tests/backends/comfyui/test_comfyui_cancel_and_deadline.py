@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from imagen_worker.backends.comfyui import ComfyUIBackend
 from imagen_worker.errors import RetryableError
 from tests.backends.comfyui.conftest import BackendFactory
 from tests.backends.comfyui.support import RecordingContext, make_request
@@ -20,18 +21,23 @@ async def newer_fake() -> AsyncIterator[FakeComfyUI]:
         yield server
 
 
-async def test_cancelling_a_running_prompt_interrupts_exactly_that_prompt(
-    fake: FakeComfyUI, make_backend: BackendFactory
-) -> None:
-    backend = await make_backend(fake, keep_history=True)  # to read how the prompt ended
+async def cancelled_while_running(fake: FakeComfyUI, backend: ComfyUIBackend) -> str:
+    """A job cancelled by its owner while its prompt runs; the prompt's id."""
     job = asyncio.create_task(
         backend.generate(make_request("slow [fake:duration=5]", steps=50), RecordingContext())
     )
     prompt_id = await fake.wait_running()
-
     job.cancel()
     with pytest.raises(asyncio.CancelledError):
         await job
+    return prompt_id
+
+
+async def test_cancelling_a_running_prompt_interrupts_exactly_that_prompt(
+    fake: FakeComfyUI, make_backend: BackendFactory
+) -> None:
+    backend = await make_backend(fake, keep_history=True)  # to read how the prompt ended
+    prompt_id = await cancelled_while_running(fake, backend)
 
     assert [(i.prompt_id, i.running) for i in fake.interrupts] == [(prompt_id, prompt_id)]
     await fake.wait_until(lambda: fake.history_entry(prompt_id) is not None)
@@ -42,15 +48,7 @@ async def test_cancelling_a_running_prompt_interrupts_exactly_that_prompt(
 async def test_an_interrupted_prompt_is_forgotten_after_the_cancel_unless_history_is_kept(
     fake: FakeComfyUI, make_backend: BackendFactory
 ) -> None:
-    backend = await make_backend(fake)
-    job = asyncio.create_task(
-        backend.generate(make_request("slow [fake:duration=5]", steps=50), RecordingContext())
-    )
-    prompt_id = await fake.wait_running()
-
-    job.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await job
+    prompt_id = await cancelled_while_running(fake, await make_backend(fake))
 
     await fake.wait_until(lambda: {"delete": [prompt_id]} in [c.body for c in fake.calls("POST", "/history")])
     await fake.wait_until(lambda: fake.history_entry(prompt_id) is None)
