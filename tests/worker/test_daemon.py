@@ -178,7 +178,11 @@ async def test_retryable_errors_back_off_and_give_up_after_max_attempts(
 async def test_a_retryable_error_then_success_ends_done_with_one_image(
     db: asyncpg.Pool, database_url: str, tmp_path: Path
 ) -> None:
-    config = make_config(tmp_path, backends={"mock": {"type": "mock", "fail_rate": 0.5}})
+    # Backoff capped short: one job in 256 fails eight times running, and uncapped its ninth
+    # attempt would come after about 13 s of backoff (seen once past the 10 s wait).
+    config = make_config(
+        tmp_path, backends={"mock": {"type": "mock", "fail_rate": 0.5}}, worker={"retry_max_seconds": 0.2}
+    )
     async with running_worker(config, database_url):
         jobs = [await insert(db, f"flaky {i}", max_attempts=20) for i in range(10)]
         rows = [await terminal(db, job_id) for job_id in jobs]
