@@ -404,12 +404,8 @@ class ComfyUIBackend(Backend):
         if saves:
             self._saves[prompt_id] = saves
         try:
-            try:
-                with client.watch(prompt_id) as watch:
-                    entry = await self._run_in_slot(inst, prompt_id, watch, ctx, graph, clock)
-            except JobError as exc:
-                self._forget_failed(inst, prompt_id, exc)
-                raise
+            with client.watch(prompt_id) as watch:
+                entry = await self._run_in_slot(inst, prompt_id, watch, ctx, graph, clock)
             executed = time.perf_counter()
             result = await self._collect(inst, prompt_id, entry, graph, request, saves)
         finally:
@@ -453,6 +449,9 @@ class ComfyUIBackend(Backend):
             except asyncio.CancelledError:
                 handed_off = True
                 await self._hand_off(inst, prompt_id, posting, stop=ctx.cancel_requested)
+                raise
+            except JobError as exc:
+                self._forget_failed(inst, prompt_id, exc)
                 raise
         finally:
             if not handed_off:
@@ -877,15 +876,13 @@ class ComfyUIBackend(Backend):
         executed = self._executed.pop(prompt_id, [])
         try:
             raise_for_outcome(entry, client.base_url)
-        except failures.ServerDiskFull as exc:
-            seconds = self._pool.hold(inst)
-            log.error(
-                "comfyui instance cannot save files; it takes no prompts for a while",
-                instance=client.base_url, error=exc.message, held_seconds=seconds,
-            )  # fmt: skip
-            self._forget_failed(inst, prompt_id, exc)
-            raise
         except JobError as exc:
+            if isinstance(exc, failures.ServerDiskFull):
+                seconds = self._pool.hold(inst)
+                log.error(
+                    "comfyui instance cannot save files; it takes no prompts for a while",
+                    instance=client.base_url, error=exc.message, held_seconds=seconds,
+                )  # fmt: skip
             self._forget_failed(inst, prompt_id, exc)
             raise
         self._pool.saved(inst)
