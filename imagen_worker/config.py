@@ -408,13 +408,15 @@ def _misspelled_env() -> list[str]:
     """``IMAGEN_`` variables a typo away from a setting. Other unknown names are left alone
     (a deployment may keep its own), but a near miss would leave the setting at its default
     without a word: ``IMAGEN_DATABASE_ULR`` would mean the embedded database."""
-    known = {f"IMAGEN_{name.upper()}" for name in Config.model_fields if name != "source_path"} | _OTHER_ENV
+    known = sorted(
+        {f"IMAGEN_{name.upper()}" for name in Config.model_fields if name != "source_path"} | _OTHER_ENV
+    )
     problems = []
     for name in sorted(os.environ):
-        head, nested, rest = name.upper().partition("__")
-        if not head.startswith("IMAGEN_") or head in known or (not nested and name.upper() in known):
+        head, nested, rest = name.upper().partition("__")  # without "__", head is the whole name
+        if not head.startswith("IMAGEN_") or head in known:
             continue
-        if match := next((k for k in sorted(known) if _near(head, k)), None):
+        if match := next((k for k in known if _near(head, k)), None):
             meant = f"{match}{nested}{rest}"
             problems.append(f"${name} is not a setting: did you mean ${meant}?")
     return problems
